@@ -1,0 +1,154 @@
+"""The nursery that wires the rooms together and owns their lifetimes.
+
+Theory of operation
+-------------------
+:func:`run` opens the port first (so clients can connect while the database is still being
+reached, as upstream), then runs, each in the root nursery: the signal watcher, the listener,
+the pinger and the accept loop, whose connection handlers live in a nursery of their own.
+A stop (SIGTERM/SIGINT, or the listener giving up) closes the accept loop, sends close 1001
+to every client and gives them ``shutdown_timeout`` seconds to finish before everything is
+cancelled. The exit status is 0 after a signal and 1 when the listener gave up.
+
+No business logic lives here: only who starts, who stops, and in which order.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import ssl
+from typing import Any
+
+import trio
+from psycopg.conninfo import conninfo_to_dict
+
+from relay import __version__, auth
+from relay.client import GOING_AWAY
+from relay.config import Config
+from relay.hub import Hub
+from relay.listener import Listener, ListenerGaveUp
+from relay.notifier import Notifier
+from relay.publisher import Publisher
+from relay.server import Server
+
+log = logging.getLogger("relay")
+
+#: libpq waits this long for a connection unless the URI says otherwise: long enough for a
+#: busy server, short enough that a dead one counts as a failed attempt soon.
+_CONNECT_TIMEOUT = 5
+
+#: Generation-0 threshold of the cyclic GC. Per-notification work allocates no cycles, but with
+#: the default (700) the collector runs constantly under fan-out and scans every connection's
+#: objects; a higher threshold keeps that cost away from the hot path.
+_GC_THRESHOLD = 50_000
+
+#: PGWS_HOST values with a special meaning (Warp's HostPreference); None binds every address.
+_HOSTS: dict[str, str | None] = {"*4": "0.0.0.0", "!4": "0.0.0.0", "*": None, "*6": None,
+                                 "!6": "::"}
+
+
+def connect_options(db_uri: str) -> dict[str, Any]:
+    """Defaults for libpq that the URI does not set itself."""
+    given = conninfo_to_dict(db_uri)
+    options: dict[str, Any] = {"client_encoding": "UTF8"}
+    if "connect_timeout" not in given:
+        options["connect_timeout"] = _CONNECT_TIMEOUT
+    if "application_name" not in given:
+        options["application_name"] = "pgws-relay"
+    return options
+
+
+async def open_listeners(config: Config) -> list[trio.abc.Listener[Any]]:
+    """Bind the port (TLS-wrapped when configured). Raises OSError if it cannot be bound."""
+    host = _HOSTS.get(config.host, config.host)
+    listeners: list[trio.abc.Listener[Any]] = list(
+        await trio.open_tcp_listeners(config.port, host=host)
+    )
+    if config.tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        assert config.certificate_file is not None
+        context.load_cert_chain(config.certificate_file, config.key_file)
+        listeners = [trio.SSLListener(listener, context, https_compatible=True)
+                     for listener in listeners]
+    return listeners
+
+
+def _bound(listener: trio.abc.Listener[Any]) -> str:
+    inner = getattr(listener, "transport_listener", listener)
+    host, port = inner.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+
+
+async def _ping(hub: Hub, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        hub.ping_all()
+
+
+async def run(config: Config) -> int:
+    """Run the relay until a signal (exit status 0) or until the listener gives up (1)."""
+    keys = auth.load_keys(config.jwt_secret)
+    options = connect_options(config.db_uri)
+    hub = Hub(config.listen_channel)
+    notifier = Notifier(config.db_uri, config.pool_size, options)
+    publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
+    listener = Listener(config.db_uri, options, config.listen_channel, hub.publish, notifier,
+                        config.heartbeat_interval, config.retries)
+    try:
+        listeners = await open_listeners(config)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
+        return 1
+    log.info("pgws-relay %s: connects websockets to PostgreSQL asynchronous notifications",
+             __version__)
+    log.info("listening on %s%s", ", ".join(map(_bound, listeners)),
+             " (TLS)" if config.tls else "")
+
+    gc.collect()
+    gc.freeze()  # What start-up allocated lives forever; keep it out of every collection.
+    gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+    exit_code = 0
+    stop = trio.Event()
+
+    async def listen() -> None:
+        nonlocal exit_code
+        try:
+            await listener.run()
+        except ListenerGaveUp as exc:
+            log.critical("listener gave up: %s; exiting", exc)
+            exit_code = 1
+            stop.set()
+
+    async with trio.open_nursery() as root:
+        server = Server(config, keys, hub, publisher, background=root)
+        root.start_soon(_watch_signals, stop)
+        root.start_soon(listen)
+        root.start_soon(_ping, hub, config.ping_interval)
+        async with trio.open_nursery() as connections:
+            accepting = trio.CancelScope()
+
+            async def accept() -> None:
+                with accepting:
+                    await trio.serve_listeners(server.handle, listeners,
+                                               handler_nursery=connections)
+
+            connections.start_soon(accept)
+            await stop.wait()
+            accepting.cancel()
+            server.shut_down()
+            log.info("closing %d clients (1001)", hub.client_count)
+            hub.close_all(GOING_AWAY, "going away")
+            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+        root.cancel_scope.cancel()
+    await notifier.aclose()
+    log.info("stopped")
+    return exit_code

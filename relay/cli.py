@@ -1,0 +1,52 @@
+"""The ``pgws-relay`` command: flags and environment → Config → run; exit statuses.
+
+Exit status: 0 after SIGTERM/SIGINT, 1 when the listener gave up or the port cannot be bound,
+2 for a configuration error (one line on stderr naming the variable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from relay import __version__, app
+from relay.config import SETTINGS, ConfigError, load
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgws-relay",
+        description="WebSocket relay for PostgreSQL LISTEN/NOTIFY, compatible with "
+                    "postgres-websockets. Every setting is an environment variable; a flag "
+                    "overrides it.",
+    )
+    parser.add_argument("--version", action="version", version=f"pgws-relay {__version__}")
+    for setting in SETTINGS:
+        default = "required" if setting.required else (
+            "unset" if setting.default is None else f"default {setting.default}")
+        parser.add_argument(setting.flag, dest=setting.variable, metavar="VALUE",
+                            help=f"{setting.variable} ({default}): {setting.help}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ)
+    env.update({name: value for name, value in vars(args).items() if value is not None})
+    try:
+        config = load(env)
+    except ConfigError as exc:
+        print(f"pgws-relay: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format=_LOG_FORMAT, stream=sys.stderr)
+    try:
+        return trio.run(app.run, config)
+    except KeyboardInterrupt:
+        return 0

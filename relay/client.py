@@ -1,0 +1,335 @@
+"""One WebSocket connection's life after the handshake: its outbox, writer, reader and close.
+
+Theory of operation
+-------------------
+Writing. Everything the server sends to a client (notification frames, pings, pongs, the close
+frame) goes through :meth:`Client.offer` or :meth:`Client._queue`, so bytes never interleave.
+The hub calls :meth:`offer` synchronously. When nothing is queued and the writer holds nothing in
+flight, ``offer`` writes straight to the socket without blocking (the fast path, off under TLS);
+whatever the kernel does not take is queued. The writer task sleeps until something is queued,
+then sends all of it as one buffer, waiting for writability as needed. The slow-consumer rule
+lives here: bytes queued plus bytes in flight may not exceed ``max_queue_bytes``, and a socket
+may not refuse every byte for ``send_timeout`` seconds; a client that breaks either is closed
+with 1013 ``slow consumer``, its queue dropped (a half-sent frame is finished first, so the close
+frame stays well-formed).
+
+Reading. The reader feeds wsproto and acts on its events: pongs for pings, a close reply for a
+close, client messages assembled under ``max_message_size`` and handed to ``on_message`` for
+``w``/``rw`` clients (awaited, so a client's writes are back-pressured by the database);
+read-only clients' messages are discarded. The ``exp`` claim is a deadline on the reader.
+
+Closing. :meth:`close` queues a close frame behind what is queued and gives the whole
+connection ``close_timeout`` seconds to finish: the writer sends the close frame, the reader
+waits for the client's close. If the deadline passes, the TCP connection is aborted (RST), so a
+client that does not read cannot hold the relay's resources.
+
+Rules this file keeps: nothing here touches another client; nothing on the ``offer`` path awaits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+
+from relay import frames
+from relay.auth import Grant
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
+_RECEIVE_BYTES = 16384
+
+#: Close codes a peer may not put on the wire (RFC 6455 7.4.1); we answer such a close with 1000.
+_UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
+
+NORMAL = 1000
+GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+JWT_EXPIRED = 3001
+
+
+class MessageRefused(Exception):
+    """``on_message`` refuses a client message; the connection closes with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+OnMessage = Callable[["Client", str], Awaitable[None]]
+
+
+class Client:
+    """A connected, authorised WebSocket client. Create it, then ``await run()``."""
+
+    __slots__ = (
+        "_backlog",
+        "_close_code",
+        "_closing",
+        "_fd",
+        "_flushing",
+        "_on_message",
+        "_partial_head",
+        "_queued",
+        "_scope",
+        "_settings",
+        "_stream",
+        "_wake",
+        "_ws",
+        "grant",
+        "peer",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: Connection,
+        grant: Grant,
+        settings: ClientSettings,
+        on_message: OnMessage,
+        peer: str,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self.grant = grant
+        self._settings = settings
+        self._on_message = on_message
+        self.peer = peer
+        # The fast path writes to the file descriptor directly; under TLS bytes must go
+        # through the SSL object, so there is no fast path (fd = -1).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._backlog: list[bytes] = []
+        self._queued = 0
+        self._partial_head = False
+        self._flushing = False
+        self._closing = False
+        self._close_code: int | None = None
+        self._wake = trio.Event()
+        self._scope = trio.CancelScope()
+
+    # -- the write side ---------------------------------------------------------------------
+
+    def offer(self, frame: bytes) -> None:
+        """Send ``frame`` now if the socket takes it, else queue it; never blocks."""
+        if self._closing:
+            return
+        if self._fd >= 0 and not self._backlog and not self._flushing:
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort()
+                return
+            if sent == len(frame):
+                return
+            if sent:
+                frame = frame[sent:]
+                self._partial_head = True
+        if self._queued + len(frame) > self._settings.max_queue_bytes:
+            self._slow("queue over its bound")
+            return
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
+        self._backlog.append(frame)
+        self._queued += len(frame)
+        self._wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame after what is queued; the connection ends within close_timeout."""
+        if self._closing:
+            return
+        self._queue(frames.close(code, reason))
+        self._closing = True
+        self._close_code = code
+        self._scope.deadline = min(
+            self._scope.deadline, trio.current_time() + self._settings.close_timeout
+        )
+
+    def _slow(self, why: str) -> None:
+        log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued)
+        # Drop what is queued, but keep the rest of a half-written frame so that the close
+        # frame after it is still parsed as a frame.
+        kept = self._backlog[:1] if self._partial_head else []
+        self._backlog = kept
+        self._queued = sum(map(len, kept))
+        self.close(TRY_AGAIN_LATER, "slow consumer")
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._scope.cancel()
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._backlog:
+                if self._closing:
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+            data = self._backlog[0] if len(self._backlog) == 1 else b"".join(self._backlog)
+            self._backlog = []
+            self._partial_head = False
+            self._flushing = True
+            await self._send(data)
+            self._flushing = False
+
+    async def _send(self, data: bytes) -> None:
+        if self._fd < 0:
+            with trio.move_on_after(self._settings.send_timeout) as scope:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._abort()
+                    return
+            self._queued -= len(data)
+            if scope.cancelled_caught:
+                self._slow("send timed out")
+                self._abort()
+            return
+        view = memoryview(data)
+        sock = self._stream.socket  # type: ignore[attr-defined]
+        while view:
+            try:
+                sent = os.write(self._fd, view)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort()
+                return
+            if sent:
+                view = view[sent:]
+                self._queued -= sent
+                continue
+            with trio.move_on_after(self._settings.send_timeout):
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            # Not one byte taken for send_timeout seconds: a slow consumer. The close frame
+            # would sit behind what is in flight, so the close deadline will abort it.
+            self._slow("socket accepted nothing")
+
+    # -- the read side ----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        parts: list[str] = []
+        size = 0
+        can_write = self.grant.can_write
+        limit = self._settings.max_message_size
+        while True:
+            try:
+                data = await self._stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._abort()
+                return
+            self._ws.receive_data(data)
+            for event in self._ws.events():
+                if isinstance(event, Message):
+                    if self._closing:
+                        continue
+                    chunk = event.data if isinstance(event, TextMessage) else None
+                    if isinstance(event, BytesMessage):
+                        chunk = bytes(event.data).decode("utf-8", "replace")
+                    assert chunk is not None
+                    size += len(chunk.encode()) if isinstance(event, TextMessage) else len(
+                        event.data
+                    )
+                    if size > limit:
+                        self.close(MESSAGE_TOO_BIG, "message too big")
+                        continue
+                    if can_write:
+                        parts.append(chunk)
+                    if event.message_finished:
+                        text = "".join(parts)
+                        parts, size = [], 0
+                        if can_write:
+                            await self._deliver(text)
+                elif isinstance(event, Ping):
+                    if not self._closing:
+                        self._queue(frames.pong(bytes(event.payload)))
+                elif isinstance(event, CloseConnection):
+                    self._on_close(event)
+                    return
+
+    def _on_close(self, event: CloseConnection) -> None:
+        if self._closing:
+            return  # The client answered our close: the handshake is complete.
+        if self._ws.state is ConnectionState.OPEN:
+            # wsproto reports a protocol violation as a close it did not receive.
+            log.info("protocol error from %s: %s", self.peer, event.reason)
+            self.close(event.code, event.reason or "")
+            return
+        code = NORMAL if event.code in _UNSENDABLE_CLOSE_CODES else event.code
+        self.close(code, "")
+
+    async def _deliver(self, text: str) -> None:
+        try:
+            await self._on_message(self, text)
+        except MessageRefused as refused:
+            self.close(refused.code, refused.reason)
+
+    # -- the whole life ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; always returns with the socket finished.
+
+        Resource handling: the stream is closed on return, gracefully after a completed close
+        handshake, with a TCP reset otherwise. Errors: socket errors end the connection and are
+        not raised; cancellation from outside is re-raised after the socket is closed.
+        """
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._read_until_closed()
+        finally:
+            await self._finish()
+
+    async def _read_until_closed(self) -> None:
+        expires_at = self.grant.expires_at
+        if expires_at is not None:
+            deadline = trio.current_time() + (expires_at - time.time())
+            with trio.move_on_at(deadline) as expiry:
+                await self._reader()
+            if not expiry.cancelled_caught:
+                return
+            self.close(JWT_EXPIRED, "JWT expired")
+        await self._reader()
+
+    async def _finish(self) -> None:
+        complete = not self._backlog and not self._flushing and not self._scope.cancel_called
+        if not complete and self._fd >= 0:
+            # Abort: a reset tells the peer at once and frees the socket without TIME_WAIT.
+            with contextlib.suppress(OSError):
+                self._stream.socket.setsockopt(  # type: ignore[attr-defined]
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+        await trio.aclose_forcefully(self._stream)
+
+
+class ClientSettings:
+    """The per-client limits, shared by all clients (one object, not one per client)."""
+
+    __slots__ = ("close_timeout", "max_message_size", "max_queue_bytes", "send_timeout")
+
+    def __init__(
+        self, max_queue_bytes: int, send_timeout: float, close_timeout: float,
+        max_message_size: int,
+    ) -> None:
+        self.max_queue_bytes = max_queue_bytes
+        self.send_timeout = send_timeout
+        self.close_timeout = close_timeout
+        self.max_message_size = max_message_size

@@ -1,0 +1,60 @@
+"""The JSON envelopes: routing a NOTIFY payload, and the text of client writes and meta events.
+
+Theory of operation
+-------------------
+Database → clients: a payload is routed by its top-level string ``channel`` member, else to the
+listen channel's own name (spec 4a); the payload itself is never rewritten.
+
+Clients → database: a message from a ``w``/``rw`` client becomes, per allowed channel,
+``{"channel", "claims" (+ "message_delivered_at"), "event": "WebsocketMessage", "payload"}``,
+compact with keys sorted at every level and non-ASCII kept as UTF-8, like upstream's aeson
+output (spec 4b). Meta events (``ConnectionOpen``/``ConnectionClose``) have the same shape
+(spec 4c).
+
+Pure functions; no database calls.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+WEBSOCKET_MESSAGE = "WebsocketMessage"
+CONNECTION_OPEN = "ConnectionOpen"
+CONNECTION_CLOSE = "ConnectionClose"
+
+
+def route(payload: bytes, listen_channel: str) -> str:
+    """The WebSocket channel a NOTIFY payload goes to."""
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return listen_channel
+    if isinstance(document, dict):
+        channel = document.get("channel")
+        if isinstance(channel, str):
+            return channel
+    return listen_channel
+
+
+def _dumps(document: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        # orjson refuses integers beyond 64 bits, which claims may hold; the standard library
+        # writes them exactly, with the same compact, sorted, UTF-8 output.
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+
+def build(channel: str, claims: dict[str, Any], event: str, payload: str, now: float) -> bytes:
+    """One envelope as UTF-8 JSON bytes; ``now`` is Unix time in seconds."""
+    return _dumps({
+        "channel": channel,
+        "claims": {**claims, "message_delivered_at": now},
+        "event": event,
+        "payload": payload,
+    })

@@ -1,0 +1,56 @@
+"""WebSocket frames the server sends, built as bytes once (RFC 6455 section 5.2).
+
+Theory of operation
+-------------------
+Server-to-client frames are never masked and this relay never negotiates an extension, so a
+frame is a fixed function of (opcode, payload): a 2-, 4- or 10-byte header followed by the
+payload. That is what lets the hub build a notification's frame once and hand the very same
+bytes object to every subscriber. wsproto parses what clients send; the send side is these few
+lines because wsproto builds frames per connection object, and the point here is one frame for
+all connections.
+
+Pure functions; no sockets.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_FIN = 0x80
+_OP_TEXT = 0x1
+_OP_CLOSE = 0x8
+_OP_PING = 0x9
+_OP_PONG = 0xA
+
+#: Control frames carry at most 125 payload bytes (RFC 6455 5.5).
+_CONTROL_MAX = 125
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    size = len(payload)
+    if size < 126:
+        header = bytes((_FIN | opcode, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", _FIN | opcode, 126, size)
+    else:
+        header = struct.pack("!BBQ", _FIN | opcode, 127, size)
+    return header + payload
+
+
+def text(payload: bytes) -> bytes:
+    """A final text frame; ``payload`` must already be UTF-8."""
+    return _frame(_OP_TEXT, payload)
+
+
+def ping(payload: bytes) -> bytes:
+    return _frame(_OP_PING, payload[:_CONTROL_MAX])
+
+
+def pong(payload: bytes) -> bytes:
+    return _frame(_OP_PONG, payload[:_CONTROL_MAX])
+
+
+def close(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit a control frame, on a character boundary."""
+    encoded = reason.encode()[: _CONTROL_MAX - 2].decode("utf-8", "ignore").encode()
+    return _frame(_OP_CLOSE, struct.pack("!H", code) + encoded)

@@ -1,0 +1,192 @@
+"""The one LISTEN connection: drain notifications into the hub, prove liveness, recover.
+
+Theory of operation
+-------------------
+One psycopg connection (autocommit) runs ``LISTEN`` on the listen channel and on a heartbeat
+channel private to this process. Then it only waits: ``trio.lowlevel.wait_readable`` on libpq's
+socket, ``consume_input()``, and every pending notification is drained with
+``pgconn.notifies()`` and handed to the hub as one batch. No other statement ever runs on this
+connection: a query would move pending notifications into a buffer this loop does not read.
+
+Liveness: every ``heartbeat_interval`` seconds a heartbeat NOTIFY goes out through the notifier
+pool; if it has not come back over this connection within the timeout, the connection is
+declared lost, even if its socket looks fine (a half-open TCP connection, a stopped server).
+
+Recovery: a lost connection is closed and a new one opened at once; failed attempts back off
+1, 2, 4 … 32 s. After ``retries`` consecutive failed attempts (at least one) the listener gives
+up with :class:`ListenerGaveUp`, and the process exits with status 1. Clients stay connected
+throughout; notifications committed while no LISTEN was in place are lost (PostgreSQL keeps
+none for absent listeners), which the log and :attr:`Listener.gaps` make visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from math import inf
+from typing import Any
+
+import psycopg
+import trio
+from psycopg import sql
+
+from relay.notifier import Notifier, NotifyFailed
+
+log = logging.getLogger(__name__)
+
+#: Backoff between failed connection attempts, as upstream: 1, 2, 4, 8, 16, then 32 s.
+_BACKOFF_FIRST = 1.0
+_BACKOFF_CAP = 32.0
+
+#: A heartbeat must come back within its period, but never less than this many seconds, so a
+#: busy database is not mistaken for a dead connection.
+_HEARTBEAT_MIN_TIMEOUT = 1.0
+
+
+class ListenerGaveUp(Exception):
+    """``retries`` consecutive attempts to (re)connect the listener failed."""
+
+
+class _Lost(Exception):
+    """The LISTEN connection stopped working; the message says how."""
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the given number of consecutive failures (1 → 1 s)."""
+    return min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_CAP)
+
+
+class Listener:
+    """Owns the LISTEN connection for the life of :meth:`run`."""
+
+    def __init__(
+        self,
+        db_uri: str,
+        connect_options: dict[str, Any],
+        listen_channel: str,
+        publish: Callable[[Sequence[bytes]], None],
+        notifier: Notifier,
+        heartbeat_interval: float,
+        retries: int,
+    ) -> None:
+        self._db_uri = db_uri
+        self._connect_options = connect_options
+        self._listen_channel = listen_channel
+        self._publish = publish
+        self._notifier = notifier
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = max(heartbeat_interval, _HEARTBEAT_MIN_TIMEOUT)
+        self._attempts = max(retries, 1)
+        # Private to this process, so other listeners and clients never see heartbeats.
+        self._heartbeat_channel = f"pgws_heartbeat_{os.getpid()}_{secrets.token_hex(4)}"
+        self._heartbeat_sent = 0
+        self._heartbeat_seen = 0
+        self._heartbeat_due: float | None = None
+        # The pump's current wait, so that a newly due heartbeat can shorten it.
+        self._wait: trio.CancelScope | None = None
+        #: Times the LISTEN was lost and re-established (each one a window of lost messages).
+        self.gaps = 0
+        #: Notifications received on the listen channel.
+        self.received = 0
+        self.ready = trio.Event()
+
+    async def run(self) -> None:
+        """Listen until cancelled; raise :class:`ListenerGaveUp` when the retries run out."""
+        failures = 0
+        while True:
+            try:
+                connection = await trio.to_thread.run_sync(self._connect_and_listen,
+                                                           abandon_on_cancel=True)
+            except psycopg.Error as exc:
+                failures += 1
+                log.error("listener cannot connect (attempt %d of %d): %s",
+                          failures, self._attempts, _first_line(exc))
+                if failures >= self._attempts:
+                    raise ListenerGaveUp(f"{failures} consecutive connection attempts failed") \
+                        from None
+                await trio.sleep(backoff(failures))
+                continue
+            failures = 0
+            log.info("listening on channel %r", self._listen_channel)
+            self.ready.set()
+            try:
+                await self._pump(connection)
+            except _Lost as lost:
+                self.gaps += 1
+                self.ready = trio.Event()
+                log.error("listener connection lost (%s); reconnecting, clients stay connected",
+                          lost)
+            finally:
+                connection.close()
+
+    def _connect_and_listen(self) -> psycopg.Connection[Any]:
+        connection = psycopg.connect(self._db_uri, autocommit=True, **self._connect_options)
+        try:
+            for channel in (self._listen_channel, self._heartbeat_channel):
+                connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def _pump(self, connection: psycopg.Connection[Any]) -> None:
+        """Drain notifications until the connection is lost; then raise :class:`_Lost`."""
+        fd = connection.pgconn.socket
+        self._heartbeat_due = None
+        async with trio.open_nursery() as nursery:
+            if self._heartbeat_interval > 0:
+                nursery.start_soon(self._send_heartbeats)
+            try:
+                reason = await self._drain(connection.pgconn, fd)
+            finally:
+                nursery.cancel_scope.cancel()
+                trio.lowlevel.notify_closing(fd)
+        raise _Lost(reason)
+
+    async def _drain(self, pgconn: Any, fd: int) -> str:
+        heartbeat = self._heartbeat_channel.encode()
+        while True:
+            due = self._heartbeat_due
+            with trio.CancelScope(deadline=due if due is not None else inf) as wait:
+                self._wait = wait
+                await trio.lowlevel.wait_readable(fd)
+            self._wait = None
+            try:
+                pgconn.consume_input()
+            except psycopg.Error as exc:
+                return _first_line(exc)
+            payloads: list[bytes] = []
+            while (notification := pgconn.notifies()) is not None:
+                if notification.relname == heartbeat:
+                    self._heartbeat_seen = max(self._heartbeat_seen, int(notification.extra))
+                    if self._heartbeat_seen >= self._heartbeat_sent:
+                        self._heartbeat_due = None
+                else:
+                    payloads.append(notification.extra)
+            if payloads:
+                self.received += len(payloads)
+                self._publish(payloads)
+            due = self._heartbeat_due
+            if due is not None and trio.current_time() >= due:
+                return f"heartbeat not back within {self._heartbeat_timeout:g} s"
+
+    async def _send_heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self._heartbeat_interval)
+            self._heartbeat_sent += 1
+            if self._heartbeat_due is None:
+                self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
+                if self._wait is not None:
+                    self._wait.deadline = min(self._wait.deadline, self._heartbeat_due)
+            try:
+                await self._notifier.notify(self._heartbeat_channel, str(self._heartbeat_sent))
+            except NotifyFailed as exc:
+                # The pump decides: if the heartbeat cannot come back, the deadline expires.
+                log.warning("heartbeat NOTIFY failed: %s", exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

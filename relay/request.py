@@ -1,0 +1,66 @@
+"""Where a WebSocket request puts its channel and its token.
+
+Theory of operation
+-------------------
+postgres-websockets takes the raw request target, drops the leading ``/`` and splits the rest
+on ``/``: one element is the token (``/TOKEN``); two or more are channel and token
+(``/CHANNEL/TOKEN``, extra elements ignored). Nothing is percent-decoded.
+
+This module keeps those rules and adds two ways to pass the token that upstream lacks
+(its issue #84): a ``jwt`` query parameter and an ``Authorization: Bearer`` header. The query
+string is stripped before the path is split, so ``/TOKEN?x=1`` works too. When the token comes
+from the query or the header, the path's first element, if any, is the channel
+(``/chat?jwt=T``).
+
+Pure functions only: no validation of the token (that is :mod:`relay.auth`), no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The requested channel (``None`` when the URL names none) and the token text."""
+
+    channel: str | None
+    token: str
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (given in lower case), or ``None``."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    value = header(headers, b"authorization")
+    if value is None:
+        return None
+    scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> Target:
+    """Split a raw request target (path and query, as sent) into channel and token."""
+    text = target.decode("utf-8", "replace")
+    path, _, query = text.partition("?")
+    elements = path[1:].split("/") if path.startswith("/") else path.split("/")
+
+    outside = next((value for key, value in parse_qsl(query) if key == "jwt" and value), None)
+    if outside is None:
+        outside = _bearer(headers)
+    if outside is not None:
+        return Target(channel=elements[0] or None, token=outside)
+
+    if len(elements) == 1:
+        return Target(channel=None, token=elements[0])
+    return Target(channel=elements[0], token=elements[1])
+

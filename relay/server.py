@@ -1,0 +1,293 @@
+"""Connections: HTTP request, then plain HTTP answer or WebSocket handshake, then a Client.
+
+Theory of operation
+-------------------
+Every accepted TCP (or TLS) connection gets :meth:`Server.handle`. h11 reads the request head
+within ``handshake_timeout``. A request whose ``Upgrade`` header says ``websocket`` goes to the
+WebSocket path; anything else gets a plain HTTP answer (:mod:`relay.static`) and the connection
+may carry further requests (keep-alive, each under the same timeout).
+
+The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
+connection limit (503), the token and channel (400 with upstream's exact message as body, see
+:mod:`relay.auth`), and only then the WebSocket headers (wsproto; 400 or 426). The handshake is
+then answered with 101 and the connection becomes a :class:`relay.client.Client` subscribed in
+the hub.
+
+Protocol rules are asked of :mod:`relay.request`, :mod:`relay.auth` and wsproto; this module
+only moves bytes and keeps the order of the checks. A token never reaches a log line: request
+targets are not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from http import HTTPStatus
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.utilities import RemoteProtocolError
+
+from relay import auth, envelope, request, static
+from relay.client import Client, ClientSettings
+from relay.config import Config
+from relay.hub import Hub
+from relay.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+#: Largest request head accepted; browsers send well under 8 KiB, and h11 answers 431 beyond.
+_MAX_REQUEST_HEAD = 16384
+_RECEIVE_BYTES = 16384
+#: Bytes of a plain-HTTP request body that are read and thrown away to keep the connection.
+_MAX_DISCARDED_BODY = 65536
+_FILE_CHUNK = 65536
+_SERVER_HEADER = b"pgws-relay"
+
+
+class _Done(Exception):
+    """The connection is finished; close it."""
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "unknown"
+    return f"{host}:{port}"
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    value = request.header(headers, b"upgrade")
+    return value is not None and value.strip().lower() == b"websocket"
+
+
+class Server:
+    """Handles connections for the accept loop; knows the hub and the publisher."""
+
+    def __init__(self, config: Config, keys: Sequence[auth.Key], hub: Hub, publisher: Publisher,
+                 background: trio.Nursery) -> None:
+        self._config = config
+        self._keys = keys
+        self._hub = hub
+        self._publisher = publisher
+        self._background = background
+        self._settings = ClientSettings(
+            max_queue_bytes=config.max_queue_bytes, send_timeout=config.send_timeout,
+            close_timeout=config.close_timeout, max_message_size=config.max_message_size,
+        )
+        self._server_header = _SERVER_HEADER
+        self._shutting_down = False
+        self._pending: set[trio.CancelScope] = set()
+
+    def shut_down(self) -> None:
+        """Refuse new WebSocket clients (503) and end connections that are not clients yet."""
+        self._shutting_down = True
+        for scope in self._pending:
+            scope.cancel()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection. Never raises for anything the peer does; closes the stream."""
+        peer = _peer(stream)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+        client: Client | None = None
+        scope = trio.CancelScope()
+        try:
+            with scope:
+                self._pending.add(scope)
+                if self._shutting_down:
+                    return
+                while True:
+                    with trio.move_on_after(self._config.handshake_timeout):
+                        req = await self._read_request(stream, http)
+                        break
+                    log.debug("handshake timeout for %s", peer)
+                    return
+                if req is None:
+                    return
+                if _is_websocket(req.headers):
+                    client = await self._handshake(stream, http, req, peer)
+                else:
+                    await self._serve_http(stream, http, req, peer)
+                    return
+            if client is not None:
+                await self._run_client(client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
+            pass
+        except h11.RemoteProtocolError as exc:
+            await self._send_error(stream, http, exc.error_status_hint, str(exc))
+        except Exception:
+            # A bug must cost one connection, never the relay; the peer sees the socket close.
+            log.exception("internal error on the connection from %s", peer)
+        finally:
+            self._pending.discard(scope)
+            await trio.aclose_forcefully(stream)
+
+    async def _read_request(self, stream: trio.abc.Stream, http: h11.Connection
+                            ) -> h11.Request | None:
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                http.receive_data(await stream.receive_some(_RECEIVE_BYTES))
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed, or PAUSED after a previous cycle.
+
+    async def _send(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
+                    headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                    close: bool = False) -> None:
+        headers = [*headers, (b"server", self._server_header)]
+        if close:
+            headers.append((b"connection", b"close"))
+        data = http.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        if body:
+            data += http.send(h11.Data(data=body))
+        data += http.send(h11.EndOfMessage())
+        await stream.send_all(data)
+
+    async def _send_error(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
+                          message: str) -> None:
+        body = message.encode()
+        if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            with trio.move_on_after(self._config.close_timeout):
+                await self._send(stream, http, status,
+                                 [(b"content-type", b"text/plain; charset=utf-8"),
+                                  (b"content-length", str(len(body)).encode())], body, close=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
+
+    # -- plain HTTP -------------------------------------------------------------------------
+
+    async def _serve_http(self, stream: trio.abc.Stream, http: h11.Connection,
+                          req: h11.Request, peer: str) -> None:
+        while True:
+            reply = static.answer(self._config.root_path, req.method, req.target,
+                                  request.header(req.headers, b"if-none-match"))
+            headers = [*reply.headers, (b"content-length", str(reply.length).encode())]
+            data = http.send(h11.Response(status_code=reply.status, reason=_reason(reply.status),
+                                          headers=[*headers, (b"server", self._server_header)]))
+            await stream.send_all(data)
+            if req.method != b"HEAD":
+                if reply.file is not None:
+                    await self._send_file(stream, http, reply.file, reply.length)
+                elif reply.body:
+                    await stream.send_all(http.send(h11.Data(data=reply.body)))
+            await stream.send_all(http.send(h11.EndOfMessage()))
+            log.info("HTTP %s %d from %s", req.method.decode("latin-1"), reply.status, peer)
+            await self._discard_body(stream, http)
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return
+            http.start_next_cycle()
+            next_req = None
+            with trio.move_on_after(self._config.handshake_timeout):
+                next_req = await self._read_request(stream, http)
+            if next_req is None:
+                return
+            if _is_websocket(next_req.headers):
+                # A WebSocket upgrade after plain requests on one connection: rare; refuse it
+                # plainly rather than mixing both lives in one handler.
+                await self._send_error(stream, http, 400, "Upgrade on a reused connection")
+                return
+            req = next_req
+
+    async def _send_file(self, stream: trio.abc.Stream, http: h11.Connection, path: str,
+                         length: int) -> None:
+        remaining = length
+        async with await trio.open_file(path, "rb") as handle:
+            while remaining > 0:
+                chunk = await handle.read(min(_FILE_CHUNK, remaining))
+                if not chunk:
+                    raise _Done  # The file shrank under us: the response cannot be completed.
+                remaining -= len(chunk)
+                await stream.send_all(http.send(h11.Data(data=chunk)))
+
+    async def _discard_body(self, stream: trio.abc.Stream, http: h11.Connection) -> None:
+        discarded = 0
+        while http.their_state is h11.SEND_BODY:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                if discarded > _MAX_DISCARDED_BODY:
+                    raise _Done
+                http.receive_data(await stream.receive_some(_RECEIVE_BYTES))
+            elif isinstance(event, h11.Data):
+                discarded += len(event.data)
+
+    # -- WebSocket --------------------------------------------------------------------------
+
+    async def _reject(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
+                      message: str, peer: str) -> None:
+        log.info("rejecting request from %s: %d %s", peer, status, message)
+        await self._send_error(stream, http, status, message)
+
+    async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection, req: h11.Request,
+                         peer: str) -> Client | None:
+        config = self._config
+        if self._shutting_down:
+            await self._reject(stream, http, 503, "Shutting down", peer)
+            return None
+        origin = request.header(req.headers, b"origin")
+        if config.allowed_origins and origin is not None and \
+                origin.decode("latin-1") not in config.allowed_origins:
+            await self._reject(stream, http, 403, "Origin not allowed", peer)
+            return None
+        if config.max_connections and self._hub.client_count >= config.max_connections:
+            await self._reject(stream, http, 503, "Too many connections", peer)
+            return None
+        target = request.parse_target(req.target, req.headers)
+        try:
+            grant = auth.check(target.token, target.channel, self._keys, time.time())
+        except auth.AuthError as refused:
+            await self._reject(stream, http, 400, str(refused), peer)
+            return None
+
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(req.headers, req.target)
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            status = getattr(hint, "status_code", 400)
+            log.info("rejecting request from %s: %d %s", peer, status, exc)
+            extra = list(getattr(hint, "headers", []) or [])
+            body = str(exc).encode()
+            await self._send(stream, http, status,
+                             [*extra, (b"content-type", b"text/plain; charset=utf-8"),
+                              (b"content-length", str(len(body)).encode())], body, close=True)
+            return None
+        # h11 holds any bytes the client sent after the request (its first frames).
+        while http.next_event() not in (h11.PAUSED, h11.NEED_DATA):
+            pass
+        trailing = http.trailing_data[0]
+        await stream.send_all(ws.send(AcceptConnection()))
+        connection = ws.connection
+        assert connection is not None
+        if trailing:
+            connection.receive_data(trailing)
+        log.info("client %s connected: mode %r, channels %s", peer, grant.mode,
+                 ",".join(grant.channels))
+        return Client(stream, connection, grant, self._settings, self._publisher.message, peer)
+
+    async def _run_client(self, client: Client) -> None:
+        grant = client.grant
+        channels = grant.channels if grant.can_read else ()
+        self._hub.add(client, channels)
+        self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
+        try:
+            await client.run()
+        finally:
+            self._hub.remove(client, channels)
+            log.info("client %s disconnected", client.peer)
+            self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE, grant)

@@ -1,0 +1,160 @@
+"""Shared test helpers: the real PostgreSQL, tokens, and the real ``pgws-relay`` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jwt
+import psycopg
+import pytest
+
+DB_HOST = os.environ.get("PGWS_TEST_DB_HOST", "127.0.0.1")
+DB_URI = os.environ.get("PGWS_TEST_DB_URI", f"postgresql://postgres@{DB_HOST}:5432/postgres")
+SECRET = "reallyreallyreallyreallyverysafe"
+RELAY = os.path.join(os.path.dirname(sys.executable), "pgws-relay")
+TIMEOUT = 15.0
+
+
+def token(claims: dict[str, Any], secret: str | bytes = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def unique_channel(prefix: str = "pgws_test") -> str:
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def notify(channel: str, *payloads: str, db_uri: str = DB_URI) -> None:
+    """Send NOTIFYs in one transaction (they are delivered at commit)."""
+    with psycopg.connect(db_uri, autocommit=False) as conn:
+        for payload in payloads:
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        conn.commit()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "") -> Any:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def check_postgres() -> None:
+    try:
+        with psycopg.connect(DB_URI, connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {DB_URI}: {exc}")
+
+
+class RelayProcess:
+    """A running ``pgws-relay``: its port, its log lines, and ways to stop it."""
+
+    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+        self.env = env
+        self.proc = subprocess.Popen(
+            [RELAY, *(args or [])], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = TIMEOUT, start: int = 0) -> re.Match:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match | None:
+            for line in self.lines[start:]:
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"relay exited ({self.proc.returncode}):\n{self.log}")
+            return None
+
+        return wait_until(found, timeout, f"log line {pattern!r}")
+
+    def wait_ready(self) -> None:
+        match = self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
+        self.port = int(match.group(1))
+        self.wait_for_line(r"listening on channel")
+
+    def url(self, path: str, scheme: str = "ws") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+
+
+def relay_env(**overrides: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PGWS_")}
+    env.update({
+        "PGWS_DB_URI": DB_URI,
+        "PGWS_JWT_SECRET": SECRET,
+        "PGWS_HOST": "127.0.0.1",
+        "PGWS_PORT": "0",
+        "PGWS_LISTEN_CHANNEL": unique_channel("pgws_listen"),
+        "PGWS_LOG_LEVEL": "DEBUG",
+    })
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_reachable() -> None:
+    check_postgres()
+
+
+@pytest.fixture
+def start_relay() -> Iterator[Callable[..., RelayProcess]]:
+    """Start a relay with ``relay_env(**overrides)``; it is killed after the test."""
+    started: list[RelayProcess] = []
+
+    def start(args: list[str] | None = None, wait: bool = True, **overrides: str
+              ) -> RelayProcess:
+        relay = RelayProcess(relay_env(**overrides), args)
+        started.append(relay)
+        if wait:
+            relay.wait_ready()
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture
+def relay(start_relay: Callable[..., RelayProcess]) -> RelayProcess:
+    return start_relay()

@@ -1,0 +1,435 @@
+"""End to end: the real ``pgws-relay`` command, the real PostgreSQL, independent clients.
+
+Clients: the ``websockets`` package (its synchronous client) here, trio-websocket in
+``test_e2e_trio.py``, websocket-client in ``test_econia.py``, and raw sockets where a client
+must misbehave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
+
+from tests.conftest import DB_URI, RelayProcess, notify, token, wait_until
+
+RW = token({"mode": "rw"})
+RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
+
+
+def ws(relay: RelayProcess, path: str, **kwargs):
+    return connect(relay.url(path), open_timeout=10, close_timeout=5, **kwargs)
+
+
+def rejection(relay: RelayProcess, path: str, **kwargs) -> tuple[int, bytes]:
+    with pytest.raises(InvalidStatus) as info:
+        ws(relay, path, **kwargs)
+    response = info.value.response
+    return response.status_code, response.body
+
+
+# -- upstream ServerSpec -----------------------------------------------------------------------
+
+def test_server_spec_1_send_messages(relay: RelayProcess) -> None:
+    with ws(relay, f"/test/{RW}") as client:
+        client.send("test data")
+
+
+def test_server_spec_2_receive_messages(relay: RelayProcess) -> None:
+    with ws(relay, f"/test/{RW}") as a, ws(relay, f"/test/{RW}") as b:
+        b.send("test data")
+        message = json.loads(a.recv(timeout=10))
+    assert message["payload"] == "test data"
+    assert message["channel"] == "test"
+    assert message["event"] == "WebsocketMessage"
+
+
+def test_server_spec_3_send_to_multiple_channels(relay: RelayProcess) -> None:
+    with ws(relay, f"/test/{RW}") as a, ws(relay, f"/secondary/{RW}") as b, \
+            ws(relay, f"/{RW_MULTI}") as c:
+        c.send("test data")
+        got_a = json.loads(a.recv(timeout=10))
+        got_b = json.loads(b.recv(timeout=10))
+    assert (got_a["payload"], got_a["channel"]) == ("test data", "test")
+    assert (got_b["payload"], got_b["channel"]) == ("test data", "secondary")
+
+
+def test_server_spec_4_receive_from_multiple_channels(relay: RelayProcess) -> None:
+    with ws(relay, f"/{RW_MULTI}") as a, ws(relay, f"/{RW_MULTI}") as b:
+        b.send("test data")
+        messages = [json.loads(a.recv(timeout=10)) for _ in range(2)]
+    assert [m["payload"] for m in messages] == ["test data", "test data"]
+    assert sorted(m["channel"] for m in messages) == ["secondary", "test"]
+
+
+# -- rejections (spec 2.4) ---------------------------------------------------------------------
+
+def test_rejections_are_http_400_with_upstream_texts(relay: RelayProcess) -> None:
+    cases = {
+        f"/test/{token({'mode': 'r', 'channel': 'test', 'exp': 1})}": b"Token expired",
+        "/": b"Missing mode",
+        f"/test/{token({'channels': ['test']})}": b"Missing mode",
+        f"/other/{token({'mode': 'r', 'channels': ['test']})}": b"No allowed channels",
+        f"/{token({'mode': 'r'})}": b"No allowed channels",
+        f"/test/{token({'mode': 'r'}, 'w' * 32)}": b"Error: JWSError JWSInvalidSignature",
+        "/test/abc": b"Error: JWSError (CompactDecodeError Invalid number of parts: "
+                     b"Expected 3 parts; got 1)",
+    }
+    for path, body in cases.items():
+        assert rejection(relay, path) == (400, body), path
+    assert token({"mode": "r", "channel": "test", "exp": 1}) not in relay.log
+
+
+# -- database → clients ------------------------------------------------------------------------
+
+def test_payload_is_forwarded_verbatim(relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with ws(relay, f"/fill_event/{token({'mode': 'r'})}") as client, \
+            psycopg.connect(DB_URI, autocommit=True) as db:
+        db.execute(
+            "SELECT pg_notify(%s, json_build_object('channel', 'fill_event', 'payload', "
+            "json_build_object('id', 18446744073709551616000001::numeric, 'name', 'naïve ☃'))"
+            "::text)", (listen,))
+        text = client.recv(timeout=10)
+    assert text == ('{"channel" : "fill_event", "payload" : {"id" : 18446744073709551616000001, '
+                    '"name" : "naïve ☃"}}')
+
+
+def test_unroutable_payloads_go_to_the_listen_channel_name(relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with ws(relay, f"/{listen}/{token({'mode': 'r'})}") as client:
+        notify(listen, "plain text", '{"channel": 7}', '{"channel": "elsewhere"}', "[1]")
+        received = [client.recv(timeout=10) for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            client.recv(timeout=0.5)
+    assert received == ["plain text", '{"channel": 7}', "[1]"]
+
+
+def test_channels_outside_the_token_are_not_delivered(relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with ws(relay, f"/{token({'mode': 'r', 'channels': ['a']})}") as client:
+        notify(listen, '{"channel": "b", "n": 1}', '{"channel": "a", "n": 2}')
+        assert client.recv(timeout=10) == '{"channel": "a", "n": 2}'
+
+
+def test_many_notifications_arrive_in_order(relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    payloads = [json.dumps({"channel": "c", "n": n}) for n in range(2000)]
+    with ws(relay, f"/c/{token({'mode': 'r'})}") as client:
+        for start in range(0, len(payloads), 100):
+            notify(listen, *payloads[start:start + 100])
+        received = [client.recv(timeout=10) for _ in payloads]
+    assert received == payloads
+
+
+# -- clients → database ------------------------------------------------------------------------
+
+def test_write_envelope_and_echo(relay: RelayProcess) -> None:
+    writer_token = token({"mode": "rw", "channel": "chat", "custom": [1, 2]})
+    with ws(relay, f"/chat/{writer_token}") as writer, \
+            ws(relay, f"/chat/{token({'mode': 'r'})}") as reader:
+        writer.send('{"a":1} é')
+        seen_by_reader = reader.recv(timeout=10)
+        echo = writer.recv(timeout=10)
+    assert seen_by_reader == echo
+    document = json.loads(echo)
+    assert document["channel"] == "chat"
+    assert document["event"] == "WebsocketMessage"
+    assert document["payload"] == '{"a":1} é'
+    claims = document["claims"]
+    assert claims["mode"] == "rw" and claims["channel"] == "chat" and claims["custom"] == [1, 2]
+    assert abs(claims["message_delivered_at"] - time.time()) < 60
+    assert echo.startswith('{"channel":"chat","claims":{"channel":"chat","custom":[1,2],'
+                           '"message_delivered_at":')
+    assert echo.endswith(',"mode":"rw"},"event":"WebsocketMessage","payload":"{\\"a\\":1} é"}')
+
+
+def test_binary_messages_are_published_as_text(relay: RelayProcess) -> None:
+    with ws(relay, f"/chat/{RW}") as client:
+        client.send(b"bytes ok")
+        assert json.loads(client.recv(timeout=10))["payload"] == "bytes ok"
+
+
+def test_read_only_clients_cannot_write_but_get_pongs_and_close(relay: RelayProcess) -> None:
+    with ws(relay, f"/chat/{token({'mode': 'r'})}") as reader, \
+            ws(relay, f"/chat/{token({'mode': 'r'})}") as other:
+        reader.send("ignored")
+        assert reader.ping(b"are you there").wait(10)
+        with pytest.raises(TimeoutError):
+            other.recv(timeout=0.5)
+        reader.close()
+        assert reader.protocol.close_rcvd is not None
+        assert reader.protocol.close_rcvd.code == 1000
+
+
+def test_write_only_clients_get_no_data(relay: RelayProcess) -> None:
+    with ws(relay, f"/chat/{token({'mode': 'w'})}") as writer:
+        writer.send("hello")
+        with pytest.raises(TimeoutError):
+            writer.recv(timeout=0.7)
+        assert writer.ping().wait(10)
+
+
+def test_oversized_client_message_closes_with_1009(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_MESSAGE_SIZE="1000")
+    with ws(relay, f"/chat/{RW}") as client:
+        client.send("x" * 1001)
+        with pytest.raises(ConnectionClosed) as info:
+            client.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+def test_envelope_over_the_notify_limit_closes_with_1009(relay: RelayProcess) -> None:
+    with ws(relay, f"/chat/{RW}") as client:
+        client.send("x" * 7990)
+        with pytest.raises(ConnectionClosed) as info:
+            client.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+# -- meta channel, expiry, pings ---------------------------------------------------------------
+
+def test_meta_channel_open_and_close_events(start_relay) -> None:
+    relay = start_relay(PGWS_META_CHANNEL="server-info")
+    with ws(relay, f"/server-info/{token({'mode': 'r'})}") as meta:
+        with ws(relay, f"/{token({'mode': 'r', 'channels': ['a', 'b']})}"):
+            opened = json.loads(meta.recv(timeout=10))
+            while opened["payload"] == "server-info":  # possibly our own ConnectionOpen
+                opened = json.loads(meta.recv(timeout=10))
+        closed = json.loads(meta.recv(timeout=10))
+    assert (opened["event"], opened["channel"], opened["payload"]) == (
+        "ConnectionOpen", "server-info", "a,b")
+    assert opened["claims"]["channels"] == ["a", "b"]
+    assert (closed["event"], closed["payload"]) == ("ConnectionClose", "a,b")
+
+
+def test_exp_closes_with_3001(relay: RelayProcess) -> None:
+    expiring = token({"mode": "r", "exp": int(time.time()) + 2})
+    with ws(relay, f"/chat/{expiring}") as client, pytest.raises(ConnectionClosed) as info:
+        client.recv(timeout=15)
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (3001, "JWT expired")
+
+
+def test_server_pings(start_relay) -> None:
+    relay = start_relay(PGWS_PING_INTERVAL="0.2")
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    conn = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(conn.send(Request(host="localhost", target=f"/c/{token({'mode': 'r'})}")))
+    payloads: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while len(payloads) < 2 and time.monotonic() < deadline:
+        conn.receive_data(sock.recv(4096))
+        for event in conn.events():
+            if hasattr(event, "payload") and type(event).__name__ == "Ping":
+                payloads.append(bytes(event.payload))
+    sock.close()
+    assert len(payloads) >= 2
+    assert int(payloads[1]) == int(payloads[0]) + 1
+
+
+# -- plain HTTP --------------------------------------------------------------------------------
+
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_hello_web(relay: RelayProcess) -> None:
+    response = _http_get(relay.port, "/anything")
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"\r\n\r\nHello, Web!")
+
+
+def test_static_files(start_relay, tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>demo</p>")
+    relay = start_relay(PGWS_ROOT_PATH=str(tmp_path))
+    index = _http_get(relay.port, "/")
+    assert index.startswith(b"HTTP/1.1 200 OK") and index.endswith(b"<p>demo</p>")
+    assert b"content-type: text/html" in index.lower()
+    assert _http_get(relay.port, "/nope.txt").startswith(b"HTTP/1.1 404")
+
+
+# -- additions of section 10 -------------------------------------------------------------------
+
+def test_token_in_query_string_or_bearer_header(relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    reader = token({"mode": "r"})
+    bearer = {"Authorization": f"Bearer {reader}"}
+    with ws(relay, f"/q?jwt={reader}") as by_query, \
+            ws(relay, "/h", additional_headers=bearer) as by_header, \
+            ws(relay, f"/p/{reader}?cache=1") as with_query:
+        notify(listen, '{"channel":"q"}', '{"channel":"h"}', '{"channel":"p"}')
+        assert by_query.recv(timeout=10) == '{"channel":"q"}'
+        assert by_header.recv(timeout=10) == '{"channel":"h"}'
+        assert with_query.recv(timeout=10) == '{"channel":"p"}'
+
+
+def test_max_connections_answers_503(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_CONNECTIONS="1")
+    with ws(relay, f"/c/{RW}"):
+        assert rejection(relay, f"/c/{RW}")[0] == 503
+    wait_until(lambda: "disconnected" in relay.log, what="the first client to be gone")
+    with ws(relay, f"/c/{RW}"):
+        pass
+
+
+def test_origin_allow_list(start_relay) -> None:
+    relay = start_relay(PGWS_ALLOWED_ORIGINS="https://good.example")
+    assert rejection(relay, f"/c/{RW}", origin="https://evil.example")[0] == 403
+    with ws(relay, f"/c/{RW}", origin="https://good.example"):
+        pass
+
+
+# -- slow consumers, recovery, shutdown --------------------------------------------------------
+
+def _raw_client(port: int, path: str, rcvbuf: int | None = None) -> tuple[socket.socket,
+                                                                          WSConnection]:
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    conn = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(conn.send(Request(host="localhost", target=path)))
+    while True:
+        conn.receive_data(sock.recv(4096))
+        if any(isinstance(event, AcceptConnection) for event in conn.events()):
+            return sock, conn
+
+
+def test_slow_consumer_is_dropped_while_healthy_client_gets_everything(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_QUEUE_BYTES="262144", PGWS_CLOSE_TIMEOUT="10")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    path = f"/c/{token({'mode': 'r'})}"
+    stalled, stalled_conn = _raw_client(relay.port, path, rcvbuf=4096)
+    payloads = [json.dumps({"channel": "c", "n": n, "pad": "x" * 6000}) for n in range(1500)]
+    # max_queue=None: the client's reader thread keeps reading while the test produces.
+    with ws(relay, path, max_size=None, max_queue=None) as healthy:
+        for start in range(0, len(payloads), 20):
+            notify(listen, *payloads[start:start + 20])
+        received = [healthy.recv(timeout=15) for _ in payloads]
+    assert received == payloads
+    relay.wait_for_line(r"closing slow consumer")
+    # The stalled client, reading at last, finds some frames and then the 1013 close.
+    close = None
+    while close is None:
+        data = stalled.recv(65536)
+        if not data:
+            break
+        stalled_conn.receive_data(data)
+        close = next((e for e in stalled_conn.events() if isinstance(e, CloseConnection)), None)
+    stalled.close()
+    assert close is not None and (close.code, close.reason) == (1013, "slow consumer")
+
+
+def _terminate_listener(application: str = "pgws-relay") -> int:
+    with psycopg.connect(DB_URI, autocommit=True) as db:
+        rows = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND query ILIKE 'LISTEN%%'", (application,)
+        ).fetchall()
+    return len(rows)
+
+
+def test_listener_recovers_with_clients_connected(start_relay) -> None:
+    relay = start_relay(PGWS_DB_URI=f"{DB_URI}?application_name=pgws-relay-recovery-test")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with ws(relay, f"/c/{token({'mode': 'r'})}") as client:
+        notify(listen, '{"channel":"c","n":1}')
+        assert client.recv(timeout=10) == '{"channel":"c","n":1}'
+        ready_lines = len([line for line in relay.lines if "listening on channel" in line])
+        assert _terminate_listener("pgws-relay-recovery-test") >= 1
+        relay.wait_for_line(r"listener connection lost")
+        wait_until(lambda: len([ln for ln in relay.lines if "listening on channel" in ln])
+                   > ready_lines, what="the listener to be back")
+        notify(listen, '{"channel":"c","n":2}')
+        assert client.recv(timeout=10) == '{"channel":"c","n":2}'
+    assert relay.proc.poll() is None
+
+
+def test_listener_gives_up_after_retries_and_exits_1(start_relay) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    relay = start_relay(wait=False, PGWS_RETRIES="2",
+                        PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead_port}/postgres")
+    match = relay.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
+    relay.port = int(match.group(1))
+    assert relay.wait_exit(30) == 1
+    assert relay.log.count("listener cannot connect") == 2
+    assert "Traceback" not in relay.log
+
+
+def test_sigterm_closes_clients_with_1001_and_exits_0(relay: RelayProcess) -> None:
+    with ws(relay, f"/c/{token({'mode': 'r'})}") as a, ws(relay, f"/d/{RW}") as b:
+        relay.signal(signal.SIGTERM)
+        for client in (a, b):
+            with pytest.raises(ConnectionClosed) as info:
+                client.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert relay.wait_exit(10) == 0
+
+
+def test_tls(start_relay, tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    relay = start_relay(PGWS_CERTIFICATE_FILE=str(cert_file), PGWS_KEY_FILE=str(key_file))
+    context = ssl.create_default_context(cafile=str(cert_file))
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    url = f"wss://localhost:{relay.port}/c/{token({'mode': 'rw'})}"
+    with connect(url, ssl=context, open_timeout=10) as client:
+        notify(listen, '{"channel":"c","tls":true}')
+        assert client.recv(timeout=10) == '{"channel":"c","tls":true}'
+        client.send("over tls")
+        assert json.loads(client.recv(timeout=10))["payload"] == "over tls"
+
+
+def test_no_token_or_secret_in_logs(start_relay) -> None:
+    relay = start_relay(PGWS_META_CHANNEL="meta")
+    secret_token = token({"mode": "rw", "channel": "c"})
+    with ws(relay, f"/c/{secret_token}") as client:
+        client.send("hi")
+        client.recv(timeout=10)
+    rejection(relay, f"/x/{secret_token}")
+    rejection(relay, f"/c/{token({'mode': 'r'}, 'q' * 32)}")
+    relay.signal(signal.SIGTERM)
+    relay.wait_exit(10)
+    relay.stop()
+    for part in secret_token.split("."):
+        assert part not in relay.log
+    assert os.environ.get("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe") not in relay.log

@@ -1,0 +1,80 @@
+"""The listener in process, against the real PostgreSQL (upstream HasqlBroadcastSpec and more)."""
+
+from __future__ import annotations
+
+import trio
+
+from relay.app import connect_options
+from relay.hub import Hub
+from relay.listener import Listener, ListenerGaveUp, backoff
+from relay.notifier import Notifier
+from tests.conftest import DB_URI, notify, unique_channel
+from tests.test_hub import Recorder
+
+
+class Signalling(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = trio.Event()
+
+    def offer(self, frame: bytes) -> None:
+        super().offer(frame)
+        self.arrived.set()
+
+
+def _listener(listen: str, hub: Hub, notifier: Notifier, **kwargs: object) -> Listener:
+    options = {"heartbeat_interval": 0.2, "retries": 1, **kwargs}
+    return Listener(DB_URI, connect_options(DB_URI), listen, hub.publish, notifier,
+                    options["heartbeat_interval"], options["retries"])  # type: ignore[arg-type]
+
+
+async def test_relays_messages_sent_to_the_database_channel() -> None:
+    listen = unique_channel("postgres-websockets")
+    hub = Hub(listen)
+    subscriber = Signalling()
+    hub.add(subscriber, ["test"])
+    notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
+    listener = _listener(listen, hub, notifier)
+    payload = '{"channel": "test", "payload": "hello there"}'
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener.run)
+            await listener.ready.wait()
+            await trio.to_thread.run_sync(notify, listen, payload)
+            await subscriber.arrived.wait()
+            nursery.cancel_scope.cancel()
+    assert subscriber.messages() == [payload]
+    await notifier.aclose()
+
+
+async def test_heartbeats_keep_a_healthy_listener_connected() -> None:
+    listen = unique_channel()
+    hub = Hub(listen)
+    notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
+    listener = _listener(listen, hub, notifier, heartbeat_interval=0.05)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener.run)
+            await listener.ready.wait()
+            while listener._heartbeat_seen < 10:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert listener.gaps == 0
+    await notifier.aclose()
+
+
+async def test_gives_up_after_the_retries() -> None:
+    dead = "postgresql://postgres@127.0.0.1:1/postgres"
+    notifier = Notifier(dead, 1, connect_options(dead))
+    listener = Listener(dead, connect_options(dead), "x", Hub("x").publish, notifier, 0, 1)
+    with trio.fail_after(15):
+        try:
+            await listener.run()
+        except ListenerGaveUp as exc:
+            assert "1 consecutive" in str(exc)
+        else:
+            raise AssertionError("the listener did not give up")
+
+
+def test_backoff_doubles_and_caps() -> None:
+    assert [backoff(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 32, 32]

@@ -136,8 +136,12 @@ class Client:
             if sent == len(frame):
                 return
             if sent:
-                frame = frame[sent:]
+                # The rest of a half-written frame must follow, whatever the bound says.
                 self._partial_head = True
+                self._queue(frame[sent:])
+                if self._queued > self._settings.max_queue_bytes:
+                    self._slow("queue over its bound")
+                return
         if self._queued + len(frame) > self._settings.max_queue_bytes:
             self._slow("queue over its bound")
             return
@@ -312,6 +316,7 @@ class Client:
     async def _finish(self) -> None:
         complete = not self._backlog and not self._flushing and not self._scope.cancel_called
         if not complete and self._fd >= 0:
+            log.debug("aborting the connection to %s (close handshake not completed)", self.peer)
             # Abort: a reset tells the peer at once and frees the socket without TIME_WAIT.
             with contextlib.suppress(OSError):
                 self._stream.socket.setsockopt(  # type: ignore[attr-defined]

@@ -15,7 +15,8 @@ Rules this module keeps:
 - ``@file`` loading: ``PGWS_DB_URI=@path`` is the file's text stripped of surrounding white
   space; ``PGWS_JWT_SECRET=@path`` is the file's bytes with one trailing ``\\n`` removed.
 - Settings this project adds are seconds (a float is fine) or bytes, and say so in their help.
-- It reads the ``@file``\\s and nothing else: no sockets, no logging.
+- It reads the ``@file`` values and nothing else: no sockets, no logging. The DB URI is parsed
+  (not connected to) so that a typo is a start-up error naming ``PGWS_DB_URI``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import binascii
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 #: The NOTIFY payload limit of a default PostgreSQL build (``NAMEDATALEN``-style compile-time
 #: constant): payloads must be shorter than this many bytes.
@@ -93,6 +97,15 @@ def _text(value: str) -> str:
 def _nonempty(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
+    return value
+
+
+def _conninfo(value: str) -> str:
+    try:
+        conninfo_to_dict(_nonempty(value))
+    except psycopg.ProgrammingError:
+        # psycopg's message may quote the string, password included: say less.
+        raise ValueError("not a valid libpq connection string or URI") from None
     return value
 
 
@@ -166,7 +179,7 @@ class Setting:
 
 #: The settings, in the order ``--help`` lists them. ``default=None`` means unset.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PGWS_DB_URI", "db_uri", _nonempty, None,
+    Setting("PGWS_DB_URI", "db_uri", _conninfo, None,
             "libpq connection string or URI; @path reads it from a file", required=True),
     Setting("PGWS_JWT_SECRET", "jwt_secret", _text, None,
             "HMAC secret, JWK or JWK Set; @path reads it from a file", required=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,10 @@ import pytest
 DB_HOST = os.environ.get("PGWS_TEST_DB_HOST", "127.0.0.1")
 DB_URI = os.environ.get("PGWS_TEST_DB_URI", f"postgresql://postgres@{DB_HOST}:5432/postgres")
 SECRET = "reallyreallyreallyreallyverysafe"
+# The command installed beside this interpreter (a venv), else the one on PATH.
 RELAY = os.path.join(os.path.dirname(sys.executable), "pgws-relay")
+if not os.path.exists(RELAY):
+    RELAY = shutil.which("pgws-relay") or RELAY
 TIMEOUT = 15.0
 
 

@@ -41,6 +41,12 @@ def test_empty_db_uri_is_an_error() -> None:
         load({**BASE, "PGWS_DB_URI": ""})
 
 
+def test_unparsable_db_uri_is_an_error_that_does_not_repeat_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**BASE, "PGWS_DB_URI": "host=x password=hunter2 oops"})
+    assert str(info.value) == "PGWS_DB_URI: not a valid libpq connection string or URI"
+
+
 @pytest.mark.parametrize("variable,value", [
     ("PGWS_PORT", "abc"), ("PGWS_PORT", "70000"), ("PGWS_POOL_SIZE", "0"),
     ("PGWS_RETRIES", "-1"), ("PGWS_CHECK_LISTENER_INTERVAL", "1.5"),

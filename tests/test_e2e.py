@@ -433,3 +433,40 @@ def test_no_token_or_secret_in_logs(start_relay) -> None:
     for part in secret_token.split("."):
         assert part not in relay.log
     assert os.environ.get("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe") not in relay.log
+
+
+def test_stalled_client_is_aborted_when_its_close_cannot_be_sent(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_QUEUE_BYTES="65536", PGWS_CLOSE_TIMEOUT="0.5")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    stalled, _ = _raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
+    for start in range(0, 800, 20):
+        notify(listen, *(json.dumps({"channel": "c", "n": n, "pad": "x" * 7000})
+                         for n in range(start, start + 20)))
+        if any("aborting the connection" in line for line in relay.lines):
+            break
+    relay.wait_for_line(r"closing slow consumer")
+    relay.wait_for_line(r"aborting the connection")
+    with pytest.raises(ConnectionResetError):
+        while stalled.recv(1 << 20):
+            pass
+    stalled.close()
+
+
+def test_silent_connections_are_cut_at_the_handshake_timeout(start_relay) -> None:
+    relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="0.3")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as silent, \
+            socket.create_connection(("127.0.0.1", relay.port), timeout=10) as dribbling:
+        dribbling.sendall(b"GET / HTTP/1.1\r\n")
+        assert silent.recv(1) == b""
+        assert dribbling.recv(1) == b""
+    with ws(relay, f"/c/{RW}"):
+        pass
+
+
+def test_sigint_is_a_graceful_stop_too(relay: RelayProcess) -> None:
+    with ws(relay, f"/c/{RW}") as client:
+        relay.signal(signal.SIGINT)
+        with pytest.raises(ConnectionClosed) as info:
+            client.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert relay.wait_exit(10) == 0

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import CloseConnection, Message, Ping, TextMessage
 
 from relay import frames
 from relay.auth import Grant
@@ -229,7 +229,7 @@ class Client:
     async def _reader(self) -> None:
         parts: list[str] = []
         size = 0
-        can_write = self.grant.can_write
+        keep = self.grant.can_write  # Read-only clients' messages are read and thrown away.
         limit = self._settings.max_message_size
         while True:
             try:
@@ -244,22 +244,21 @@ class Client:
                 if isinstance(event, Message):
                     if self._closing:
                         continue
-                    chunk = event.data if isinstance(event, TextMessage) else None
-                    if isinstance(event, BytesMessage):
+                    if isinstance(event, TextMessage):
+                        chunk = event.data
+                        size += len(chunk.encode())
+                    else:
                         chunk = bytes(event.data).decode("utf-8", "replace")
-                    assert chunk is not None
-                    size += len(chunk.encode()) if isinstance(event, TextMessage) else len(
-                        event.data
-                    )
+                        size += len(event.data)
                     if size > limit:
                         self.close(MESSAGE_TOO_BIG, "message too big")
                         continue
-                    if can_write:
+                    if keep:
                         parts.append(chunk)
                     if event.message_finished:
                         text = "".join(parts)
                         parts, size = [], 0
-                        if can_write:
+                        if keep:
                             await self._deliver(text)
                 elif isinstance(event, Ping):
                     if not self._closing:

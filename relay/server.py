@@ -89,6 +89,7 @@ class Server:
         )
         self._server_header = _SERVER_HEADER
         self._shutting_down = False
+        #: Cancel scopes of connections that are not WebSocket clients (yet).
         self._pending: set[trio.CancelScope] = set()
 
     def shut_down(self) -> None:
@@ -102,25 +103,14 @@ class Server:
         peer = _peer(stream)
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
         client: Client | None = None
-        scope = trio.CancelScope()
         try:
-            with scope:
-                self._pending.add(scope)
-                if self._shutting_down:
-                    return
-                while True:
-                    with trio.move_on_after(self._config.handshake_timeout):
-                        req = await self._read_request(stream, http)
-                        break
-                    log.debug("handshake timeout for %s", peer)
-                    return
-                if req is None:
-                    return
-                if _is_websocket(req.headers):
-                    client = await self._handshake(stream, http, req, peer)
-                else:
-                    await self._serve_http(stream, http, req, peer)
-                    return
+            # Until it is a WebSocket client, a shutdown may cancel the connection outright.
+            with trio.CancelScope() as pending:
+                self._pending.add(pending)
+                try:
+                    client = await self._until_client(stream, http, peer)
+                finally:
+                    self._pending.discard(pending)
             if client is not None:
                 await self._run_client(client)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
@@ -131,8 +121,24 @@ class Server:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
-            self._pending.discard(scope)
             await trio.aclose_forcefully(stream)
+
+    async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection, peer: str
+                            ) -> Client | None:
+        """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
+        if self._shutting_down:
+            return None
+        req = None
+        with trio.move_on_after(self._config.handshake_timeout) as timer:
+            req = await self._read_request(stream, http)
+        if timer.cancelled_caught:
+            log.debug("handshake timeout for %s", peer)
+        if req is None:
+            return None
+        if _is_websocket(req.headers):
+            return await self._handshake(stream, http, req, peer)
+        await self._serve_http(stream, http, req, peer)
+        return None
 
     async def _read_request(self, stream: trio.abc.Stream, http: h11.Connection
                             ) -> h11.Request | None:

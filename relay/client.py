@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Writing. Everything the server sends to a client (notification frames, pings, pongs, the close
-frame) goes through :meth:`Client.offer` or :meth:`Client._queue`, so bytes never interleave.
+Writing. Everything the server sends to a client (notification frames, pings, pongs) goes
+through :meth:`Client.offer`, and the close frame through the same queue, so bytes never
+interleave.
 The hub calls :meth:`offer` synchronously. When nothing is queued and the writer holds nothing in
 flight, ``offer`` writes straight to the socket without blocking (the fast path, off under TLS);
 whatever the kernel does not take is queued. The writer task sleeps until something is queued,
@@ -164,6 +165,8 @@ class Client:
         )
 
     def _slow(self, why: str) -> None:
+        if self._closing:
+            return  # Already closing: its deadline bounds what is left.
         log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued)
         # Drop what is queued, but keep the rest of a half-written frame so that the close
         # frame after it is still parsed as a frame.
@@ -261,8 +264,9 @@ class Client:
                         if keep:
                             await self._deliver(text)
                 elif isinstance(event, Ping):
-                    if not self._closing:
-                        self._queue(frames.pong(bytes(event.payload)))
+                    # Through offer(), so a client flooding pings it never reads the pongs of
+                    # meets the same bound as any other slow reader.
+                    self.offer(frames.pong(bytes(event.payload)))
                 elif isinstance(event, CloseConnection):
                     self._on_close(event)
                     return

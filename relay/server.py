@@ -101,27 +101,31 @@ class Server:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
         peer = _peer(stream)
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
-        client: Client | None = None
         try:
-            # Until it is a WebSocket client, a shutdown may cancel the connection outright.
-            with trio.CancelScope() as pending:
-                self._pending.add(pending)
-                try:
-                    client = await self._until_client(stream, http, peer)
-                finally:
-                    self._pending.discard(pending)
+            client = await self._accept(stream, peer)
             if client is not None:
                 await self._run_client(client)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
             pass
-        except h11.RemoteProtocolError as exc:
-            await self._send_error(stream, http, exc.error_status_hint, str(exc))
         except Exception:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:
+        """Everything before a WebSocket client exists; the HTTP state dies with this call."""
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+        # Until it is a WebSocket client, a shutdown may cancel the connection outright.
+        with trio.CancelScope() as pending:
+            self._pending.add(pending)
+            try:
+                return await self._until_client(stream, http, peer)
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(stream, http, exc.error_status_hint, str(exc))
+            finally:
+                self._pending.discard(pending)
+        return None
 
     async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection, peer: str
                             ) -> Client | None:

@@ -470,3 +470,22 @@ def test_sigint_is_a_graceful_stop_too(relay: RelayProcess) -> None:
             client.recv(timeout=10)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     assert relay.wait_exit(10) == 0
+
+
+def test_ping_flood_without_reading_meets_the_queue_bound(start_relay) -> None:
+    from wsproto.events import Ping
+
+    relay = start_relay(PGWS_MAX_QUEUE_BYTES="65536")
+    flooder, conn = _raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
+    ping = conn.send(Ping(payload=b"p" * 125))
+    try:
+        for _ in range(200):
+            flooder.sendall(ping * 100)
+            if any("closing slow consumer" in line for line in relay.lines):
+                break
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # The relay gave up on us first: that is the point.
+    relay.wait_for_line(r"closing slow consumer")
+    flooder.close()
+    with ws(relay, f"/c/{RW}") as healthy:
+        assert healthy.ping().wait(10)

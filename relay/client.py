@@ -77,7 +77,6 @@ class Client:
 
     __slots__ = (
         "_backlog",
-        "_close_code",
         "_closing",
         "_fd",
         "_flushing",
@@ -116,7 +115,6 @@ class Client:
         self._partial_head = False
         self._flushing = False
         self._closing = False
-        self._close_code: int | None = None
         self._wake = trio.Event()
         self._scope = trio.CancelScope()
 
@@ -159,7 +157,6 @@ class Client:
             return
         self._queue(frames.close(code, reason))
         self._closing = True
-        self._close_code = code
         self._scope.deadline = min(
             self._scope.deadline, trio.current_time() + self._settings.close_timeout
         )
@@ -170,9 +167,9 @@ class Client:
         log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued)
         # Drop what is queued, but keep the rest of a half-written frame so that the close
         # frame after it is still parsed as a frame.
-        kept = self._backlog[:1] if self._partial_head else []
-        self._backlog = kept
-        self._queued = sum(map(len, kept))
+        kept = 1 if self._partial_head else 0
+        self._queued -= sum(map(len, self._backlog[kept:]))
+        del self._backlog[kept:]
         self.close(TRY_AGAIN_LATER, "slow consumer")
 
     def _abort(self) -> None:

@@ -367,12 +367,18 @@ def test_listener_gives_up_after_retries_and_exits_1(start_relay) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead_port = unused.getsockname()[1]
-    relay = start_relay(wait=False, PGWS_RETRIES="2",
+    relay = start_relay(wait=False, PGWS_RETRIES="3",
                         PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead_port}/postgres")
     match = relay.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
     relay.port = int(match.group(1))
+    # The port is open while the database is still being retried, as upstream; when the
+    # listener gives up, connected clients are told (1001) before the process exits.
+    with ws(relay, f"/c/{token({'mode': 'r'})}") as early:
+        with pytest.raises(ConnectionClosed) as info:
+            early.recv(timeout=30)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     assert relay.wait_exit(30) == 1
-    assert relay.log.count("listener cannot connect") == 2
+    assert relay.log.count("listener cannot connect") == 3
     assert "Traceback" not in relay.log
 
 
@@ -489,3 +495,30 @@ def test_ping_flood_without_reading_meets_the_queue_bound(start_relay) -> None:
     flooder.close()
     with ws(relay, f"/c/{RW}") as healthy:
         assert healthy.ping().wait(10)
+
+
+def test_keep_alive_plain_http(relay: RelayProcess) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    for _ in range(3):
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"Hello, Web!")
+    conn.request("HEAD", "/")
+    head = conn.getresponse()
+    assert head.status == 200 and head.read() == b""
+    conn.close()
+
+
+def test_secret_from_a_base64_file(start_relay, tmp_path: Path) -> None:
+    import base64
+
+    raw = os.urandom(48)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(base64.urlsafe_b64encode(raw).decode() + "\n")
+    relay = start_relay(PGWS_JWT_SECRET=f"@{secret_file}", PGWS_JWT_SECRET_BASE64="True")
+    with ws(relay, f"/c/{token({'mode': 'rw'}, raw)}") as client:
+        client.send("ok")
+        assert json.loads(client.recv(timeout=10))["payload"] == "ok"
+    assert rejection(relay, f"/c/{RW}") == (400, b"Error: JWSError JWSInvalidSignature")

@@ -88,13 +88,19 @@ class RelayProcess:
         return "\n".join(self.lines)
 
     def wait_for_line(self, pattern: str, timeout: float = TIMEOUT, start: int = 0) -> re.Match:
+        """The first log line from index ``start`` on that matches ``pattern``."""
+        return self.wait_for_line_at(pattern, timeout, start)[1]
+
+    def wait_for_line_at(self, pattern: str, timeout: float = TIMEOUT, start: int = 0
+                         ) -> tuple[int, re.Match]:
+        """Like :meth:`wait_for_line`, with the index of the line."""
         regex = re.compile(pattern)
 
-        def found() -> re.Match | None:
-            for line in self.lines[start:]:
-                match = regex.search(line)
+        def found() -> tuple[int, re.Match] | None:
+            for index in range(start, len(self.lines)):
+                match = regex.search(self.lines[index])
                 if match:
-                    return match
+                    return index, match
             if self.proc.poll() is not None and not self._reader.is_alive():
                 raise AssertionError(f"relay exited ({self.proc.returncode}):\n{self.log}")
             return None

@@ -353,11 +353,9 @@ def test_listener_recovers_with_clients_connected(start_relay) -> None:
     with ws(relay, f"/c/{token({'mode': 'r'})}") as client:
         notify(listen, '{"channel":"c","n":1}')
         assert client.recv(timeout=10) == '{"channel":"c","n":1}'
-        ready_lines = len([line for line in relay.lines if "listening on channel" in line])
         assert _terminate_listener("pgws-relay-recovery-test") >= 1
-        relay.wait_for_line(r"listener connection lost")
-        wait_until(lambda: len([ln for ln in relay.lines if "listening on channel" in ln])
-                   > ready_lines, what="the listener to be back")
+        lost, _ = relay.wait_for_line_at(r"listener connection lost")
+        relay.wait_for_line(r"listening on channel", start=lost)
         notify(listen, '{"channel":"c","n":2}')
         assert client.recv(timeout=10) == '{"channel":"c","n":2}'
     assert relay.proc.poll() is None
@@ -522,3 +520,24 @@ def test_secret_from_a_base64_file(start_relay, tmp_path: Path) -> None:
         client.send("ok")
         assert json.loads(client.recv(timeout=10))["payload"] == "ok"
     assert rejection(relay, f"/c/{RW}") == (400, b"Error: JWSError JWSInvalidSignature")
+
+
+def test_heartbeat_detects_a_listener_backend_that_stopped_answering(start_relay) -> None:
+    app = "pgws-relay-heartbeat-test"
+    relay = start_relay(PGWS_DB_URI=f"{DB_URI}?application_name={app}",
+                        PGWS_CHECK_LISTENER_INTERVAL="300")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with psycopg.connect(DB_URI, autocommit=True) as db:
+        (pid,) = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                            "AND query ILIKE 'LISTEN%%'", (app,)).fetchone()
+    # A stopped backend keeps its TCP connection open but answers nothing: half-open, as far
+    # as the relay can tell. Only the heartbeat can notice.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ws(relay, f"/c/{token({'mode': 'r'})}") as client:
+            lost, _ = relay.wait_for_line_at(r"listener connection lost \(heartbeat not back")
+            relay.wait_for_line(r"listening on channel", start=lost)
+            notify(listen, '{"channel":"c","after":"recovery"}')
+            assert client.recv(timeout=10) == '{"channel":"c","after":"recovery"}'
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -36,6 +36,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from math import inf
 
 import trio
 from wsproto.connection import Connection, ConnectionState
@@ -78,15 +79,15 @@ class Client:
     __slots__ = (
         "_backlog",
         "_closing",
+        "_deadline",
         "_fd",
-        "_flushing",
+        "_nursery",
         "_on_message",
         "_partial_head",
         "_queued",
-        "_scope",
         "_settings",
         "_stream",
-        "_wake",
+        "_writing",
         "_ws",
         "grant",
         "peer",
@@ -113,10 +114,14 @@ class Client:
         self._backlog: list[bytes] = []
         self._queued = 0
         self._partial_head = False
-        self._flushing = False
+        # A writer task exists only while there is something to write: an idle connection
+        # costs one task (its reader), not two.
+        self._writing = False
         self._closing = False
-        self._wake = trio.Event()
-        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        # The deadline and cancellation of the whole connection; held here until run() opens
+        # the connection's nursery, whose cancel scope then carries them.
+        self._deadline = inf
 
     # -- the write side ---------------------------------------------------------------------
 
@@ -124,7 +129,7 @@ class Client:
         """Send ``frame`` now if the socket takes it, else queue it; never blocks."""
         if self._closing:
             return
-        if self._fd >= 0 and not self._backlog and not self._flushing:
+        if self._fd >= 0 and not self._writing:
             try:
                 sent = os.write(self._fd, frame)
             except BlockingIOError:
@@ -149,7 +154,9 @@ class Client:
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
         self._queued += len(frame)
-        self._wake.set()
+        if not self._writing and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._writer)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame after what is queued; the connection ends within close_timeout."""
@@ -157,9 +164,7 @@ class Client:
             return
         self._queue(frames.close(code, reason))
         self._closing = True
-        self._scope.deadline = min(
-            self._scope.deadline, trio.current_time() + self._settings.close_timeout
-        )
+        self._set_deadline(trio.current_time() + self._settings.close_timeout)
 
     def _slow(self, why: str) -> None:
         if self._closing:
@@ -174,21 +179,22 @@ class Client:
 
     def _abort(self) -> None:
         self._closing = True
-        self._scope.cancel()
+        self._set_deadline(-inf)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = min(self._deadline, deadline)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = self._deadline
 
     async def _writer(self) -> None:
-        while True:
-            while not self._backlog:
-                if self._closing:
-                    return
-                self._wake = trio.Event()
-                await self._wake.wait()
-            data = self._backlog[0] if len(self._backlog) == 1 else b"".join(self._backlog)
-            self._backlog = []
-            self._partial_head = False
-            self._flushing = True
-            await self._send(data)
-            self._flushing = False
+        """Send everything queued, one buffer at a time, then end (until more is queued)."""
+        try:
+            while self._backlog:
+                backlog, self._backlog = self._backlog, []
+                self._partial_head = False
+                await self._send(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+        finally:
+            self._writing = False
 
     async def _send(self, data: bytes) -> None:
         if self._fd < 0:
@@ -294,13 +300,19 @@ class Client:
         handshake, with a TCP reset otherwise. Errors: socket errors end the connection and are
         not raised; cancellation from outside is re-raised after the socket is closed.
         """
+        aborted = True
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.cancel_scope.deadline = self._deadline
+                if self._backlog and not self._writing:
+                    self._writing = True
                     nursery.start_soon(self._writer)
-                    await self._read_until_closed()
+                await self._read_until_closed()
+            aborted = nursery.cancel_scope.cancel_called
         finally:
-            await self._finish()
+            self._nursery = None
+            await self._finish(aborted)
 
     async def _read_until_closed(self) -> None:
         expires_at = self.grant.expires_at
@@ -313,9 +325,8 @@ class Client:
             self.close(JWT_EXPIRED, "JWT expired")
         await self._reader()
 
-    async def _finish(self) -> None:
-        complete = not self._backlog and not self._flushing and not self._scope.cancel_called
-        if not complete and self._fd >= 0:
+    async def _finish(self, aborted: bool) -> None:
+        if aborted and self._fd >= 0:
             log.debug("aborting the connection to %s (close handshake not completed)", self.peer)
             # Abort: a reset tells the peer at once and frees the socket without TIME_WAIT.
             with contextlib.suppress(OSError):

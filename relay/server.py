@@ -286,7 +286,7 @@ class Server:
         assert connection is not None
         if trailing:
             connection.receive_data(trailing)
-        log.info("client %s connected: mode %r, channels %s", peer, grant.mode,
+        log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
                  ",".join(grant.channels))
         return Client(stream, connection, grant, self._settings, self._publisher.message, peer)
 
@@ -299,5 +299,5 @@ class Server:
             await client.run()
         finally:
             self._hub.remove(client, channels)
-            log.info("client %s disconnected", client.peer)
+            log.debug("client %s disconnected", client.peer)
             self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE, grant)

@@ -1,0 +1,363 @@
+"""The benchmark's moving parts: servers under test, load-client processes, the producer.
+
+Everything runs on this machine and talks over loopback only. Every wait is bounded.
+
+- :class:`Server` starts one of :data:`SERVERS` (pgws-relay or a peer) as a subprocess on a
+  given port and waits until it LISTENs; it reads the process's CPU time and memory.
+- :func:`run_clients` spreads connections over several client processes (plain non-blocking
+  sockets, no WebSocket library, so the client side stays cheap). Each connection either
+  counts frames, counts and samples latency from the timestamp at the start of each payload,
+  or stalls (never reads).
+- :class:`Producer` sends NOTIFYs through PostgreSQL, in bursts of transactions or at a rate.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jwt
+import psycopg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DB_URI = os.environ.get("PGWS_BENCH_DB_URI", "postgresql://postgres@127.0.0.1:5432/postgres")
+SECRET = "benchbenchbenchbenchbenchbenchbe"
+LISTEN = "pgws_bench"
+TIMEOUT = 120.0
+#: Payloads start with the send time, so a client finds it at a fixed offset in every frame.
+_TS_PREFIX = '{"ts":'
+_TS_DIGITS = 17  # 1764000000.123456
+#: An Econia fill_event row (econia.md 2.3), trimmed so that a whole payload is ~300 bytes.
+FILL_BODY = ('{"txn_version":154106900,"event_idx":%d,"time":"2024-01-02T03:04:05.123456+00:00",'
+             '"maker_address":"0xaa","maker_order_id":18446744073709551616000001,'
+             '"maker_side":true,"market_id":7,"price":12345,"size":100,"taker_address":"0xbb",'
+             '"taker_order_id":99}')
+
+
+def payload(channel: str, n: int, size: int) -> str:
+    """A ``size``-byte JSON payload for ``channel``: send time first, then a fill_event body."""
+    text = (f'{_TS_PREFIX}{time.time():.6f}, "channel" : "{channel}", '
+            f'"payload" : {FILL_BODY % n}')
+    pad = size - len(text) - len(', "pad":""}')
+    if pad < 0:
+        raise ValueError(f"payload for {channel!r} does not fit in {size} bytes")
+    return text + ', "pad":"' + "x" * pad + '"}'
+
+
+def frame_length(size: int) -> int:
+    return size + (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+def token(claims: dict[str, Any] | None = None) -> str:
+    return jwt.encode(claims or {"mode": "r"}, SECRET, algorithm="HS256")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- servers --------------------------------------------------------------------------------
+
+def _relay_command(port: int, extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    env = {"PGWS_DB_URI": DB_URI, "PGWS_JWT_SECRET": SECRET, "PGWS_HOST": "127.0.0.1",
+           "PGWS_PORT": str(port), "PGWS_LISTEN_CHANNEL": LISTEN, "PGWS_LOG_LEVEL": "INFO",
+           "PGWS_PING_INTERVAL": "3600", **extra}
+    return [os.path.join(os.path.dirname(sys.executable), "pgws-relay")], env
+
+
+def _peer_env(port: int) -> dict[str, str]:
+    return {"PORT": str(port), "DB_URI": DB_URI, "SECRET": SECRET, "LISTEN_CHANNEL": LISTEN}
+
+
+SERVERS: dict[str, str] = {
+    "relay": "pgws-relay",
+    "websockets": "websockets asyncio server + broadcast() (Python)",
+    "node": "Node.js ws + pg",
+    "ceiling": "plain Trio sockets, pre-framed bytes (design ceiling)",
+}
+
+
+class Server:
+    """One server under test, on ``port``, LISTENing on :data:`LISTEN`."""
+
+    def __init__(self, name: str, port: int, extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.port = port
+        extra = extra_env or {}
+        if name == "relay":
+            command, env = _relay_command(port, extra)
+            ready = "listening on channel"
+        elif name == "websockets":
+            command, env = [sys.executable, os.path.join(HERE, "peers", "websockets_relay.py")], \
+                _peer_env(port)
+            ready = "READY"
+        elif name == "node":
+            node_dir = os.path.join(HERE, "peers", "node")
+            if not os.path.isdir(os.path.join(node_dir, "node_modules")):
+                raise RuntimeError("the Node peer is not installed: run bench/setup.sh")
+            command, env = ["node", os.path.join(node_dir, "relay.js")], _peer_env(port)
+            ready = "READY"
+        elif name == "ceiling":
+            command, env = [sys.executable, os.path.join(HERE, "peers", "trio_ceiling.py")], \
+                _peer_env(port)
+            ready = "READY"
+        else:
+            raise ValueError(f"unknown server {name!r}; known: {', '.join(SERVERS)}")
+        self.proc = subprocess.Popen(command, env={**os.environ, **env},
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        if not self._ready.wait(30):
+            self.stop()
+            raise RuntimeError(f"{name} did not become ready:\n" + "\n".join(self.lines[-20:]))
+
+    def _read(self, ready: str) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if ready in line:
+                self._ready.set()
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        with open(f"/proc/{self.proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def count(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        return sum(1 for line in self.lines if regex.search(line))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+
+
+# -- load clients ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """What one client process does: connections (path, role) and when to stop."""
+
+    port: int
+    #: (path, role, frames expected or None: read until told to stop); role is "count",
+    #: "sample" (count and measure latency) or "stall" (never read).
+    connections: list[tuple[str, str, int | None]]
+    size: int  # every payload of a run has this many bytes, so frames have one length
+    timeout: float = TIMEOUT
+
+
+def _handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+    sock.setblocking(False)
+    return sock
+
+
+def _timestamps(buffer: bytearray, size: int, frames: int) -> list[float]:
+    frame_len = frame_length(size)
+    start = frame_len - size + len(_TS_PREFIX)
+    return [float(buffer[i * frame_len + start:i * frame_len + start + _TS_DIGITS])
+            for i in range(frames)]
+
+
+def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
+    try:
+        socks = [(_handshake(plan.port, path, 4096 if role == "stall" else None), role,
+                  expected) for path, role, expected in plan.connections]
+    except OSError as exc:
+        ready.put(f"error: {exc}")
+        return
+    selector = selectors.DefaultSelector()
+    state: dict[socket.socket, list[Any]] = {}
+    for sock, role, expected in socks:
+        if role != "stall":
+            selector.register(sock, selectors.EVENT_READ)
+            # frames, unparsed rest, samples latency, closed by the server, frames expected
+            state[sock] = [0, bytearray(), role == "sample", False, expected]
+    ready.put("ok")
+    go.wait()
+    latencies: list[float] = []
+    frame_len = frame_length(plan.size)
+    open_readers = len(state)
+    deadline = time.monotonic() + plan.timeout
+    last = time.time()
+    while open_readers and time.monotonic() < deadline and not stop.is_set():
+        for key, _ in selector.select(timeout=0.2):
+            sock = key.fileobj
+            entry = state[sock]
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            now = time.time()
+            if not data:
+                selector.unregister(sock)
+                entry[3] = True
+                open_readers -= 1
+                continue
+            buffer = entry[1]
+            buffer += data
+            whole = len(buffer) // frame_len
+            if whole:
+                if entry[2]:
+                    latencies.extend(now - ts for ts in _timestamps(buffer, plan.size, whole))
+                del buffer[:whole * frame_len]
+                entry[0] += whole
+                last = now
+            if entry[4] is not None and entry[0] >= entry[4]:
+                selector.unregister(sock)
+                open_readers -= 1
+    received = sum(entry[0] for entry in state.values())
+    closed = sum(1 for entry in state.values() if entry[3])
+    stalled_closed = sum(1 for sock, role, _ in socks if role == "stall" and _was_closed(sock))
+    results.put({"received": received, "last": last, "latencies": latencies,
+                 "closed": closed, "stalled_closed": stalled_closed,
+                 "per_connection": [entry[0] for entry in state.values()]})
+    for sock, _, _ in socks:
+        sock.close()
+
+
+def _was_closed(sock: socket.socket) -> bool:
+    """Drain a stalled socket: did the server close it (EOF or reset)?"""
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Clients:
+    """Client processes holding ``connections`` spread over ``procs`` processes."""
+
+    def __init__(self, port: int, connections: Sequence[tuple[str, str, int | None]], size: int,
+                 procs: int = 2, timeout: float = TIMEOUT) -> None:
+        ctx = mp.get_context("fork")
+        self._ready, self._results = ctx.Queue(), ctx.Queue()
+        self._go, self._stop = ctx.Event(), ctx.Event()
+        shares = [list(connections[i::procs]) for i in range(procs)]
+        self._procs = [ctx.Process(target=_client, daemon=True, args=(
+            Plan(port, share, size, timeout), self._ready, self._go,
+            self._stop, self._results)) for share in shares if share]
+        for proc in self._procs:
+            proc.start()
+        errors = [msg for msg in (self._ready.get(timeout=300) for _ in self._procs)
+                  if msg != "ok"]
+        if errors:
+            self.close()
+            raise RuntimeError("; ".join(errors))
+
+    def start(self) -> None:
+        self._go.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def results(self, timeout: float = TIMEOUT + 60) -> list[dict[str, Any]]:
+        outcomes = [self._results.get(timeout=timeout) for _ in self._procs]
+        return outcomes
+
+    def close(self) -> None:
+        """Stop every client process (collecting results nobody asked for, so they can exit)."""
+        self._stop.set()
+        self._go.set()
+        while True:
+            try:
+                self._results.get(timeout=0.5)
+            except Exception:
+                break
+        for proc in self._procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+# -- producer -------------------------------------------------------------------------------
+
+class Producer:
+    """NOTIFYs on :data:`LISTEN` through one PostgreSQL connection."""
+
+    def __init__(self) -> None:
+        self._db = psycopg.connect(DB_URI, autocommit=False)
+
+    def burst(self, channels: Sequence[str], messages: int, batch: int, size: int) -> float:
+        """Send ``messages`` payloads round-robin over ``channels`` in transactions of
+        ``batch``; return when the first transaction was committed."""
+        first_commit = 0.0
+        for start in range(0, messages, batch):
+            for n in range(start, min(start + batch, messages)):
+                self._db.execute("SELECT pg_notify(%s, %s)",
+                                 (LISTEN, payload(channels[n % len(channels)], n, size)))
+            self._db.commit()
+            if not first_commit:
+                first_commit = time.time()
+        return first_commit
+
+    def steady(self, channels: Sequence[str], rate: float, seconds: float, size: int) -> int:
+        """One NOTIFY per transaction at ``rate`` per second for ``seconds``; return the count."""
+        interval = 1.0 / rate
+        start = time.monotonic()
+        sent = 0
+        while time.monotonic() - start < seconds:
+            due = start + sent * interval
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            self._db.execute("SELECT pg_notify(%s, %s)",
+                             (LISTEN, payload(channels[sent % len(channels)], sent, size)))
+            self._db.commit()
+            sent += 1
+        return sent
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def dumps(result: Any) -> str:
+    return json.dumps(result, indent=2, sort_keys=True)

@@ -1,0 +1,250 @@
+"""Render bench/results/*.json (from ``run.py --json``) into bench/README.md and PNG charts.
+
+    python bench/report.py            # reads bench/results/, writes bench/README.md
+
+Medians of the runs, their spread (min–max), and the ratio of pgws-relay to each peer
+measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+NAMES = {"relay": "pgws-relay", "websockets": "websockets (Python)", "node": "Node ws + pg",
+         "ceiling": "Trio ceiling"}
+METRICS = {
+    "burst": [("deliveries_per_s", "deliveries/s", True), ("cpu_ms_per_1000",
+                                                          "CPU ms / 1,000 deliveries", False),
+              ("delivered_share", "delivered", True)],
+    "steady": [("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False),
+               ("p999_ms", "p99.9 ms", False), ("delivered_share", "delivered", True)],
+    "channels": [("deliveries_per_s", "deliveries/s", True), ("delivered_share", "delivered",
+                                                             True)],
+    "idle": [("kib_per_connection", "KiB per idle connection", False)],
+    "slow": [("healthy_deliveries_per_s", "healthy deliveries/s", True),
+             ("healthy_delivered_share", "healthy delivered", True),
+             ("stalled_closed", "stalled clients closed", True),
+             ("peak_rss_kib", "peak RSS KiB", False)],
+}
+COMMANDS = {
+    "burst": "python bench/run.py burst --runs 3 --json bench/results/burst.json",
+    "steady": "python bench/run.py steady --runs 3 --json bench/results/steady.json",
+    "channels": "python bench/run.py channels --runs 3 --json bench/results/channels.json",
+    "idle": "python bench/run.py idle --runs 3 --json bench/results/idle.json",
+    "slow": "python bench/run.py slow --runs 3 --json bench/results/slow.json",
+}
+
+
+def _values(samples: list[dict[str, Any]], key: str) -> list[float]:
+    return [s[key] for s in samples if key in s]
+
+
+def _fmt(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _cell(samples: list[dict[str, Any]], key: str) -> str:
+    values = _values(samples, key)
+    if not values:
+        errors = [s.get("error", "") for s in samples]
+        return "failed" + (f" ({errors[0][:40]})" if errors and errors[0] else "")
+    median = statistics.median(values)
+    if len(values) > 1 and min(values) != max(values):
+        return f"{_fmt(median)} ({_fmt(min(values))}–{_fmt(max(values))})"
+    return _fmt(median)
+
+
+def _ratio(case: dict[str, Any], key: str, peer: str, higher_is_better: bool) -> str:
+    ours = _values(case["servers"].get("relay", []), key)
+    theirs = _values(case["servers"].get(peer, []), key)
+    if not ours or not theirs or not statistics.median(theirs) or not statistics.median(ours):
+        return "–"
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    if not higher_is_better:
+        ratio = 1 / ratio
+    return f"{ratio:.2f}×"
+
+
+def _table(result: dict[str, Any]) -> list[str]:
+    scenario = result["scenario"]
+    servers = result["servers"]
+    peers = [name for name in servers if name != "relay"]
+    lines = []
+    for key, label, higher in METRICS[scenario]:
+        header = ["case", *(NAMES.get(s, s) for s in servers),
+                  *(f"relay vs {NAMES.get(p, p)}" for p in peers)]
+        lines += [f"**{label}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for case in result["cases"]:
+            row = [case["case"], *(_cell(case["servers"].get(s, []), key) for s in servers),
+                   *(_ratio(case, key, p, higher) for p in peers)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def _chart_burst(result: dict[str, Any]) -> str | None:
+    figure, axes = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for batch in sorted({case["params"]["batch"] for case in result["cases"]}):
+        cases = [c for c in result["cases"] if c["params"]["batch"] == batch]
+        for name in result["servers"]:
+            points = [(c["params"]["clients"],
+                       statistics.median(_values(c["servers"].get(name, []),
+                                                 "deliveries_per_s")))
+                      for c in cases if _values(c["servers"].get(name, []), "deliveries_per_s")]
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                axes.plot(xs, ys, marker="o", label=f"{NAMES.get(name, name)}, batch {batch}",
+                          linestyle="-" if batch > 1 else "--")
+                plotted = True
+    if not plotted:
+        plt.close(figure)
+        return None
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("clients on one channel")
+    axes.set_ylabel("deliveries/s (median)")
+    axes.set_title("Burst fan-out")
+    axes.legend(fontsize=7)
+    axes.grid(True, which="both", alpha=0.3)
+    path = os.path.join(RESULTS, "burst.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return "results/burst.png"
+
+
+def _chart_latency(result: dict[str, Any]) -> str | None:
+    figure, axes = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for case in result["cases"]:
+        for name in result["servers"]:
+            samples = [s for s in case["servers"].get(name, []) if "latency_cdf_ms" in s]
+            if not samples:
+                continue
+            cdf = samples[len(samples) // 2]["latency_cdf_ms"]
+            axes.plot(cdf, [q / 100 for q in range(101)],
+                      label=f"{NAMES.get(name, name)}, {case['case']}")
+            plotted = True
+    if not plotted:
+        plt.close(figure)
+        return None
+    axes.set_xscale("log")
+    axes.set_xlabel("commit → receipt (ms)")
+    axes.set_ylabel("share of deliveries")
+    axes.set_title("Latency CDF at a steady rate")
+    axes.legend(fontsize=6)
+    axes.grid(True, which="both", alpha=0.3)
+    path = os.path.join(RESULTS, "latency.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return "results/latency.png"
+
+
+def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str | None:
+    figure, axes = plt.subplots(figsize=(7, 4))
+    plotted = False
+    if burst:
+        for name in burst["servers"]:
+            points = [(c["params"]["clients"],
+                       statistics.median(_values(c["servers"][name], "peak_rss_kib")) / 1024)
+                      for c in burst["cases"] if c["params"]["batch"] > 1
+                      and _values(c["servers"].get(name, []), "peak_rss_kib")]
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                axes.plot(xs, ys, marker="o", label=f"{NAMES.get(name, name)} (burst peak)")
+                plotted = True
+    if idle:
+        for name in idle["servers"]:
+            for case in idle["cases"]:
+                values = _values(case["servers"].get(name, []), "rss_kib")
+                if values:
+                    axes.scatter([case["params"]["clients"]], [statistics.median(values) / 1024],
+                                 marker="x", label=f"{NAMES.get(name, name)} (idle)")
+                    plotted = True
+    if not plotted:
+        plt.close(figure)
+        return None
+    axes.set_xscale("log")
+    axes.set_xlabel("clients")
+    axes.set_ylabel("RSS (MiB)")
+    axes.set_title("Memory vs clients")
+    axes.legend(fontsize=7)
+    axes.grid(True, which="both", alpha=0.3)
+    path = os.path.join(RESULTS, "rss.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return "results/rss.png"
+
+
+def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
+    results = {}
+    for scenario in METRICS:
+        path = os.path.join(directory, f"{scenario}.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                results[scenario] = json.load(handle)
+    return results
+
+
+def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
+    machine = next(iter(results.values()))["machine"] if results else {}
+    lines = ["# Benchmarks", "",
+             "Generated by `python bench/report.py` from `bench/results/*.json`. Every figure is",
+             "the median of the runs with the spread (min–max) beside it; ratios compare",
+             "medians measured in the same invocation (higher is better for pgws-relay).",
+             f"Machine: {machine.get('cpus')} cores, {machine.get('platform')}, "
+             f"Python {machine.get('python')}; relay, peers, producer and load clients all on",
+             "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
+    if preface:
+        lines += [preface, ""]
+    charts = [_chart_burst(results["burst"]) if "burst" in results else None,
+              _chart_latency(results["steady"]) if "steady" in results else None,
+              _chart_rss(results.get("burst"), results.get("idle"))]
+    for chart in charts:
+        if chart:
+            lines += [f"![{os.path.basename(chart)}]({chart})", ""]
+    for scenario, result in results.items():
+        lines += [f"## {scenario}", "", f"`{COMMANDS[scenario]}` (run {result['started']}, "
+                  f"{result['runs']} runs per server)", ""]
+        lines += _table(result)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=RESULTS, help="directory of <scenario>.json")
+    parser.add_argument("--out", default=os.path.join(HERE, "README.md"))
+    args = parser.parse_args()
+    RESULTS = args.results
+    preface_path = os.path.join(RESULTS, "PREFACE.md")
+    preface = ""
+    if os.path.exists(preface_path):
+        with open(preface_path) as handle:
+            preface = handle.read().strip()
+    with open(args.out, "w") as handle:
+        handle.write(render(load(RESULTS), preface))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Run a benchmark scenario against pgws-relay and its peers, side by side; print a table.
+
+    python bench/run.py burst --servers relay,websockets,node,ceiling --runs 3
+    python bench/run.py steady --json bench/results/steady.json
+    python bench/run.py all --quick          # the smallest of everything (CI smoke test)
+
+Scenarios (issue 3): ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
+``steady`` (latency from commit to receipt at a fixed rate), ``channels`` (clients spread over
+many channels; Econia's channel mix), ``idle`` (RSS per idle connection), ``slow`` (10% of
+clients stop reading). Each case runs ``--runs`` times against each server, one server at a
+time, in the same invocation; the table gives medians, the spread, and ratios of pgws-relay to
+each peer. Load clients run in separate processes; all traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.harness import SERVERS, Clients, Producer, Server, free_port, token
+
+#: Bytes per payload: an Econia fill_event envelope, padded to one size for every channel.
+PAYLOAD = 340
+#: Econia's mix: per matched trade about 2 fill_event + 2 updated_limit_order, plus the rest.
+ECONIA_MIX = (["fill_event"] * 4 + ["updated_limit_order"] * 4 + ["place_limit_order_event"] * 2
+              + ["place_market_order_event", "change_order_size_event", "cancel_order_event",
+                 "place_swap_order_event", "market_registration_event",
+                 "recognized_market_event"])
+
+
+def _connections(channels: list[str], clients: int, roles: Callable[[int], str],
+                 messages: int | None) -> list[tuple[str, str, int | None]]:
+    """Client i reads channel i mod len(channels) and expects that channel's share of
+    ``messages`` sent round-robin over ``channels`` (None: read until stopped)."""
+    read = token({"mode": "r"})
+    share: dict[str, int] = {}
+    for n in range(messages or 0):
+        share[channels[n % len(channels)]] = share.get(channels[n % len(channels)], 0) + 1
+    return [(f"/{channels[i % len(channels)]}/{read}", roles(i),
+             share.get(channels[i % len(channels)], 0) if messages is not None else None)
+            for i in range(clients)]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -> dict[str, Any]:
+    channels = ["fill_event"]
+    pool = Clients(server.port, _connections(channels, clients, lambda i: "count", messages),
+                   PAYLOAD, procs=procs)
+    producer = Producer()
+    try:
+        cpu = server.cpu_seconds()
+        pool.start()
+        start = time.time()
+        producer.burst(channels, messages, batch, PAYLOAD)
+        outcomes = pool.results()
+        cpu = server.cpu_seconds() - cpu
+    finally:
+        producer.close()
+        pool.close()
+    received = sum(o["received"] for o in outcomes)
+    seconds = max(o["last"] for o in outcomes) - start
+    return {"deliveries_per_s": received / seconds, "delivered_share": received /
+            (clients * messages), "cpu_ms_per_1000": 1e6 * cpu / max(received, 1),
+            "seconds": seconds, "peak_rss_kib": server.memory_kib("VmHWM")}
+
+
+def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
+           ) -> dict[str, Any]:
+    channels = ["fill_event"]
+    # Every 10th connection samples latency: enough samples, little client-side cost.
+    pool = Clients(server.port, _connections(channels, clients,
+                                             lambda i: "sample" if i % 10 == 0 else "count",
+                                             None), PAYLOAD, procs=procs)
+    producer = Producer()
+    try:
+        pool.start()
+        sent = producer.steady(channels, rate, seconds, PAYLOAD)
+        time.sleep(2.0)  # Let the last notifications arrive before the clients stop.
+        pool.stop()
+        outcomes = pool.results()
+    finally:
+        producer.close()
+        pool.close()
+    latencies = [x for o in outcomes for x in o["latencies"]]
+    received = sum(o["received"] for o in outcomes)
+    return {"sent": sent, "delivered_share": received / (sent * clients),
+            "p50_ms": 1000 * _percentile(latencies, 0.50),
+            "p99_ms": 1000 * _percentile(latencies, 0.99),
+            "p999_ms": 1000 * _percentile(latencies, 0.999),
+            "latency_cdf_ms": [1000 * _percentile(latencies, q / 100) for q in range(101)]}
+
+
+def channels_case(server: Server, clients: int, spread: list[str], messages: int, batch: int,
+                  procs: int) -> dict[str, Any]:
+    conns = _connections(spread, clients, lambda i: "count", messages)
+    expected = sum(count or 0 for _, _, count in conns)
+    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
+    producer = Producer()
+    try:
+        cpu = server.cpu_seconds()
+        pool.start()
+        start = time.time()
+        producer.burst(spread, messages, batch, PAYLOAD)
+        outcomes = pool.results()
+        cpu = server.cpu_seconds() - cpu
+    finally:
+        producer.close()
+        pool.close()
+    received = sum(o["received"] for o in outcomes)
+    seconds = max(o["last"] for o in outcomes) - start
+    return {"deliveries_per_s": received / seconds, "delivered_share": received / expected,
+            "cpu_ms_per_1000": 1e6 * cpu / max(received, 1)}
+
+
+def idle(server: Server, clients: int, procs: int) -> dict[str, Any]:
+    before = server.memory_kib()
+    pool = Clients(server.port, _connections(["idle"], clients, lambda i: "count", None),
+                   PAYLOAD, procs=procs)
+    try:
+        time.sleep(1.0)
+        after = server.memory_kib()
+    finally:
+        pool.close()
+    return {"rss_base_kib": before, "rss_kib": after,
+            "kib_per_connection": (after - before) / clients}
+
+
+def slow(server: Server, clients: int, messages: int, batch: int, stalled_share: float,
+         procs: int) -> dict[str, Any]:
+    every = round(1 / stalled_share) if stalled_share else 0
+
+    def roles(i: int) -> str:
+        return "stall" if every and i % every == 0 else "count"
+
+    channels = ["fill_event"]
+    conns = _connections(channels, clients, roles, messages)
+    healthy = sum(1 for _, role, _ in conns if role != "stall")
+    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
+    producer = Producer()
+    try:
+        pool.start()
+        start = time.time()
+        producer.burst(channels, messages, batch, PAYLOAD)
+        outcomes = pool.results()
+    finally:
+        producer.close()
+        pool.close()
+    received = sum(o["received"] for o in outcomes)
+    seconds = max(o["last"] for o in outcomes) - start
+    return {"healthy_deliveries_per_s": received / seconds,
+            "healthy_delivered_share": received / (healthy * messages),
+            "stalled_closed": sum(o["stalled_closed"] for o in outcomes),
+            "stalled": clients - healthy, "peak_rss_kib": server.memory_kib("VmHWM")}
+
+
+def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, Any],
+                                                              Callable[..., dict[str, Any]]]]:
+    """(label, parameters, function) for each case of a scenario."""
+    if scenario == "burst":
+        sizes = [(100, 2000, 100)] if quick else [
+            (100, 20000, 100), (1000, 4000, 100), (10000, 500, 100),
+            (100, 5000, 1), (1000, 2000, 1), (10000, 300, 1)]
+        return [(f"N={n} B={b}", {"clients": n, "messages": m, "batch": b, "procs": procs},
+                 burst) for n, m, b in sizes]
+    if scenario == "steady":
+        cases = [(100, 100, 2)] if quick else [(1000, 100, 10), (1000, 1000, 10),
+                                               (10000, 100, 10)]
+        return [(f"{r}/s x {n}", {"clients": n, "rate": r, "seconds": s, "procs": procs},
+                 steady) for n, r, s in cases]
+    if scenario == "channels":
+        wide = [f"c{i:04d}" for i in range(1000)]
+        cases = [("100 clients / 10 channels", 100, wide[:10], 200)] if quick else [
+            ("10k clients / 1k channels", 10000, wide, 20000),
+            ("1k clients / Econia mix", 1000, ECONIA_MIX, 4000)]
+        return [(label, {"clients": n, "spread": spread, "messages": m, "batch": 100,
+                         "procs": procs}, channels_case) for label, n, spread, m in cases]
+    if scenario == "idle":
+        n = 200 if quick else 10000
+        return [(f"{n} idle", {"clients": n, "procs": procs}, idle)]
+    if scenario == "slow":
+        # Enough data per client (10,000 x 340 B = 3.4 MB) to overflow a stalled client's
+        # socket buffers and its 1 MiB queue.
+        n, m = (100, 200) if quick else (1000, 10000)
+        return [(f"{n} clients, {share:.0%} stalled",
+                 {"clients": n, "messages": m, "batch": 100, "stalled_share": share,
+                  "procs": procs}, slow) for share in (0.0, 0.1)]
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+HEADLINE = {"burst": "deliveries_per_s", "steady": "p99_ms", "channels": "deliveries_per_s",
+            "idle": "kib_per_connection", "slow": "healthy_deliveries_per_s"}
+
+
+def run(scenario: str, servers: list[str], runs: int, quick: bool, procs: int
+        ) -> dict[str, Any]:
+    results: dict[str, Any] = {"scenario": scenario, "servers": servers, "runs": runs,
+                               "machine": _machine(), "started": time.strftime("%F %T"),
+                               "cases": []}
+    for label, params, function in _cases(scenario, quick, procs):
+        case: dict[str, Any] = {"case": label, "params": {k: v for k, v in params.items()
+                                                          if k != "spread"}, "servers": {}}
+        for name in servers:
+            samples = []
+            for _ in range(runs):
+                server = Server(name, free_port())
+                try:
+                    samples.append(function(server, **params))
+                except Exception as exc:  # A peer that falls over is a result, not a crash.
+                    samples.append({"error": f"{type(exc).__name__}: {exc}"})
+                finally:
+                    server.stop()
+            case["servers"][name] = samples
+            _print_line(scenario, label, name, samples)
+        results["cases"].append(case)
+    return results
+
+
+def summary(samples: list[dict[str, Any]], key: str) -> tuple[float, float, float] | None:
+    values = [s[key] for s in samples if key in s]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def _print_line(scenario: str, label: str, name: str, samples: list[dict[str, Any]]) -> None:
+    key = HEADLINE[scenario]
+    stats = summary(samples, key)
+    errors = [s["error"] for s in samples if "error" in s]
+    if stats is None:
+        print(f"{label:28} {name:11} failed: {errors[0] if errors else '?'}", flush=True)
+        return
+    median, low, high = stats
+    extra = ""
+    for field in ("delivered_share", "healthy_delivered_share", "cpu_ms_per_1000", "p50_ms",
+                  "p999_ms", "stalled_closed", "peak_rss_kib"):
+        values = [s[field] for s in samples if field in s]
+        if values:
+            extra += f" {field}={statistics.median(values):,.3g}"
+    print(f"{label:28} {name:11} {key}={median:,.1f} ({low:,.1f}–{high:,.1f}){extra}"
+          + (f" [{len(errors)} failed]" if errors else ""), flush=True)
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or
+            platform.machine()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=[*HEADLINE, "all"])
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"comma-separated, from {', '.join(SERVERS)}")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--quick", action="store_true", help="the smallest case of each")
+    parser.add_argument("--json", help="write the raw results here (all: a directory)")
+    args = parser.parse_args()
+    servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    scenarios = list(HEADLINE) if args.scenario == "all" else [args.scenario]
+    for scenario in scenarios:
+        print(f"== {scenario}", flush=True)
+        results = run(scenario, servers, args.runs, args.quick, args.procs)
+        if args.json:
+            path = (os.path.join(args.json, f"{scenario}.json") if args.scenario == "all"
+                    else args.json)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as handle:
+                json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import socket
 import ssl
 from typing import Any
 
@@ -43,6 +44,10 @@ _CONNECT_TIMEOUT = 5
 #: objects; a higher threshold keeps that cost away from the hot path.
 _GC_THRESHOLD = 50_000
 
+#: Pending connections the kernel may hold per listening socket; connection storms after a
+#: restart (every client reconnecting at once) should queue, not be refused.
+_LISTEN_BACKLOG = 4096
+
 #: PGWS_HOST values with a special meaning (Warp's HostPreference); None binds every address.
 _HOSTS: dict[str, str | None] = {"*4": "0.0.0.0", "!4": "0.0.0.0", "*": None, "*6": None,
                                  "!6": "::"}
@@ -59,11 +64,38 @@ def connect_options(db_uri: str) -> dict[str, Any]:
     return options
 
 
-async def open_listeners(config: Config) -> list[trio.abc.Listener[Any]]:
+async def _reuse_port_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    # trio.open_tcp_listeners cannot set SO_REUSEPORT; this binds the same addresses it would,
+    # with that option, so that every worker process accepts on the one port.
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                          flags=socket.AI_PASSIVE)
+    listeners = []
+    for family, kind, proto, _, address in dict.fromkeys(
+            (info[0], info[1], info[2], "", info[4]) for info in infos):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(_LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            for listener in listeners:
+                listener.socket.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+async def open_listeners(config: Config, reuse_port: bool = False
+                         ) -> list[trio.abc.Listener[Any]]:
     """Bind the port (TLS-wrapped when configured). Raises OSError if it cannot be bound."""
     host = _HOSTS.get(config.host, config.host)
     listeners: list[trio.abc.Listener[Any]] = list(
-        await trio.open_tcp_listeners(config.port, host=host)
+        await _reuse_port_listeners(host, config.port) if reuse_port
+        else await trio.open_tcp_listeners(config.port, host=host, backlog=_LISTEN_BACKLOG)
     )
     if config.tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -93,8 +125,11 @@ async def _ping(hub: Hub, interval: float) -> None:
         hub.ping_all()
 
 
-async def run(config: Config) -> int:
-    """Run the relay until a signal (exit status 0) or until the listener gives up (1)."""
+async def run(config: Config, reuse_port: bool = False) -> int:
+    """Run the relay until a signal (exit status 0) or until the listener gives up (1).
+
+    ``reuse_port``: bind with SO_REUSEPORT, as one of several worker processes.
+    """
     keys = auth.load_keys(config.jwt_secret)
     options = connect_options(config.db_uri)
     hub = Hub(config.listen_channel)
@@ -103,7 +138,7 @@ async def run(config: Config) -> int:
     listener = Listener(config.db_uri, options, config.listen_channel, hub.publish, notifier,
                         config.heartbeat_interval, config.retries)
     try:
-        listeners = await open_listeners(config)
+        listeners = await open_listeners(config, reuse_port)
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         return 1

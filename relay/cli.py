@@ -1,7 +1,8 @@
 """The ``pgws-relay`` command: flags and environment → Config → run; exit statuses.
 
 Exit status: 0 after SIGTERM/SIGINT, 1 when the listener gave up or the port cannot be bound,
-2 for a configuration error (one line on stderr naming the variable).
+2 for a configuration error (one line on stderr naming the variable). With several workers the
+supervisor's status is that of the first worker that ended on its own (see relay/workers.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import trio
 
-from relay import __version__, app
+from relay import __version__, app, workers
 from relay.config import SETTINGS, ConfigError, load
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,8 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgws-relay: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, format=_LOG_FORMAT, stream=sys.stderr)
+    if config.workers > 1:
+        return workers.supervise(env, config.workers)
+    log_format = _LOG_FORMAT
+    if workers.is_worker():
+        log_format = f"%(asctime)s [worker {os.environ[workers.WORKER_ENV]}] %(levelname)s " \
+                     "%(name)s: %(message)s"
+    logging.basicConfig(level=config.log_level, format=log_format, stream=sys.stderr)
     try:
-        return trio.run(app.run, config)
+        return trio.run(app.run, config, workers.is_worker())
     except KeyboardInterrupt:
         return 0

@@ -78,6 +78,7 @@ class Config:
     allowed_origins: tuple[str, ...]
     shutdown_timeout: float
     log_level: str
+    workers: int
 
     @property
     def tls(self) -> bool:
@@ -223,6 +224,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",
             "seconds to close every client (1001) on SIGTERM/SIGINT before exiting"),
     Setting("PGWS_LOG_LEVEL", "log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("PGWS_WORKERS", "workers", _int_at_least(1, 256), "1",
+            "worker processes sharing the port (SO_REUSEPORT), each with its own LISTEN"),
 )
 
 
@@ -275,6 +278,9 @@ def load(env: Mapping[str, str]) -> Config:
     if (values["certificate_file"] is None) != (values["key_file"] is None):
         raise ConfigError("PGWS_CERTIFICATE_FILE",
                           "PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE must be set together")
+
+    if values["workers"] > 1 and values["port"] == 0:
+        raise ConfigError("PGWS_WORKERS", "several workers need a fixed PGWS_PORT, not 0")
 
     interval_ms = values.pop("check_listener_interval")
     if interval_ms is None:

@@ -7,8 +7,10 @@ must misbehave.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -541,3 +543,49 @@ def test_heartbeat_detects_a_listener_backend_that_stopped_answering(start_relay
             assert client.recv(timeout=10) == '{"channel":"c","after":"recovery"}'
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_workers_share_the_port_and_each_delivers(start_relay) -> None:
+    port = _free_port()
+    relay = start_relay(wait=False, PGWS_WORKERS="2", PGWS_PORT=str(port))
+    relay.port = port
+    first, _ = relay.wait_for_line_at(r"\[worker \d\] .*listening on channel")
+    relay.wait_for_line(r"\[worker \d\] .*listening on channel", start=first + 1)
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(ws(relay, f"/c/{token({'mode': 'r'})}"))
+                   for _ in range(16)]
+        notify(listen, '{"channel":"c","n":1}')
+        assert [client.recv(timeout=10) for client in clients] == ['{"channel":"c","n":1}'] * 16
+        relay.signal(signal.SIGTERM)
+        for client in clients:
+            with pytest.raises(ConnectionClosed):
+                client.recv(timeout=10)
+    assert relay.wait_exit(15) == 0
+    assert {m.group(1) for m in (re.search(r"\[worker (\d)\]", line) for line in relay.lines)
+            if m} == {"0", "1"}
+
+
+def test_workers_need_a_fixed_port() -> None:
+    import subprocess
+
+    from tests.conftest import RELAY, relay_env
+
+    result = subprocess.run([RELAY], env=relay_env(PGWS_WORKERS="2"), capture_output=True,
+                            text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "pgws-relay: PGWS_WORKERS: several workers need a fixed PGWS_PORT, not 0")
+
+
+def test_a_failing_worker_stops_the_service_with_status_1(start_relay) -> None:
+    dead = _free_port()
+    relay = start_relay(wait=False, PGWS_WORKERS="2", PGWS_PORT=str(_free_port()),
+                        PGWS_RETRIES="1",
+                        PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead}/postgres")
+    assert relay.wait_exit(30) == 1

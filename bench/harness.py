@@ -98,6 +98,8 @@ class Server:
         self.name = name
         self.port = port
         extra = extra_env or {}
+        #: How many "ready" lines to wait for: one per worker process.
+        self._expected_ready = int(extra.get("PGWS_WORKERS", "1"))
         if name == "relay":
             command, env = _relay_command(port, extra)
             ready = "listening on channel"
@@ -122,6 +124,7 @@ class Server:
                                      stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
+        self._ready_seen = 0
         threading.Thread(target=self._read, args=(ready,), daemon=True).start()
         if not self._ready.wait(30):
             self.stop()
@@ -132,19 +135,45 @@ class Server:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
             if ready in line:
-                self._ready.set()
+                self._ready_seen += 1
+                if self._ready_seen >= self._expected_ready:
+                    self._ready.set()
+
+    def _pids(self) -> list[int]:
+        """The server's process and its children (worker processes)."""
+        pids = [self.proc.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        if int(handle.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            pids.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    continue
+        return pids
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self._pids():
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def memory_kib(self, field: str = "VmRSS") -> int:
-        with open(f"/proc/{self.proc.pid}/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        return 0
+        total = 0
+        for pid in self._pids():
+            try:
+                with open(f"/proc/{pid}/status") as handle:
+                    for line in handle:
+                        if line.startswith(field + ":"):
+                            total += int(line.split()[1])
+            except OSError:
+                continue
+        return total
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
@@ -254,7 +283,7 @@ def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
                 open_readers -= 1
     received = sum(entry[0] for entry in state.values())
     closed = sum(1 for entry in state.values() if entry[3])
-    stalled_closed = sum(1 for sock, role, _ in socks if role == "stall" and _was_closed(sock))
+    stalled_closed = _closed_count([sock for sock, role, _ in socks if role == "stall"])
     results.put({"received": received, "last": last, "latencies": latencies,
                  "closed": closed, "stalled_closed": stalled_closed,
                  "per_connection": [entry[0] for entry in state.values()]})
@@ -262,16 +291,47 @@ def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
         sock.close()
 
 
-def _was_closed(sock: socket.socket) -> bool:
-    """Drain a stalled socket: did the server close it (EOF or reset)?"""
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
+def _has_close_frame(data: bytes) -> bool:
+    """Walk server frames from the start of a stream: is one of them a close frame?"""
+    offset = 0
+    while offset + 2 <= len(data):
+        if data[offset] & 0x0F == 0x8:
+            return True
+        size, header = data[offset + 1] & 0x7F, 2
+        if size == 126:
+            size, header = int.from_bytes(data[offset + 2:offset + 4], "big"), 4
+        elif size == 127:
+            size, header = int.from_bytes(data[offset + 2:offset + 10], "big"), 10
+        offset += header + size
+    return False
+
+
+def _closed_count(socks: list[socket.socket], wait: float = 8.0) -> int:
+    """Read stalled sockets at last: how many did the server close (close frame, EOF, reset)?
+
+    Waits up to ``wait`` seconds: a server sends what it still had in flight first.
+    """
+    received = {sock: bytearray() for sock in socks}
+    closed: set[socket.socket] = set()
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        selector.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + wait
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.2):
+            sock = key.fileobj
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if chunk:
+                received[sock] += chunk
+            if not chunk or _has_close_frame(received[sock]):
+                closed.add(sock)
+                selector.unregister(sock)
+    return len(closed)
 
 
 class Clients:

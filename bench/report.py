@@ -36,6 +36,8 @@ METRICS = {
              ("healthy_delivered_share", "healthy delivered", True),
              ("stalled_closed", "stalled clients closed", True),
              ("peak_rss_kib", "peak RSS KiB", False)],
+    "workers": [("deliveries_per_s", "deliveries/s", True), ("cpu_ms_per_1000",
+                                                            "CPU ms / 1,000 deliveries", False)],
 }
 COMMANDS = {
     "burst": "python bench/run.py burst --runs 3 --json bench/results/burst.json",
@@ -43,6 +45,8 @@ COMMANDS = {
     "channels": "python bench/run.py channels --runs 3 --json bench/results/channels.json",
     "idle": "python bench/run.py idle --runs 3 --json bench/results/idle.json",
     "slow": "python bench/run.py slow --runs 3 --json bench/results/slow.json",
+    "workers": "python bench/run.py workers --servers relay --runs 3 "
+               "--json bench/results/workers.json",
 }
 
 
@@ -226,7 +230,26 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += [f"## {scenario}", "", f"`{COMMANDS[scenario]}` (run {result['started']}, "
                   f"{result['runs']} runs per server)", ""]
         lines += _table(result)
+        if scenario == "workers":
+            lines += _scaling(result)
     return "\n".join(lines) + "\n"
+
+
+def _scaling(result: dict[str, Any]) -> list[str]:
+    """Deliveries/s with W workers over W times the rate with one, per client count."""
+    rates: dict[tuple[int, int], float] = {}
+    for case in result["cases"]:
+        values = _values(case["servers"].get("relay", []), "deliveries_per_s")
+        if values:
+            rates[(case["params"]["clients"], case["params"]["workers"])] = \
+                statistics.median(values)
+    lines = []
+    for (clients, workers), rate in sorted(rates.items()):
+        single = rates.get((clients, 1))
+        if workers > 1 and single:
+            lines.append(f"- N={clients}: {workers} workers deliver {rate / single:.2f}× one "
+                         f"worker's rate, a scaling factor of {rate / single / workers:.2f}.")
+    return [*lines, ""] if lines else []
 
 
 def main() -> None:

@@ -7,9 +7,10 @@
 Scenarios (issue 3): ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
 ``steady`` (latency from commit to receipt at a fixed rate), ``channels`` (clients spread over
 many channels; Econia's channel mix), ``idle`` (RSS per idle connection), ``slow`` (10% of
-clients stop reading). Each case runs ``--runs`` times against each server, one server at a
-time, in the same invocation; the table gives medians, the spread, and ratios of pgws-relay to
-each peer. Load clients run in separate processes; all traffic stays on loopback.
+clients stop reading), ``workers`` (pgws-relay's burst with 1 and 2 worker processes).
+Each case runs ``--runs`` times against each server, one server at a time, in the same
+invocation; the table gives medians, the spread, and ratios of pgws-relay to each peer.
+Load clients run in separate processes; all traffic stays on loopback.
 """
 
 from __future__ import annotations
@@ -193,31 +194,44 @@ def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, 
         n = 200 if quick else 10000
         return [(f"{n} idle", {"clients": n, "procs": procs}, idle)]
     if scenario == "slow":
-        # Enough data per client (10,000 x 340 B = 3.4 MB) to overflow a stalled client's
+        # Enough data per client (6,000 x 340 B = 2 MB) to overflow a stalled client's
         # socket buffers and its 1 MiB queue.
-        n, m = (100, 200) if quick else (1000, 10000)
+        n, m = (100, 200) if quick else (1000, 6000)
         return [(f"{n} clients, {share:.0%} stalled",
                  {"clients": n, "messages": m, "batch": 100, "stalled_share": share,
                   "procs": procs}, slow) for share in (0.0, 0.1)]
+    if scenario == "workers":
+        cases = [(100, 2000, 1)] if quick else [(1000, 4000, 1), (1000, 4000, 2),
+                                               (10000, 500, 1), (10000, 500, 2)]
+        return [(f"N={n} W={w}", {"clients": n, "messages": m, "batch": 100, "procs": procs,
+                                  "workers": w}, burst) for n, m, w in cases]
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 
 HEADLINE = {"burst": "deliveries_per_s", "steady": "p99_ms", "channels": "deliveries_per_s",
-            "idle": "kib_per_connection", "slow": "healthy_deliveries_per_s"}
+            "idle": "kib_per_connection", "slow": "healthy_deliveries_per_s",
+            "workers": "deliveries_per_s"}
 
 
-def run(scenario: str, servers: list[str], runs: int, quick: bool, procs: int
-        ) -> dict[str, Any]:
+def run(scenario: str, servers: list[str], runs: int, quick: bool, procs: int,
+        only: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"scenario": scenario, "servers": servers, "runs": runs,
                                "machine": _machine(), "started": time.strftime("%F %T"),
                                "cases": []}
     for label, params, function in _cases(scenario, quick, procs):
+        if only and only not in label:
+            continue
         case: dict[str, Any] = {"case": label, "params": {k: v for k, v in params.items()
                                                           if k != "spread"}, "servers": {}}
+        workers = params.pop("workers", 1)
+        case["params"]["workers"] = workers
         for name in servers:
+            if workers > 1 and name != "relay":
+                continue  # Only pgws-relay has workers; the scenario measures its scaling.
             samples = []
             for _ in range(runs):
-                server = Server(name, free_port())
+                server = Server(name, free_port(),
+                                {"PGWS_WORKERS": str(workers)} if name == "relay" else None)
                 try:
                     samples.append(function(server, **params))
                 except Exception as exc:  # A peer that falls over is a result, not a crash.
@@ -270,12 +284,13 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--quick", action="store_true", help="the smallest case of each")
     parser.add_argument("--json", help="write the raw results here (all: a directory)")
+    parser.add_argument("--cases", help="only the cases whose label contains this text")
     args = parser.parse_args()
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     scenarios = list(HEADLINE) if args.scenario == "all" else [args.scenario]
     for scenario in scenarios:
         print(f"== {scenario}", flush=True)
-        results = run(scenario, servers, args.runs, args.quick, args.procs)
+        results = run(scenario, servers, args.runs, args.quick, args.procs, args.cases)
         if args.json:
             path = (os.path.join(args.json, f"{scenario}.json") if args.scenario == "all"
                     else args.json)

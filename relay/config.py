@@ -69,6 +69,7 @@ class Config:
     certificate_file: str | None
     key_file: str | None
     max_queue_bytes: int
+    send_buffer: int
     send_timeout: float
     close_timeout: float
     handshake_timeout: float
@@ -206,6 +207,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_KEY_FILE", "key_file", _nonempty, None, "PEM private key"),
     Setting("PGWS_MAX_QUEUE_BYTES", "max_queue_bytes", _int_at_least(1024), "1048576",
             "bytes queued for one client before it is closed as a slow consumer (1013)"),
+    Setting("PGWS_SEND_BUFFER", "send_buffer", _int_at_least(0), "262144",
+            "SO_SNDBUF per client socket in bytes, bounding kernel memory per client "
+            "(0: the kernel's autotuning, up to several MiB per client)"),
     Setting("PGWS_SEND_TIMEOUT", "send_timeout", _seconds, "10",
             "seconds a client's socket may accept nothing before it is closed (1013)"),
     Setting("PGWS_CLOSE_TIMEOUT", "close_timeout", _seconds, "5",

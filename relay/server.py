@@ -21,6 +21,7 @@ targets are not logged.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -281,6 +282,11 @@ class Server:
         while http.next_event() not in (h11.PAUSED, h11.NEED_DATA):
             pass
         trailing = http.trailing_data[0]
+        if config.send_buffer:
+            # A fixed send buffer turns off the kernel's autotuning (up to tcp_wmem's maximum,
+            # 4 MiB here): what a slow client can hold is then this plus max_queue_bytes.
+            inner = getattr(stream, "transport_stream", stream)
+            inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         await stream.send_all(ws.send(AcceptConnection()))
         connection = ws.connection
         assert connection is not None

@@ -199,6 +199,64 @@ def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str
     return "results/rss.png"
 
 
+def _median(result: dict[str, Any] | None, case: str, server: str, key: str) -> float | None:
+    if not result:
+        return None
+    for entry in result["cases"]:
+        if entry["case"] == case:
+            values = _values(entry["servers"].get(server, []), key)
+            return statistics.median(values) if values else None
+    return None
+
+
+def _goal(rows: list[str], goal: str, value: float | None, target: float, higher: bool,
+          unit: str = "") -> None:
+    if value is None:
+        rows.append(f"| {goal} | not measured | {target:g}{unit} | – |")
+        return
+    met = value >= target if higher else value <= target
+    rows.append(f"| {goal} | {_fmt(value)}{unit} | {'≥' if higher else '≤'} {target:g}{unit} | "
+                f"{'met' if met else 'missed by ' + _fmt(abs(value - target)) + unit} |")
+
+
+def goals(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 3's goals, each with its measured figure (medians) and whether it is met."""
+    rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
+    burst = results.get("burst")
+    for case in ("N=1000 B=100", "N=10000 B=100", "N=1000 B=1", "N=10000 B=1"):
+        ours = _median(burst, case, "relay", "deliveries_per_s")
+        for peer, target in (("node", 4.0), ("websockets", 3.0), ("ceiling", 0.8)):
+            theirs = _median(burst, case, peer, "deliveries_per_s")
+            ratio = ours / theirs if ours and theirs else None
+            _goal(rows, f"burst {case}: relay / {NAMES[peer]}", ratio, target, True, "×")
+    steady = results.get("steady")
+    _goal(rows, "100/s × 1,000: p50", _median(steady, "100/s x 1000", "relay", "p50_ms"), 2,
+          False, " ms")
+    _goal(rows, "100/s × 1,000: p99", _median(steady, "100/s x 1000", "relay", "p99_ms"), 10,
+          False, " ms")
+    _goal(rows, "1,000/s × 1,000: p99", _median(steady, "1000/s x 1000", "relay", "p99_ms"), 25,
+          False, " ms")
+    _goal(rows, "1,000/s × 1,000: delivered",
+          _median(steady, "1000/s x 1000", "relay", "delivered_share"), 1.0, True)
+    _goal(rows, "100/s × 10,000: p99", _median(steady, "100/s x 10000", "relay", "p99_ms"),
+          100, False, " ms")
+    _goal(rows, "idle: KiB per connection at 10,000",
+          _median(results.get("idle"), "10000 idle", "relay", "kib_per_connection"), 8, False,
+          " KiB")
+    slow = results.get("slow")
+    stalled = _median(slow, "1000 clients, 10% stalled", "relay", "healthy_deliveries_per_s")
+    clean = _median(slow, "1000 clients, 0% stalled", "relay", "healthy_deliveries_per_s")
+    _goal(rows, "slow: healthy throughput with 10% stalled / without",
+          stalled / clean if stalled and clean else None, 0.9, True, "×")
+    workers = results.get("workers")
+    for clients in (1000, 10000):
+        one = _median(workers, f"N={clients} W=1", "relay", "deliveries_per_s")
+        two = _median(workers, f"N={clients} W=2", "relay", "deliveries_per_s")
+        _goal(rows, f"workers N={clients}: W=2 / (2 × W=1)",
+              two / (2 * one) if one and two else None, 0.85, True, "×")
+    return rows
+
+
 def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
     results = {}
     for scenario in METRICS:
@@ -220,6 +278,7 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
              "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
     if preface:
         lines += [preface, ""]
+    lines += ["## Goals (issue 3)", "", *goals(results), ""]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]
@@ -228,7 +287,8 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
             lines += [f"![{os.path.basename(chart)}]({chart})", ""]
     for scenario, result in results.items():
         lines += [f"## {scenario}", "", f"`{COMMANDS[scenario]}` (run {result['started']}, "
-                  f"{result['runs']} runs per server)", ""]
+                  f"commit {result.get('commit', '7c79b3b')}, {result['runs']} runs per server)",
+                  ""]
         lines += _table(result)
         if scenario == "workers":
             lines += _scaling(result)

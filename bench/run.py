@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,9 +84,11 @@ def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -
 def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
            ) -> dict[str, Any]:
     channels = ["fill_event"]
-    # Every 10th connection samples latency: enough samples, little client-side cost.
+    # 50 connections spread over the whole population sample latency (in a process of their
+    # own, see Clients); 50 x 10 s x rate samples are plenty for a p99.9.
+    every = max(1, clients // 50)
     pool = Clients(server.port, _connections(channels, clients,
-                                             lambda i: "sample" if i % 10 == 0 else "count",
+                                             lambda i: "sample" if i % every == 0 else "count",
                                              None), PAYLOAD, procs=procs)
     producer = Producer()
     try:
@@ -191,8 +194,13 @@ def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, 
         return [(label, {"clients": n, "spread": spread, "messages": m, "batch": 100,
                          "procs": procs}, channels_case) for label, n, spread, m in cases]
     if scenario == "idle":
-        n = 200 if quick else 10000
-        return [(f"{n} idle", {"clients": n, "procs": procs}, idle)]
+        if quick:
+            return [("200 idle", {"clients": 200, "procs": procs}, idle)]
+        # 20,000 connections exceed one process's file descriptors here (limit 20,000), so
+        # that case runs pgws-relay with two workers (and only pgws-relay).
+        return [("10000 idle", {"clients": 10000, "procs": procs}, idle),
+                ("20000 idle, 2 workers", {"clients": 20000, "procs": max(procs, 2),
+                                           "workers": 2}, idle)]
     if scenario == "slow":
         # Enough data per client (6,000 x 340 B = 2 MB) to overflow a stalled client's
         # socket buffers and its 1 MiB queue.
@@ -217,6 +225,7 @@ def run(scenario: str, servers: list[str], runs: int, quick: bool, procs: int,
         only: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"scenario": scenario, "servers": servers, "runs": runs,
                                "machine": _machine(), "started": time.strftime("%F %T"),
+                               "commit": _commit(),
                                "cases": []}
     for label, params, function in _cases(scenario, quick, procs):
         if only and only not in label:
@@ -267,6 +276,15 @@ def _print_line(scenario: str, label: str, name: str, samples: list[dict[str, An
             extra += f" {field}={statistics.median(values):,.3g}"
     print(f"{label:28} {name:11} {key}={median:,.1f} ({low:,.1f}–{high:,.1f}){extra}"
           + (f" [{len(errors)} failed]" if errors else ""), flush=True)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _machine() -> dict[str, Any]:

@@ -4,11 +4,11 @@ Theory of operation
 -------------------
 Writing. Everything the server sends to a client (notification frames, pings, pongs) goes
 through :meth:`Client.offer`, and the close frame through the same queue, so bytes never
-interleave.
-The hub calls :meth:`offer` synchronously. When nothing is queued and the writer holds nothing in
-flight, ``offer`` writes straight to the socket without blocking (the fast path, off under TLS);
-whatever the kernel does not take is queued. The writer task sleeps until something is queued,
-then sends all of it as one buffer, waiting for writability as needed. The slow-consumer rule
+interleave. The hub calls :meth:`offer` synchronously. When no writer is at work, ``offer``
+writes straight to the socket without blocking (the fast path, off under TLS); whatever the
+kernel does not take is queued, and a writer task is started. It sends everything queued as one
+buffer, waiting for writability as needed, and ends when the queue is empty, so an idle
+connection has no writer task at all. The slow-consumer rule
 lives here: bytes queued plus bytes in flight may not exceed ``max_queue_bytes``, and a socket
 may not refuse every byte for ``send_timeout`` seconds; a client that breaks either is closed
 with 1013 ``slow consumer``, its queue dropped (a half-sent frame is finished first, so the close
@@ -37,10 +37,10 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from math import inf
+from typing import Any
 
 import trio
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import CloseConnection, Message, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from relay import frames
 from relay.auth import Grant
@@ -81,6 +81,7 @@ class Client:
         "_closing",
         "_deadline",
         "_fd",
+        "_frames",
         "_nursery",
         "_on_message",
         "_partial_head",
@@ -88,7 +89,6 @@ class Client:
         "_settings",
         "_stream",
         "_writing",
-        "_ws",
         "grant",
         "peer",
     )
@@ -96,14 +96,19 @@ class Client:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        ws: Connection,
         grant: Grant,
         settings: ClientSettings,
         on_message: OnMessage,
         peer: str,
+        received: bytes = b"",
     ) -> None:
         self._stream = stream
-        self._ws = ws
+        # wsproto's frame parser, without its Connection wrapper: the wrapper's only additions
+        # are an event queue (a deque, ~0.8 KiB per connection) and a close state this class
+        # keeps itself. ``received``: bytes the client sent right after its handshake.
+        self._frames = FrameProtocol(client=False, extensions=[])
+        if received:
+            self._frames.receive_bytes(received)
         self.grant = grant
         self._settings = settings
         self._on_message = on_message
@@ -154,7 +159,10 @@ class Client:
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
         self._queued += len(frame)
-        if not self._writing and self._nursery is not None:
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if not self._writing and self._backlog and self._nursery is not None:
             self._writing = True
             self._nursery.start_soon(self._writer)
 
@@ -233,11 +241,41 @@ class Client:
     # -- the read side ----------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        parts: list[str] = []
+        parts: list[Any] = []  # The frames of a message so far: str (text) or bytes (binary).
         size = 0
         keep = self.grant.can_write  # Read-only clients' messages are read and thrown away.
         limit = self._settings.max_message_size
+        decoder = self._frames
         while True:
+            # Frames first: the handshake may have carried some (trailing data).
+            try:
+                for frame in decoder.received_frames():
+                    opcode = frame.opcode
+                    if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                        if self._closing:
+                            continue
+                        payload = frame.payload
+                        size += len(payload.encode() if opcode is Opcode.TEXT else payload)
+                        if size > limit:
+                            self.close(MESSAGE_TOO_BIG, "message too big")
+                            continue
+                        if keep:
+                            parts.append(payload)
+                        if frame.message_finished:
+                            message, parts, size = parts, [], 0
+                            if keep:
+                                await self._deliver(_text(message, opcode))
+                    elif opcode is Opcode.PING:
+                        # Through offer(), so a client flooding pings whose pongs it never
+                        # reads meets the same bound as any other slow reader.
+                        self.offer(frames.pong(bytes(frame.payload)))
+                    elif opcode is Opcode.CLOSE:
+                        self._on_close(frame.payload[0])
+                        return
+            except ParseFailed as exc:
+                log.info("protocol error from %s: %s", self.peer, exc)
+                self.close(exc.code, str(exc))
+                return
             try:
                 data = await self._stream.receive_some(_RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -245,45 +283,12 @@ class Client:
             if not data:
                 self._abort()
                 return
-            self._ws.receive_data(data)
-            for event in self._ws.events():
-                if isinstance(event, Message):
-                    if self._closing:
-                        continue
-                    if isinstance(event, TextMessage):
-                        chunk = event.data
-                        size += len(chunk.encode())
-                    else:
-                        chunk = bytes(event.data).decode("utf-8", "replace")
-                        size += len(event.data)
-                    if size > limit:
-                        self.close(MESSAGE_TOO_BIG, "message too big")
-                        continue
-                    if keep:
-                        parts.append(chunk)
-                    if event.message_finished:
-                        text = "".join(parts)
-                        parts, size = [], 0
-                        if keep:
-                            await self._deliver(text)
-                elif isinstance(event, Ping):
-                    # Through offer(), so a client flooding pings it never reads the pongs of
-                    # meets the same bound as any other slow reader.
-                    self.offer(frames.pong(bytes(event.payload)))
-                elif isinstance(event, CloseConnection):
-                    self._on_close(event)
-                    return
+            decoder.receive_bytes(data)
 
-    def _on_close(self, event: CloseConnection) -> None:
+    def _on_close(self, code: int) -> None:
         if self._closing:
             return  # The client answered our close: the handshake is complete.
-        if self._ws.state is ConnectionState.OPEN:
-            # wsproto reports a protocol violation as a close it did not receive.
-            log.info("protocol error from %s: %s", self.peer, event.reason)
-            self.close(event.code, event.reason or "")
-            return
-        code = NORMAL if event.code in _UNSENDABLE_CLOSE_CODES else event.code
-        self.close(code, "")
+        self.close(NORMAL if code in _UNSENDABLE_CLOSE_CODES else code, "")
 
     async def _deliver(self, text: str) -> None:
         try:
@@ -305,9 +310,7 @@ class Client:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.cancel_scope.deadline = self._deadline
-                if self._backlog and not self._writing:
-                    self._writing = True
-                    nursery.start_soon(self._writer)
+                self._start_writer()  # For anything offered before the connection ran.
                 await self._read_until_closed()
             aborted = nursery.cancel_scope.cancel_called
         finally:
@@ -334,6 +337,13 @@ class Client:
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                 )
         await trio.aclose_forcefully(self._stream)
+
+
+def _text(parts: list[Any], opcode: Opcode) -> str:
+    """A whole client message as text; binary messages are decoded leniently, as upstream."""
+    if opcode is Opcode.TEXT:
+        return "".join(parts)
+    return b"".join(parts).decode("utf-8", "replace")
 
 
 class ClientSettings:

@@ -32,7 +32,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError
 
-from relay import auth, envelope, request, static
+from relay import __version__, auth, envelope, request, static
 from relay.client import Client, ClientSettings
 from relay.config import Config
 from relay.hub import Hub
@@ -46,7 +46,7 @@ _RECEIVE_BYTES = 16384
 #: Bytes of a plain-HTTP request body that are read and thrown away to keep the connection.
 _MAX_DISCARDED_BODY = 65536
 _FILE_CHUNK = 65536
-_SERVER_HEADER = b"pgws-relay"
+_SERVER_HEADER = f"pgws-relay/{__version__}".encode()
 
 
 class _Done(Exception):
@@ -88,7 +88,6 @@ class Server:
             max_queue_bytes=config.max_queue_bytes, send_timeout=config.send_timeout,
             close_timeout=config.close_timeout, max_message_size=config.max_message_size,
         )
-        self._server_header = _SERVER_HEADER
         self._shutting_down = False
         #: Cancel scopes of connections that are not WebSocket clients (yet).
         self._pending: set[trio.CancelScope] = set()
@@ -156,13 +155,17 @@ class Server:
                 return event
             return None  # ConnectionClosed, or PAUSED after a previous cycle.
 
+    def _response_head(self, http: h11.Connection, status: int,
+                       headers: list[tuple[bytes, bytes]]) -> bytes:
+        return http.send(h11.Response(status_code=status, reason=_reason(status),
+                                      headers=[*headers, (b"server", _SERVER_HEADER)]))
+
     async def _send(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
                     headers: list[tuple[bytes, bytes]], body: bytes = b"",
                     close: bool = False) -> None:
-        headers = [*headers, (b"server", self._server_header)]
         if close:
-            headers.append((b"connection", b"close"))
-        data = http.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+            headers = [*headers, (b"connection", b"close")]
+        data = self._response_head(http, status, headers)
         if body:
             data += http.send(h11.Data(data=body))
         data += http.send(h11.EndOfMessage())
@@ -189,9 +192,7 @@ class Server:
             reply = static.answer(self._config.root_path, req.method, req.target,
                                   request.header(req.headers, b"if-none-match"))
             headers = [*reply.headers, (b"content-length", str(reply.length).encode())]
-            data = http.send(h11.Response(status_code=reply.status, reason=_reason(reply.status),
-                                          headers=[*headers, (b"server", self._server_header)]))
-            await stream.send_all(data)
+            await stream.send_all(self._response_head(http, reply.status, headers))
             if req.method != b"HEAD":
                 if reply.file is not None:
                     await self._send_file(stream, http, reply.file, reply.length)
@@ -281,20 +282,16 @@ class Server:
         # h11 holds any bytes the client sent after the request (its first frames).
         while http.next_event() not in (h11.PAUSED, h11.NEED_DATA):
             pass
-        trailing = http.trailing_data[0]
+        received = http.trailing_data[0]
         if config.send_buffer:
             # A fixed send buffer turns off the kernel's autotuning (up to tcp_wmem's maximum,
             # 4 MiB here): what a slow client can hold is then this plus max_queue_bytes.
             inner = getattr(stream, "transport_stream", stream)
             inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         await stream.send_all(ws.send(AcceptConnection()))
-        connection = ws.connection
-        assert connection is not None
-        if trailing:
-            connection.receive_data(trailing)
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
-                 ",".join(grant.channels))
-        return Client(stream, connection, grant, self._settings, self._publisher.message, peer)
+                  ",".join(grant.channels))
+        return Client(stream, grant, self._settings, self._publisher.message, peer, received)
 
     async def _run_client(self, client: Client) -> None:
         grant = client.grant

@@ -589,3 +589,21 @@ def test_a_failing_worker_stops_the_service_with_status_1(start_relay) -> None:
                         PGWS_RETRIES="1",
                         PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead}/postgres")
     assert relay.wait_exit(30) == 1
+
+
+def test_frames_sent_with_the_handshake_are_read_at_once(relay: RelayProcess) -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    writer = FrameProtocol(client=True, extensions=[])
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    conn = WSConnection(ConnectionType.CLIENT)
+    handshake = conn.send(Request(host="localhost", target=f"/c/{RW}"))
+    # A binary message in two frames, splitting the two bytes of "é", right behind the request.
+    sock.sendall(handshake + writer.send_data(b"early \xc3", fin=False)
+                 + writer.send_data(b"\xa9", fin=True))
+    messages: list[str] = []
+    while not messages:
+        conn.receive_data(sock.recv(65536))
+        messages += [e.data for e in conn.events() if type(e).__name__ == "TextMessage"]
+    sock.close()
+    assert json.loads(messages[0])["payload"] == "early é"

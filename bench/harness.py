@@ -414,9 +414,9 @@ class Producer:
         start = time.monotonic()
         sent = 0
         while time.monotonic() - start < seconds:
-            due = start + sent * interval
-            if due > time.monotonic():
-                time.sleep(due - time.monotonic())
+            delay = start + sent * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
             self._db.execute("SELECT pg_notify(%s, %s)",
                              (LISTEN, payload(channels[sent % len(channels)], sent, size)))
             self._db.commit()

@@ -23,6 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 NAMES = {"relay": "pgws-relay", "websockets": "websockets (Python)", "node": "Node ws + pg",
          "ceiling": "Trio ceiling"}
+COLORS = {"relay": "tab:blue", "websockets": "tab:orange", "node": "tab:green",
+          "ceiling": "tab:red"}
 METRICS = {
     "burst": [("deliveries_per_s", "deliveries/s", True), ("cpu_ms_per_1000",
                                                           "CPU ms / 1,000 deliveries", False),
@@ -115,7 +117,7 @@ def _chart_burst(result: dict[str, Any]) -> str | None:
             if points:
                 xs, ys = zip(*sorted(points), strict=True)
                 axes.plot(xs, ys, marker="o", label=f"{NAMES.get(name, name)}, batch {batch}",
-                          linestyle="-" if batch > 1 else "--")
+                          linestyle="-" if batch > 1 else "--", color=COLORS.get(name))
                 plotted = True
     if not plotted:
         plt.close(figure)
@@ -143,7 +145,8 @@ def _chart_latency(result: dict[str, Any]) -> str | None:
             if not samples:
                 continue
             cdf = samples[len(samples) // 2]["latency_cdf_ms"]
-            axes.plot(cdf, [q / 100 for q in range(101)],
+            axes.plot(cdf, [q / 100 for q in range(101)], color=COLORS.get(name),
+                      linestyle=["-", "--", ":"][result["cases"].index(case) % 3],
                       label=f"{NAMES.get(name, name)}, {case['case']}")
             plotted = True
     if not plotted:
@@ -173,7 +176,8 @@ def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str
                       and _values(c["servers"].get(name, []), "peak_rss_kib")]
             if points:
                 xs, ys = zip(*sorted(points), strict=True)
-                axes.plot(xs, ys, marker="o", label=f"{NAMES.get(name, name)} (burst peak)")
+                axes.plot(xs, ys, marker="o", label=f"{NAMES.get(name, name)} (burst peak)",
+                          color=COLORS.get(name))
                 plotted = True
     if idle:
         for name in idle["servers"]:
@@ -181,7 +185,8 @@ def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str
                 values = _values(case["servers"].get(name, []), "rss_kib")
                 if values:
                     axes.scatter([case["params"]["clients"]], [statistics.median(values) / 1024],
-                                 marker="x", label=f"{NAMES.get(name, name)} (idle)")
+                                 marker="x", color=COLORS.get(name),
+                                 label=f"{NAMES.get(name, name)} (idle, {case['case']})")
                     plotted = True
     if not plotted:
         plt.close(figure)
@@ -243,6 +248,10 @@ def goals(results: dict[str, dict[str, Any]]) -> list[str]:
     _goal(rows, "idle: KiB per connection at 10,000",
           _median(results.get("idle"), "10000 idle", "relay", "kib_per_connection"), 8, False,
           " KiB")
+    held = _median(results.get("idle"), "20000 idle, 2 workers", "relay", "kib_per_connection")
+    rows.append("| 20,000 concurrent connections held | "
+                + (f"held, 2 workers, {_fmt(held)} KiB each" if held else "not measured")
+                + " | held | " + ("met" if held else "–") + " |")
     slow = results.get("slow")
     stalled = _median(slow, "1000 clients, 10% stalled", "relay", "healthy_deliveries_per_s")
     clean = _median(slow, "1000 clients, 0% stalled", "relay", "healthy_deliveries_per_s")

@@ -124,8 +124,10 @@ class Listener:
     def _connect_and_listen(self) -> psycopg.Connection[Any]:
         connection = psycopg.connect(self._db_uri, autocommit=True, **self._connect_options)
         try:
-            for channel in (self._listen_channel, self._heartbeat_channel):
-                connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            # One statement for both: notifications arriving while a statement runs would be
+            # read by psycopg into a buffer of its own, which the pump never looks at.
+            connection.execute(sql.SQL("LISTEN {}; LISTEN {}").format(
+                sql.Identifier(self._heartbeat_channel), sql.Identifier(self._listen_channel)))
         except BaseException:
             connection.close()
             raise

@@ -104,6 +104,23 @@ def _table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _finish(figure: Any, axes: Any, name: str, xlabel: str, ylabel: str, title: str,
+            log_y: bool = False) -> str:
+    """Label, save as bench/results/<name>.png, close; the path relative to bench/."""
+    axes.set_xscale("log")
+    if log_y:
+        axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=6)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(os.path.join(RESULTS, f"{name}.png"), dpi=110)
+    plt.close(figure)
+    return f"results/{name}.png"
+
+
 def _chart_burst(result: dict[str, Any]) -> str | None:
     figure, axes = plt.subplots(figsize=(7, 4))
     plotted = False
@@ -122,18 +139,8 @@ def _chart_burst(result: dict[str, Any]) -> str | None:
     if not plotted:
         plt.close(figure)
         return None
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("clients on one channel")
-    axes.set_ylabel("deliveries/s (median)")
-    axes.set_title("Burst fan-out")
-    axes.legend(fontsize=7)
-    axes.grid(True, which="both", alpha=0.3)
-    path = os.path.join(RESULTS, "burst.png")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return "results/burst.png"
+    return _finish(figure, axes, "burst", "clients on one channel", "deliveries/s (median)",
+                   "Burst fan-out", log_y=True)
 
 
 def _chart_latency(result: dict[str, Any]) -> str | None:
@@ -152,17 +159,8 @@ def _chart_latency(result: dict[str, Any]) -> str | None:
     if not plotted:
         plt.close(figure)
         return None
-    axes.set_xscale("log")
-    axes.set_xlabel("commit → receipt (ms)")
-    axes.set_ylabel("share of deliveries")
-    axes.set_title("Latency CDF at a steady rate")
-    axes.legend(fontsize=6)
-    axes.grid(True, which="both", alpha=0.3)
-    path = os.path.join(RESULTS, "latency.png")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return "results/latency.png"
+    return _finish(figure, axes, "latency", "commit → receipt (ms)", "share of deliveries",
+                   "Latency CDF at a steady rate")
 
 
 def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str | None:
@@ -191,17 +189,7 @@ def _chart_rss(burst: dict[str, Any] | None, idle: dict[str, Any] | None) -> str
     if not plotted:
         plt.close(figure)
         return None
-    axes.set_xscale("log")
-    axes.set_xlabel("clients")
-    axes.set_ylabel("RSS (MiB)")
-    axes.set_title("Memory vs clients")
-    axes.legend(fontsize=7)
-    axes.grid(True, which="both", alpha=0.3)
-    path = os.path.join(RESULTS, "rss.png")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return "results/rss.png"
+    return _finish(figure, axes, "rss", "clients", "RSS (MiB)", "Memory vs clients")
 
 
 def _median(result: dict[str, Any] | None, case: str, server: str, key: str) -> float | None:

@@ -59,10 +59,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -> dict[str, Any]:
-    channels = ["fill_event"]
-    pool = Clients(server.port, _connections(channels, clients, lambda i: "count", messages),
-                   PAYLOAD, procs=procs)
+def _burst_through(server: Server, conns: list[tuple[str, str, int | None]],
+                   channels: list[str], messages: int, batch: int, procs: int
+                   ) -> dict[str, Any]:
+    """Send ``messages`` in transactions of ``batch`` to these connections; what came back."""
+    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
     producer = Producer()
     try:
         cpu = server.cpu_seconds()
@@ -75,10 +76,19 @@ def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -
         producer.close()
         pool.close()
     received = sum(o["received"] for o in outcomes)
-    seconds = max(o["last"] for o in outcomes) - start
-    return {"deliveries_per_s": received / seconds, "delivered_share": received /
-            (clients * messages), "cpu_ms_per_1000": 1e6 * cpu / max(received, 1),
-            "seconds": seconds, "peak_rss_kib": server.memory_kib("VmHWM")}
+    return {"received": received, "seconds": max(o["last"] for o in outcomes) - start,
+            "cpu_ms_per_1000": 1e6 * cpu / max(received, 1),
+            "stalled_closed": sum(o["stalled_closed"] for o in outcomes)}
+
+
+def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -> dict[str, Any]:
+    channels = ["fill_event"]
+    conns = _connections(channels, clients, lambda i: "count", messages)
+    run = _burst_through(server, conns, channels, messages, batch, procs)
+    return {"deliveries_per_s": run["received"] / run["seconds"],
+            "delivered_share": run["received"] / (clients * messages),
+            "cpu_ms_per_1000": run["cpu_ms_per_1000"], "seconds": run["seconds"],
+            "peak_rss_kib": server.memory_kib("VmHWM")}
 
 
 def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
@@ -113,22 +123,10 @@ def channels_case(server: Server, clients: int, spread: list[str], messages: int
                   procs: int) -> dict[str, Any]:
     conns = _connections(spread, clients, lambda i: "count", messages)
     expected = sum(count or 0 for _, _, count in conns)
-    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
-    producer = Producer()
-    try:
-        cpu = server.cpu_seconds()
-        pool.start()
-        start = time.time()
-        producer.burst(spread, messages, batch, PAYLOAD)
-        outcomes = pool.results()
-        cpu = server.cpu_seconds() - cpu
-    finally:
-        producer.close()
-        pool.close()
-    received = sum(o["received"] for o in outcomes)
-    seconds = max(o["last"] for o in outcomes) - start
-    return {"deliveries_per_s": received / seconds, "delivered_share": received / expected,
-            "cpu_ms_per_1000": 1e6 * cpu / max(received, 1)}
+    run = _burst_through(server, conns, spread, messages, batch, procs)
+    return {"deliveries_per_s": run["received"] / run["seconds"],
+            "delivered_share": run["received"] / expected,
+            "cpu_ms_per_1000": run["cpu_ms_per_1000"]}
 
 
 def idle(server: Server, clients: int, procs: int) -> dict[str, Any]:
@@ -154,22 +152,11 @@ def slow(server: Server, clients: int, messages: int, batch: int, stalled_share:
     channels = ["fill_event"]
     conns = _connections(channels, clients, roles, messages)
     healthy = sum(1 for _, role, _ in conns if role != "stall")
-    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
-    producer = Producer()
-    try:
-        pool.start()
-        start = time.time()
-        producer.burst(channels, messages, batch, PAYLOAD)
-        outcomes = pool.results()
-    finally:
-        producer.close()
-        pool.close()
-    received = sum(o["received"] for o in outcomes)
-    seconds = max(o["last"] for o in outcomes) - start
-    return {"healthy_deliveries_per_s": received / seconds,
-            "healthy_delivered_share": received / (healthy * messages),
-            "stalled_closed": sum(o["stalled_closed"] for o in outcomes),
-            "stalled": clients - healthy, "peak_rss_kib": server.memory_kib("VmHWM")}
+    run = _burst_through(server, conns, channels, messages, batch, procs)
+    return {"healthy_deliveries_per_s": run["received"] / run["seconds"],
+            "healthy_delivered_share": run["received"] / (healthy * messages),
+            "stalled_closed": run["stalled_closed"], "stalled": clients - healthy,
+            "peak_rss_kib": server.memory_kib("VmHWM")}
 
 
 def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, Any],

@@ -47,6 +47,9 @@ from relay.auth import Grant
 
 log = logging.getLogger(__name__)
 
+#: A stand-in for a cancel scope when there is no deadline; stateless, so shared.
+_NO_DEADLINE = contextlib.nullcontext()
+
 #: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
 _RECEIVE_BYTES = 16384
 
@@ -80,6 +83,7 @@ class Client:
         "_backlog",
         "_closing",
         "_deadline",
+        "_expiry",
         "_fd",
         "_frames",
         "_nursery",
@@ -127,6 +131,8 @@ class Client:
         # The deadline and cancellation of the whole connection; held here until run() opens
         # the connection's nursery, whose cancel scope then carries them.
         self._deadline = inf
+        #: When the token's ``exp`` closes the connection (Trio clock); inf: never, or done.
+        self._expiry = inf
 
     # -- the write side ---------------------------------------------------------------------
 
@@ -276,10 +282,29 @@ class Client:
                 log.info("protocol error from %s: %s", self.peer, exc)
                 self.close(exc.code, str(exc))
                 return
-            try:
-                data = await self._stream.receive_some(_RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            # The wait below is the only place an idle connection sits, so it is kept lean:
+            # no cancel scope unless the token expires, and on a plain socket a bare
+            # wait_readable + os.read rather than the stream's layers (~1 KiB per connection).
+            with trio.move_on_at(self._expiry) if self._expiry < inf else _NO_DEADLINE:
+                if self._fd < 0:
+                    try:
+                        data = await self._stream.receive_some(_RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                else:
+                    try:
+                        data = os.read(self._fd, _RECEIVE_BYTES)
+                    except BlockingIOError:
+                        data = None  # Wait outside the handler: it would keep the exception.
+                    except OSError:
+                        data = b""
+                    if data is None:
+                        await trio.lowlevel.wait_readable(self._fd)
+                        continue
+            if self._expiry <= trio.current_time():
+                self._expiry = inf
+                self.close(JWT_EXPIRED, "JWT expired")
+                continue
             if not data:
                 self._abort()
                 return
@@ -311,22 +336,14 @@ class Client:
                 self._nursery = nursery
                 nursery.cancel_scope.deadline = self._deadline
                 self._start_writer()  # For anything offered before the connection ran.
-                await self._read_until_closed()
+                expires_at = self.grant.expires_at
+                if expires_at is not None:
+                    self._expiry = trio.current_time() + (expires_at - time.time())
+                await self._reader()
             aborted = nursery.cancel_scope.cancel_called
         finally:
             self._nursery = None
             await self._finish(aborted)
-
-    async def _read_until_closed(self) -> None:
-        expires_at = self.grant.expires_at
-        if expires_at is not None:
-            deadline = trio.current_time() + (expires_at - time.time())
-            with trio.move_on_at(deadline) as expiry:
-                await self._reader()
-            if not expiry.cancelled_caught:
-                return
-            self.close(JWT_EXPIRED, "JWT expired")
-        await self._reader()
 
     async def _finish(self, aborted: bool) -> None:
         if aborted and self._fd >= 0:

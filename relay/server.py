@@ -103,8 +103,20 @@ class Server:
         peer = _peer(stream)
         try:
             client = await self._accept(stream, peer)
-            if client is not None:
-                await self._run_client(client)
+            if client is None:
+                return
+            # Inline rather than a helper: this frame lives as long as the connection.
+            grant = client.grant
+            channels = grant.channels if grant.can_read else ()
+            self._hub.add(client, channels)
+            self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
+            try:
+                await client.run()
+            finally:
+                self._hub.remove(client, channels)
+                log.debug("client %s disconnected", peer)
+                self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE,
+                                            grant)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
             pass
         except Exception:
@@ -292,15 +304,3 @@ class Server:
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
                   ",".join(grant.channels))
         return Client(stream, grant, self._settings, self._publisher.message, peer, received)
-
-    async def _run_client(self, client: Client) -> None:
-        grant = client.grant
-        channels = grant.channels if grant.can_read else ()
-        self._hub.add(client, channels)
-        self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
-        try:
-            await client.run()
-        finally:
-            self._hub.remove(client, channels)
-            log.debug("client %s disconnected", client.peer)
-            self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE, grant)

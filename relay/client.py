@@ -14,10 +14,12 @@ may not refuse every byte for ``send_timeout`` seconds; a client that breaks eit
 with 1013 ``slow consumer``, its queue dropped (a half-sent frame is finished first, so the close
 frame stays well-formed).
 
-Reading. The reader feeds wsproto and acts on its events: pongs for pings, a close reply for a
-close, client messages assembled under ``max_message_size`` and handed to ``on_message`` for
-``w``/``rw`` clients (awaited, so a client's writes are back-pressured by the database);
-read-only clients' messages are discarded. The ``exp`` claim is a deadline on the reader.
+Reading. The reader (the connection's own task, and its only one while idle) feeds wsproto's
+frame parser and acts on the frames: pongs for pings, a close reply for a close, a 1002/1007
+close for a protocol violation, client messages assembled under ``max_message_size`` and handed
+to ``on_message`` for ``w``/``rw`` clients (awaited, so a client's writes are back-pressured by
+the database); read-only clients' messages are discarded. The ``exp`` claim is a deadline on
+the reader's wait, after which it sends close 3001 and keeps reading for the reply.
 
 Closing. :meth:`close` queues a close frame behind what is queued and gives the whole
 connection ``close_timeout`` seconds to finish: the writer sends the close frame, the reader

@@ -607,3 +607,20 @@ def test_frames_sent_with_the_handshake_are_read_at_once(relay: RelayProcess) ->
         messages += [e.data for e in conn.events() if type(e).__name__ == "TextMessage"]
     sock.close()
     assert json.loads(messages[0])["payload"] == "early é"
+
+
+def test_writes_survive_the_notify_pool_losing_its_connections(start_relay) -> None:
+    app = "pgws-relay-pool-test"
+    relay = start_relay(PGWS_DB_URI=f"{DB_URI}?application_name={app}")
+    with ws(relay, f"/chat/{RW}") as client:
+        client.send("before")
+        assert json.loads(client.recv(timeout=10))["payload"] == "before"
+        with psycopg.connect(DB_URI, autocommit=True) as db:
+            killed = db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND query ILIKE 'SELECT pg_notify%%'", (app,)
+            ).fetchall()
+        assert killed
+        # The pooled connection is broken now; the write is retried once on a fresh one.
+        client.send("after")
+        assert json.loads(client.recv(timeout=10))["payload"] == "after"

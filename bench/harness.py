@@ -225,6 +225,16 @@ def _handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket
     return sock
 
 
+def _recv(sock: socket.socket) -> bytes | None:
+    """What a ready socket has: bytes, b"" when the server closed or reset it, None if nothing."""
+    try:
+        return sock.recv(1 << 20)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def _timestamps(buffer: bytearray, size: int, frames: int) -> list[float]:
     frame_len = frame_length(size)
     start = frame_len - size + len(_TS_PREFIX)
@@ -257,12 +267,9 @@ def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
         for key, _ in selector.select(timeout=0.2):
             sock = key.fileobj
             entry = state[sock]
-            try:
-                data = sock.recv(1 << 20)
-            except BlockingIOError:
+            data = _recv(sock)
+            if data is None:
                 continue
-            except OSError:
-                data = b""
             now = time.time()
             if not data:
                 selector.unregister(sock)
@@ -320,12 +327,9 @@ def _closed_count(socks: list[socket.socket], wait: float = 8.0) -> int:
     while len(closed) < len(socks) and time.monotonic() < deadline:
         for key, _ in selector.select(timeout=0.2):
             sock = key.fileobj
-            try:
-                chunk = sock.recv(1 << 20)
-            except BlockingIOError:
+            chunk = _recv(sock)
+            if chunk is None:
                 continue
-            except OSError:
-                chunk = b""
             if chunk:
                 received[sock] += chunk
             if not chunk or _has_close_frame(received[sock]):

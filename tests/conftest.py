@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,16 +43,42 @@ def notify(channel: str, *payloads: str, db_uri: str = DB_URI) -> None:
         conn.commit()
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "") -> Any:
-    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
+class Lines:
+    """Lines a reader thread collects from a subprocess; waits wake when a line arrives."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._changed = threading.Condition()
+
+    def append(self, line: str) -> None:
+        with self._changed:
+            self.items.append(line)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """The stream ended: wake the waiters so they can see it."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float = TIMEOUT,
+                 what: str = "") -> Any:
+        """Wait until ``condition()`` is truthy, re-checked at each new line; fail after
+        ``timeout`` seconds."""
+        with self._changed:
+            value = self._changed.wait_for(condition, timeout)
+        if not value:
             raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
+        return value
+
+    def read_from(self, stream: Any) -> threading.Thread:
+        def read() -> None:
+            for line in stream:
+                self.append(line.rstrip("\n"))
+            self.close()
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return thread
 
 
 def check_postgres() -> None:
@@ -73,15 +98,10 @@ class RelayProcess:
             [RELAY, *(args or [])], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._lines = Lines()
+        self.lines = self._lines.items
+        self._reader = self._lines.read_from(self.proc.stdout)
         self.port = 0
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
 
     @property
     def log(self) -> str:
@@ -105,7 +125,7 @@ class RelayProcess:
                 raise AssertionError(f"relay exited ({self.proc.returncode}):\n{self.log}")
             return None
 
-        return wait_until(found, timeout, f"log line {pattern!r}")
+        return self._lines.wait_for(found, timeout, f"log line {pattern!r}")
 
     def wait_ready(self) -> None:
         match = self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")

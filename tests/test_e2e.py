@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
-from tests.conftest import DB_URI, RelayProcess, notify, token, wait_until
+from tests.conftest import DB_URI, RelayProcess, notify, token
 
 RW = token({"mode": "rw"})
 RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
@@ -286,7 +286,7 @@ def test_max_connections_answers_503(start_relay) -> None:
     relay = start_relay(PGWS_MAX_CONNECTIONS="1")
     with ws(relay, f"/c/{RW}"):
         assert rejection(relay, f"/c/{RW}")[0] == 503
-    wait_until(lambda: "disconnected" in relay.log, what="the first client to be gone")
+    relay.wait_for_line(r"client .* disconnected")
     with ws(relay, f"/c/{RW}"):
         pass
 

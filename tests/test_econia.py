@@ -7,7 +7,6 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import psycopg
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import DB_URI, RelayProcess, token, wait_until
+from tests.conftest import DB_URI, Lines, RelayProcess, token
 
 ECONIA_SECRET = "econia_0000000000000000000000000"
 CHANNELS = [
@@ -93,20 +92,13 @@ def test_event_py_style_client_prints_the_exact_text(econia_relay: RelayProcess)
            "WS_CHANNEL": "fill_event", "JWT_SECRET": ECONIA_SECRET}
     client = subprocess.Popen([sys.executable, str(EVENT_CLIENT)], env=env, text=True,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    lines: list[str] = []
-
-    def read() -> None:
-        assert client.stdout is not None
-        for line in client.stdout:
-            lines.append(line.rstrip("\n"))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    output = Lines()
+    output.read_from(client.stdout)
     try:
-        wait_until(lambda: "Opened connection" in lines, what="event client to connect")
+        output.wait_for(lambda: "Opened connection" in output.items, what="the client to connect")
         run_sql(econia_relay.db_uri, FILL_SQL)  # type: ignore[attr-defined]
-        wait_until(lambda: len(lines) >= 2, what="the fill event")
-        assert lines[1] == FILL_TEXT
+        output.wait_for(lambda: len(output.items) >= 2, what="the fill event")
+        assert output.items[1] == FILL_TEXT
     finally:
         client.kill()
         client.wait(10)

@@ -47,19 +47,37 @@ async def test_relays_messages_sent_to_the_database_channel() -> None:
     await notifier.aclose()
 
 
+class CountingNotifier(Notifier):
+    """The real notifier, telling the test when it has sent enough NOTIFYs."""
+
+    def __init__(self, enough: int) -> None:
+        super().__init__(DB_URI, 2, connect_options(DB_URI))
+        self.sent = 0
+        self.enough = enough
+        self.done = trio.Event()
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await super().notify(channel, payload)
+        self.sent += 1
+        if self.sent >= self.enough:
+            self.done.set()
+
+
 async def test_heartbeats_keep_a_healthy_listener_connected() -> None:
     listen = unique_channel()
     hub = Hub(listen)
-    notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
+    # 30 heartbeats at 0.05 s outlast the 1 s heartbeat timeout: one that did not come back
+    # would have been declared a lost connection.
+    notifier = CountingNotifier(enough=30)
     listener = _listener(listen, hub, notifier, heartbeat_interval=0.05)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(listener.run)
             await listener.ready.wait()
-            while listener._heartbeat_seen < 10:
-                await trio.sleep(0.05)
+            await notifier.done.wait()
             nursery.cancel_scope.cancel()
     assert listener.gaps == 0
+    assert listener._heartbeat_seen >= 20
     await notifier.aclose()
 
 

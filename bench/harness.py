@@ -18,6 +18,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import platform
 import re
 import selectors
 import socket
@@ -429,6 +430,23 @@ class Producer:
 
     def close(self) -> None:
         self._db.close()
+
+
+def commit() -> str:
+    """The checked-out commit, so that every result names the code it measured."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the results were measured on."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or
+            platform.machine()}
 
 
 def dumps(result: Any) -> str:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import SERVERS, Clients, Producer, Server, free_port, token
+from bench.harness import SERVERS, Clients, Producer, Server, commit, free_port, machine, token
 
 #: Bytes per payload: an Econia fill_event envelope, padded to one size for every channel.
 PAYLOAD = 340
@@ -154,6 +152,9 @@ def slow(server: Server, clients: int, messages: int, batch: int, stalled_share:
     healthy = sum(1 for _, role, _ in conns if role != "stall")
     run = _burst_through(server, conns, channels, messages, batch, procs)
     return {"healthy_deliveries_per_s": run["received"] / run["seconds"],
+            # The issue's measure: each healthy client's throughput, so that the same clients
+            # are compared with and without stalls (the total also drops by the 10% stalled).
+            "per_healthy_client_per_s": run["received"] / run["seconds"] / healthy,
             "healthy_delivered_share": run["received"] / (healthy * messages),
             "stalled_closed": run["stalled_closed"], "stalled": clients - healthy,
             "peak_rss_kib": server.memory_kib("VmHWM")}
@@ -211,8 +212,8 @@ HEADLINE = {"burst": "deliveries_per_s", "steady": "p99_ms", "channels": "delive
 def run(scenario: str, servers: list[str], runs: int, quick: bool, procs: int,
         only: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"scenario": scenario, "servers": servers, "runs": runs,
-                               "machine": _machine(), "started": time.strftime("%F %T"),
-                               "commit": _commit(),
+                               "machine": machine(), "started": time.strftime("%F %T"),
+                               "commit": commit(),
                                "cases": []}
     for label, params, function in _cases(scenario, quick, procs):
         if only and only not in label:
@@ -263,21 +264,6 @@ def _print_line(scenario: str, label: str, name: str, samples: list[dict[str, An
             extra += f" {field}={statistics.median(values):,.3g}"
     print(f"{label:28} {name:11} {key}={median:,.1f} ({low:,.1f}–{high:,.1f}){extra}"
           + (f" [{len(errors)} failed]" if errors else ""), flush=True)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or
-            platform.machine()}
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ reached, as upstream), then runs, each in the root nursery: the signal watcher, 
 the pinger and the accept loop, whose connection handlers live in a nursery of their own.
 A stop (SIGTERM/SIGINT, or the listener giving up) closes the accept loop, sends close 1001
 to every client and gives them ``shutdown_timeout`` seconds to finish before everything is
-cancelled. The exit status is 0 after a signal and 1 when the listener gave up.
+cancelled. The exit status is 0 after a signal and 1 when the listener gave up. SIGUSR1 logs
+one ``stats:`` line (clients, tasks, open file descriptors, counters; :mod:`relay.stats`).
 
 No business logic lives here: only who starts, who stops, and in which order.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -24,7 +26,7 @@ from typing import Any
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from relay import __version__, auth
+from relay import __version__, auth, envelope, stats
 from relay.client import GOING_AWAY
 from relay.config import Config
 from relay.hub import Hub
@@ -112,9 +114,35 @@ def _bound(listener: trio.abc.Listener[Any]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _watch_signals(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+def _task_count() -> int:
+    """Tasks alive in this Trio run: with the connection count, a leak shows at once."""
+    count, nurseries = 0, list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += 1
+            nurseries.extend(task.child_nurseries)
+    return count
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1  # Not Linux: unknown.
+
+
+def _stats(hub: Hub, listener: Listener) -> str:
+    return stats.line(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
+                      notifications=listener.received, gaps=listener.gaps,
+                      frames_offered=hub.offered)
+
+
+async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                log.info("%s", _stats(hub, listener))
+                continue
             log.info("received %s, shutting down", signal.Signals(signum).name)
             stop.set()
 
@@ -135,8 +163,15 @@ async def run(config: Config, reuse_port: bool = False) -> int:
     hub = Hub(config.listen_channel)
     notifier = Notifier(config.db_uri, config.pool_size, options)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
+    meta = config.meta_channel
+
+    def on_gap(since: float, until: float) -> None:
+        # Only this process's clients missed notifications: tell them directly, not by NOTIFY.
+        if meta is not None:
+            hub.publish([envelope.listener_reconnected(meta, since, until)])
+
     listener = Listener(config.db_uri, options, config.listen_channel, hub.publish, notifier,
-                        config.heartbeat_interval, config.retries)
+                        config.heartbeat_interval, config.retries, on_gap)
     try:
         listeners = await open_listeners(config, reuse_port)
     except (OSError, ssl.SSLError) as exc:
@@ -165,7 +200,7 @@ async def run(config: Config, reuse_port: bool = False) -> int:
 
     async with trio.open_nursery() as root:
         server = Server(config, keys, hub, publisher, background=root)
-        root.start_soon(_watch_signals, stop)
+        root.start_soon(_watch_signals, stop, hub, listener)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
         async with trio.open_nursery() as connections:
@@ -185,5 +220,6 @@ async def run(config: Config, reuse_port: bool = False) -> int:
             connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
         root.cancel_scope.cancel()
     await notifier.aclose()
-    log.info("stopped")
+    log.info("stopped; %s", stats.line(notifications=listener.received, gaps=listener.gaps,
+                                       frames_offered=hub.offered))
     return exit_code

@@ -46,6 +46,8 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from relay import frames
 from relay.auth import Grant
+from relay.limits import WriteBucket
+from relay.stats import counters
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 
 NORMAL = 1000
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
@@ -97,6 +100,7 @@ class Client:
         "_writing",
         "grant",
         "peer",
+        "write_bucket",
     )
 
     def __init__(
@@ -116,6 +120,8 @@ class Client:
         if received:
             self._frames.receive_bytes(received)
         self.grant = grant
+        #: The client's write-rate allowance, when a rate limit is configured.
+        self.write_bucket: WriteBucket | None = None
         self._settings = settings
         self._on_message = on_message
         self.peer = peer
@@ -186,6 +192,7 @@ class Client:
         if self._closing:
             return  # Already closing: its deadline bounds what is left.
         log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued)
+        counters.slow_closed += 1
         # Drop what is queued, but keep the rest of a half-written frame so that the close
         # frame after it is still parsed as a frame.
         kept = 1 if self._partial_head else 0
@@ -282,6 +289,7 @@ class Client:
                         return
             except ParseFailed as exc:
                 log.info("protocol error from %s: %s", self.peer, exc)
+                counters.protocol_errors += 1
                 self.close(exc.code, str(exc))
                 return
             # The wait below is the only place an idle connection sits, so it is kept lean:

@@ -76,6 +76,8 @@ class Config:
     ping_interval: float
     max_message_size: int
     max_connections: int
+    max_connections_per_ip: int
+    max_writes_per_second: float
     allowed_origins: tuple[str, ...]
     shutdown_timeout: float
     log_level: str
@@ -143,6 +145,16 @@ def _seconds(value: str) -> float:
         raise ValueError(f"expected a number of seconds, got {value!r}") from None
     if not number > 0 or number == float("inf"):
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _rate(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a number per second, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"expected a number per second >= 0, got {value!r}")
     return number
 
 
@@ -223,6 +235,12 @@ SETTINGS: tuple[Setting, ...] = (
             "largest client message in bytes; bigger ones close the connection (1009)"),
     Setting("PGWS_MAX_CONNECTIONS", "max_connections", _int_at_least(0), "0",
             "WebSocket connections at most; more get HTTP 503 (0: no limit)"),
+    Setting("PGWS_MAX_CONNECTIONS_PER_IP", "max_connections_per_ip", _int_at_least(0), "0",
+            "open connections from one client address at most; more get HTTP 503 at once "
+            "(0: no limit)"),
+    Setting("PGWS_MAX_WRITES_PER_SECOND", "max_writes_per_second", _rate, "0",
+            "messages per second one client may write (bursts up to one second's worth, at "
+            "least 1); faster writers are closed with 1008 (0: no limit)"),
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated Origin values allowed to connect (unset: any)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",

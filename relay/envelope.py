@@ -9,7 +9,8 @@ Clients → database: a message from a ``w``/``rw`` client becomes, per allowed 
 ``{"channel", "claims" (+ "message_delivered_at"), "event": "WebsocketMessage", "payload"}``,
 compact with keys sorted at every level and non-ASCII kept as UTF-8, like upstream's aeson
 output (spec 4b). Meta events (``ConnectionOpen``/``ConnectionClose``) have the same shape
-(spec 4c).
+(spec 4c); so has ``ListenerReconnected``, whose claims hold only the time and whose payload is
+an object: ``{"since": t0, "until": t1}``, the window in which notifications were lost.
 
 Pure functions; no database calls.
 """
@@ -24,6 +25,7 @@ import orjson
 WEBSOCKET_MESSAGE = "WebsocketMessage"
 CONNECTION_OPEN = "ConnectionOpen"
 CONNECTION_CLOSE = "ConnectionClose"
+LISTENER_RECONNECTED = "ListenerReconnected"
 
 
 def route(payload: bytes, listen_channel: str) -> str:
@@ -50,7 +52,7 @@ def _dumps(document: dict[str, Any]) -> bytes:
         ).encode()
 
 
-def build(channel: str, claims: dict[str, Any], event: str, payload: str, now: float) -> bytes:
+def build(channel: str, claims: dict[str, Any], event: str, payload: Any, now: float) -> bytes:
     """One envelope as UTF-8 JSON bytes; ``now`` is Unix time in seconds."""
     return _dumps({
         "channel": channel,
@@ -58,3 +60,8 @@ def build(channel: str, claims: dict[str, Any], event: str, payload: str, now: f
         "event": event,
         "payload": payload,
     })
+
+
+def listener_reconnected(channel: str, since: float, until: float) -> bytes:
+    """The meta event for a window without LISTEN, from ``since`` to ``until`` (Unix time)."""
+    return build(channel, {}, LISTENER_RECONNECTED, {"since": since, "until": until}, until)

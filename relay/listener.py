@@ -12,11 +12,15 @@ Liveness: every ``heartbeat_interval`` seconds a heartbeat NOTIFY goes out throu
 pool; if it has not come back over this connection within the timeout, the connection is
 declared lost, even if its socket looks fine (a half-open TCP connection, a stopped server).
 
-Recovery: a lost connection is closed and a new one opened at once; failed attempts back off
-1, 2, 4 … 32 s. After ``retries`` consecutive failed attempts (at least one) the listener gives
-up with :class:`ListenerGaveUp`, and the process exits with status 1. Clients stay connected
-throughout; notifications committed while no LISTEN was in place are lost (PostgreSQL keeps
-none for absent listeners), which the log and :attr:`Listener.gaps` make visible.
+Recovery: a lost connection is closed and a new one opened at once; while the database stays
+away, attempts repeat every second, so delivery resumes within about a second of the database
+accepting connections again. How long an outage may last is upstream's: the time its
+``PGWS_RETRIES`` attempts with backoff 1, 2, 4 … 32 s would span (:func:`retry_window`; 15 s
+for the default 5). Past that the listener gives up with :class:`ListenerGaveUp`, and the
+process exits with status 1. Clients stay connected throughout. Notifications committed while
+no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
+counted in :attr:`Listener.gaps`, logged with its length when LISTEN is back, and reported to
+``on_gap`` (the meta channel's ``ListenerReconnected`` event).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from math import inf
 from typing import Any
@@ -36,9 +41,14 @@ from relay.notifier import Notifier, NotifyFailed
 
 log = logging.getLogger(__name__)
 
-#: Backoff between failed connection attempts, as upstream: 1, 2, 4, 8, 16, then 32 s.
+#: Upstream's backoff between failed connection attempts (1, 2, 4, 8, 16, then 32 s); here it
+#: only measures how long an outage may last (:func:`retry_window`).
 _BACKOFF_FIRST = 1.0
 _BACKOFF_CAP = 32.0
+
+#: Seconds between connection attempts while the database is away: short, so that a database
+#: that is back is listened to again within about a second; a refused connection costs little.
+_RETRY_SPACING = 1.0
 
 #: A heartbeat must come back within its period, but never less than this many seconds, so a
 #: busy database is not mistaken for a dead connection.
@@ -54,8 +64,13 @@ class _Lost(Exception):
 
 
 def backoff(failures: int) -> float:
-    """Seconds to wait after the given number of consecutive failures (1 → 1 s)."""
+    """Upstream's wait after the given number of consecutive failures (1 → 1 s)."""
     return min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_CAP)
+
+
+def retry_window(retries: int) -> float:
+    """Seconds an outage may last: the span of upstream's ``retries`` attempts (0 or 1: none)."""
+    return sum(backoff(failures) for failures in range(1, max(retries, 1)))
 
 
 class Listener:
@@ -70,6 +85,7 @@ class Listener:
         notifier: Notifier,
         heartbeat_interval: float,
         retries: int,
+        on_gap: Callable[[float, float], None] | None = None,
     ) -> None:
         self._db_uri = db_uri
         self._connect_options = connect_options
@@ -78,7 +94,9 @@ class Listener:
         self._notifier = notifier
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = max(heartbeat_interval, _HEARTBEAT_MIN_TIMEOUT)
-        self._attempts = max(retries, 1)
+        self._retries = retries
+        self._window = retry_window(retries)
+        self._on_gap = on_gap
         # Private to this process, so other listeners and clients never see heartbeats.
         self._heartbeat_channel = f"pgws_heartbeat_{os.getpid()}_{secrets.token_hex(4)}"
         self._heartbeat_sent = 0
@@ -86,35 +104,52 @@ class Listener:
         self._heartbeat_due: float | None = None
         # The pump's current wait, so that a newly due heartbeat can shorten it.
         self._wait: trio.CancelScope | None = None
-        #: Times the LISTEN was lost and re-established (each one a window of lost messages).
+        #: Times LISTEN was re-established after a loss, or after a failed start (each one a
+        #: window in which notifications were lost).
         self.gaps = 0
         #: Notifications received on the listen channel.
         self.received = 0
         self.ready = trio.Event()
 
     async def run(self) -> None:
-        """Listen until cancelled; raise :class:`ListenerGaveUp` when the retries run out."""
-        failures = 0
+        """Listen until cancelled; raise :class:`ListenerGaveUp` when an outage lasts too long."""
+        # When LISTEN stopped being in place (trio clock, wall clock); None while it is.
+        down: tuple[float, float] | None = None
+        attempts = 0
         while True:
+            started = trio.current_time()
             try:
                 connection = await trio.to_thread.run_sync(self._connect_and_listen,
                                                            abandon_on_cancel=True)
             except psycopg.Error as exc:
-                failures += 1
-                log.error("listener cannot connect (attempt %d of %d): %s",
-                          failures, self._attempts, _first_line(exc))
-                if failures >= self._attempts:
-                    raise ListenerGaveUp(f"{failures} consecutive connection attempts failed") \
-                        from None
-                await trio.sleep(backoff(failures))
+                attempts += 1
+                if down is None:
+                    down = (started, time.time())
+                outage = trio.current_time() - down[0]
+                log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
+                          "PGWS_RETRIES=%d allows): %s", attempts, outage, self._window,
+                          self._retries, _first_line(exc))
+                if started - down[0] + _RETRY_SPACING > self._window:
+                    raise ListenerGaveUp(f"no database connection for {outage:.0f} s "
+                                         f"({attempts} attempts)") from None
+                await trio.sleep_until(started + _RETRY_SPACING)
                 continue
-            failures = 0
-            log.info("listening on channel %r", self._listen_channel)
+            attempts = 0
+            if down is None:
+                log.info("listening on channel %r", self._listen_channel)
+            else:
+                self.gaps += 1
+                log.warning("listening on channel %r again after %.1f s without LISTEN (gap %d); "
+                            "notifications committed in between are lost",
+                            self._listen_channel, trio.current_time() - down[0], self.gaps)
+                if self._on_gap is not None:
+                    self._on_gap(down[1], time.time())
+                down = None
             self.ready.set()
             try:
                 await self._pump(connection)
             except _Lost as lost:
-                self.gaps += 1
+                down = (trio.current_time(), time.time())
                 self.ready = trio.Event()
                 log.error("listener connection lost (%s); reconnecting, clients stay connected",
                           lost)

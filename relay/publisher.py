@@ -7,7 +7,9 @@ A message from a ``w``/``rw`` client becomes one envelope per allowed channel
 listener then receives them like any notification, which is how readers (the sender too, with
 ``rw``) get the echo. Unlike upstream, nothing fails silently: an envelope at or over
 PostgreSQL's payload limit refuses the message with 1009 before anything is sent, and a failed
-NOTIFY is logged and closes the client with 1011, so it knows to retry.
+NOTIFY is logged and closes the client with 1011, so it knows to retry. With
+``PGWS_MAX_WRITES_PER_SECOND`` set, a message beyond the client's allowance is not published
+and the client is closed with 1008 ``write rate exceeded``.
 
 Meta events (``ConnectionOpen``, ``ConnectionClose``) go the same way when a meta channel is
 configured; their failures are logged and otherwise ignored (the client did nothing wrong).
@@ -20,9 +22,10 @@ import time
 
 from relay import envelope
 from relay.auth import Grant
-from relay.client import INTERNAL_ERROR, MESSAGE_TOO_BIG, Client, MessageRefused
+from relay.client import INTERNAL_ERROR, MESSAGE_TOO_BIG, POLICY_VIOLATION, Client, MessageRefused
 from relay.config import PG_NOTIFY_MAX_BYTES
 from relay.notifier import Notifier, NotifyFailed
+from relay.stats import counters
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ class Publisher:
 
     async def message(self, client: Client, text: str) -> None:
         """Publish a client's message to each of its channels (``on_message`` of a Client)."""
+        bucket = client.write_bucket
+        if bucket is not None and not bucket.take(time.monotonic()):
+            counters.rate_limited += 1
+            raise MessageRefused(POLICY_VIOLATION, "write rate exceeded")
         grant = client.grant
         now = time.time()
         # Duplicates in a `channels` claim would send the same envelope twice; once is meant.
@@ -48,6 +55,7 @@ class Publisher:
                 await self._notifier.notify(self._listen_channel, body.decode())
             except NotifyFailed as exc:
                 log.error("client write from %s failed: %s", client.peer, exc)
+                counters.writes_failed += 1
                 raise MessageRefused(INTERNAL_ERROR, "write failed") from None
 
     async def meta(self, event: str, grant: Grant) -> None:

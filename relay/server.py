@@ -7,6 +7,10 @@ within ``handshake_timeout``. A request whose ``Upgrade`` header says ``websocke
 WebSocket path; anything else gets a plain HTTP answer (:mod:`relay.static`) and the connection
 may carry further requests (keep-alive, each under the same timeout).
 
+Before any of it, with ``PGWS_MAX_CONNECTIONS_PER_IP`` set, a connection from an address that
+already holds that many gets a 503 at once, without its request being parsed (cheap, so one
+address cannot tie the relay up with connections that never finish a request).
+
 The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
 connection limit (503), the token and channel (400 with upstream's exact message as body, see
 :mod:`relay.auth`), and only then the WebSocket headers (wsproto; 400 or 426). The handshake is
@@ -36,7 +40,9 @@ from relay import __version__, auth, envelope, request, static
 from relay.client import Client, ClientSettings
 from relay.config import Config
 from relay.hub import Hub
+from relay.limits import AddressCount, WriteBucket
 from relay.publisher import Publisher
+from relay.stats import counters
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,15 @@ _RECEIVE_BYTES = 16384
 _MAX_DISCARDED_BODY = 65536
 _FILE_CHUNK = 65536
 _SERVER_HEADER = f"pgws-relay/{__version__}".encode()
+_ADDRESS_FULL_BODY = b"Too many connections from this address"
+#: Sent before the request is read, so it cannot come from h11 (which answers requests only).
+_ADDRESS_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nserver: " + _SERVER_HEADER
+                 + b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: "
+                 + str(len(_ADDRESS_FULL_BODY)).encode() + b"\r\nconnection: close\r\n\r\n"
+                 + _ADDRESS_FULL_BODY)
+#: Seconds the refused connection's request is read and dropped after the 503, so that closing
+#: a socket with unread bytes (which sends a reset) does not destroy the answer in flight.
+_ADDRESS_FULL_LINGER = 1.0
 
 
 class _Done(Exception):
@@ -89,6 +104,7 @@ class Server:
             close_timeout=config.close_timeout, max_message_size=config.max_message_size,
         )
         self._shutting_down = False
+        self._addresses = AddressCount(config.max_connections_per_ip)
         #: Cancel scopes of connections that are not WebSocket clients (yet).
         self._pending: set[trio.CancelScope] = set()
 
@@ -101,6 +117,10 @@ class Server:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
         peer = _peer(stream)
+        address = peer.rsplit(":", 1)[0]
+        if not self._addresses.enter(address):
+            await self._refuse_address(stream, peer)
+            return
         try:
             client = await self._accept(stream, peer)
             if client is None:
@@ -123,7 +143,21 @@ class Server:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
+            self._addresses.leave(address)
             await trio.aclose_forcefully(stream)
+
+    async def _refuse_address(self, stream: trio.abc.Stream, peer: str) -> None:
+        counters.rejected += 1
+        log.info("rejecting connection from %s: %d connections from that address", peer,
+                 self._config.max_connections_per_ip)
+        with trio.move_on_after(_ADDRESS_FULL_LINGER):
+            try:
+                await stream.send_all(_ADDRESS_FULL)
+                while await stream.receive_some(_RECEIVE_BYTES):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
 
     async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:
         """Everything before a WebSocket client exists; the HTTP state dies with this call."""
@@ -255,6 +289,7 @@ class Server:
     async def _reject(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
                       message: str, peer: str) -> None:
         log.info("rejecting request from %s: %d %s", peer, status, message)
+        counters.rejected += 1
         await self._send_error(stream, http, status, message)
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection, req: h11.Request,
@@ -285,6 +320,7 @@ class Server:
             hint = exc.event_hint
             status = getattr(hint, "status_code", 400)
             log.info("rejecting request from %s: %d %s", peer, status, exc)
+            counters.rejected += 1
             extra = list(getattr(hint, "headers", []) or [])
             body = str(exc).encode()
             await self._send(stream, http, status,
@@ -303,4 +339,7 @@ class Server:
         await stream.send_all(ws.send(AcceptConnection()))
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
                   ",".join(grant.channels))
-        return Client(stream, grant, self._settings, self._publisher.message, peer, received)
+        client = Client(stream, grant, self._settings, self._publisher.message, peer, received)
+        if config.max_writes_per_second and grant.can_write:
+            client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
+        return client

@@ -6,7 +6,7 @@ import trio
 
 from relay.app import connect_options
 from relay.hub import Hub
-from relay.listener import Listener, ListenerGaveUp, backoff
+from relay.listener import Listener, ListenerGaveUp, backoff, retry_window
 from relay.notifier import Notifier
 from tests.conftest import DB_URI, notify, unique_channel
 from tests.test_hub import Recorder
@@ -89,10 +89,15 @@ async def test_gives_up_after_the_retries() -> None:
         try:
             await listener.run()
         except ListenerGaveUp as exc:
-            assert "1 consecutive" in str(exc)
+            assert "(1 attempts)" in str(exc)
         else:
             raise AssertionError("the listener did not give up")
 
 
 def test_backoff_doubles_and_caps() -> None:
     assert [backoff(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 32, 32]
+
+
+def test_an_outage_may_last_as_long_as_upstreams_attempts_span() -> None:
+    # Upstream makes N attempts with backoff 1, 2, 4 … between them; 0 and 1 mean one attempt.
+    assert [retry_window(n) for n in (0, 1, 2, 3, 5, 7)] == [0, 0, 1, 3, 15, 63]

@@ -7,15 +7,19 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
 import psycopg
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
 DB_HOST = os.environ.get("PGWS_TEST_DB_HOST", "127.0.0.1")
 DB_URI = os.environ.get("PGWS_TEST_DB_URI", f"postgresql://postgres@{DB_HOST}:5432/postgres")
@@ -41,6 +45,39 @@ def notify(channel: str, *payloads: str, db_uri: str = DB_URI) -> None:
         for payload in payloads:
             conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
         conn.commit()
+
+
+def raw_client(port: int, path: str, rcvbuf: int | None = None
+               ) -> tuple[socket.socket, WSConnection]:
+    """A WebSocket client on a bare socket (wsproto), for clients that must misbehave."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    conn = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(conn.send(Request(host="localhost", target=path)))
+    while True:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed during the handshake")
+        conn.receive_data(data)
+        if any(isinstance(event, AcceptConnection) for event in conn.events()):
+            return sock, conn
+
+
+def eventually(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "") -> Any:
+    """Poll ``condition()`` until it is truthy (for state no event announces); fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()  # Never set: its wait is the pause between checks.
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        pause.wait(0.05)
 
 
 class Lines:
@@ -87,6 +124,43 @@ def check_postgres() -> None:
             pass
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL is not reachable at {DB_URI}: {exc}")
+
+
+def _cluster() -> list[str] | None:
+    """``pg_ctlcluster`` arguments for the local cluster, or None where there is none to drive."""
+    if DB_HOST not in ("127.0.0.1", "localhost") or not shutil.which("pg_ctlcluster"):
+        return None
+    try:
+        versions = sorted(os.listdir("/etc/postgresql"))
+    except OSError:
+        return None
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main"] \
+        if versions else None
+
+
+CLUSTER = _cluster()
+
+
+def postgres(action: str) -> None:
+    """Stop, start or restart the local PostgreSQL server; ``start`` returns once it accepts."""
+    assert CLUSTER is not None
+    subprocess.run([*CLUSTER, action], check=True, timeout=120, stdin=subprocess.DEVNULL,
+                   capture_output=True)
+    if action != "stop":
+        check_postgres()
+
+
+@pytest.fixture
+def postgres_control() -> Iterator[Callable[[str], None]]:
+    """:func:`postgres` for a test; the server is running again after it, whatever happened."""
+    if CLUSTER is None:
+        pytest.skip("no local PostgreSQL cluster to stop and start (pg_ctlcluster)")
+    try:
+        yield postgres
+    finally:
+        subprocess.run([*CLUSTER, "start"], timeout=120, stdin=subprocess.DEVNULL,
+                       capture_output=True)  # Already running: a harmless error.
+        check_postgres()
 
 
 class RelayProcess:
@@ -137,6 +211,14 @@ class RelayProcess:
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
+
+    def stats(self) -> dict[str, int]:
+        """Ask for the ``stats:`` line (SIGUSR1) and return its fields."""
+        start = len(self.lines)
+        self.signal(signal.SIGUSR1)
+        line = self.wait_for_line(r"stats: (.*)", start=start).group(1)
+        return {name: int(value) for name, value in
+                (field.split("=") for field in line.split())}
 
     def wait_exit(self, timeout: float = TIMEOUT) -> int:
         return self.proc.wait(timeout)

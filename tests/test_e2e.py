@@ -22,9 +22,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request
+from wsproto.events import CloseConnection, Request
 
-from tests.conftest import DB_URI, RelayProcess, notify, token
+from tests.conftest import DB_URI, RelayProcess, notify, raw_client, token
 
 RW = token({"mode": "rw"})
 RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
@@ -300,26 +300,11 @@ def test_origin_allow_list(start_relay) -> None:
 
 # -- slow consumers, recovery, shutdown --------------------------------------------------------
 
-def _raw_client(port: int, path: str, rcvbuf: int | None = None) -> tuple[socket.socket,
-                                                                          WSConnection]:
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    conn = WSConnection(ConnectionType.CLIENT)
-    sock.sendall(conn.send(Request(host="localhost", target=path)))
-    while True:
-        conn.receive_data(sock.recv(4096))
-        if any(isinstance(event, AcceptConnection) for event in conn.events()):
-            return sock, conn
-
-
 def test_slow_consumer_is_dropped_while_healthy_client_gets_everything(start_relay) -> None:
     relay = start_relay(PGWS_MAX_QUEUE_BYTES="262144", PGWS_CLOSE_TIMEOUT="10")
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
     path = f"/c/{token({'mode': 'r'})}"
-    stalled, stalled_conn = _raw_client(relay.port, path, rcvbuf=4096)
+    stalled, stalled_conn = raw_client(relay.port, path, rcvbuf=4096)
     payloads = [json.dumps({"channel": "c", "n": n, "pad": "x" * 6000}) for n in range(1500)]
     # max_queue=None: the client's reader thread keeps reading while the test produces.
     with ws(relay, path, max_size=None, max_queue=None) as healthy:
@@ -447,7 +432,7 @@ def test_no_token_or_secret_in_logs(start_relay) -> None:
 def test_stalled_client_is_aborted_when_its_close_cannot_be_sent(start_relay) -> None:
     relay = start_relay(PGWS_MAX_QUEUE_BYTES="65536", PGWS_CLOSE_TIMEOUT="0.5")
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
-    stalled, _ = _raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
+    stalled, _ = raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
     for start in range(0, 800, 20):
         notify(listen, *(json.dumps({"channel": "c", "n": n, "pad": "x" * 7000})
                          for n in range(start, start + 20)))
@@ -485,7 +470,7 @@ def test_ping_flood_without_reading_meets_the_queue_bound(start_relay) -> None:
     from wsproto.events import Ping
 
     relay = start_relay(PGWS_MAX_QUEUE_BYTES="65536")
-    flooder, conn = _raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
+    flooder, conn = raw_client(relay.port, f"/c/{token({'mode': 'r'})}", rcvbuf=4096)
     ping = conn.send(Ping(payload=b"p" * 125))
     try:
         for _ in range(200):

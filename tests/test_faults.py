@@ -1,0 +1,178 @@
+"""Faults, limits, churn and shutdown under load (issue 4), end to end.
+
+The real ``pgws-relay`` command against the real PostgreSQL, which some tests stop and start
+(``pg_ctlcluster``; skipped where there is no local cluster to drive). Figures such as how soon
+delivery resumes are measured by ``bench/faults.py``; these tests prove the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection
+from wsproto.events import CloseConnection
+
+from tests.conftest import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
+from tests.test_e2e import rejection, ws
+
+READ = token({"mode": "r"})
+RW = token({"mode": "rw"})
+
+
+def _next_event(client: ClientConnection, event: str, reads: int = 20) -> dict[str, Any]:
+    """The next meta message of this ``event``, skipping others (ConnectionOpen, …)."""
+    for _ in range(reads):
+        message = json.loads(client.recv(timeout=TIMEOUT))
+        if message.get("event") == event:
+            return message
+    raise AssertionError(f"no {event} event in {reads} messages")
+
+
+def test_postgres_restart_keeps_clients_and_shows_the_gap(
+        start_relay, postgres_control: Callable[[str], None]) -> None:
+    relay = start_relay(PGWS_META_CHANNEL="meta", PGWS_CHECK_LISTENER_INTERVAL="500")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with ws(relay, f"/c/{READ}") as reader, ws(relay, f"/meta/{READ}") as meta, \
+            ws(relay, f"/chat/{RW}") as writer:
+        notify(listen, '{"channel":"c","n":1}')
+        assert reader.recv(timeout=TIMEOUT) == '{"channel":"c","n":1}'
+
+        postgres_control("stop")
+        lost, _ = relay.wait_for_line_at(r"listener connection lost")
+        # A write while the database is away fails loudly: logged, and the client told (1011).
+        writer.send("while the database is down")
+        with pytest.raises(ConnectionClosed) as info:
+            writer.recv(timeout=TIMEOUT)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "write failed")
+        assert "client write from" in relay.log
+
+        postgres_control("start")
+        relay.wait_for_line(r"listening on channel '[^']+' again after [\d.]+ s without LISTEN "
+                            r"\(gap 1\); notifications committed in between are lost",
+                            start=lost)
+        # The same connections, still open, receive again.
+        notify(listen, '{"channel":"c","n":2}')
+        assert reader.recv(timeout=TIMEOUT) == '{"channel":"c","n":2}'
+        gap = _next_event(meta, "ListenerReconnected")
+        assert gap["channel"] == "meta"
+        assert gap["payload"]["since"] < gap["payload"]["until"]
+        assert gap["claims"] == {"message_delivered_at": gap["payload"]["until"]}
+
+    with ws(relay, f"/chat/{RW}") as again:  # Writes work again.
+        again.send("after")
+        assert json.loads(again.recv(timeout=TIMEOUT))["payload"] == "after"
+    stats = relay.stats()
+    assert (stats["gaps"], stats["writes_failed"]) == (1, 1)
+    assert "Traceback" not in relay.log
+
+
+def test_postgres_down_at_start_up(start_relay, postgres_control: Callable[[str], None]) -> None:
+    postgres_control("stop")
+    relay = start_relay(wait=False, PGWS_META_CHANNEL="meta")
+    relay.port = int(relay.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    # Down for longer than the first retry; clients may connect meanwhile, as upstream.
+    first, _ = relay.wait_for_line_at(r"listener cannot connect \(attempt 1,")
+    relay.wait_for_line(r"listener cannot connect \(attempt 2,", start=first)
+    with ws(relay, f"/c/{READ}") as early, ws(relay, f"/meta/{READ}") as meta:
+        postgres_control("start")
+        relay.wait_for_line(r"listening on channel '[^']+' again after [\d.]+ s without LISTEN "
+                            r"\(gap 1\)")
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"c","n":1}')
+        assert early.recv(timeout=TIMEOUT) == '{"channel":"c","n":1}'
+        assert _next_event(meta, "ListenerReconnected")["channel"] == "meta"
+    assert relay.proc.poll() is None
+
+
+def _eventually_connects(relay: RelayProcess, path: str) -> ClientConnection:
+    """Connect, retrying while the relay is still finishing connections just closed."""
+    outcome: list[ClientConnection] = []
+
+    def attempt() -> bool:
+        try:
+            outcome.append(ws(relay, path))
+        except InvalidStatus:
+            return False
+        return True
+
+    eventually(attempt, TIMEOUT, "a connection under the per-address cap")
+    return outcome[0]
+
+
+def test_connections_beyond_the_per_address_cap_get_503(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_CONNECTIONS_PER_IP="2")
+    with ws(relay, f"/c/{READ}"), ws(relay, f"/c/{READ}"):
+        assert rejection(relay, f"/c/{READ}") == (503, b"Too many connections from this address")
+    with _eventually_connects(relay, f"/c/{READ}"), _eventually_connects(relay, f"/c/{READ}"):
+        pass  # Closed connections give their places back.
+    assert relay.stats()["rejected"] >= 1
+
+
+def test_a_client_writing_too_fast_is_closed_with_1008(start_relay) -> None:
+    # One message per 1,000 s: the second message is over the rate whatever the machine's speed.
+    relay = start_relay(PGWS_MAX_WRITES_PER_SECOND="0.001")
+    with ws(relay, f"/chat/{RW}") as client:
+        client.send("first")
+        assert json.loads(client.recv(timeout=TIMEOUT))["payload"] == "first"
+        client.send("second")
+        with pytest.raises(ConnectionClosed) as info:
+            client.recv(timeout=TIMEOUT)  # The close, not an echo of "second".
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, "write rate exceeded")
+    assert relay.stats()["rate_limited"] == 1
+
+
+def test_sigterm_with_1000_clients_closes_each_with_1001_and_exits_0(start_relay) -> None:
+    relay = start_relay()
+    clients = [raw_client(relay.port, f"/c/{READ}") for _ in range(1000)]
+    try:
+        relay.signal(signal.SIGTERM)
+        codes = [_close_code(sock, conn) for sock, conn in clients]
+    finally:
+        for sock, _ in clients:
+            sock.close()
+    assert codes == [1001] * 1000
+    assert relay.wait_exit(TIMEOUT) == 0
+
+
+def _close_code(sock: socket.socket, conn: Any) -> int | None:
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, CloseConnection):
+                return event.code
+
+
+def test_connect_disconnect_churn_leaks_nothing(start_relay) -> None:
+    relay = start_relay()
+    port = relay.port
+    before = relay.stats()
+    for n in range(1500):
+        sock, conn = raw_client(port, f"/c/{READ}")
+        if n % 3 == 0:  # A clean close handshake,
+            sock.sendall(conn.send(CloseConnection(code=1000)))
+            assert _close_code(sock, conn) == 1000
+        elif n % 3 == 1:  # a reset,
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # or a plain close without a word.
+    after: dict[str, int] = {}
+
+    def settled() -> bool:
+        after.update(relay.stats())
+        return after["clients"] == 0 and after["tasks"] == before["tasks"]
+
+    eventually(settled, TIMEOUT, "every connection gone")
+    assert after["fds"] == before["fds"]
+    with ws(relay, f"/c/{READ}") as client:  # And the relay still serves.
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"c"}')
+        assert client.recv(timeout=TIMEOUT) == '{"channel":"c"}'

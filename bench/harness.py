@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +177,19 @@ class Server:
                 continue
         return total
 
+    def stats(self, timeout: float = 10.0) -> dict[str, int]:
+        """pgws-relay's ``stats:`` line (asked for with SIGUSR1), as a dict."""
+        start = len(self.lines)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[start:]:
+                if "stats: " in line:
+                    return {name: int(value) for name, value in
+                            (field.split("=") for field in line.split("stats: ", 1)[1].split())}
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} wrote no stats line within {timeout} s")
+
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
         return sum(1 for line in self.lines if regex.search(line))
@@ -204,7 +218,7 @@ class Plan:
     timeout: float = TIMEOUT
 
 
-def _handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
+def handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -226,7 +240,7 @@ def _handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket
     return sock
 
 
-def _recv(sock: socket.socket) -> bytes | None:
+def recv_ready(sock: socket.socket) -> bytes | None:
     """What a ready socket has: bytes, b"" when the server closed or reset it, None if nothing."""
     try:
         return sock.recv(1 << 20)
@@ -245,7 +259,7 @@ def _timestamps(buffer: bytearray, size: int, frames: int) -> list[float]:
 
 def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
     try:
-        socks = [(_handshake(plan.port, path, 4096 if role == "stall" else None), role,
+        socks = [(handshake(plan.port, path, 4096 if role == "stall" else None), role,
                   expected) for path, role, expected in plan.connections]
     except OSError as exc:
         ready.put(f"error: {exc}")
@@ -268,7 +282,7 @@ def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
         for key, _ in selector.select(timeout=0.2):
             sock = key.fileobj
             entry = state[sock]
-            data = _recv(sock)
+            data = recv_ready(sock)
             if data is None:
                 continue
             now = time.time()
@@ -291,7 +305,7 @@ def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
                 open_readers -= 1
     received = sum(entry[0] for entry in state.values())
     closed = sum(1 for entry in state.values() if entry[3])
-    stalled_closed = _closed_count([sock for sock, role, _ in socks if role == "stall"])
+    stalled_closed = closed_count([sock for sock, role, _ in socks if role == "stall"])
     results.put({"received": received, "last": last, "latencies": latencies,
                  "closed": closed, "stalled_closed": stalled_closed,
                  "per_connection": [entry[0] for entry in state.values()]})
@@ -314,7 +328,7 @@ def _has_close_frame(data: bytes) -> bool:
     return False
 
 
-def _closed_count(socks: list[socket.socket], wait: float = 8.0) -> int:
+def closed_count(socks: list[socket.socket], wait: float = 8.0) -> int:
     """Read stalled sockets at last: how many did the server close (close frame, EOF, reset)?
 
     Waits up to ``wait`` seconds: a server sends what it still had in flight first.
@@ -328,7 +342,7 @@ def _closed_count(socks: list[socket.socket], wait: float = 8.0) -> int:
     while len(closed) < len(socks) and time.monotonic() < deadline:
         for key, _ in selector.select(timeout=0.2):
             sock = key.fileobj
-            chunk = _recv(sock)
+            chunk = recv_ready(sock)
             if chunk is None:
                 continue
             if chunk:

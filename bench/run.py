@@ -37,7 +37,7 @@ ECONIA_MIX = (["fill_event"] * 4 + ["updated_limit_order"] * 4 + ["place_limit_o
                  "recognized_market_event"])
 
 
-def _connections(channels: list[str], clients: int, roles: Callable[[int], str],
+def connections_for(channels: list[str], clients: int, roles: Callable[[int], str],
                  messages: int | None) -> list[tuple[str, str, int | None]]:
     """Client i reads channel i mod len(channels) and expects that channel's share of
     ``messages`` sent round-robin over ``channels`` (None: read until stopped)."""
@@ -81,7 +81,7 @@ def _burst_through(server: Server, conns: list[tuple[str, str, int | None]],
 
 def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -> dict[str, Any]:
     channels = ["fill_event"]
-    conns = _connections(channels, clients, lambda i: "count", messages)
+    conns = connections_for(channels, clients, lambda i: "count", messages)
     run = _burst_through(server, conns, channels, messages, batch, procs)
     return {"deliveries_per_s": run["received"] / run["seconds"],
             "delivered_share": run["received"] / (clients * messages),
@@ -95,7 +95,7 @@ def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
     # 50 connections spread over the whole population sample latency (in a process of their
     # own, see Clients); 50 x 10 s x rate samples are plenty for a p99.9.
     every = max(1, clients // 50)
-    pool = Clients(server.port, _connections(channels, clients,
+    pool = Clients(server.port, connections_for(channels, clients,
                                              lambda i: "sample" if i % every == 0 else "count",
                                              None), PAYLOAD, procs=procs)
     producer = Producer()
@@ -119,7 +119,7 @@ def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
 
 def channels_case(server: Server, clients: int, spread: list[str], messages: int, batch: int,
                   procs: int) -> dict[str, Any]:
-    conns = _connections(spread, clients, lambda i: "count", messages)
+    conns = connections_for(spread, clients, lambda i: "count", messages)
     expected = sum(count or 0 for _, _, count in conns)
     run = _burst_through(server, conns, spread, messages, batch, procs)
     return {"deliveries_per_s": run["received"] / run["seconds"],
@@ -129,7 +129,7 @@ def channels_case(server: Server, clients: int, spread: list[str], messages: int
 
 def idle(server: Server, clients: int, procs: int) -> dict[str, Any]:
     before = server.memory_kib()
-    pool = Clients(server.port, _connections(["idle"], clients, lambda i: "count", None),
+    pool = Clients(server.port, connections_for(["idle"], clients, lambda i: "count", None),
                    PAYLOAD, procs=procs)
     try:
         time.sleep(1.0)
@@ -148,7 +148,7 @@ def slow(server: Server, clients: int, messages: int, batch: int, stalled_share:
         return "stall" if every and i % every == 0 else "count"
 
     channels = ["fill_event"]
-    conns = _connections(channels, clients, roles, messages)
+    conns = connections_for(channels, clients, roles, messages)
     healthy = sum(1 for _, role, _ in conns if role != "stall")
     run = _burst_through(server, conns, channels, messages, batch, procs)
     return {"healthy_deliveries_per_s": run["received"] / run["seconds"],

@@ -131,17 +131,18 @@ def _open_fds() -> int:
         return -1  # Not Linux: unknown.
 
 
-def _stats(hub: Hub, listener: Listener) -> str:
+def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> str:
     return stats.line(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
-                      notifications=listener.received, gaps=listener.gaps,
-                      frames_offered=hub.offered)
+                      db_pool_idle=notifier.idle_connections, notifications=listener.received,
+                      gaps=listener.gaps, frames_offered=hub.offered)
 
 
-async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener) -> None:
+async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,
+                         notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR1:
-                log.info("%s", _stats(hub, listener))
+                log.info("%s", _stats(hub, listener, notifier))
                 continue
             log.info("received %s, shutting down", signal.Signals(signum).name)
             stop.set()
@@ -200,7 +201,7 @@ async def run(config: Config, reuse_port: bool = False) -> int:
 
     async with trio.open_nursery() as root:
         server = Server(config, keys, hub, publisher, background=root)
-        root.start_soon(_watch_signals, stop, hub, listener)
+        root.start_soon(_watch_signals, stop, hub, listener, notifier)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
         async with trio.open_nursery() as connections:

@@ -39,6 +39,11 @@ class Notifier:
         self._limiter = trio.CapacityLimiter(pool_size)
         self._idle: list[psycopg.Connection[Any]] = []
 
+    @property
+    def idle_connections(self) -> int:
+        """Open connections not in use; the pool grows on demand up to ``pool_size``."""
+        return len(self._idle)
+
     async def notify(self, channel: str, payload: str) -> None:
         """Run ``SELECT pg_notify(channel, payload)``; raise :class:`NotifyFailed` on failure.
 

@@ -1,4 +1,5 @@
-"""Property tests for the pure parsers: they never raise on any input, and they round-trip."""
+"""Property tests for the pure parts: parsers never raise on any input, frames round-trip,
+claims and configuration get a documented answer, limits hold."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 
 from relay import auth, envelope, frames
+from relay.config import SETTINGS, ConfigError, load
+from relay.limits import AddressCount, WriteBucket
 from relay.request import parse_target
 
 KEYS = auth.load_keys(b"reallyreallyreallyreallyverysafe")
@@ -54,3 +57,75 @@ def test_close_frames_round_trip(code: int, reason: str) -> None:
     (event,) = list(parser.events())
     assert isinstance(event, CloseConnection)
     assert reason.startswith(event.reason)
+
+
+# -- claims, config and limits -----------------------------------------------------------------
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+_CLAIMS = st.dictionaries(st.sampled_from(["mode", "channel", "channels", "exp", "nbf", "iat",
+                                           "aud", "role"]) | st.text(max_size=8), _JSON,
+                          max_size=6)
+
+
+@given(_CLAIMS, st.none() | st.text(max_size=10), st.floats(0, 2e9))
+def test_any_signed_claims_are_granted_or_refused_with_a_documented_text(
+        claims: dict, requested: str | None, now: float) -> None:
+    import jwt
+
+    signed = jwt.encode(claims, "reallyreallyreallyreallyverysafe", algorithm="HS256")
+    try:
+        grant = auth.check(signed, requested, KEYS, now)
+    except auth.AuthError as refused:
+        message = str(refused)
+        assert message in {auth.MISSING_MODE, auth.NO_ALLOWED_CHANNELS, auth.TOKEN_EXPIRED,
+                           auth.NOT_YET_VALID, auth.ISSUED_AT_FUTURE} \
+            or message.startswith("Error: ")
+    else:
+        # Granted: a string mode, and channels that the token or the URL named.
+        assert isinstance(grant.mode, str) and grant.channels
+        named = {claims.get("channel"), *(claims.get("channels") or [])} \
+            if isinstance(claims.get("channels"), list) else {claims.get("channel")}
+        assert all(channel in named or channel == requested for channel in grant.channels)
+
+
+@given(st.dictionaries(st.sampled_from([s.variable for s in SETTINGS]), st.text(max_size=30),
+                       max_size=8))
+def test_any_environment_gives_a_config_or_one_error_naming_a_variable(
+        env: dict[str, str]) -> None:
+    env = {"PGWS_DB_URI": "postgresql://x@localhost/db", "PGWS_JWT_SECRET": "s", **env}
+    env = {key: value for key, value in env.items() if not value.startswith("@")}  # no files
+    try:
+        load(env)
+    except ConfigError as error:
+        assert error.variable.startswith("PGWS_") and "\n" not in str(error)
+
+
+@given(st.floats(0.001, 1000), st.lists(st.floats(0, 10), max_size=50))
+def test_a_write_bucket_never_allows_more_than_its_burst_plus_its_rate(
+        rate: float, gaps: list[float]) -> None:
+    bucket = WriteBucket(rate, 0.0)
+    now, allowed = 0.0, 0
+    for gap in gaps:
+        now += gap
+        allowed += bucket.take(now)
+    assert allowed <= max(1.0, rate) + rate * now + 1e-6
+
+
+@given(st.integers(1, 5), st.lists(st.tuples(st.sampled_from("abc"), st.booleans()),
+                                   max_size=60))
+def test_an_address_never_holds_more_than_its_cap(
+        cap: int, steps: list[tuple[str, bool]]) -> None:
+    counts = AddressCount(cap)
+    held: dict[str, int] = {}
+    for address, enter in steps:
+        if enter:
+            if counts.enter(address):
+                held[address] = held.get(address, 0) + 1
+        elif held.get(address):
+            counts.leave(address)
+            held[address] -= 1
+        assert all(count <= cap for count in held.values())
+    for address, count in held.items():  # Whatever was left, the cap still counts right.
+        assert counts.enter(address) == (count < cap)

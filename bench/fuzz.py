@@ -1,0 +1,453 @@
+"""A raw-socket fuzzer for the relay's HTTP handshake and WebSocket frames.
+
+    python bench/fuzz.py --cases 100000 --procs 4 --json bench/results/fuzz.json
+
+Theory of operation
+-------------------
+Each case belongs to a family (:data:`FAMILIES`): a function of a seeded ``random.Random``
+that returns what to send and the outcomes the relay may answer with. Handshake families send
+a (broken) request on a new connection; frame families first complete a valid ``rw``
+handshake on a channel of their own, then send (broken) frames. After sending, the client
+half-closes its side, so the relay always sees an end, and reads the relay's answer:
+
+- ``http <status>``: an HTTP response other than 101;
+- ``close <code>``: a WebSocket close frame (after 101);
+- ``data``: a text frame first (the echo of a valid message; the case then closes 1000);
+- ``eof``: the connection closed with no answer.
+
+(A case that expects the echo of a valid message does not half-close: the relay rightly
+drops a client that ends its side before its message is published.) A case fails when its
+outcome is not among the family's. Throughout, a normal ``rw`` client stays connected and
+makes a round trip (message → NOTIFY → echo) every ``--check-every`` cases; at the end the
+relay's ``stats:`` line must show that client alone, and the same tasks and open file
+descriptors (other than the NOTIFY pool's, which grows on demand) as before the first case.
+The relay must still be running.
+
+``tests/test_fuzz.py`` runs a few hundred cases in CI; this script runs 100,000 for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import contextlib
+import multiprocessing as mp
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.harness import SECRET, Server, commit, dumps, free_port, machine, token
+
+#: The relay under fuzzing refuses client messages above this many bytes (1009).
+MAX_MESSAGE = 4096
+#: Relay settings for fuzzing: the bench's secret (the cases' tokens are signed with it) and a
+#: small message limit, so that "oversized" is cheap to send.
+RELAY_ENV = {"PGWS_JWT_SECRET": SECRET, "PGWS_MAX_MESSAGE_SIZE": str(MAX_MESSAGE)}
+#: Seconds a case waits for the relay's answer; far above any answer's time, so a timeout
+#: means the relay did not answer.
+_ANSWER_WAIT = 10.0
+_RW = token({"mode": "rw"})
+_BAD_CLOSE_CODES = (0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535)
+
+Case = tuple[bytes, bytes, frozenset[str]]  # request, frames after a 101, allowed outcomes
+
+
+def _request(target: str, headers: dict[str, str] | None = None) -> bytes:
+    fields = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
+              "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+              "Sec-WebSocket-Version": "13", **(headers or {})}
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items() if v)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True,
+          mask: bytes | None = None, true_mask: bytes | None = None) -> bytes:
+    """A client frame. ``true_mask``: mask the payload with this key, not the one announced."""
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    size = len(payload)
+    bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([bit | size])
+    elif size < 65536:
+        head += bytes([bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = mask or os.urandom(4)
+    key = true_mask or mask
+    return head + mask + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _valid_request(rng: random.Random) -> bytes:
+    return _request(f"/fuzz{rng.getrandbits(32)}/{_RW}")
+
+
+# -- handshake families ------------------------------------------------------------------------
+
+def truncated_request(rng: random.Random) -> Case:
+    request = _valid_request(rng)
+    return request[:rng.randrange(len(request) - 1)], b"", frozenset({"eof", "http 400"})
+
+
+def huge_headers(rng: random.Random) -> Case:
+    value = "a" * rng.randrange(17_000, 100_000)
+    return (_request(f"/c/{_RW}", {"X-Big": value}), b"",
+            frozenset({"http 431", "http 400", "eof"}))
+
+
+def garbage_request(rng: random.Random) -> Case:
+    junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 400)))
+    return junk + b"\r\n\r\n", b"", frozenset({"http 400", "eof"})
+
+
+def invalid_utf8_target(rng: random.Random) -> Case:
+    junk = bytes(rng.choice(b"\x80\xbf\xc3\xff\xfe/%?") for _ in range(rng.randrange(1, 60)))
+    target = b"/" + junk
+    request = _valid_request(rng).replace(b"GET /", b"GET " + target + b"/", 1)
+    return request, b"", frozenset({"http 400"})
+
+
+def bad_websocket_headers(rng: random.Random) -> Case:
+    spoil = rng.choice([{"Sec-WebSocket-Key": ""}, {"Sec-WebSocket-Version": "12"},
+                        {"Connection": "keep-alive"}])
+    return _request(f"/c/{_RW}", spoil), b"", frozenset({"http 400", "http 426"})
+
+
+def odd_websocket_key(rng: random.Random) -> Case:
+    # Not 16 bytes of base64: accepted, as upstream's library and wsproto do (a client that
+    # sends one checks the answer against its own key); the case then half-closes.
+    key = rng.choice(["short", "!!!!", "a" * 60])
+    return _request(f"/c/{_RW}", {"Sec-WebSocket-Key": key}), b"", frozenset({"eof"})
+
+
+def mutated_token(rng: random.Random) -> Case:
+    chars = list(_RW)
+    for _ in range(rng.randrange(1, 4)):
+        chars[rng.randrange(len(chars))] = rng.choice("AZaz09-_.=%")
+    # A change in the last signature character's unused bits may leave the token valid.
+    return _request(f"/c/{''.join(chars)}"), b"", frozenset({"http 400", "data", "eof"})
+
+
+# -- frame families (after a valid handshake) -------------------------------------------------
+
+def unmasked(rng: random.Random) -> Case:
+    return _valid_request(rng), frame(1, b"hello", masked=False), frozenset({"close 1002"})
+
+
+def reserved_opcode(rng: random.Random) -> Case:
+    opcode = rng.choice([3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+    return _valid_request(rng), frame(opcode, b"x" * rng.randrange(10)), \
+        frozenset({"close 1002"})
+
+
+def rsv_bits(rng: random.Random) -> Case:
+    return _valid_request(rng), frame(1, b"hi", rsv=rng.randrange(1, 8)), \
+        frozenset({"close 1002"})
+
+
+def control_too_long(rng: random.Random) -> Case:
+    opcode = rng.choice([8, 9, 10])
+    return _valid_request(rng), frame(opcode, b"p" * rng.randrange(126, 400)), \
+        frozenset({"close 1002"})
+
+
+def fragmented_control(rng: random.Random) -> Case:
+    return _valid_request(rng), frame(rng.choice([9, 10]), b"ping", fin=False), \
+        frozenset({"close 1002"})
+
+
+def orphan_continuation(rng: random.Random) -> Case:
+    return _valid_request(rng), frame(0, b"rest"), frozenset({"close 1002"})
+
+
+def interleaved_data(rng: random.Random) -> Case:
+    return (_valid_request(rng), frame(1, b"first", fin=False) + frame(rng.choice([1, 2]), b"x"),
+            frozenset({"close 1002"}))
+
+
+def invalid_utf8_text(rng: random.Random) -> Case:
+    bad = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"])
+    return _valid_request(rng), frame(1, b"ok " + bad + b" end"), frozenset({"close 1007"})
+
+
+def oversized(rng: random.Random) -> Case:
+    size = MAX_MESSAGE + 1 + rng.randrange(MAX_MESSAGE)
+    return _valid_request(rng), frame(rng.choice([1, 2]), b"z" * size), \
+        frozenset({"close 1009"})
+
+
+def fragmented_oversized(rng: random.Random) -> Case:
+    parts = [b"f" * 1000] * (MAX_MESSAGE // 1000 + 2)
+    frames = frame(1, parts[0], fin=False) + b"".join(frame(0, part, fin=False)
+                                                       for part in parts[1:-1])
+    return _valid_request(rng), frames + frame(0, parts[-1]), frozenset({"close 1009"})
+
+
+def bad_close(rng: random.Random) -> Case:
+    choice = rng.randrange(3)
+    if choice == 0:
+        payload, expected = b"\x03", "close 1002"  # one byte: no room for a code
+    elif choice == 1:
+        payload, expected = rng.choice(_BAD_CLOSE_CODES).to_bytes(2, "big"), "close 1002"
+    else:
+        payload, expected = (1000).to_bytes(2, "big") + b"\xff\xfe", "close 1007"
+    return _valid_request(rng), frame(8, payload), frozenset({expected})
+
+
+def valid_close(rng: random.Random) -> Case:
+    code = rng.choice([1000, 1001, 3000, 4999])
+    return _valid_request(rng), frame(8, code.to_bytes(2, "big") + b"bye"), \
+        frozenset({f"close {code}"})
+
+
+def valid_fragmented(rng: random.Random) -> Case:
+    text = "".join(rng.choice("abcé€😀") for _ in range(rng.randrange(1, 300))).encode()
+    cut = rng.randrange(len(text) + 1)  # may split a UTF-8 sequence: still valid overall
+    frames = frame(1, text[:cut], fin=False) + frame(9, b"ping") + frame(0, text[cut:])
+    return _valid_request(rng), frames, frozenset({"data"})
+
+
+def bad_mask(rng: random.Random) -> Case:
+    # Masked with another key than the one announced: the relay decodes garbage, which is
+    # either invalid UTF-8 (1007) or some valid text that it publishes.
+    payload = bytes(rng.getrandbits(7) for _ in range(rng.randrange(1, 200)))
+    return _valid_request(rng), frame(1, payload, true_mask=os.urandom(4)), \
+        frozenset({"close 1007", "data"})
+
+
+def random_bytes(rng: random.Random) -> Case:
+    junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300)))
+    return _valid_request(rng), junk, frozenset(
+        {"close 1002", "close 1007", "close 1009", "eof", "data"}
+        | {f"close {code}" for code in range(1000, 5000)})
+
+
+FAMILIES: dict[str, Callable[[random.Random], Case]] = {f.__name__: f for f in (
+    truncated_request, huge_headers, garbage_request, invalid_utf8_target,
+    bad_websocket_headers, odd_websocket_key, mutated_token, unmasked, reserved_opcode, rsv_bits,
+    control_too_long, fragmented_control, orphan_continuation, interleaved_data,
+    invalid_utf8_text, oversized, fragmented_oversized, bad_close, valid_close,
+    valid_fragmented, bad_mask, random_bytes)}
+
+
+# -- running cases -------------------------------------------------------------------------------
+
+def _outcome(sock: socket.socket, after_101: bytes, half_close: bool) -> str:
+    """Send the frames (if the handshake succeeded) and read the relay's answer."""
+    data = b""
+    upgraded = False
+    deadline = time.monotonic() + _ANSWER_WAIT
+    while True:
+        if not upgraded and b"\r\n\r\n" in data:
+            status = int(data.split(b" ", 2)[1])
+            if status != 101:
+                return f"http {status}"
+            upgraded = True
+            data = data.split(b"\r\n\r\n", 1)[1]
+            try:
+                sock.sendall(after_101)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return "eof"
+        while upgraded and len(data) >= 2:
+            opcode, size, head = data[0] & 0x0F, data[1] & 0x7F, 2
+            if size == 126:
+                size, head = int.from_bytes(data[2:4], "big"), 4
+            elif size == 127:
+                size, head = int.from_bytes(data[2:10], "big"), 10
+            if len(data) < head + size:
+                break
+            if opcode == 8:
+                return f"close {int.from_bytes(data[head:head + 2], 'big')}" if size >= 2 \
+                    else "close 1005"
+            if opcode in (1, 2):
+                return "data"
+            data = data[head + size:]  # A pong (for a ping in the case) or a server ping.
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return "no answer"
+        except OSError:
+            return "eof"
+        if not chunk:
+            return "eof"
+        data += chunk
+
+
+def run_case(port: int, family: str, seed: int) -> tuple[str, bool]:
+    """One case: its outcome, and whether the family allows it."""
+    request, after_101, allowed = FAMILIES[family](random.Random(seed))
+    # Half-closing ends what the relay reads; a case that wants its message's echo must not.
+    half_close = "eof" in allowed or "data" not in allowed
+    with socket.create_connection(("127.0.0.1", port), timeout=_ANSWER_WAIT) as sock:
+        try:
+            sock.sendall(request)
+            if not after_101 and not request.endswith(b"\r\n\r\n"):
+                sock.shutdown(socket.SHUT_WR)  # A truncated request: nothing more will come.
+        except OSError:
+            return "eof", "eof" in allowed
+        outcome = _outcome(sock, after_101, half_close)
+        if outcome == "data":
+            # A valid message came back (its echo): end politely, the case is done.
+            with contextlib.suppress(OSError):
+                sock.sendall(frame(8, (1000).to_bytes(2, "big")))
+    return outcome, outcome in allowed
+
+
+class NormalClient:
+    """The well-behaved client that must keep working throughout."""
+
+    def __init__(self, port: int) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=_ANSWER_WAIT)
+        self._sock.sendall(_request(f"/normal/{_RW}"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self._sock.recv(4096)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        self._rest = head.split(b"\r\n\r\n", 1)[1]
+        self.round_trips = 0
+
+    def round_trip(self) -> bool:
+        """Write a message; True when its echo comes back."""
+        marker = f"normal {self.round_trips} {os.urandom(4).hex()}"
+        self._sock.sendall(frame(1, marker.encode()))
+        data = self._rest
+        deadline = time.monotonic() + _ANSWER_WAIT
+        while marker.encode() not in data and time.monotonic() < deadline:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        self._rest = b""
+        self.round_trips += 1
+        return marker.encode() in data
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _worker(port: int, first: int, count: int, seed: int, results: Any) -> None:
+    rng = random.Random(seed + first)
+    names = sorted(FAMILIES)
+    tally: collections.Counter[str] = collections.Counter()
+    failures: list[dict[str, Any]] = []
+    for n in range(first, first + count):
+        family = names[rng.randrange(len(names))]
+        case_seed = rng.getrandbits(32)
+        outcome, ok = run_case(port, family, case_seed)
+        tally[f"{family}: {outcome}"] += 1
+        if not ok and len(failures) < 20:
+            failures.append({"case": n, "family": family, "seed": case_seed,
+                             "outcome": outcome})
+    results.put({"tally": dict(tally), "failures": failures})
+
+
+class Relay(Protocol):
+    """What the fuzzer needs of a running relay (bench's Server, the tests' RelayProcess)."""
+
+    port: int
+    proc: Any
+
+    def stats(self) -> dict[str, int]: ...
+
+
+def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
+         check_every: int = 1000) -> dict[str, Any]:
+    """Run ``cases`` cases against a running relay; what happened, and whether all was well."""
+    normal = NormalClient(server.port)
+    if not normal.round_trip():
+        raise RuntimeError("the normal client's first round trip failed")
+    before = _settled(server, lambda stats: True)
+    ctx = mp.get_context("fork")
+    tally: collections.Counter[str] = collections.Counter()
+    failures: list[dict[str, Any]] = []
+    round_trips_ok = True
+    done = 0
+    while done < cases:
+        batch = min(check_every, cases - done)
+        results = ctx.Queue()
+        shares = [batch // procs + (1 if i < batch % procs else 0) for i in range(procs)]
+        starts = [done + sum(shares[:i]) for i in range(procs)]
+        workers = [ctx.Process(target=_worker, args=(server.port, start, share, seed, results))
+                   for start, share in zip(starts, shares, strict=True) if share]
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            outcome = results.get(timeout=600)
+            tally.update(outcome["tally"])
+            failures += outcome["failures"]
+        for worker in workers:
+            worker.join(60)
+        done += batch
+        round_trips_ok &= normal.round_trip() and server.proc.poll() is None
+    after = _settled(server, lambda stats: stats["clients"] == 1
+                     and stats["tasks"] == before["tasks"] and _sockets(stats) == _sockets(before))
+    normal.close()
+    return {"cases": cases, "failures": failures[:50], "failed": len(failures),
+            "round_trips": normal.round_trips, "round_trips_ok": round_trips_ok,
+            "relay_running": server.proc.poll() is None, "before": before, "after": after,
+            "leak_free": after["tasks"] == before["tasks"] and _sockets(after) == _sockets(before),
+            "tally": dict(sorted(tally.items()))}
+
+
+def _sockets(stats: dict[str, int]) -> int:
+    """Open descriptors other than the NOTIFY pool's, which grows on demand (not a leak)."""
+    return stats["fds"] - stats["db_pool_idle"]
+
+
+def _settled(server: Relay, condition: Callable[[dict[str, int]], bool],
+             timeout: float = 30.0) -> dict[str, int]:
+    """The relay's stats once ``condition`` holds (or the last ones after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.stats()
+        if condition(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--check-every", type=int, default=1000)
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    server = Server("relay", free_port(), RELAY_ENV)
+    started = time.monotonic()
+    try:
+        result = fuzz(server, args.cases, args.procs, args.seed, args.check_every)
+    finally:
+        server.stop()
+    result.update({"machine": machine(), "commit": commit(), "started": time.strftime("%F %T"),
+                   "seconds": round(time.monotonic() - started, 1), "seed": args.seed,
+                   "tracebacks": sum("Traceback" in line for line in server.lines)})
+    print(f"{result['cases']} cases in {result['seconds']} s: {result['failed']} failed; "
+          f"{result['round_trips']} normal round trips ok={result['round_trips_ok']}; "
+          f"leak-free={result['leak_free']} (tasks {result['before']['tasks']} → "
+          f"{result['after']['tasks']}, fds {result['before']['fds']} → "
+          f"{result['after']['fds']}); tracebacks in the log: {result['tracebacks']}")
+    for failure in result["failures"][:10]:
+        print("  failed:", failure)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(dumps(result))
+    ok = (not result["failed"] and result["round_trips_ok"] and result["leak_free"]
+          and not result["tracebacks"])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

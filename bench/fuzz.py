@@ -368,7 +368,7 @@ def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
     normal = NormalClient(server.port)
     if not normal.round_trip():
         raise RuntimeError("the normal client's first round trip failed")
-    before = _settled(server, lambda stats: True)
+    before = settled(server, lambda stats: True)
     ctx = mp.get_context("fork")
     tally: collections.Counter[str] = collections.Counter()
     failures: list[dict[str, Any]] = []
@@ -391,22 +391,24 @@ def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
             worker.join(60)
         done += batch
         round_trips_ok &= normal.round_trip() and server.proc.poll() is None
-    after = _settled(server, lambda stats: stats["clients"] == 1
-                     and stats["tasks"] == before["tasks"] and _sockets(stats) == _sockets(before))
+    after = settled(server, lambda stats: stats["clients"] == 1
+                    and stats["tasks"] == before["tasks"]
+                    and sockets_open(stats) == sockets_open(before))
     normal.close()
     return {"cases": cases, "failures": failures[:50], "failed": len(failures),
             "round_trips": normal.round_trips, "round_trips_ok": round_trips_ok,
             "relay_running": server.proc.poll() is None, "before": before, "after": after,
-            "leak_free": after["tasks"] == before["tasks"] and _sockets(after) == _sockets(before),
+            "leak_free": after["tasks"] == before["tasks"]
+            and sockets_open(after) == sockets_open(before),
             "tally": dict(sorted(tally.items()))}
 
 
-def _sockets(stats: dict[str, int]) -> int:
+def sockets_open(stats: dict[str, int]) -> int:
     """Open descriptors other than the NOTIFY pool's, which grows on demand (not a leak)."""
     return stats["fds"] - stats["db_pool_idle"]
 
 
-def _settled(server: Relay, condition: Callable[[dict[str, int]], bool],
+def settled(server: Relay, condition: Callable[[dict[str, int]], bool],
              timeout: float = 30.0) -> dict[str, int]:
     """The relay's stats once ``condition`` holds (or the last ones after ``timeout``)."""
     deadline = time.monotonic() + timeout

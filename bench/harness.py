@@ -463,5 +463,29 @@ def machine() -> dict[str, Any]:
             platform.machine()}
 
 
+class QueueUsage:
+    """The highest ``pg_notification_queue_usage()`` seen while in use (sampled every 50 ms):
+    near 0 means every listener keeps up; PostgreSQL fails NOTIFYs when it reaches 1."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        with psycopg.connect(DB_URI, autocommit=True) as db:
+            while not self._stop.wait(0.05):
+                row = db.execute("SELECT pg_notification_queue_usage()").fetchone()
+                self.peak = max(self.peak, float(row[0]) if row else 0.0)
+
+    def __enter__(self) -> QueueUsage:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def dumps(result: Any) -> str:
     return json.dumps(result, indent=2, sort_keys=True)

@@ -43,7 +43,8 @@ METRICS = {
              ("healthy_deliveries_per_s", "healthy deliveries/s", True),
              ("healthy_delivered_share", "healthy delivered", True),
              ("stalled_closed", "stalled clients closed", True),
-             ("peak_rss_kib", "peak RSS KiB", False)],
+             ("peak_rss_kib", "peak RSS KiB", False),
+             ("notification_queue_peak", "peak pg_notification_queue_usage()", False)],
     "workers": [("deliveries_per_s", "deliveries/s", True), ("cpu_ms_per_1000",
                                                             "CPU ms / 1,000 deliveries", False)],
 }

@@ -26,7 +26,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import SERVERS, Clients, Producer, Server, commit, free_port, machine, token
+from bench.harness import (
+    SERVERS,
+    Clients,
+    Producer,
+    QueueUsage,
+    Server,
+    commit,
+    free_port,
+    machine,
+    token,
+)
 
 #: Bytes per payload: an Econia fill_event envelope, padded to one size for every channel.
 PAYLOAD = 340
@@ -150,14 +160,16 @@ def slow(server: Server, clients: int, messages: int, batch: int, stalled_share:
     channels = ["fill_event"]
     conns = connections_for(channels, clients, roles, messages)
     healthy = sum(1 for _, role, _ in conns if role != "stall")
-    run = _burst_through(server, conns, channels, messages, batch, procs)
+    with QueueUsage() as queue:
+        run = _burst_through(server, conns, channels, messages, batch, procs)
     return {"healthy_deliveries_per_s": run["received"] / run["seconds"],
             # The measure: each healthy client's throughput, so that the same clients
             # are compared with and without stalls (the total also drops by the 10% stalled).
             "per_healthy_client_per_s": run["received"] / run["seconds"] / healthy,
             "healthy_delivered_share": run["received"] / (healthy * messages),
             "stalled_closed": run["stalled_closed"], "stalled": clients - healthy,
-            "peak_rss_kib": server.memory_kib("VmHWM")}
+            "peak_rss_kib": server.memory_kib("VmHWM"),
+            "notification_queue_peak": queue.peak}
 
 
 def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, Any],

@@ -6,7 +6,8 @@ With ``PGWS_WORKERS=W`` (W > 1) the command becomes a small supervisor. It start
 itself (``python -m relay``) with ``PGWS_WORKERS=1`` and :data:`WORKER_ENV` set; a worker binds
 the port with SO_REUSEPORT, so the kernel spreads new connections over the workers, and each
 worker has its own LISTEN connection (every notification reaches every worker, which serves
-its own clients). The supervisor forwards SIGTERM/SIGINT to every worker and waits. If a
+its own clients). The supervisor forwards SIGTERM/SIGINT (stop) and SIGUSR1 (stats) to every
+worker and waits. If a
 worker ends on its own (its listener gave up, say), the supervisor stops the others and exits
 with that worker's status (1 when it was 0), so an external supervisor sees the failure.
 
@@ -39,13 +40,14 @@ def supervise(env: Mapping[str, str], workers: int) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = stopping or signum != signal.SIGUSR1
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGUSR1, forward)  # Each worker logs its own stats line.
     status = 0
     while by_pid:
         pid, wait_status = os.waitpid(-1, 0)

@@ -551,6 +551,12 @@ def test_workers_share_the_port_and_each_delivers(start_relay) -> None:
                    for _ in range(16)]
         notify(listen, '{"channel":"c","n":1}')
         assert [client.recv(timeout=10) for client in clients] == ['{"channel":"c","n":1}'] * 16
+        # SIGUSR1 reaches every worker: one stats line each, clients adding up to 16.
+        start = len(relay.lines)
+        relay.signal(signal.SIGUSR1)
+        one, first_stats = relay.wait_for_line_at(r"stats: clients=(\d+)", start=start)
+        other = relay.wait_for_line(r"stats: clients=(\d+)", start=one + 1)
+        assert int(first_stats.group(1)) + int(other.group(1)) == 16
         relay.signal(signal.SIGTERM)
         for client in clients:
             with pytest.raises(ConnectionClosed):

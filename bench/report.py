@@ -112,9 +112,10 @@ def _table(result: dict[str, Any]) -> list[str]:
 
 
 def _finish(figure: Any, axes: Any, name: str, xlabel: str, ylabel: str, title: str,
-            log_y: bool = False) -> str:
+            log_y: bool = False, log_x: bool = True) -> str:
     """Label, save as bench/results/<name>.png, close; the path relative to bench/."""
-    axes.set_xscale("log")
+    if log_x:
+        axes.set_xscale("log")
     if log_y:
         axes.set_yscale("log")
     axes.set_xlabel(xlabel)
@@ -296,6 +297,124 @@ def floor_section(directory: str) -> list[str]:
     return [*lines, ""]
 
 
+RELIABILITY_COMMANDS = {
+    "faults": "python bench/faults.py --runs 3 --json bench/results/reliability/faults.json",
+    "fuzz": "python bench/fuzz.py --cases 100000 --procs 4 "
+            "--json bench/results/reliability/fuzz.json",
+    "churn": "python bench/churn.py --cycles 100000 --procs 4 "
+             "--json bench/results/reliability/churn.json",
+    "slow": "python bench/run.py slow --servers relay --runs 3 "
+            "--json bench/results/reliability/slow.json",
+    "soak": "python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json",
+}
+
+
+def _reliability(directory: str) -> dict[str, Any]:
+    found = {}
+    for name in RELIABILITY_COMMANDS:
+        path = os.path.join(directory, "reliability", f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                found[name] = json.load(handle)
+    return found
+
+
+def _chart_soak(soak: dict[str, Any]) -> str | None:
+    samples = soak.get("samples") or []
+    if not samples:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    minutes = [sample["t"] / 60 for sample in samples]
+    axes.plot(minutes, [sample["rss_kib"] / 1024 for sample in samples], color="tab:blue",
+              label="pgws-relay RSS (MiB)")
+    axes.plot(minutes, [sample["clients"] / 10 for sample in samples], color="tab:gray",
+              label="clients / 10")
+    axes.set_ylim(bottom=0)
+    return _finish(figure, axes, "soak", "minutes", "MiB  /  clients ÷ 10",
+                   f"Soak: {soak['summary']['rate_per_s']:,} notifications/s to 1,000 clients, "
+                   "clients joining and leaving", log_x=False)
+
+
+def reliability_section(directory: str) -> list[str]:
+    """Issue 4's long runs and fault figures, from bench/results/reliability/*.json."""
+    found = _reliability(directory)
+    if not found:
+        return []
+    lines = ["## Reliability (issue 4)", "", "| run | figures | command |", "|---|---|---|"]
+    if "faults" in found:
+        cases = found["faults"]["cases"]
+
+        def median(case: str, key: str) -> float:
+            return statistics.median(run[key] for run in cases[case])
+
+        for case, text in (
+                ("kill", "LISTEN backend killed: delivery again {resume_s:.2f} s after the kill"),
+                ("restart", "PostgreSQL stopped and started: delivery again {resume_s:.2f} s "
+                            "after it accepts connections"),
+                ("down-at-start", "PostgreSQL down at start-up for 5 s: delivery {resume_s:.2f} s "
+                                  "after it accepts connections"),
+                ("sigterm", "SIGTERM, 1,000 clients answering the close: exit {exit_s:.2f} s, "
+                            "status 0, {closed_1001:.0f} × 1001"),
+                ("sigterm-silent", "SIGTERM, 1,000 clients that never answer: exit "
+                                   "{exit_s:.2f} s (PGWS_SHUTDOWN_TIMEOUT 5 s), {closed_1001:.0f}"
+                                   " × 1001")):
+            if case in cases:
+                figures = {key: median(case, key) for key in cases[case][0]}
+                gap = f"; gaps counted: {figures['gaps']:.0f}" if "gaps" in figures else ""
+                lines.append(f"| {case} (median of {len(cases[case])}) | "
+                             f"{text.format(**figures)}{gap} | "
+                             f"`{RELIABILITY_COMMANDS['faults']}` |")
+    if "fuzz" in found:
+        fuzz = found["fuzz"]
+        lines.append(f"| raw-socket fuzzer | {fuzz['cases']:,} cases in {fuzz['seconds']} s, "
+                     f"{fuzz['failed']} answered outside their family's documented set; "
+                     f"{fuzz['round_trips']} normal-client round trips, all ok: "
+                     f"{fuzz['round_trips_ok']}; tasks {fuzz['before']['tasks']} → "
+                     f"{fuzz['after']['tasks']}; no leak: {fuzz['leak_free']}; tracebacks: "
+                     f"{fuzz['tracebacks']} | `{RELIABILITY_COMMANDS['fuzz']}` |")
+    if "churn" in found:
+        churn = found["churn"]
+        lines.append(f"| connect/disconnect churn | {churn['cycles']:,} cycles in "
+                     f"{churn['seconds']} s ({churn['cycles_per_s']:,}/s), "
+                     f"{churn['connect_errors']} errors; tasks {churn['tasks'][0]} → "
+                     f"{churn['tasks'][1]}; RSS {churn['rss_kib'][0] / 1024:.1f} → "
+                     f"{churn['rss_kib'][1] / 1024:.1f} MiB ({churn['rss_change']:+.1%}, bound "
+                     f"±10 %) | `{RELIABILITY_COMMANDS['churn']}` |")
+    if "slow" in found:
+        slow = found["slow"]
+        for case in slow["cases"]:
+            runs = case["servers"]["relay"]
+            lines.append(
+                f"| slow consumers: {case['case']} | "
+                f"{statistics.median(r['per_healthy_client_per_s'] for r in runs):,.0f} "
+                f"deliveries/s per healthy client, healthy delivered "
+                f"{min(r['healthy_delivered_share'] for r in runs):.0%}, "
+                f"{statistics.median(r['stalled_closed'] for r in runs):.0f} closed (1013), "
+                f"peak RSS {max(r['peak_rss_kib'] for r in runs) / 1024:.0f} MiB, peak "
+                f"`pg_notification_queue_usage()` "
+                f"{max(r.get('notification_queue_peak', 0) for r in runs):.1g} | "
+                f"`{RELIABILITY_COMMANDS['slow']}` |")
+    chart = None
+    if "soak" in found:
+        summary = found["soak"]["summary"]
+        chart = _chart_soak(found["soak"])
+        lines.append(
+            f"| soak | {summary['minutes']:g} min at {summary['rate_per_s']:,} notifications/s "
+            f"to 1,000 clients (half of {summary['capacity_per_s']:,} deliveries/s), "
+            f"{summary['churn_joined']:,} clients joined and {summary['churn_left']:,} left; "
+            f"missing deliveries {summary['missing_deliveries']}; RSS "
+            f"{summary['rss_mib_first_last_max'][0]} → {summary['rss_mib_first_last_max'][1]} "
+            f"MiB (max {summary['rss_mib_first_last_max'][2]}); closed as slow "
+            f"{summary['slow_closed']} of {summary['churn_stalls_planted']} planted stalls; "
+            f"write failures {summary['writes_failed']}, protocol errors "
+            f"{summary['protocol_errors']}, gaps {summary['gaps']} | "
+            f"`{RELIABILITY_COMMANDS['soak']}` |")
+    lines.append("")
+    if chart:
+        lines += [f"![{os.path.basename(chart)}]({chart})", ""]
+    return lines
+
+
 def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
     results = {}
     for scenario in METRICS:
@@ -323,7 +442,8 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
              "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
     if preface:
         lines += [preface, ""]
-    lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS)]
+    lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
+              *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]

@@ -207,11 +207,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_LISTEN_CHANNEL", "listen_channel", _channel, "postgres-websockets-listener",
             "the one PostgreSQL channel to LISTEN and NOTIFY on"),
     Setting("PGWS_META_CHANNEL", "meta_channel", _text, None,
-            "WebSocket channel for ConnectionOpen/ConnectionClose events (unset: off)"),
+            "WebSocket channel for ConnectionOpen/ConnectionClose/ListenerReconnected events "
+            "(unset: off)"),
     Setting("PGWS_POOL_SIZE", "pool_size", _int_at_least(1), "10",
             "connections for NOTIFYs (client writes, meta events, heartbeats)"),
     Setting("PGWS_RETRIES", "retries", _int_at_least(0), "5",
-            "consecutive failed listener connection attempts before exiting with status 1"),
+            "how long the listener may stay disconnected: as long as upstream's N attempts "
+            "with backoff 1, 2, 4 … 32 s span (5: 15 s), retrying every second; then exit 1"),
     Setting("PGWS_CHECK_LISTENER_INTERVAL", "check_listener_interval", _int_at_least(0), None,
             f"listener heartbeat period in milliseconds; 0: off (unset: {_DEFAULT_HEARTBEAT_MS})"),
     Setting("PGWS_CERTIFICATE_FILE", "certificate_file", _nonempty, None,

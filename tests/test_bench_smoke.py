@@ -1,4 +1,5 @@
-"""The benchmark harness works (not a speed check): the smallest burst, relay and ceiling."""
+"""The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), and
+a short churn run. The fuzzer runs in tests/test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
         (sample,) = case["servers"][name]
         assert sample.get("delivered_share") == 1, sample
         assert sample["deliveries_per_s"] > 0
+
+
+def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
+    out = tmp_path / "churn.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "churn.py"), "--cycles", "400", "--procs", "2",
+         "--json", str(out)], capture_output=True, text=True, timeout=240,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["tasks"][0] == data["tasks"][1]

@@ -8,9 +8,11 @@ delivery resumes are measured by ``bench/faults.py``; these tests prove the beha
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,3 +178,42 @@ def test_connect_disconnect_churn_leaks_nothing(start_relay) -> None:
     with ws(relay, f"/c/{READ}") as client:  # And the relay still serves.
         notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"c"}')
         assert client.recv(timeout=TIMEOUT) == '{"channel":"c"}'
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except OSError:
+        return True  # reset
+
+
+def test_slowloris_connections_are_cut_and_starve_no_one(start_relay) -> None:
+    relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="1")
+    before = relay.stats()
+    request = (f"GET /c/{READ} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\n").encode()
+    silent, dribbling = ([socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
+                          for _ in range(100)] for _ in range(2))
+    try:
+        with ws(relay, f"/c/{READ}") as client:  # Served while they hang on.
+            notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"c"}')
+            assert client.recv(timeout=TIMEOUT) == '{"channel":"c"}'
+        # One byte each per round, a round every 0.1 s at most: far more often than any
+        # per-read timeout would allow, far too slow to finish the request within the 1 s.
+        waiting, sent = set(dribbling), 0
+        deadline = time.monotonic() + TIMEOUT
+        while waiting and time.monotonic() < deadline:
+            for sock in list(waiting):
+                try:
+                    sock.send(request[sent:sent + 1])
+                except OSError:
+                    waiting.discard(sock)
+            sent += 1
+            readable, _, _ = select.select(list(waiting), [], [], 0.1)
+            waiting -= {sock for sock in readable if _closed(sock)}
+        assert not waiting and sent < len(request)
+        assert all(_closed(sock) for sock in silent)
+    finally:
+        for sock in silent + dribbling:
+            sock.close()
+    eventually(lambda: relay.stats()["tasks"] == before["tasks"], TIMEOUT, "no task left")

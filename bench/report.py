@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.floor import floors
+from bench.soak import warmed_up
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -398,13 +399,13 @@ def reliability_section(directory: str) -> list[str]:
     if "soak" in found:
         summary = found["soak"]["summary"]
         chart = _chart_soak(found["soak"])
+        rss = [kib / 1024 for kib in warmed_up(found["soak"]["samples"], summary["minutes"])]
         lines.append(
             f"| soak | {summary['minutes']:g} min at {summary['rate_per_s']:,} notifications/s "
             f"to 1,000 clients (half of {summary['capacity_per_s']:,} deliveries/s), "
             f"{summary['churn_joined']:,} clients joined and {summary['churn_left']:,} left; "
-            f"missing deliveries {summary['missing_deliveries']}; RSS "
-            f"{summary['rss_mib_first_last_max'][0]} → {summary['rss_mib_first_last_max'][1]} "
-            f"MiB (max {summary['rss_mib_first_last_max'][2]}); closed as slow "
+            f"missing deliveries {summary['missing_deliveries']}; RSS after the warm-up (the "
+            f"first third) {rss[0]:.1f} → {rss[-1]:.1f} MiB (max {max(rss):.1f}); closed as slow "
             f"{summary['slow_closed']} of {summary['churn_stalls_planted']} planted stalls; "
             f"write failures {summary['writes_failed']}, protocol errors "
             f"{summary['protocol_errors']}, gaps {summary['gaps']} | "

@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.fuzz import frame, settled, sockets_open
-from bench.harness import Server, commit, dumps, free_port, handshake, machine, token
+from bench.fuzz import settled, sockets_open
+from bench.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
 
 _WARM_UP = 1000
 #: RSS may end this much above its baseline (the issue's bound).

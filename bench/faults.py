@@ -46,6 +46,7 @@ from bench.harness import (
     Server,
     commit,
     dumps,
+    frame,
     free_port,
     handshake,
     machine,
@@ -167,13 +168,6 @@ def down_at_start_case() -> dict[str, Any]:
             holder["server"].stop()
 
 
-def _close_reply(code: int = 1001) -> bytes:
-    """A client's masked close frame."""
-    mask = os.urandom(4)
-    body = code.to_bytes(2, "big")
-    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body))
-
-
 def _sigterm(answer: bool) -> dict[str, Any]:
     """SIGTERM with 1,000 clients that answer the close (as client libraries do) or not."""
     server = Server("relay", free_port())
@@ -194,7 +188,7 @@ def _sigterm(answer: bool) -> dict[str, Any]:
             codes[sock] = int.from_bytes(data[2:4], "big") if data[:1] == b"\x88" else None  # type: ignore[index]
             if answer and data:
                 with contextlib.suppress(OSError):
-                    sock.send(_close_reply())  # type: ignore[union-attr]
+                    sock.send(frame(8, (1001).to_bytes(2, "big")))  # type: ignore[union-attr]
     status = server.proc.wait(60)
     exited = time.monotonic()
     for sock in socks:

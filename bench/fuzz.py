@@ -43,7 +43,17 @@ from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import SECRET, Server, commit, dumps, free_port, machine, token
+from bench.harness import (
+    SECRET,
+    Server,
+    commit,
+    dumps,
+    frame,
+    free_port,
+    handshake,
+    machine,
+    token,
+)
 
 #: The relay under fuzzing refuses client messages above this many bytes (1009).
 MAX_MESSAGE = 4096
@@ -65,25 +75,6 @@ def _request(target: str, headers: dict[str, str] | None = None) -> bytes:
               "Sec-WebSocket-Version": "13", **(headers or {})}
     lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items() if v)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True,
-          mask: bytes | None = None, true_mask: bytes | None = None) -> bytes:
-    """A client frame. ``true_mask``: mask the payload with this key, not the one announced."""
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    size = len(payload)
-    bit = 0x80 if masked else 0
-    if size < 126:
-        head += bytes([bit | size])
-    elif size < 65536:
-        head += bytes([bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + size.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    mask = mask or os.urandom(4)
-    key = true_mask or mask
-    return head + mask + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def _valid_request(rng: random.Random) -> bytes:
@@ -308,28 +299,21 @@ class NormalClient:
     """The well-behaved client that must keep working throughout."""
 
     def __init__(self, port: int) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=_ANSWER_WAIT)
-        self._sock.sendall(_request(f"/normal/{_RW}"))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += self._sock.recv(4096)
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise RuntimeError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-        self._rest = head.split(b"\r\n\r\n", 1)[1]
+        self._sock = handshake(port, f"/normal/{_RW}")
+        self._sock.settimeout(_ANSWER_WAIT)
         self.round_trips = 0
 
     def round_trip(self) -> bool:
         """Write a message; True when its echo comes back."""
         marker = f"normal {self.round_trips} {os.urandom(4).hex()}"
         self._sock.sendall(frame(1, marker.encode()))
-        data = self._rest
+        data = b""
         deadline = time.monotonic() + _ANSWER_WAIT
         while marker.encode() not in data and time.monotonic() < deadline:
             chunk = self._sock.recv(65536)
             if not chunk:
                 return False
             data += chunk
-        self._rest = b""
         self.round_trips += 1
         return marker.encode() in data
 

@@ -240,6 +240,25 @@ def handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True,
+          mask: bytes | None = None, true_mask: bytes | None = None) -> bytes:
+    """A client frame. ``true_mask``: mask the payload with this key, not the one announced."""
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    size = len(payload)
+    bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([bit | size])
+    elif size < 65536:
+        head += bytes([bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = mask or os.urandom(4)
+    key = true_mask or mask
+    return head + mask + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
 def recv_ready(sock: socket.socket) -> bytes | None:
     """What a ready socket has: bytes, b"" when the server closed or reset it, None if nothing."""
     try:

@@ -46,6 +46,7 @@ from bench.harness import (
     closed_count,
     commit,
     dumps,
+    frame,
     free_port,
     handshake,
     machine,
@@ -99,7 +100,7 @@ def _churn(port: int, path: str, members: int, per_second: float, stall_every: f
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif how == 2:  # a close frame (masked, empty payload) first
             with contextlib.suppress(OSError):
-                sock.send(b"\x88\x80" + os.urandom(4))
+                sock.send(frame(8, b""))
         sock.close()  # how == 0: just gone
 
     thread = threading.Thread(target=joiner, daemon=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.fuzz import settled, sockets_open
+from bench.fuzz import pool_at_rest, settled, sockets_open
 from bench.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
 
 _WARM_UP = 1000
@@ -83,12 +83,12 @@ def main() -> None:
     server = Server("relay", free_port())
     try:
         _run(server.port, _WARM_UP, args.procs)
-        before = settled(server, lambda stats: stats["clients"] == 0)
+        before = settled(server, lambda stats: stats["clients"] == 0 and pool_at_rest(stats))
         rss_before = server.memory_kib()
         started = time.monotonic()
         errors = _run(server.port, args.cycles, args.procs)
         seconds = time.monotonic() - started
-        after = settled(server, lambda stats: stats["clients"] == 0
+        after = settled(server, lambda stats: stats["clients"] == 0 and pool_at_rest(stats)
                          and stats["tasks"] == before["tasks"]
                          and sockets_open(stats) == sockets_open(before))
         rss_after = server.memory_kib()

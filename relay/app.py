@@ -133,7 +133,8 @@ def _open_fds() -> int:
 
 def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> str:
     return stats.line(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
-                      db_pool_idle=notifier.idle_connections, notifications=listener.received,
+                      db_pool_idle=notifier.idle_connections,
+                      db_pool_busy=notifier.busy_connections, notifications=listener.received,
                       gaps=listener.gaps, frames_offered=hub.offered)
 
 

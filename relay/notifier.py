@@ -44,6 +44,11 @@ class Notifier:
         """Open connections not in use; the pool grows on demand up to ``pool_size``."""
         return len(self._idle)
 
+    @property
+    def busy_connections(self) -> int:
+        """NOTIFYs in flight, each on a connection that is open but not counted as idle."""
+        return self._limiter.borrowed_tokens
+
     async def notify(self, channel: str, payload: str) -> None:
         """Run ``SELECT pg_notify(channel, payload)``; raise :class:`NotifyFailed` on failure.
 

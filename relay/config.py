@@ -238,8 +238,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_MAX_CONNECTIONS", "max_connections", _int_at_least(0), "0",
             "WebSocket connections at most; more get HTTP 503 (0: no limit)"),
     Setting("PGWS_MAX_CONNECTIONS_PER_IP", "max_connections_per_ip", _int_at_least(0), "0",
-            "open connections from one client address at most; more get HTTP 503 at once "
-            "(0: no limit)"),
+            "open connections from one client address at most; more get HTTP 503 without "
+            "their request being parsed (0: no limit)"),
     Setting("PGWS_MAX_WRITES_PER_SECOND", "max_writes_per_second", _rate, "0",
             "messages per second one client may write (bursts up to one second's worth, at "
             "least 1); faster writers are closed with 1008 (0: no limit)"),

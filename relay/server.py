@@ -8,8 +8,9 @@ WebSocket path; anything else gets a plain HTTP answer (:mod:`relay.static`) and
 may carry further requests (keep-alive, each under the same timeout).
 
 Before any of it, with ``PGWS_MAX_CONNECTIONS_PER_IP`` set, a connection from an address that
-already holds that many gets a 503 at once, without its request being parsed (cheap, so one
-address cannot tie the relay up with connections that never finish a request).
+already holds that many gets a 503 as soon as its request head has arrived, without the head
+being parsed (cheap, and bounded by ``handshake_timeout`` and the head size, so one address
+cannot tie the relay up with connections that never finish a request).
 
 The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
 connection limit (503), the token and channel (400 with upstream's exact message as body, see
@@ -62,6 +63,21 @@ _ADDRESS_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nserver: " + _SERVER_HEADE
 #: Seconds the refused connection's request is read and dropped after the 503, so that closing
 #: a socket with unread bytes (which sends a reset) does not destroy the answer in flight.
 _ADDRESS_FULL_LINGER = 1.0
+
+
+async def _until_head_end(stream: trio.abc.Stream) -> None:
+    """Read until a blank line ends a request head, ``_MAX_REQUEST_HEAD`` bytes, or EOF."""
+    carry = b""  # The last bytes of the previous read: the blank line may span two reads.
+    received = 0
+    while received < _MAX_REQUEST_HEAD:
+        data = await stream.receive_some(_RECEIVE_BYTES)
+        if not data:
+            return
+        received += len(data)
+        window = carry + data
+        if b"\r\n\r\n" in window:
+            return
+        carry = window[-3:]
 
 
 class _Done(Exception):
@@ -150,13 +166,18 @@ class Server:
         counters.rejected += 1
         log.info("rejecting connection from %s: %d connections from that address", peer,
                  self._config.max_connections_per_ip)
-        with trio.move_on_after(_ADDRESS_FULL_LINGER):
-            try:
-                await stream.send_all(_ADDRESS_FULL)
-                while await stream.receive_some(_RECEIVE_BYTES):
-                    pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        try:
+            # An answer to a request not yet sent breaks clients that race their own send against
+            # the reply (websockets' sync client asserts), so wait for the head, unparsed.
+            with trio.move_on_after(self._config.handshake_timeout) as timer:
+                await _until_head_end(stream)
+            if not timer.cancelled_caught:
+                with trio.move_on_after(_ADDRESS_FULL_LINGER):
+                    await stream.send_all(_ADDRESS_FULL)
+                    while await stream.receive_some(_RECEIVE_BYTES):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         await trio.aclose_forcefully(stream)
 
     async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:

@@ -117,6 +117,28 @@ def test_connections_beyond_the_per_address_cap_get_503(start_relay) -> None:
     assert relay.stats()["rejected"] >= 1
 
 
+def test_over_the_per_address_cap_the_503_answers_a_whole_request_head(start_relay) -> None:
+    # Answering before the request is sent breaks clients that race their send against the
+    # reply; so the 503 waits for the blank line, here split across two sends.
+    relay = start_relay(PGWS_MAX_CONNECTIONS_PER_IP="1", PGWS_HANDSHAKE_TIMEOUT="1")
+    head = (f"GET /c/{READ} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\n\r").encode()
+    with ws(relay, f"/c/{READ}"):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            sock.sendall(head)
+            readable, _, _ = select.select([sock], [], [], 0.3)
+            assert not readable  # Nothing yet: the head is one byte short.
+            sock.sendall(b"\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert answer.endswith(b"\r\n\r\nToo many connections from this address")
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            sock.sendall(head)  # Never finished: cut at the handshake timeout, unanswered.
+            assert sock.recv(4096) == b""
+
+
 def test_a_client_writing_too_fast_is_closed_with_1008(start_relay) -> None:
     # One message per 1,000 s: the second message is over the rate whatever the machine's speed.
     relay = start_relay(PGWS_MAX_WRITES_PER_SECOND="0.001")

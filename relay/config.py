@@ -246,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated Origin values allowed to connect (unset: any)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",
-            "seconds to close every client (1001) on SIGTERM/SIGINT before exiting"),
+            "seconds from SIGTERM/SIGINT to exit: every client gets close 1001, those that "
+            "have not answered in time are reset"),
     Setting("PGWS_LOG_LEVEL", "log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("PGWS_WORKERS", "workers", _int_at_least(1, 256), "1",
             "worker processes sharing the port (SO_REUSEPORT), each with its own LISTEN"),

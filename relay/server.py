@@ -38,7 +38,7 @@ from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError
 
 from relay import __version__, auth, envelope, request, static
-from relay.client import Client, ClientSettings
+from relay.client import Client, ClientSettings, close_now
 from relay.config import Config
 from relay.hub import Hub
 from relay.limits import AddressCount, WriteBucket
@@ -160,7 +160,7 @@ class Server:
             log.exception("internal error on the connection from %s", peer)
         finally:
             self._addresses.leave(address)
-            await trio.aclose_forcefully(stream)
+            await close_now(stream)
 
     async def _refuse_address(self, stream: trio.abc.Stream, peer: str) -> None:
         counters.rejected += 1
@@ -178,7 +178,7 @@ class Server:
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        await trio.aclose_forcefully(stream)
+        await close_now(stream)
 
     async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:
         """Everything before a WebSocket client exists; the HTTP state dies with this call."""

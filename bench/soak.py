@@ -1,6 +1,6 @@
 """Soak: pgws-relay at half its measured capacity for a long time, clients joining and leaving.
 
-    python bench/soak.py --minutes 30 --json bench/results/soak.json
+    python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json
 
 Theory of operation
 -------------------

@@ -16,10 +16,17 @@ frame stays well-formed).
 
 Reading. The reader (the connection's own task, and its only one while idle) feeds wsproto's
 frame parser and acts on the frames: pongs for pings, a close reply for a close, a 1002/1007
-close for a protocol violation, client messages assembled under ``max_message_size`` and handed
-to ``on_message`` for ``w``/``rw`` clients (awaited, so a client's writes are back-pressured by
-the database); read-only clients' messages are discarded. The ``exp`` claim is a deadline on
-the reader's wait, after which it sends close 3001 and keeps reading for the reply.
+close for a protocol violation, client messages assembled under ``max_message_size`` and
+``MAX_FRAGMENTS`` (1009 beyond either) and handed to ``on_message`` for ``w``/``rw`` clients
+(awaited, so a client's writes are back-pressured by the database); read-only clients' messages
+are read the same way and discarded. The ``exp`` claim is a deadline on the reader's wait,
+after which it sends close 3001 and keeps reading for the reply.
+
+A client's traffic must never starve the others, whatever it sends. Parsing costs ~15 µs of
+this thread per frame, so the reader yields to Trio after every read that did not wait and
+every ``_FRAMES_PER_CHECKPOINT`` frames; and every client has an inbound budget
+(:class:`relay.limits.InboundBudget`: frames and bytes per second), beyond which it is closed
+with 1008. A client that floods on through the close is aborted once a second budget is spent.
 
 Closing. :meth:`close` queues a close frame behind what is queued and gives the whole
 connection ``close_timeout`` seconds to finish: the writer sends the close frame, the reader
@@ -46,7 +53,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from relay import frames
 from relay.auth import Grant
-from relay.limits import WriteBucket
+from relay.limits import InboundBudget, WriteBucket
 from relay.stats import counters
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,20 @@ _NO_DEADLINE = contextlib.nullcontext()
 
 #: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
 _RECEIVE_BYTES = 16384
+
+#: Frames parsed between two yields to Trio: ~0.5 ms of parsing, so a flooding client delays
+#: no other task by more than that, while a checkpoint (a few µs) stays a small share.
+_FRAMES_PER_CHECKPOINT = 32
+
+#: Fragments one message may have (1009 beyond). Browsers never fragment and libraries cut at
+#: a few KiB, so real messages have a handful; a cap keeps empty fragments, which add nothing
+#: to ``max_message_size``, from growing a message's parts without bound.
+MAX_FRAGMENTS = 4096
+
+#: Bytes one TLS write may take before ``send_timeout`` counts it as a stall: one TLS record.
+#: Progress inside a TLS ``send_all`` cannot be seen, so the backlog goes out a record at a
+#: time and each record must leave within ``send_timeout``, as a plain socket must take a byte.
+_TLS_SEND_BYTES = 16384
 
 #: Close codes a peer may not put on the wire (RFC 6455 7.4.1); we answer such a close with 1000.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
@@ -221,16 +242,7 @@ class Client:
 
     async def _send(self, data: bytes) -> None:
         if self._fd < 0:
-            with trio.move_on_after(self._settings.send_timeout) as scope:
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._abort()
-                    return
-            self._queued -= len(data)
-            if scope.cancelled_caught:
-                self._slow("send timed out")
-                self._abort()
+            await self._send_tls(memoryview(data))
             return
         view = memoryview(data)
         sock = self._stream.socket  # type: ignore[attr-defined]
@@ -253,31 +265,66 @@ class Client:
             # would sit behind what is in flight, so the close deadline will abort it.
             self._slow("socket accepted nothing")
 
+    async def _send_tls(self, view: memoryview) -> None:
+        while view:
+            record = view[:_TLS_SEND_BYTES]
+            with trio.move_on_after(self._settings.send_timeout) as scope:
+                try:
+                    await self._stream.send_all(record)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._abort()
+                    return
+            if scope.cancelled_caught:
+                # A TLS stream whose send was cancelled is broken: no close frame can follow.
+                self._slow("socket accepted nothing")
+                self._abort()
+                return
+            view = view[_TLS_SEND_BYTES:]
+            self._queued -= len(record)
+
     # -- the read side ----------------------------------------------------------------------
 
     async def _reader(self) -> None:
         parts: list[Any] = []  # The frames of a message so far: str (text) or bytes (binary).
         size = 0
+        fragments = 0
         keep = self.grant.can_write  # Read-only clients' messages are read and thrown away.
         limit = self._settings.max_message_size
         decoder = self._frames
+        # Made at the first bytes the client sends, so that an idle connection carries none.
+        budget: InboundBudget | None = None
+        parsed = 0  # Frames since the last yield to Trio.
         while True:
             # Frames first: the handshake may have carried some (trailing data).
             try:
                 for frame in decoder.received_frames():
+                    parsed += 1
+                    if parsed >= _FRAMES_PER_CHECKPOINT:
+                        parsed = 0
+                        await trio.lowlevel.checkpoint()
+                    if budget is None:
+                        budget = self._new_budget()
+                    if not budget.take_frame(trio.current_time()):
+                        budget = self._over_budget("frames")
+                        if budget is None:
+                            return
                     opcode = frame.opcode
                     if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                         if self._closing:
                             continue
                         payload = frame.payload
                         size += len(payload.encode() if opcode is Opcode.TEXT else payload)
+                        fragments += 1
                         if size > limit:
                             self.close(MESSAGE_TOO_BIG, "message too big")
+                            continue
+                        if fragments > MAX_FRAGMENTS:
+                            self.close(MESSAGE_TOO_BIG, "too many fragments")
                             continue
                         if keep:
                             parts.append(payload)
                         if frame.message_finished:
-                            message, parts, size = parts, [], 0
+                            message, parts, size, fragments = parts, [], 0, 0
                             if keep:
                                 await self._deliver(_text(message, opcode))
                     elif opcode is Opcode.PING:
@@ -295,6 +342,8 @@ class Client:
             # The wait below is the only place an idle connection sits, so it is kept lean:
             # no cancel scope unless the token expires, and on a plain socket a bare
             # wait_readable + os.read rather than the stream's layers (~1 KiB per connection).
+            data = None
+            waited = True
             with trio.move_on_at(self._expiry) if self._expiry < inf else _NO_DEADLINE:
                 if self._fd < 0:
                     try:
@@ -304,21 +353,56 @@ class Client:
                 else:
                     try:
                         data = os.read(self._fd, _RECEIVE_BYTES)
+                        waited = False
                     except BlockingIOError:
-                        data = None  # Wait outside the handler: it would keep the exception.
+                        pass  # Wait outside the handler: it would keep the exception.
                     except OSError:
                         data = b""
                     if data is None:
                         await trio.lowlevel.wait_readable(self._fd)
                         continue
+            # Checked on every pass, not only when the wait was cut: a client whose bytes never
+            # let the reader wait must not outlive its token.
             if self._expiry <= trio.current_time():
                 self._expiry = inf
                 self.close(JWT_EXPIRED, "JWT expired")
+            if data is None:  # The wait was cut by the token's exp.
                 continue
             if not data:
                 self._abort()
                 return
+            if budget is None:
+                budget = self._new_budget()
+            if not budget.take_bytes(trio.current_time(), len(data)):
+                budget = self._over_budget("bytes")
+                if budget is None:
+                    return
             decoder.receive_bytes(data)
+            if not waited:
+                # The bytes were there without a wait, which is no yield: yield now, so that a
+                # client that keeps its socket full cannot keep every other task from running.
+                parsed = 0
+                await trio.lowlevel.checkpoint()
+
+    def _new_budget(self) -> InboundBudget:
+        settings = self._settings
+        return InboundBudget(settings.max_client_frames_per_second,
+                             settings.max_client_bytes_per_second, settings.max_message_size,
+                             trio.current_time())
+
+    def _over_budget(self, what: str) -> InboundBudget | None:
+        """Close a client that sends too fast; the budget its close gets, or None: stop."""
+        if self._closing:
+            # It went on at full speed through its close (or was closing anyway): reset it.
+            log.info("aborting the connection to %s: %s over its budget while closing",
+                     self.peer, what)
+            self._abort()
+            return None
+        log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what)
+        counters.inbound_limited += 1
+        self.close(POLICY_VIOLATION, f"too many {what}")
+        # A fresh budget for the close: a client that stops in time gets its close handshake.
+        return self._new_budget()
 
     def _on_close(self, code: int) -> None:
         if self._closing:
@@ -390,13 +474,17 @@ def _text(parts: list[Any], opcode: Opcode) -> str:
 class ClientSettings:
     """The per-client limits, shared by all clients (one object, not one per client)."""
 
-    __slots__ = ("close_timeout", "max_message_size", "max_queue_bytes", "send_timeout")
+    __slots__ = ("close_timeout", "max_client_bytes_per_second", "max_client_frames_per_second",
+                 "max_message_size", "max_queue_bytes", "send_timeout")
 
     def __init__(
         self, max_queue_bytes: int, send_timeout: float, close_timeout: float,
-        max_message_size: int,
+        max_message_size: int, max_client_frames_per_second: float,
+        max_client_bytes_per_second: float,
     ) -> None:
         self.max_queue_bytes = max_queue_bytes
         self.send_timeout = send_timeout
         self.close_timeout = close_timeout
         self.max_message_size = max_message_size
+        self.max_client_frames_per_second = max_client_frames_per_second
+        self.max_client_bytes_per_second = max_client_bytes_per_second

@@ -78,6 +78,8 @@ class Config:
     max_connections: int
     max_connections_per_ip: int
     max_writes_per_second: float
+    max_client_frames_per_second: float
+    max_client_bytes_per_second: float
     allowed_origins: tuple[str, ...]
     shutdown_timeout: float
     log_level: str
@@ -243,6 +245,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_MAX_WRITES_PER_SECOND", "max_writes_per_second", _rate, "0",
             "messages per second one client may write (bursts up to one second's worth, at "
             "least 1); faster writers are closed with 1008 (0: no limit)"),
+    Setting("PGWS_MAX_CLIENT_FRAMES_PER_SECOND", "max_client_frames_per_second", _rate, "1000",
+            "WebSocket frames per second one client may send, of any kind (bursts up to one "
+            "second's worth); more close it with 1008 (0: no limit)"),
+    Setting("PGWS_MAX_CLIENT_BYTES_PER_SECOND", "max_client_bytes_per_second", _rate,
+            "1048576",
+            "bytes per second one client may send (bursts up to one second's worth, at least two "
+            "of the largest messages); more close it with 1008 (0: no limit)"),
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated Origin values allowed to connect (unset: any)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",

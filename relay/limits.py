@@ -1,11 +1,17 @@
-"""Optional limits on what one client may take: its write rate, and its address's connections.
+"""Limits on what one client may take: rates, and how many connections its address holds.
 
 Theory of operation
 -------------------
-:class:`WriteBucket` is a token bucket per writing client: ``rate`` messages per second,
-bursts of up to one second's worth (at least one message). :class:`AddressCount` counts the
-open connections of each client address against a cap. Both only answer "allowed or not";
-what a refusal means on the wire (close 1008, HTTP 503) is decided by their callers.
+:class:`TokenBucket` is the one rate mechanism: ``rate`` units per second, holding at most
+``burst``. Three limits are made of it: a writing client's messages (:class:`WriteBucket`,
+``PGWS_MAX_WRITES_PER_SECOND``), and every client's inbound frames and bytes
+(:class:`InboundBudget`, ``PGWS_MAX_CLIENT_FRAMES_PER_SECOND`` and
+``PGWS_MAX_CLIENT_BYTES_PER_SECOND``), which bound the CPU one client's traffic can take.
+:class:`AddressCount` counts the open connections of each client network
+(:func:`network_of`: an IPv4 address, or an IPv6 /64) against a cap.
+
+They only answer "allowed or not"; what a refusal means on the wire (close 1008, HTTP 503) is
+decided by their callers.
 
 Pure bookkeeping: no I/O, and no clock of its own (callers pass ``now``), so tests need no
 waiting.
@@ -13,51 +19,109 @@ waiting.
 
 from __future__ import annotations
 
+import ipaddress
 
-class WriteBucket:
-    """How many messages a client may write now; refilled at ``rate`` per second."""
+#: IPv6 addresses are counted per /64: one subscriber line, one host or one cloud instance
+#: usually holds a whole /64, so counting each /128 would let one machine take 2^64 "addresses".
+_IPV6_NETWORK_BITS = 64
+
+
+class TokenBucket:
+    """Up to ``burst`` units at once, refilled at ``rate`` units per second."""
 
     __slots__ = ("_at", "_burst", "_rate", "_tokens")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self._rate = rate
-        self._burst = max(1.0, rate)
-        self._tokens = self._burst
+        self._burst = burst
+        self._tokens = burst
         self._at = now
 
-    def take(self, now: float) -> bool:
-        """Spend one message if the bucket holds one; False: the client writes too fast."""
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Spend ``amount`` if the bucket holds it; False (nothing spent): over the rate."""
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens < 1:
+        if self._tokens < amount:
             return False
-        self._tokens -= 1
+        self._tokens -= amount
         return True
 
 
+class WriteBucket(TokenBucket):
+    """A writing client's messages: ``rate`` per second, bursts of one second's worth (>= 1)."""
+
+    __slots__ = ()
+
+    def __init__(self, rate: float, now: float) -> None:
+        super().__init__(rate, max(1.0, rate), now)
+
+
+class InboundBudget:
+    """What one client may send: frames and bytes per second, each with a one-second burst.
+
+    A rate of 0 means no limit for that measure. The byte burst is at least two of the largest
+    messages, so a client may always send one whole message at once.
+    """
+
+    __slots__ = ("_bytes", "_frames")
+
+    def __init__(self, frames_per_second: float, bytes_per_second: float,
+                 max_message_size: int, now: float) -> None:
+        self._frames = TokenBucket(frames_per_second, frames_per_second, now) \
+            if frames_per_second else None
+        self._bytes = TokenBucket(bytes_per_second, max(bytes_per_second,
+                                                        2.0 * max_message_size), now) \
+            if bytes_per_second else None
+
+    def take_frame(self, now: float) -> bool:
+        """Spend one frame; False: the client sends frames faster than its budget."""
+        return self._frames is None or self._frames.take(now)
+
+    def take_bytes(self, now: float, count: int) -> bool:
+        """Spend ``count`` bytes read; False: the client sends faster than its budget."""
+        return self._bytes is None or self._bytes.take(now, count)
+
+
+def network_of(host: str) -> str:
+    """The key a client address is counted under: IPv4 as is, IPv6 by its /64.
+
+    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, from a dual-stack socket) counts as its
+    IPv4 address. Anything that is not an IP address (a Unix socket, say) counts as itself.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, _IPV6_NETWORK_BITS), strict=False))
+    return str(address)
+
+
 class AddressCount:
-    """Open connections per client address, at most ``limit`` each (0: no limit)."""
+    """Open connections per client network, at most ``limit`` each (0: no limit)."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._open: dict[str, int] = {}
 
-    def enter(self, address: str) -> bool:
-        """Count a new connection from ``address``; False (and not counted) over the cap."""
+    def enter(self, network: str) -> bool:
+        """Count a new connection from ``network``; False (and not counted) over the cap."""
         if not self._limit:
             return True
-        count = self._open.get(address, 0)
+        count = self._open.get(network, 0)
         if count >= self._limit:
             return False
-        self._open[address] = count + 1
+        self._open[network] = count + 1
         return True
 
-    def leave(self, address: str) -> None:
+    def leave(self, network: str) -> None:
         """Forget a connection counted by :meth:`enter`."""
         if not self._limit:
             return
-        count = self._open[address] - 1
+        count = self._open[network] - 1
         if count:
-            self._open[address] = count
+            self._open[network] = count
         else:
-            del self._open[address]
+            del self._open[network]

@@ -5,12 +5,23 @@ Theory of operation
 Every accepted TCP (or TLS) connection gets :meth:`Server.handle`. h11 reads the request head
 within ``handshake_timeout``. A request whose ``Upgrade`` header says ``websocket`` goes to the
 WebSocket path; anything else gets a plain HTTP answer (:mod:`relay.static`) and the connection
-may carry further requests (keep-alive, each under the same timeout).
+may carry further requests (keep-alive, at most ``_MAX_REQUESTS_PER_CONNECTION``).
 
-Before any of it, with ``PGWS_MAX_CONNECTIONS_PER_IP`` set, a connection from an address that
-already holds that many gets a 503 as soon as its request head has arrived, without the head
-being parsed (cheap, and bounded by ``handshake_timeout`` and the head size, so one address
-cannot tie the relay up with connections that never finish a request).
+Until a connection is a WebSocket client, every phase has a deadline, kept on the one cancel
+scope of :meth:`Server._accept`: the request (head and any body, which is read and thrown away
+up to ``_MAX_DISCARDED_BODY`` bytes) within ``handshake_timeout`` of its start, keep-alive idle
+within ``handshake_timeout``, and each write of a response (at most ``_FILE_CHUNK`` bytes)
+within ``send_timeout``. So a connection that is not a client costs a bounded time, at most
+one request head, one read and one file chunk of memory, and the socket plus at most one open
+file.
+
+Before any of it, with ``PGWS_MAX_CONNECTIONS_PER_IP`` set, a connection from a network
+(:func:`relay.limits.network_of`: an IPv4 address or an IPv6 /64) that already holds that many
+gets a 503 as soon as its request head has arrived, without the head being parsed. A refused
+connection is held at most ``_REFUSED_HEAD_WAIT`` + ``_ADDRESS_FULL_LINGER`` seconds, at most
+``_REFUSED_AT_ONCE`` of them at a time (beyond that they are closed at once), and refusals are
+logged as one summary line per ``_REFUSED_LOG_INTERVAL``: a storm from one address costs a
+bounded number of descriptors and log lines.
 
 The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
 connection limit (503), the token and channel (400 with upstream's exact message as body, see
@@ -25,6 +36,7 @@ targets are not logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -41,7 +53,7 @@ from relay import __version__, auth, envelope, request, static
 from relay.client import Client, ClientSettings, close_now
 from relay.config import Config
 from relay.hub import Hub
-from relay.limits import AddressCount, WriteBucket
+from relay.limits import AddressCount, WriteBucket, network_of
 from relay.publisher import Publisher
 from relay.stats import counters
 
@@ -52,7 +64,12 @@ _MAX_REQUEST_HEAD = 16384
 _RECEIVE_BYTES = 16384
 #: Bytes of a plain-HTTP request body that are read and thrown away to keep the connection.
 _MAX_DISCARDED_BODY = 65536
+#: Bytes of a static file read and written at a time; each write must finish within
+#: ``send_timeout``, so a client that stops reading holds the file at most that long.
 _FILE_CHUNK = 65536
+#: Plain requests one keep-alive connection may carry (nginx's keepalive_requests default), so
+#: that pipelining cannot keep a connection that never becomes a client forever.
+_MAX_REQUESTS_PER_CONNECTION = 1000
 _SERVER_HEADER = f"pgws-relay/{__version__}".encode()
 _ADDRESS_FULL_BODY = b"Too many connections from this address"
 #: Sent before the request is read, so it cannot come from h11 (which answers requests only).
@@ -60,9 +77,17 @@ _ADDRESS_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nserver: " + _SERVER_HEADE
                  + b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: "
                  + str(len(_ADDRESS_FULL_BODY)).encode() + b"\r\nconnection: close\r\n\r\n"
                  + _ADDRESS_FULL_BODY)
+#: Seconds a refused connection may take to send its request head (at most handshake_timeout):
+#: clients send it at once, and one that does not gets no answer sooner anyway.
+_REFUSED_HEAD_WAIT = 1.0
 #: Seconds the refused connection's request is read and dropped after the 503, so that closing
 #: a socket with unread bytes (which sends a reset) does not destroy the answer in flight.
 _ADDRESS_FULL_LINGER = 1.0
+#: Refused connections waiting for their head or lingering at once; beyond it a refused
+#: connection is closed without an answer, so a storm holds a bounded number of descriptors.
+_REFUSED_AT_ONCE = 64
+#: Seconds between two summary lines of refused connections: a storm is one line per interval.
+_REFUSED_LOG_INTERVAL = 10.0
 
 
 async def _until_head_end(stream: trio.abc.Stream) -> None:
@@ -118,9 +143,16 @@ class Server:
         self._settings = ClientSettings(
             max_queue_bytes=config.max_queue_bytes, send_timeout=config.send_timeout,
             close_timeout=config.close_timeout, max_message_size=config.max_message_size,
+            max_client_frames_per_second=config.max_client_frames_per_second,
+            max_client_bytes_per_second=config.max_client_bytes_per_second,
         )
         self._shutting_down = False
         self._addresses = AddressCount(config.max_connections_per_ip)
+        #: Refused connections now held (waiting for their head, or lingering after the 503).
+        self._refused_held = 0
+        #: Refusals since the last summary line; the summary task runs while this can grow.
+        self._refused_unlogged = 0
+        self._refused_logging = False
         #: Cancel scopes of connections that are not WebSocket clients (yet).
         self._pending: set[trio.CancelScope] = set()
 
@@ -133,9 +165,9 @@ class Server:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
         peer = _peer(stream)
-        address = peer.rsplit(":", 1)[0]
-        if not self._addresses.enter(address):
-            await self._refuse_address(stream, peer)
+        network = network_of(peer.rsplit(":", 1)[0])
+        if not self._addresses.enter(network):
+            await self._refuse_address(stream, network)
             return
         try:
             client = await self._accept(stream, peer)
@@ -159,17 +191,21 @@ class Server:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
-            self._addresses.leave(address)
+            self._addresses.leave(network)
             await close_now(stream)
 
-    async def _refuse_address(self, stream: trio.abc.Stream, peer: str) -> None:
+    async def _refuse_address(self, stream: trio.abc.Stream, network: str) -> None:
         counters.rejected += 1
-        log.info("rejecting connection from %s: %d connections from that address", peer,
-                 self._config.max_connections_per_ip)
+        self._count_refusal(network)
+        if self._refused_held >= _REFUSED_AT_ONCE:
+            await close_now(stream)
+            return
+        self._refused_held += 1
         try:
             # An answer to a request not yet sent breaks clients that race their own send against
             # the reply (websockets' sync client asserts), so wait for the head, unparsed.
-            with trio.move_on_after(self._config.handshake_timeout) as timer:
+            with trio.move_on_after(min(_REFUSED_HEAD_WAIT, self._config.handshake_timeout)
+                                    ) as timer:
                 await _until_head_end(stream)
             if not timer.cancelled_caught:
                 with trio.move_on_after(_ADDRESS_FULL_LINGER):
@@ -178,37 +214,76 @@ class Server:
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        await close_now(stream)
+        finally:
+            self._refused_held -= 1
+            await close_now(stream)
+
+    def _count_refusal(self, network: str) -> None:
+        """Log the first refusal at once and the rest as one summary line per interval."""
+        if self._refused_logging:
+            self._refused_unlogged += 1
+            return
+        log.info("refusing connections over the per-address cap (%d), first from %s; "
+                 "further refusals are summed up every %g s", self._config.max_connections_per_ip,
+                 network, _REFUSED_LOG_INTERVAL)
+        self._refused_logging = True
+        self._background.start_soon(self._log_refusals)
+
+    async def _log_refusals(self) -> None:
+        try:
+            while True:
+                await trio.sleep(_REFUSED_LOG_INTERVAL)
+                if not self._refused_unlogged:
+                    return
+                log.info("refused %d more connections over the per-address cap in %g s",
+                         self._refused_unlogged, _REFUSED_LOG_INTERVAL)
+                self._refused_unlogged = 0
+        finally:
+            self._refused_logging = False
 
     async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:
-        """Everything before a WebSocket client exists; the HTTP state dies with this call."""
+        """Everything before a WebSocket client exists; the HTTP state dies with this call.
+
+        Resource handling: every phase sets the deadline of one cancel scope, ``phase`` (see
+        the module's opening); a phase that overruns it, or a shutdown, cancels the scope and
+        the connection ends (None). Errors: an HTTP protocol error is answered with h11's
+        status; socket errors propagate to :meth:`handle`.
+        """
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
-        # Until it is a WebSocket client, a shutdown may cancel the connection outright.
-        with trio.CancelScope() as pending:
-            self._pending.add(pending)
+        with trio.CancelScope() as phase:
+            self._pending.add(phase)
             try:
-                return await self._until_client(stream, http, peer)
+                return await self._until_client(stream, http, phase, peer)
             except h11.RemoteProtocolError as exc:
-                await self._send_error(stream, http, exc.error_status_hint, str(exc))
+                await self._send_error(stream, http, phase, exc.error_status_hint, str(exc))
             finally:
-                self._pending.discard(pending)
+                self._pending.discard(phase)
+        if phase.cancelled_caught and not self._shutting_down:
+            log.debug("connection from %s ended: a deadline passed before it became a client",
+                      peer)
         return None
 
-    async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection, peer: str
-                            ) -> Client | None:
+    def _within(self, phase: trio.CancelScope, seconds: float) -> None:
+        """The next phase must end within ``seconds`` from now."""
+        phase.deadline = trio.current_time() + seconds
+
+    async def _write(self, stream: trio.abc.Stream, phase: trio.CancelScope, data: bytes) -> None:
+        """One write of a response; it must finish within ``send_timeout``."""
+        self._within(phase, self._config.send_timeout)
+        await stream.send_all(data)
+
+    async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection,
+                            phase: trio.CancelScope, peer: str) -> Client | None:
         """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
         if self._shutting_down:
             return None
-        req = None
-        with trio.move_on_after(self._config.handshake_timeout) as timer:
-            req = await self._read_request(stream, http)
-        if timer.cancelled_caught:
-            log.debug("handshake timeout for %s", peer)
+        self._within(phase, self._config.handshake_timeout)
+        req = await self._read_request(stream, http)
         if req is None:
             return None
         if _is_websocket(req.headers):
-            return await self._handshake(stream, http, req, peer)
-        await self._serve_http(stream, http, req, peer)
+            return await self._handshake(stream, http, phase, req, peer)
+        await self._serve_http(stream, http, phase, req, peer)
         return None
 
     async def _read_request(self, stream: trio.abc.Stream, http: h11.Connection
@@ -227,72 +302,84 @@ class Server:
         return http.send(h11.Response(status_code=status, reason=_reason(status),
                                       headers=[*headers, (b"server", _SERVER_HEADER)]))
 
-    async def _send(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
-                    headers: list[tuple[bytes, bytes]], body: bytes = b"",
-                    close: bool = False) -> None:
+    async def _send(self, stream: trio.abc.Stream, http: h11.Connection,
+                    phase: trio.CancelScope, status: int, headers: list[tuple[bytes, bytes]],
+                    body: bytes = b"", close: bool = False) -> None:
+        """A whole response with an in-memory body, in one write."""
         if close:
             headers = [*headers, (b"connection", b"close")]
         data = self._response_head(http, status, headers)
         if body:
             data += http.send(h11.Data(data=body))
         data += http.send(h11.EndOfMessage())
-        await stream.send_all(data)
+        await self._write(stream, phase, data)
 
-    async def _send_error(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
-                          message: str) -> None:
+    async def _send_error(self, stream: trio.abc.Stream, http: h11.Connection,
+                          phase: trio.CancelScope, status: int, message: str) -> None:
         body = message.encode()
         if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        try:
-            with trio.move_on_after(self._config.close_timeout):
-                await self._send(stream, http, status,
-                                 [(b"content-type", b"text/plain; charset=utf-8"),
-                                  (b"content-length", str(len(body)).encode())], body, close=True)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-            pass
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 h11.LocalProtocolError):
+            await self._send(stream, http, phase, status,
+                             [(b"content-type", b"text/plain; charset=utf-8"),
+                              (b"content-length", str(len(body)).encode())], body, close=True)
 
     # -- plain HTTP -------------------------------------------------------------------------
 
     async def _serve_http(self, stream: trio.abc.Stream, http: h11.Connection,
-                          req: h11.Request, peer: str) -> None:
-        while True:
+                          phase: trio.CancelScope, req: h11.Request, peer: str) -> None:
+        for served in range(1, _MAX_REQUESTS_PER_CONNECTION + 1):
+            # The request's deadline, set when it began: its body must come within it too.
+            request_deadline = phase.deadline
             reply = static.answer(self._config.root_path, req.method, req.target,
                                   request.header(req.headers, b"if-none-match"))
             headers = [*reply.headers, (b"content-length", str(reply.length).encode())]
-            await stream.send_all(self._response_head(http, reply.status, headers))
-            if req.method != b"HEAD":
-                if reply.file is not None:
-                    await self._send_file(stream, http, reply.file, reply.length)
-                elif reply.body:
-                    await stream.send_all(http.send(h11.Data(data=reply.body)))
-            await stream.send_all(http.send(h11.EndOfMessage()))
+            last = served == _MAX_REQUESTS_PER_CONNECTION
+            if req.method == b"HEAD" or reply.file is None:
+                await self._send(stream, http, phase, reply.status, headers,
+                                 b"" if req.method == b"HEAD" else reply.body, close=last)
+            else:
+                if last:
+                    headers.append((b"connection", b"close"))
+                await self._write(stream, phase, self._response_head(http, reply.status,
+                                                                     headers))
+                await self._send_file(stream, http, phase, reply.file, reply.length)
+                await self._write(stream, phase, http.send(h11.EndOfMessage()))
             log.info("HTTP %s %d from %s", req.method.decode("latin-1"), reply.status, peer)
+            phase.deadline = request_deadline
             await self._discard_body(stream, http)
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                 return
             http.start_next_cycle()
-            next_req = None
-            with trio.move_on_after(self._config.handshake_timeout):
-                next_req = await self._read_request(stream, http)
+            # Keep-alive: the next request must begin, and arrive whole, within the timeout.
+            self._within(phase, self._config.handshake_timeout)
+            next_req = await self._read_request(stream, http)
             if next_req is None:
                 return
             if _is_websocket(next_req.headers):
                 # A WebSocket upgrade after plain requests on one connection: rare; refuse it
                 # plainly rather than mixing both lives in one handler.
-                await self._send_error(stream, http, 400, "Upgrade on a reused connection")
+                await self._send_error(stream, http, phase, 400, "Upgrade on a reused connection")
                 return
             req = next_req
 
-    async def _send_file(self, stream: trio.abc.Stream, http: h11.Connection, path: str,
-                         length: int) -> None:
+    async def _send_file(self, stream: trio.abc.Stream, http: h11.Connection,
+                         phase: trio.CancelScope, path: str, length: int) -> None:
         remaining = length
-        async with await trio.open_file(path, "rb") as handle:
+        try:
+            handle = await trio.open_file(path, "rb")
+        except OSError as exc:
+            # Gone or locked since static.answer looked: the head is sent, so close is all left.
+            log.warning("cannot open a static file: %s", exc.strerror)
+            raise _Done from None
+        async with handle:
             while remaining > 0:
                 chunk = await handle.read(min(_FILE_CHUNK, remaining))
                 if not chunk:
                     raise _Done  # The file shrank under us: the response cannot be completed.
                 remaining -= len(chunk)
-                await stream.send_all(http.send(h11.Data(data=chunk)))
+                await self._write(stream, phase, http.send(h11.Data(data=chunk)))
 
     async def _discard_body(self, stream: trio.abc.Stream, http: h11.Connection) -> None:
         discarded = 0
@@ -307,31 +394,31 @@ class Server:
 
     # -- WebSocket --------------------------------------------------------------------------
 
-    async def _reject(self, stream: trio.abc.Stream, http: h11.Connection, status: int,
-                      message: str, peer: str) -> None:
+    async def _reject(self, stream: trio.abc.Stream, http: h11.Connection,
+                      phase: trio.CancelScope, status: int, message: str, peer: str) -> None:
         log.info("rejecting request from %s: %d %s", peer, status, message)
         counters.rejected += 1
-        await self._send_error(stream, http, status, message)
+        await self._send_error(stream, http, phase, status, message)
 
-    async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection, req: h11.Request,
-                         peer: str) -> Client | None:
+    async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
+                         phase: trio.CancelScope, req: h11.Request, peer: str) -> Client | None:
         config = self._config
         if self._shutting_down:
-            await self._reject(stream, http, 503, "Shutting down", peer)
+            await self._reject(stream, http, phase, 503, "Shutting down", peer)
             return None
         origin = request.header(req.headers, b"origin")
         if config.allowed_origins and origin is not None and \
                 origin.decode("latin-1") not in config.allowed_origins:
-            await self._reject(stream, http, 403, "Origin not allowed", peer)
+            await self._reject(stream, http, phase, 403, "Origin not allowed", peer)
             return None
         if config.max_connections and self._hub.client_count >= config.max_connections:
-            await self._reject(stream, http, 503, "Too many connections", peer)
+            await self._reject(stream, http, phase, 503, "Too many connections", peer)
             return None
         target = request.parse_target(req.target, req.headers)
         try:
             grant = auth.check(target.token, target.channel, self._keys, time.time())
         except auth.AuthError as refused:
-            await self._reject(stream, http, 400, str(refused), peer)
+            await self._reject(stream, http, phase, 400, str(refused), peer)
             return None
 
         ws = WSConnection(ConnectionType.SERVER)
@@ -344,7 +431,7 @@ class Server:
             counters.rejected += 1
             extra = list(getattr(hint, "headers", []) or [])
             body = str(exc).encode()
-            await self._send(stream, http, status,
+            await self._send(stream, http, phase, status,
                              [*extra, (b"content-type", b"text/plain; charset=utf-8"),
                               (b"content-length", str(len(body)).encode())], body, close=True)
             return None
@@ -357,7 +444,7 @@ class Server:
             # 4 MiB here): what a slow client can hold is then this plus max_queue_bytes.
             inner = getattr(stream, "transport_stream", stream)
             inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
-        await stream.send_all(ws.send(AcceptConnection()))
+        await self._write(stream, phase, ws.send(AcceptConnection()))
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
                   ",".join(grant.channels))
         client = Client(stream, grant, self._settings, self._publisher.message, peer, received)

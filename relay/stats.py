@@ -30,6 +30,8 @@ class Counters:
     rate_limited: int = 0
     #: Clients closed with 1002/1007 for breaking the WebSocket protocol.
     protocol_errors: int = 0
+    #: Clients closed with 1008 for sending frames or bytes faster than their inbound budget.
+    inbound_limited: int = 0
 
 
 counters = Counters()

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Request
 
-from tests.conftest import DB_URI, RelayProcess, notify, raw_client, token
+from tests.conftest import DB_URI, RelayProcess, notify, raw_client, tls_files, token
 
 RW = token({"mode": "rw"})
 RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
@@ -381,27 +381,7 @@ def test_sigterm_closes_clients_with_1001_and_exits_0(relay: RelayProcess) -> No
 
 
 def test_tls(start_relay, tmp_path: Path) -> None:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_file, key_file = tls_files(tmp_path)
     relay = start_relay(PGWS_CERTIFICATE_FILE=str(cert_file), PGWS_KEY_FILE=str(key_file))
     context = ssl.create_default_context(cafile=str(cert_file))
     listen = relay.env["PGWS_LISTEN_CHANNEL"]

@@ -1,14 +1,16 @@
 """A raw-socket fuzzer for the relay's HTTP handshake and WebSocket frames.
 
-    python bench/fuzz.py --cases 100000 --procs 4 --json bench/results/fuzz.json
+    python bench/fuzz.py --cases 100000 --procs 4 --json bench/results/reliability/fuzz.json
 
 Theory of operation
 -------------------
 Each case belongs to a family (:data:`FAMILIES`): a function of a seeded ``random.Random``
 that returns what to send and the outcomes the relay may answer with. Handshake families send
-a (broken) request on a new connection; frame families first complete a valid ``rw``
-handshake on a channel of their own, then send (broken) frames. After sending, the client
-half-closes its side, so the relay always sees an end, and reads the relay's answer:
+a (broken) request on a new connection; plain-HTTP families a request for the relay's static
+root (:func:`make_root`: dot files, a link out of the root); frame families first complete a
+valid ``rw`` handshake on a channel of their own, then send (broken) frames, floods among them.
+After sending, the client half-closes its side, so the relay always sees an end, and reads the
+relay's answer:
 
 - ``http <status>``: an HTTP response other than 101;
 - ``close <code>``: a WebSocket close frame (after 101);
@@ -32,11 +34,15 @@ import argparse
 import base64
 import collections
 import contextlib
+import hashlib
+import hmac
+import json
 import multiprocessing as mp
 import os
 import random
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -54,12 +60,35 @@ from bench.harness import (
     machine,
     token,
 )
+from relay.client import MAX_FRAGMENTS
 
 #: The relay under fuzzing refuses client messages above this many bytes (1009).
 MAX_MESSAGE = 4096
-#: Relay settings for fuzzing: the bench's secret (the cases' tokens are signed with it) and a
-#: small message limit, so that "oversized" is cheap to send.
-RELAY_ENV = {"PGWS_JWT_SECRET": SECRET, "PGWS_MAX_MESSAGE_SIZE": str(MAX_MESSAGE)}
+#: Frames per second one fuzzing client may send: above a fragment flood (the relay's cap of
+#: 4,096 fragments answers it with 1009) and below a frame flood (answered with 1008).
+MAX_FRAMES = 6000
+
+
+def relay_env(root: str) -> dict[str, str]:
+    """Relay settings for fuzzing: the bench's secret (the cases' tokens are signed with it), a
+    small message limit so that "oversized" is cheap to send, and the static root ``root``."""
+    return {"PGWS_JWT_SECRET": SECRET, "PGWS_MAX_MESSAGE_SIZE": str(MAX_MESSAGE),
+            "PGWS_MAX_CLIENT_FRAMES_PER_SECOND": str(MAX_FRAMES), "PGWS_ROOT_PATH": root}
+
+
+def make_root(directory: str) -> str:
+    """A static root in ``directory`` holding what must never be served: dot files and a
+    directory whose index is a link out of the root."""
+    os.makedirs(os.path.join(directory, ".git"), exist_ok=True)
+    os.makedirs(os.path.join(directory, "out"), exist_ok=True)
+    for name, text in ((".env", "SECRET=1"), (".git/config", "[core]"), ("app.js", "1")):
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write(text)
+    index = os.path.join(directory, "out", "index.html")
+    if not os.path.islink(index):
+        os.symlink("/etc/passwd", index)
+    return directory
+
 #: Seconds a case waits for the relay's answer; far above any answer's time, so a timeout
 #: means the relay did not answer.
 _ANSWER_WAIT = 10.0
@@ -119,12 +148,77 @@ def odd_websocket_key(rng: random.Random) -> Case:
     return _request(f"/c/{_RW}", {"Sec-WebSocket-Key": key}), b"", frozenset({"eof"})
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _signed(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """An HS256-signed token with any header, built by hand (PyJWT checks what it encodes)."""
+    head = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
+    signature = hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).digest()
+    return head + "." + _b64(signature)
+
+
+#: JSON values of a type that no header member or channel claim may have.
+_ODD_VALUES: tuple[Any, ...] = (None, 5, 1.5, True, [], ["HS256"], {}, {"a": 1})
+
+
+def odd_token_header(rng: random.Random) -> Case:
+    # A header member of the wrong type: an alg that is not a known name gets 400; other
+    # members (kid, typ, cty, …) either make the token unreadable (400) or are ignored.
+    member = rng.choice(["alg", "kid", "typ", "cty", "crit", "jku", "x5u", "b64"])
+    value = rng.choice((*_ODD_VALUES, ""))
+    header = {"alg": "HS256", member: value}
+    allowed = {"http 400"} if member == "alg" else {"http 400", "eof"}
+    return _request(f"/c/{_signed(header, {'mode': 'rw'})}"), b"", frozenset(allowed)
+
+
+def wrong_typed_claims(rng: random.Random) -> Case:
+    # Channel claims present with the wrong type fail closed (upstream ignores them as absent,
+    # which opens every channel).
+    claims = rng.choice([{"channels": "c"}, {"channels": ["c", rng.choice(_ODD_VALUES)]},
+                         {"channel": ["c"]}, {"channel": rng.choice(_ODD_VALUES)},
+                         {"channels": rng.choice([v for v in _ODD_VALUES if v != []])}])
+    target = rng.choice(["/c/", "/meta/", "/"])
+    return _request(target + token({"mode": "rw", **claims})), b"", frozenset({"http 400"})
+
+
 def mutated_token(rng: random.Random) -> Case:
     chars = list(_RW)
     for _ in range(rng.randrange(1, 4)):
         chars[rng.randrange(len(chars))] = rng.choice("AZaz09-_.=%")
     # A change in the last signature character's unused bits may leave the token valid.
     return _request(f"/c/{''.join(chars)}"), b"", frozenset({"http 400", "data", "eof"})
+
+
+# -- plain-HTTP families (the static root of make_root) ----------------------------------------
+
+#: Targets that name something never served, and the status each gets.
+_HIDDEN = ((b"/.env", 404), (b"/.git/config", 404), (b"/%2eenv", 404), (b"/%2Egit/config", 404),
+           (b"/out/", 200), (b"/out/index.html", 404), (b"/app.js/..%2f.env", 404),
+           (b"/%00", 400), (b"/app.js%00.html", 400), (b"/%zz", 400), (b"*", 400),
+           (b"/%ff%fe", 404), (b"/" + b"a" * 5000, 404))
+
+
+def hidden_path(rng: random.Random) -> Case:
+    target, status = rng.choice(_HIDDEN)
+    method = rng.choice([b"GET", b"HEAD"])
+    return (method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"",
+            frozenset({f"http {status}"}))
+
+
+def slow_body(rng: random.Random) -> Case:
+    # A body announced and never (or partly) sent: answered, then cut by the request's deadline
+    # or at the client's end, never held.
+    length = rng.randrange(1, 100_000)
+    body = b"b" * rng.randrange(min(length, 1000))
+    return (b"GET /app.js HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length + body,
+            b"", frozenset({"http 200"}))
+
+
+def pipelined(rng: random.Random) -> Case:
+    count = rng.randrange(2, 1500)
+    return b"GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n" * count, b"", frozenset({"http 200"})
 
 
 # -- frame families (after a valid handshake) -------------------------------------------------
@@ -193,6 +287,21 @@ def bad_close(rng: random.Random) -> Case:
     return _valid_request(rng), frame(8, payload), frozenset({expected})
 
 
+def frame_flood(rng: random.Random) -> Case:
+    # More frames than the budget allows in a second: closed with 1008.
+    # Three seconds' worth at once: closed even if parsing is slowed fourfold by other load.
+    count = 3 * MAX_FRAMES + rng.randrange(2000)
+    ping = frame(9, b"", mask=b"\0\0\0\0")
+    return _valid_request(rng), ping * count, frozenset({"close 1008"})
+
+
+def fragment_flood(rng: random.Random) -> Case:
+    # A message of more fragments than allowed, each empty (so the size limit never sees it).
+    empty = frame(0, b"", fin=False, mask=b"\0\0\0\0")
+    frames = frame(1, b"", fin=False) + empty * (MAX_FRAGMENTS + rng.randrange(500))
+    return _valid_request(rng), frames, frozenset({"close 1009"})
+
+
 def valid_close(rng: random.Random) -> Case:
     code = rng.choice([1000, 1001, 3000, 4999])
     return _valid_request(rng), frame(8, code.to_bytes(2, "big") + b"bye"), \
@@ -223,10 +332,11 @@ def random_bytes(rng: random.Random) -> Case:
 
 FAMILIES: dict[str, Callable[[random.Random], Case]] = {f.__name__: f for f in (
     truncated_request, huge_headers, garbage_request, invalid_utf8_target,
-    bad_websocket_headers, odd_websocket_key, mutated_token, unmasked, reserved_opcode, rsv_bits,
+    bad_websocket_headers, odd_websocket_key, mutated_token, odd_token_header,
+    wrong_typed_claims, hidden_path, slow_body, pipelined, unmasked, reserved_opcode, rsv_bits,
     control_too_long, fragmented_control, orphan_continuation, interleaved_data,
-    invalid_utf8_text, oversized, fragmented_oversized, bad_close, valid_close,
-    valid_fragmented, bad_mask, random_bytes)}
+    invalid_utf8_text, oversized, fragmented_oversized, frame_flood, fragment_flood, bad_close,
+    valid_close, valid_fragmented, bad_mask, random_bytes)}
 
 
 # -- running cases -------------------------------------------------------------------------------
@@ -420,12 +530,13 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=1000)
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    server = Server("relay", free_port(), RELAY_ENV)
-    started = time.monotonic()
-    try:
-        result = fuzz(server, args.cases, args.procs, args.seed, args.check_every)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory() as root:
+        server = Server("relay", free_port(), relay_env(make_root(root)))
+        started = time.monotonic()
+        try:
+            result = fuzz(server, args.cases, args.procs, args.seed, args.check_every)
+        finally:
+            server.stop()
     result.update({"machine": machine(), "commit": commit(), "started": time.strftime("%F %T"),
                    "seconds": round(time.monotonic() - started, 1), "seed": args.seed,
                    "tracebacks": sum("Traceback" in line for line in server.lines)})

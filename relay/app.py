@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -162,12 +163,14 @@ async def _ping(hub: Hub, interval: float) -> None:
         hub.ping_all()
 
 
-async def run(config: Config, reuse_port: bool = False) -> int:
+async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False) -> int:
     """Run the relay until a signal (exit status 0) or until the listener gives up (1).
 
-    ``reuse_port``: bind with SO_REUSEPORT, as one of several worker processes.
+    ``keys``: the verification keys of ``config.jwt_secret``, read by the command before it
+    starts (:func:`relay.auth.read_secret`), so that a secret without a usable key is a
+    configuration error before anything binds. ``reuse_port``: bind with SO_REUSEPORT, as one
+    of several worker processes.
     """
-    keys = auth.load_keys(config.jwt_secret)
     options = connect_options(config.db_uri)
     hub = Hub(config.listen_channel)
     notifier = Notifier(config.db_uri, config.pool_size, options)

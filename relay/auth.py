@@ -2,29 +2,41 @@
 
 Theory of operation
 -------------------
-Three pure steps, each matching postgres-websockets (jose 0.12) point by point:
+Three pure steps, each matching postgres-websockets (jose 0.12) point by point unless a line
+below says otherwise:
 
-1. :func:`load_keys` interprets the secret bytes as a JWK Set, else a single JWK, else a raw
-   HMAC secret. A key is kept as key material, not bound to one algorithm: a raw secret verifies
-   HS256, HS384 and HS512 alike, as upstream does.
-2. :func:`verify` checks the signature with every key that fits the header's ``alg`` (PyJWT does
-   the cryptography) and then the time claims with zero skew. Every failure is an
-   :class:`AuthError` whose text is the exact body of upstream's HTTP 400.
-3. :func:`authorize` applies the ``mode`` and ``channel``/``channels`` rules (spec 3.2, 3.3).
+1. :func:`read_secret` interprets the secret bytes as a JWK Set (a JSON object with ``keys``),
+   else a single JWK (a JSON object with ``kty``), else a raw HMAC secret. A key is kept as key
+   material, not bound to one algorithm: a raw secret verifies HS256, HS384 and HS512 alike, as
+   upstream does. Unlike upstream, a JWK or JWK Set is never an HMAC secret (it is public, so
+   anyone could sign with it): a key of a set that cannot verify signatures (an encryption key
+   by ``use``, ``alg`` or ``key_ops``; an X25519/X448 key; an empty HMAC key; one that PyJWT
+   cannot load) is skipped and named in :attr:`LoadedKeys.skipped`, and a JWK or JWK Set left
+   without a usable key (or whose ``keys`` is not an array) is a :class:`SecretError`.
+2. :func:`verify` checks the header's shape, then the signature with every key that fits the
+   header's ``alg`` (PyJWT does the cryptography), then the time claims with zero skew. Every
+   failure, however malformed the token, is an :class:`AuthError` whose text is the exact body
+   of upstream's HTTP 400 (``Error: …`` for all but the three texts of spec 2.4).
+3. :func:`authorize` applies the ``mode`` and ``channel``/``channels`` rules (spec 3.2, 3.3),
+   except that a channel claim of the wrong type refuses the token instead of being ignored.
 
-Rules this module keeps: no sockets, no logging, and a token never appears in an error text.
+Rules this module keeps: no sockets, no logging (callers log :attr:`LoadedKeys.skipped`), a
+token never appears in an error text, and neither does key material.
 """
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jwt
-from jwt.exceptions import DecodeError, InvalidKeyError, PyJWKError, PyJWTError
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
+from jwt.utils import base64url_decode
 
 #: The algorithms jose 0.12 accepts; anything else (``none`` first of all) is refused.
 ALLOWED_ALGORITHMS = frozenset({
@@ -43,6 +55,40 @@ _CURVE_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp
 #: jose refuses HMAC keys shorter than the hash output (reported as an invalid signature).
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
+#: JWE algorithms (RFC 7518 4.1 key management, 5.1 content encryption; RFC 8037 for OKP). A JWK
+#: whose ``alg`` names one is an encryption key: it must verify nothing, even where PyJWT would
+#: load it as a signature key (JWK Sets legitimately publish such keys beside signing keys).
+_ENCRYPTION_ALGORITHMS = frozenset({
+    "RSA1_5", "RSA-OAEP", "RSA-OAEP-256", "RSA-OAEP-384", "RSA-OAEP-512",
+    "A128KW", "A192KW", "A256KW", "dir",
+    "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW", "ECDH-ES+A256KW",
+    "A128GCMKW", "A192GCMKW", "A256GCMKW",
+    "PBES2-HS256+A128KW", "PBES2-HS384+A192KW", "PBES2-HS512+A256KW",
+    "A128CBC-HS256", "A192CBC-HS384", "A256CBC-HS512", "A128GCM", "A192GCM", "A256GCM",
+})
+
+#: ``key_ops`` values (RFC 7517 4.3) of a signature key; a JWK whose ``key_ops`` names neither
+#: is for encryption or key agreement. ``sign`` counts: a private JWK verifies by its public half.
+_SIGNATURE_KEY_OPS = frozenset({"sign", "verify"})
+
+#: OKP curves that sign (RFC 8037); the others (X25519, X448) only agree keys.
+_SIGNING_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+
+#: PyJWT's loader for each key type. Each ignores the JWK's ``alg``, as jose does (spec 3.1), and
+#: behaves alike from PyJWT 2.8 to 2.15, unlike PyJWK, which picks its loader by ``alg``.
+_LOADERS: dict[str, Callable[[Any], Any]] = {
+    "oct": HMACAlgorithm.from_jwk, "RSA": RSAAlgorithm.from_jwk, "EC": ECAlgorithm.from_jwk,
+    "OKP": OKPAlgorithm.from_jwk,
+}
+
+#: Characters of a ``kid``/``kty``/``alg`` value a warning shows, so one line stays one line.
+_SHOWN_CHARS = 40
+
+#: JWS header members (RFC 7515 4.1) that are strings. jose refuses a header whose member has
+#: another JSON type, and PyJWT versions check different ones (2.8 only ``kid``), so they are
+#: checked here, the same way whatever PyJWT is installed, before PyJWT sees the token.
+_STRING_HEADERS = ("kid", "typ", "cty", "jku", "x5u", "x5t", "x5t#S256")
+
 MISSING_MODE = "Missing mode"
 TOKEN_EXPIRED = "Token expired"
 NO_ALLOWED_CHANNELS = "No allowed channels"
@@ -56,12 +102,32 @@ class AuthError(Exception):
     """A token or request is refused; ``str()`` is the HTTP 400 body."""
 
 
+class SecretError(ValueError):
+    """The secret is a JWK or JWK Set without a key that can verify signatures.
+
+    ``str()`` is one line naming the keys by index and ``kid``/``kty``/``alg``, never key
+    material; the command prints it as a configuration error of ``PGWS_JWT_SECRET``.
+    """
+
+
+class _Unusable(Exception):
+    """Why one JWK cannot verify signatures (a fixed text: no key material)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Key:
     """Verification key material and the algorithms it can check."""
 
     material: Any
     algorithms: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedKeys:
+    """What a secret yields: its keys, and one line for each key of a JWK Set skipped."""
+
+    keys: tuple[Key, ...]
+    skipped: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,41 +149,146 @@ class Grant:
     @property
     def expires_at(self) -> float | None:
         exp = self.claims.get("exp")
-        return float(exp) if _is_number(exp) else None
+        if not _is_number(exp):
+            return None
+        try:
+            return float(exp)
+        except OverflowError:
+            return None  # Beyond any float (10**400): it passed the check, so it is in the future.
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _jwk_key(jwk: dict[str, Any]) -> Key:
+def _json_type(value: object) -> str:
+    """The JSON name of a value's type, for messages that must not show the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _label(jwk: Any, index: int | None) -> str:
+    """Names a key for the operator by index and kid/kty/crv/alg/use, never by key material."""
+    name = "the JWK" if index is None else f"key {index}"
+    if not isinstance(jwk, dict):
+        return name
+    shown = []
+    for field in ("kid", "kty", "crv", "alg", "use"):
+        if field in jwk:
+            value = jwk[field]
+            if isinstance(value, str):
+                text = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "…"
+                shown.append(f"{field} {text!r}")
+            else:
+                shown.append(f"{field} {_json_type(value)}")
+    return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def _check_purpose(jwk: dict[str, Any]) -> None:
+    """Refuse a JWK that declares it is not for signatures (RFC 7517 4.2-4.4)."""
+    if "use" in jwk and jwk["use"] != "sig":
+        raise _Unusable('an encryption key ("use" is "enc")' if jwk["use"] == "enc"
+                        else '"use" is not "sig"')
+    if "alg" in jwk:
+        algorithm = jwk["alg"]
+        if isinstance(algorithm, str) and algorithm in _ENCRYPTION_ALGORITHMS:
+            raise _Unusable('an encryption key ("alg" is a JWE algorithm)')
+        if not (isinstance(algorithm, str) and algorithm in ALLOWED_ALGORITHMS):
+            raise _Unusable('"alg" is not a signature algorithm this server accepts')
+    if "key_ops" in jwk:
+        operations = jwk["key_ops"]
+        if not (isinstance(operations, list) and all(isinstance(op, str) for op in operations)):
+            raise _Unusable('"key_ops" is not an array of strings')
+        if not _SIGNATURE_KEY_OPS.intersection(operations):
+            raise _Unusable('an encryption key ("key_ops" has neither "sign" nor "verify")')
+
+
+def _jwk_key(jwk: Any) -> Key:
+    """The verification key of one JWK, or :class:`_Unusable` saying why there is none."""
+    if not isinstance(jwk, dict):
+        raise _Unusable("not a JSON object")
+    _check_purpose(jwk)
     kty = jwk.get("kty")
-    parsed = jwt.PyJWK(jwk).key
+    loader = _LOADERS.get(kty) if isinstance(kty, str) else None
+    if loader is None:
+        raise _Unusable('"kty" is not one of oct, RSA, EC, OKP' if "kty" in jwk
+                        else 'no "kty"')
+    crv = jwk.get("crv") if isinstance(jwk.get("crv"), str) else None
+    if kty == "OKP" and crv not in _SIGNING_OKP_CURVES:
+        # Checked here because some PyJWT versions load X25519 keys (they then verify nothing).
+        raise _Unusable('a key-agreement key ("crv" is not Ed25519 or Ed448)')
+    if kty == "EC" and crv not in _CURVE_ALGORITHMS:
+        raise _Unusable('"crv" is not one of P-256, P-384, P-521, secp256k1')
+    if kty == "oct" and jwk.get("k") == "":
+        # Checked here because PyJWT 2.8 loads an empty key (which then verifies nothing).
+        raise _Unusable("an empty HMAC key")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = loader(jwk)
+    except Exception as exc:
+        # PyJWT and cryptography raise many types for a bad key, varying by version; any of them
+        # makes the key unusable. Their messages can quote the key, so only the type is kept.
+        raise _Unusable(f"PyJWT cannot load it ({type(exc).__name__})") from None
     if kty == "oct":
+        # A key shorter than a hash is kept, as upstream: it verifies nothing (ClaimsSpec 10).
         return Key(parsed, _FAMILY_ALGORITHMS["oct"])
     # Verification needs the public half; a JWK may carry a private key.
     material = parsed.public_key() if hasattr(parsed, "public_key") else parsed
     if kty == "EC":
-        algorithm = _CURVE_ALGORITHMS.get(str(jwk.get("crv")))
-        return Key(material, frozenset({algorithm} if algorithm else ()))
-    return Key(material, _FAMILY_ALGORITHMS.get(str(kty), frozenset()))
+        return Key(material, frozenset({_CURVE_ALGORITHMS[str(crv)]}))
+    return Key(material, _FAMILY_ALGORITHMS[kty])
+
+
+def _key_set(members: Any) -> LoadedKeys:
+    if not isinstance(members, list):
+        raise SecretError(f'the JWK Set\'s "keys" is {_json_type(members)}, not an array')
+    if not members:
+        raise SecretError("the JWK Set has no keys")
+    keys, reasons = [], []
+    for index, jwk in enumerate(members):
+        try:
+            keys.append(_jwk_key(jwk))
+        except _Unusable as unusable:
+            reasons.append(f"{_label(jwk, index)}: {unusable}")
+    if not keys:
+        raise SecretError("no key of the JWK Set can verify signatures: " + "; ".join(reasons))
+    return LoadedKeys(tuple(keys), tuple(f"skipping JWK Set {reason}" for reason in reasons))
+
+
+def read_secret(secret: bytes) -> LoadedKeys:
+    """Interpret secret bytes as a JWK Set, a JWK, or a raw HMAC secret (in that order).
+
+    A JSON object with ``keys`` is a JWK Set and one with ``kty`` a JWK: never an HMAC secret,
+    even when no key in it is usable (:class:`SecretError`, also for ``keys`` not an array).
+    Unusable keys of a set are skipped; every other key is tried on every token, ``kid`` or not.
+    Anything else, other JSON included, is a raw secret, as upstream.
+    """
+    try:
+        document = json.loads(secret)
+    except (ValueError, RecursionError):
+        document = None
+    if isinstance(document, dict) and "keys" in document:
+        return _key_set(document["keys"])
+    if isinstance(document, dict) and "kty" in document:
+        try:
+            return LoadedKeys((_jwk_key(document),))
+        except _Unusable as unusable:
+            raise SecretError(f"{_label(document, None)} cannot verify signatures: "
+                              f"{unusable}") from None
+    return LoadedKeys((Key(secret, _FAMILY_ALGORITHMS["oct"]),))
 
 
 def load_keys(secret: bytes) -> tuple[Key, ...]:
-    """Interpret secret bytes as a JWK Set, a JWK, or a raw HMAC secret (in that order)."""
-    try:
-        document = json.loads(secret)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        try:
-            if isinstance(document.get("keys"), list):
-                return tuple(_jwk_key(jwk) for jwk in document["keys"])
-            if "kty" in document:
-                return (_jwk_key(document),)
-        except (PyJWKError, InvalidKeyError, TypeError, ValueError):
-            pass  # Not a usable JWK: upstream then takes the bytes as a raw secret.
-    return (Key(secret, _FAMILY_ALGORITHMS["oct"]),)
+    """The keys of :func:`read_secret`, for callers with no use for what was skipped."""
+    return read_secret(secret).keys
 
 
 def _compact_error(detail: str) -> AuthError:
@@ -128,18 +299,50 @@ def _claims_error(detail: str) -> AuthError:
     return AuthError(f"Error: JWTClaimsSetDecodeError {json.dumps(detail)}")
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON (and so jose) has no such values.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _header(segment: str) -> dict[str, Any]:
+    """The token's header, checked for the shape jose requires; texts name no token content."""
+    try:
+        header = json.loads(base64url_decode(segment), parse_constant=_refuse_constant)
+    except (binascii.Error, TypeError):
+        raise _compact_error("Invalid header padding") from None
+    except RecursionError:
+        raise _compact_error("Invalid header string: nested too deeply") from None
+    except ValueError as exc:
+        # A UnicodeError's text quotes a byte of the token; json's name only a position.
+        detail = "not UTF-8" if isinstance(exc, UnicodeError) else str(exc)
+        raise _compact_error(f"Invalid header string: {detail}") from None
+    if not isinstance(header, dict):
+        raise _compact_error("Invalid header string: must be a json object")
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
+        raise AuthError(NO_SIGNATURES)  # As for "none": jose has no signature it can check.
+    for name in _STRING_HEADERS:
+        if name in header and not isinstance(header[name], str):
+            raise _compact_error(f"Invalid header: {name} must be a string")
+    if "jwk" in header and not isinstance(header["jwk"], dict):
+        raise _compact_error("Invalid header: jwk must be an object")
+    if "x5c" in header and not (isinstance(header["x5c"], list)
+                                and all(isinstance(item, str) for item in header["x5c"])):
+        raise _compact_error("Invalid header: x5c must be an array of strings")
+    if "crit" in header:
+        # RFC 7515 4.1.11: a critical extension not understood must be refused; none is.
+        raise _compact_error("Invalid header: crit (no extension is supported)")
+    if header.get("b64", True) is not True:
+        raise _compact_error("Invalid header: b64 (RFC 7797) is not supported")
+    return header
+
+
 def _signature_payload(token: str, keys: Sequence[Key]) -> bytes:
     parts = token.split(".")
     if len(parts) != 3:
         raise _compact_error(f"Invalid number of parts: Expected 3 parts; got {len(parts)}")
+    algorithm = _header(parts[0])["alg"]
     jws = jwt.PyJWS(options={"verify_signature": True})
-    try:
-        header = jws.get_unverified_header(token)
-    except DecodeError as exc:
-        raise _compact_error(str(exc)) from None
-    algorithm = header.get("alg")
-    if algorithm not in ALLOWED_ALGORITHMS:
-        raise AuthError(NO_SIGNATURES)
     for key in keys:
         if algorithm not in key.algorithms:
             continue
@@ -150,11 +353,15 @@ def _signature_payload(token: str, keys: Sequence[Key]) -> bytes:
                 # Short RSA keys only warn in PyJWT; jose accepts them, and so do we.
                 warnings.simplefilter("ignore")
                 return jws.decode(token, key.material, algorithms=[algorithm])
-        except DecodeError as exc:
-            if "signature" not in str(exc).lower():
-                raise _compact_error(str(exc)) from None
-        except (PyJWTError, TypeError, ValueError):
+        except (InvalidSignatureError, InvalidKeyError, TypeError, ValueError):
+            # Not this key: a wrong signature, or key material PyJWT refuses for this
+            # algorithm (a PEM text as an HMAC secret, say).
             continue
+        except DecodeError as exc:
+            raise _compact_error(str(exc)) from None  # Payload or signature not base64url.
+        except PyJWTError:
+            # A header rule of some PyJWT version beyond those of _header: still a 400.
+            raise _compact_error("Invalid header") from None
     raise AuthError(INVALID_SIGNATURE)
 
 
@@ -184,7 +391,9 @@ def verify(token: str, keys: Sequence[Key], now: float) -> dict[str, Any]:
     payload = _signature_payload(token, keys)
     try:
         # The standard library keeps integers of any size exact (Econia order ids exceed 2^64).
-        claims = json.loads(payload)
+        claims = json.loads(payload, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise _claims_error("Error in $: nested too deeply") from None
     except ValueError as exc:
         raise _claims_error(f"Error in $: {exc}") from None
     if not isinstance(claims, dict):
@@ -194,13 +403,20 @@ def verify(token: str, keys: Sequence[Key], now: float) -> dict[str, Any]:
 
 
 def allowed_channels(claims: dict[str, Any], requested: str | None) -> list[str]:
-    """Spec 3.3: the channels a connection gets, or ``AuthError("No allowed channels")``."""
+    """Spec 3.3: the channels a connection gets, or ``AuthError("No allowed channels")``.
+
+    Fails closed where upstream is lenient (spec 3.2 ignores such claims, which opens every
+    channel named in the URL): a ``channel`` claim that is present but not a string, or a
+    ``channels`` claim that is present but not an array of strings, refuses the token. A claim
+    present with the value ``null`` is of the wrong type too, not absent.
+    """
     channel = claims.get("channel")
     channels = claims.get("channels")
-    if not isinstance(channel, str):
-        channel = None
-    if not (isinstance(channels, list) and all(isinstance(item, str) for item in channels)):
-        channels = None
+    if "channel" in claims and not isinstance(channel, str):
+        raise AuthError(NO_ALLOWED_CHANNELS)
+    if "channels" in claims and not (
+            isinstance(channels, list) and all(isinstance(item, str) for item in channels)):
+        raise AuthError(NO_ALLOWED_CHANNELS)
 
     if channel is not None and channels is not None:
         allowed = list(dict.fromkeys([channel, *channels]))

@@ -26,7 +26,7 @@ A client's traffic must never starve the others, whatever it sends. Parsing cost
 this thread per frame, so the reader yields to Trio after every read that did not wait and
 every ``_FRAMES_PER_CHECKPOINT`` frames; and every client has an inbound budget
 (:class:`relay.limits.InboundBudget`: frames and bytes per second), beyond which it is closed
-with 1008. A client that floods on through the close is aborted once a second budget is spent.
+with 1008 and no longer read (as after a protocol error, no close reply is awaited).
 
 Closing. :meth:`close` queues a close frame behind what is queued and gives the whole
 connection ``close_timeout`` seconds to finish: the writer sends the close frame, the reader
@@ -64,9 +64,10 @@ _NO_DEADLINE = contextlib.nullcontext()
 #: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
 _RECEIVE_BYTES = 16384
 
-#: Frames parsed between two yields to Trio: ~0.5 ms of parsing, so a flooding client delays
-#: no other task by more than that, while a checkpoint (a few µs) stays a small share.
-_FRAMES_PER_CHECKPOINT = 32
+#: Frames parsed between two yields to Trio: ~0.25 ms of parsing, so a flooding client delays
+#: no other task by more than that per turn (bench/flood.py: 32 frames doubled the delay of a
+#: `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
+_FRAMES_PER_CHECKPOINT = 16
 
 #: Fragments one message may have (1009 beyond). Browsers never fragment and libraries cut at
 #: a few KiB, so real messages have a handful; a cap keeps empty fragments, which add nothing
@@ -305,9 +306,8 @@ class Client:
                     if budget is None:
                         budget = self._new_budget()
                     if not budget.take_frame(trio.current_time()):
-                        budget = self._over_budget("frames")
-                        if budget is None:
-                            return
+                        self._over_budget("frames")
+                        return
                     opcode = frame.opcode
                     if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                         if self._closing:
@@ -374,9 +374,8 @@ class Client:
             if budget is None:
                 budget = self._new_budget()
             if not budget.take_bytes(trio.current_time(), len(data)):
-                budget = self._over_budget("bytes")
-                if budget is None:
-                    return
+                self._over_budget("bytes")
+                return
             decoder.receive_bytes(data)
             if not waited:
                 # The bytes were there without a wait, which is no yield: yield now, so that a
@@ -390,19 +389,13 @@ class Client:
                              settings.max_client_bytes_per_second, settings.max_message_size,
                              trio.current_time())
 
-    def _over_budget(self, what: str) -> InboundBudget | None:
-        """Close a client that sends too fast; the budget its close gets, or None: stop."""
-        if self._closing:
-            # It went on at full speed through its close (or was closing anyway): reset it.
-            log.info("aborting the connection to %s: %s over its budget while closing",
-                     self.peer, what)
-            self._abort()
-            return None
-        log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what)
-        counters.inbound_limited += 1
+    def _over_budget(self, what: str) -> None:
+        """Close a client that sends too fast; its reader then stops reading (no reply is
+        awaited: parsing more of a flood for it would spend what the budget protects)."""
+        if not self._closing:
+            log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what)
+            counters.inbound_limited += 1
         self.close(POLICY_VIOLATION, f"too many {what}")
-        # A fresh budget for the close: a client that stops in time gets its close handshake.
-        return self._new_budget()
 
     def _on_close(self, code: int) -> None:
         if self._closing:

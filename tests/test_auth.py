@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
+import warnings
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from relay import auth
@@ -32,6 +36,23 @@ def sign(claims: dict, key: object = SECRET, algorithm: str = "HS256", **header:
 
 def check(claims: dict, channel: str | None = None, keys=KEYS) -> auth.Grant:
     return auth.check(sign(claims), channel, keys, NOW)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_signed(header: object, claims: object, secret: bytes = SECRET) -> str:
+    """An HS256-signed token PyJWT would refuse to make: any header, any secret bytes (a JWK
+    Set's text, a PEM key), signed with hmac and hashlib."""
+    return hand_signed_text(json.dumps(header), json.dumps(claims), secret)
+
+
+def hand_signed_text(header: str, payload: str, secret: bytes = SECRET) -> str:
+    """Like :func:`hand_signed`, with the header and payload given as JSON text."""
+    signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
 
 
 # -- upstream ClaimsSpec, one test per case ----------------------------------------------------
@@ -131,10 +152,18 @@ def test_alg_none_is_refused() -> None:
         auth.check(unsigned, "chat", KEYS, NOW)
 
 
+@pytest.mark.parametrize("algorithm", ["nOnE", "NONE", "hs256", "HS1", ""])
+def test_alg_outside_the_list_is_refused_whatever_its_case(algorithm: str) -> None:
+    signed = hand_signed({"alg": algorithm}, R)
+    with pytest.raises(AuthError, match=r"^Error: JWSError JWSNoSignatures$"):
+        auth.check(signed, "chat", KEYS, NOW)
+
+
 @pytest.mark.parametrize("algorithm,length", [("HS256", 31), ("HS384", 47), ("HS512", 63)])
 def test_hmac_key_shorter_than_hash_is_refused(algorithm: str, length: int) -> None:
     key = b"k" * length
-    with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Newer PyJWT warns about the short key; 2.8 does not.
         signed = sign(R, key, algorithm)
     with pytest.raises(AuthError, match="JWSInvalidSignature"):
         auth.check(signed, "chat", auth.load_keys(key), NOW)
@@ -171,6 +200,28 @@ def test_claims_that_do_not_decode() -> None:
         check({"mode": "r", "aud": 5}, "c")
 
 
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["soon", True, [1], {"at": 1}, "1700000000"])
+def test_time_claims_of_the_wrong_type_are_refused(name: str, value: object) -> None:
+    with pytest.raises(AuthError) as info:
+        check({"mode": "r", name: value}, "c")
+    assert str(info.value) == ('Error: JWTClaimsSetDecodeError "Error in $: parsing NumericDate '
+                               f'failed, {name} is not a number"')
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_claims_with_nan_or_infinity_are_not_json(constant: str) -> None:
+    # Python's json reads these; JSON, and so jose, does not. NaN would pass every time check.
+    token = hand_signed_text('{"alg": "HS256"}', '{"mode": "r", "exp": ' + constant + "}")
+    with pytest.raises(AuthError, match="^Error: JWTClaimsSetDecodeError"):
+        auth.check(token, "c", KEYS, NOW)
+
+
+def test_exp_beyond_any_float_never_expires_and_does_not_crash() -> None:
+    grant = check({"mode": "r", "exp": 10**400}, "c")
+    assert grant.expires_at is None
+
+
 def test_signature_is_checked_before_mode() -> None:
     with pytest.raises(AuthError, match="JWSInvalidSignature"):
         auth.check(sign(NO_MODE, b"y" * 32), "test", KEYS, NOW)
@@ -188,7 +239,15 @@ def test_error_text_never_contains_the_token() -> None:
 # -- asymmetric keys, JWK and JWK Set ----------------------------------------------------------
 
 def _jwk(public_key: object, algorithm_cls: type) -> dict:
-    return json.loads(algorithm_cls.to_jwk(public_key))
+    jwk = json.loads(algorithm_cls.to_jwk(public_key))
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        # RFC 7518 6.2.1.2: coordinates have the curve's full length. PyJWT before 2.9 drops
+        # leading zero bytes (always for P-521), and its own from_jwk then refuses the key.
+        size = (public_key.curve.key_size + 7) // 8
+        numbers = public_key.public_numbers()
+        jwk["x"], jwk["y"] = (b64url(value.to_bytes(size, "big")) for value in (numbers.x,
+                                                                                 numbers.y))
+    return jwk
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"])
@@ -233,6 +292,200 @@ def test_json_that_is_not_a_jwk_is_a_raw_secret() -> None:
     secret = b'{"not": "a key", "padding": "xxxxxxxxxxxxxxxx"}'
     keys = auth.load_keys(secret)
     assert auth.check(sign(R, secret), "c", keys, NOW).mode == "r"
+    array = b'[{"keys": "not a set"}, "xxxxxxxxxxxxxxxxxxxxxxxxx"]'
+    assert auth.check(hand_signed({"alg": "HS256"}, R, array), "c", auth.load_keys(array),
+                      NOW).mode == "r"
+
+
+# -- a JWK or JWK Set is never an HMAC secret (review finding 1) ---------------------------------
+
+RSA_SIGNER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_SIGNING_JWK = {**_jwk(RSA_SIGNER.public_key(), RSAAlgorithm), "kid": "sig-1", "use": "sig"}
+RSA_ENCRYPTION_JWK = {
+    **_jwk(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key(),
+           RSAAlgorithm),
+    "kid": "enc-1", "use": "enc", "alg": "RSA-OAEP"}
+X25519_JWK = {"kty": "OKP", "crv": "X25519", "x": b64url(
+    x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))}
+EC_KEY = ec.generate_private_key(ec.SECP256R1()).public_key()
+LONG_OCT = b64url(b"o" * 32)
+
+#: Keys a JWK Set may hold that verify no signature, whatever PyJWT makes of them.
+UNUSABLE_JWKS = {
+    "RSA-OAEP encryption key": RSA_ENCRYPTION_JWK,
+    "RSA key with alg RSA-OAEP only": {k: v for k, v in RSA_ENCRYPTION_JWK.items() if k != "use"},
+    "RSA key with use enc only": {**RSA_SIGNING_JWK, "use": "enc"},
+    "EC key for ECDH-ES": {**_jwk(EC_KEY, ECAlgorithm), "alg": "ECDH-ES"},
+    "oct key for A128KW": {"kty": "oct", "k": LONG_OCT, "alg": "A128KW"},
+    "key_ops without verify": {**RSA_SIGNING_JWK, "use": "sig", "key_ops": ["encrypt"]},
+    "X25519 key": X25519_JWK,
+    "unknown alg": {**RSA_SIGNING_JWK, "alg": "RS1"},
+    "unknown kty": {"kty": "XYZ", "k": LONG_OCT},
+    "no kty": {"k": LONG_OCT},
+    "empty oct key": {"kty": "oct", "k": ""},
+    "oct key without k": {"kty": "oct"},
+    "RSA key PyJWT cannot load": {"kty": "RSA", "n": 5, "e": "AQAB"},
+    "EC key off its curve": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"},
+    "EC key on an unknown curve": {**_jwk(EC_KEY, ECAlgorithm), "crv": "P-999"},
+    "not an object": "a string",
+}
+
+
+def _key_material(jwk: object) -> list[str]:
+    return [str(jwk[name]) for name in ("n", "k", "x", "y", "d")
+            if isinstance(jwk, dict) and name in jwk and len(str(jwk[name])) > 4]
+
+
+def test_jwks_text_is_never_an_hmac_secret_when_a_key_cannot_be_loaded() -> None:
+    # The review's case: one RS256 key and one RSA-OAEP key. The set's text used to become an
+    # HMAC secret (PyJWT 2.10) or refuse every RS256 token (PyJWT 2.15), without a word.
+    text = json.dumps({"keys": [RSA_SIGNING_JWK, RSA_ENCRYPTION_JWK]}).encode()
+    keys = auth.load_keys(text)
+    with pytest.raises(AuthError, match="^Error: JWSError JWSInvalidSignature$"):
+        auth.check(hand_signed({"alg": "HS256", "typ": "JWT"}, R, text), "c", keys, NOW)
+    assert auth.check(sign(R, RSA_SIGNER, "RS256"), "c", keys, NOW).mode == "r"
+
+
+def test_skipped_key_is_named_without_key_material() -> None:
+    text = json.dumps({"keys": [RSA_SIGNING_JWK, RSA_ENCRYPTION_JWK]}).encode()
+    loaded = auth.read_secret(text)
+    assert len(loaded.keys) == 1
+    (line,) = loaded.skipped
+    assert line == ("skipping JWK Set key 1 (kid 'enc-1', kty 'RSA', alg 'RSA-OAEP', use "
+                    "'enc'): an encryption key (\"use\" is \"enc\")")
+
+
+@pytest.mark.parametrize("name", UNUSABLE_JWKS)
+def test_unusable_key_of_a_set_is_skipped_and_the_others_still_verify(name: str) -> None:
+    jwk = UNUSABLE_JWKS[name]
+    text = json.dumps({"keys": [jwk, RSA_SIGNING_JWK]}).encode()
+    loaded = auth.read_secret(text)
+    assert len(loaded.keys) == 1 and len(loaded.skipped) == 1
+    assert loaded.skipped[0].startswith("skipping JWK Set key 0")
+    assert not any(material in loaded.skipped[0] for material in _key_material(jwk))
+    assert auth.check(sign(R, RSA_SIGNER, "RS256", kid="other"), "c", loaded.keys, NOW)
+    with pytest.raises(AuthError, match="JWSInvalidSignature"):
+        auth.check(hand_signed({"alg": "HS256"}, R, text), "c", loaded.keys, NOW)
+
+
+@pytest.mark.parametrize("name", UNUSABLE_JWKS)
+def test_set_of_only_unusable_keys_is_a_secret_error(name: str) -> None:
+    jwk = UNUSABLE_JWKS[name]
+    with pytest.raises(auth.SecretError) as info:
+        auth.load_keys(json.dumps({"keys": [jwk]}).encode())
+    message = str(info.value)
+    assert message.startswith("no key of the JWK Set can verify signatures: key 0")
+    assert "\n" not in message
+    assert not any(material in message for material in _key_material(jwk))
+
+
+@pytest.mark.parametrize("name", [name for name, jwk in UNUSABLE_JWKS.items()
+                                  if isinstance(jwk, dict) and "kty" in jwk])
+def test_unusable_single_jwk_is_a_secret_error(name: str) -> None:
+    jwk = UNUSABLE_JWKS[name]
+    with pytest.raises(auth.SecretError, match="^the JWK .* cannot verify signatures: ") as info:
+        auth.load_keys(json.dumps(jwk).encode())
+    assert not any(material in str(info.value) for material in _key_material(jwk))
+
+
+@pytest.mark.parametrize("members,message", [
+    ('"not a list"', 'the JWK Set\'s "keys" is a string, not an array'),
+    ("{}", 'the JWK Set\'s "keys" is an object, not an array'),
+    ("null", 'the JWK Set\'s "keys" is null, not an array'),
+    ("[]", "the JWK Set has no keys"),
+])
+def test_keys_member_that_is_not_a_list_of_keys_is_a_secret_error(members: str,
+                                                                   message: str) -> None:
+    with pytest.raises(auth.SecretError) as info:
+        auth.load_keys(f'{{"keys": {members}, "padding": "{"x" * 32}"}}'.encode())
+    assert str(info.value) == message
+
+
+def test_jwks_with_a_private_key_verifies_with_its_public_half() -> None:
+    private_jwk = {**json.loads(RSAAlgorithm.to_jwk(RSA_SIGNER)), "key_ops": ["sign"]}
+    keys = auth.load_keys(json.dumps({"keys": [private_jwk]}).encode())
+    assert auth.check(sign(R, RSA_SIGNER, "RS256"), "c", keys, NOW).mode == "r"
+
+
+def test_jwk_alg_is_not_enforced_and_kid_is_ignored() -> None:
+    # Spec 3.1: jose neither binds a key to its alg nor selects keys by kid.
+    jwk = {**RSA_SIGNING_JWK, "alg": "RS256"}
+    keys = auth.load_keys(json.dumps({"keys": [jwk]}).encode())
+    assert auth.check(sign(R, RSA_SIGNER, "PS384", kid="sig-2"), "c", keys, NOW).mode == "r"
+
+
+def test_rsa_jwk_secret_refuses_hs256_signed_with_its_text() -> None:
+    text = json.dumps(RSA_SIGNING_JWK).encode()
+    with pytest.raises(AuthError, match="^Error: JWSError JWSInvalidSignature$"):
+        auth.check(hand_signed({"alg": "HS256"}, R, text), "c", auth.load_keys(text), NOW)
+
+
+def test_pem_public_key_as_raw_secret_refuses_hs256_signed_with_its_text() -> None:
+    # Upstream would take the PEM text as an HMAC secret; PyJWT refuses to, so such a token
+    # is an invalid signature (a 400), not a crash.
+    from cryptography.hazmat.primitives.serialization import PublicFormat as Format
+
+    pem = RSA_SIGNER.public_key().public_bytes(Encoding.PEM, Format.SubjectPublicKeyInfo)
+    keys = auth.load_keys(pem)
+    with pytest.raises(AuthError, match="^Error: JWSError JWSInvalidSignature$"):
+        auth.check(hand_signed({"alg": "HS256"}, R, pem), "c", keys, NOW)
+
+
+# -- malformed headers: always a 400 text, never another exception (review finding 9) ---------
+
+MALFORMED_HEADERS = [
+    {"alg": "HS256", "kid": 5},
+    {"alg": "HS256", "kid": None},
+    {"alg": "HS256", "kid": ["a"]},
+    {"alg": "HS256", "typ": {"t": 1}},
+    {"alg": "HS256", "cty": 1.5},
+    {"alg": "HS256", "jku": 1},
+    {"alg": "HS256", "x5u": []},
+    {"alg": "HS256", "x5t": False},
+    {"alg": "HS256", "x5t#S256": 7},
+    {"alg": "HS256", "x5c": "cert"},
+    {"alg": "HS256", "x5c": [1]},
+    {"alg": "HS256", "jwk": "key"},
+    {"alg": "HS256", "crit": "exp"},
+    {"alg": "HS256", "crit": ["exp"], "exp": 1},
+    {"alg": "HS256", "crit": ["b64"], "b64": False},
+    {"alg": "HS256", "crit": []},
+    {"alg": "HS256", "crit": [{"a": 1}]},
+    {"alg": "HS256", "b64": False},
+    {"alg": "HS256", "b64": "no"},
+]
+
+
+@pytest.mark.parametrize("header", MALFORMED_HEADERS, ids=json.dumps)
+def test_header_member_of_the_wrong_type_is_a_compact_decode_error(header: dict) -> None:
+    with pytest.raises(AuthError, match=r"^Error: JWSError \(CompactDecodeError Invalid header"):
+        auth.check(hand_signed(header, R), "c", KEYS, NOW)
+
+
+@pytest.mark.parametrize("algorithm", [["HS256"], {"HS256": 1}, 5, None, True, 2.5])
+def test_alg_that_is_not_a_string_is_no_signatures(algorithm: object) -> None:
+    with pytest.raises(AuthError, match=r"^Error: JWSError JWSNoSignatures$"):
+        auth.check(hand_signed({"alg": algorithm}, R), "c", KEYS, NOW)
+
+
+@pytest.mark.parametrize("header", [["HS256"], "HS256", 5, None, {}])
+def test_header_that_is_not_an_object_or_has_no_alg(header: object) -> None:
+    with pytest.raises(AuthError, match=r"^Error: JWSError "):
+        auth.check(hand_signed(header, R), "c", KEYS, NOW)
+
+
+def test_header_nested_too_deeply_is_a_compact_decode_error() -> None:
+    deep = b64url(b"[" * 100_000 + b"]" * 100_000)
+    token = f"{deep}.{b64url(b'{}')}.{b64url(b'x')}"
+    with pytest.raises(AuthError, match=r"^Error: JWSError \(CompactDecodeError Invalid header"):
+        auth.check(token, "c", KEYS, NOW)
+
+
+@pytest.mark.parametrize("segment", ["!!!!", "\u00e9t\u00e9", "AAAA", "e30", b64url(b"\xff\xfe{")])
+def test_header_that_is_not_base64url_json_is_a_compact_decode_error(segment: str) -> None:
+    token = f"{segment}.{b64url(b'{}')}.{b64url(b'x')}"
+    with pytest.raises(AuthError, match=r"^Error: JWSError "):
+        auth.check(token, "c", KEYS, NOW)
 
 
 # -- modes and channel lists (3.2, 3.3) --------------------------------------------------------
@@ -254,10 +507,26 @@ def test_channels_alone_are_kept_as_is() -> None:
     assert auth.allowed_channels({"channels": ["a", "a"]}, None) == ["a", "a"]
 
 
-def test_channels_that_are_not_strings_are_ignored() -> None:
-    assert auth.allowed_channels({"channels": ["a", 1]}, "x") == ["x"]
-    with pytest.raises(AuthError, match="No allowed channels"):
-        auth.allowed_channels({"channels": "a"}, None)
+WRONG_CHANNEL_CLAIMS = [
+    {"channels": "chat"}, {"channels": ["chat", None]}, {"channels": ["chat", 1]},
+    {"channels": {"chat": True}}, {"channels": None}, {"channels": 5},
+    {"channel": ["chat"]}, {"channel": 5}, {"channel": None}, {"channel": {"name": "chat"}},
+    {"channel": "chat", "channels": "chat"}, {"channel": ["chat"], "channels": ["chat"]},
+]
+
+
+@pytest.mark.parametrize("claims", WRONG_CHANNEL_CLAIMS, ids=json.dumps)
+@pytest.mark.parametrize("requested", ["chat", "other", None])
+def test_channel_claims_of_the_wrong_type_refuse_the_token(claims: dict,
+                                                           requested: str | None) -> None:
+    # Fail closed (spec 10): upstream ignores such a claim, which opens every channel in the URL.
+    with pytest.raises(AuthError, match="^No allowed channels$"):
+        check({"mode": "rw", **claims}, requested)
+
+
+def test_empty_channels_claim_keeps_upstream_meaning() -> None:
+    # An empty array is of the right type: as upstream, no channel claim restricts the URL's.
+    assert auth.allowed_channels({"channels": []}, "x") == ["x"]
 
 
 def test_no_channel_claims_and_no_path_channel() -> None:

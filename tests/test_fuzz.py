@@ -7,16 +7,19 @@ normal client must keep making round trips, and no task or file descriptor may b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench import fuzz
 
 
-def test_raw_socket_fuzz_gets_documented_answers_and_leaks_nothing(start_relay) -> None:
-    relay = start_relay(**fuzz.RELAY_ENV)
+def test_raw_socket_fuzz_gets_documented_answers_and_leaks_nothing(start_relay,
+                                                                  tmp_path: Path) -> None:
+    relay = start_relay(**fuzz.relay_env(fuzz.make_root(str(tmp_path))))
     result = fuzz.fuzz(relay, cases=800, procs=2, seed=2026, check_every=200)
     assert result["failures"] == []
     assert result["round_trips_ok"] and result["round_trips"] == 5
     assert result["leak_free"], (result["before"], result["after"])
     assert relay.proc.poll() is None
     assert "Traceback" not in relay.log
-    # Every family ran (800 cases over 22 families).
+    # Every family ran (800 cases over 29 families).
     assert {key.split(":")[0] for key in result["tally"]} == set(fuzz.FAMILIES)

@@ -12,6 +12,7 @@ from relay import auth, envelope, frames
 from relay.config import SETTINGS, ConfigError, load
 from relay.limits import AddressCount, WriteBucket
 from relay.request import parse_target
+from tests.test_auth import hand_signed
 
 KEYS = auth.load_keys(b"reallyreallyreallyreallyverysafe")
 
@@ -83,11 +84,56 @@ def test_any_signed_claims_are_granted_or_refused_with_a_documented_text(
                            auth.NOT_YET_VALID, auth.ISSUED_AT_FUTURE} \
             or message.startswith("Error: ")
     else:
-        # Granted: a string mode, and channels that the token or the URL named.
+        # Granted: a string mode, channel claims of the right type (a wrong one fails closed),
+        # and channels that the token named, or the URL's when the token names none.
         assert isinstance(grant.mode, str) and grant.channels
-        named = {claims.get("channel"), *(claims.get("channels") or [])} \
-            if isinstance(claims.get("channels"), list) else {claims.get("channel")}
-        assert all(channel in named or channel == requested for channel in grant.channels)
+        channel, channels = claims.get("channel"), claims.get("channels")
+        assert "channel" not in claims or isinstance(channel, str)
+        assert "channels" not in claims or (
+            isinstance(channels, list) and all(isinstance(item, str) for item in channels))
+        named = ({channel} if "channel" in claims else set()) | set(channels or [])
+        if named:
+            assert all(item in named for item in grant.channels)
+        else:
+            assert grant.channels == (requested,)
+
+
+def _right_type(name: str, value: object) -> bool:
+    if name == "channel":
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+@given(st.sampled_from(["channel", "channels"]), _JSON, _CLAIMS, st.none() | st.text(max_size=10))
+def test_a_channel_claim_of_the_wrong_type_always_refuses_the_token(
+        name: str, value: object, others: dict, requested: str | None) -> None:
+    # Fail closed (spec 10): whatever else the token says and whatever the URL asks for.
+    if _right_type(name, value):
+        return
+    claims = {**others, "mode": "rw", name: value}
+    try:
+        auth.authorize(claims, requested)
+    except auth.AuthError as refused:
+        assert str(refused) == auth.NO_ALLOWED_CHANNELS
+    else:
+        raise AssertionError(f"granted with {name}={value!r}")
+
+
+_HEADER_MEMBERS = st.sampled_from(["alg", "kid", "typ", "cty", "crit", "jku", "x5u", "x5c", "x5t",
+                                   "x5t#S256", "jwk", "b64", "enc", "zip"]) | st.text(max_size=8)
+
+
+@given(st.dictionaries(_HEADER_MEMBERS, _JSON, max_size=4) | _JSON, st.booleans())
+def test_any_header_with_a_valid_signature_is_granted_or_refused_with_a_text(
+        members: object, keep_alg: bool) -> None:
+    # Mostly an HS256 header with odd members; else whatever JSON value, as the whole header.
+    header = {"alg": "HS256", **members} if keep_alg and isinstance(members, dict) else members
+    try:
+        grant = auth.check(hand_signed(header, {"mode": "r"}), "c", KEYS, 0.0)
+    except auth.AuthError as refused:
+        assert str(refused).startswith("Error: ")
+    else:
+        assert isinstance(header, dict) and header["alg"] == "HS256" and grant.mode == "r"
 
 
 @given(st.dictionaries(st.sampled_from([s.variable for s in SETTINGS]), st.text(max_size=30),

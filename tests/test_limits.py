@@ -1,0 +1,81 @@
+"""The rate and address limits (relay/limits.py), without sockets or clocks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.limits import InboundBudget, TokenBucket, network_of
+
+
+def _takes(bucket: TokenBucket, now: float, amount: float = 1.0) -> int:
+    """How many times ``amount`` can be taken at ``now``."""
+    count = 0
+    while bucket.take(now, amount):
+        count += 1
+    return count
+
+
+def test_a_bucket_starts_full_and_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=25, now=100.0)
+    assert _takes(bucket, 100.0) == 25
+    assert _takes(bucket, 100.5) == 5
+    assert _takes(bucket, 200.0) == 25  # Never more than the burst, however long it rested.
+
+
+def test_a_refused_take_spends_nothing() -> None:
+    bucket = TokenBucket(rate=1, burst=10, now=0.0)
+    assert not bucket.take(0.0, 11)
+    assert bucket.take(0.0, 10)
+
+
+def test_frame_budget_is_one_second_of_frames() -> None:
+    budget = InboundBudget(frames_per_second=200, bytes_per_second=0, max_message_size=8000,
+                           now=0.0)
+    assert sum(budget.take_frame(0.0) for _ in range(300)) == 200
+    assert sum(budget.take_frame(0.5) for _ in range(300)) == 100
+
+
+def test_byte_budget_holds_at_least_two_of_the_largest_messages() -> None:
+    small = InboundBudget(frames_per_second=0, bytes_per_second=1000, max_message_size=8000,
+                          now=0.0)
+    assert small.take_bytes(0.0, 16000)
+    assert not small.take_bytes(0.0, 1)
+    assert small.take_bytes(1.0, 1000)
+    large = InboundBudget(frames_per_second=0, bytes_per_second=65536, max_message_size=8000,
+                          now=0.0)
+    assert large.take_bytes(0.0, 65536)
+    assert not large.take_bytes(0.0, 1)
+
+
+def test_zero_means_no_limit() -> None:
+    budget = InboundBudget(frames_per_second=0, bytes_per_second=0, max_message_size=1, now=0.0)
+    assert all(budget.take_frame(0.0) for _ in range(100_000))
+    assert budget.take_bytes(0.0, 1 << 40)
+
+
+@given(st.floats(0.5, 10_000), st.lists(st.tuples(st.floats(0, 2), st.floats(0.1, 100)),
+                                         max_size=50))
+def test_a_bucket_never_gives_more_than_its_burst_plus_its_rate(
+        rate: float, steps: list[tuple[float, float]]) -> None:
+    bucket = TokenBucket(rate, rate, 0.0)
+    now, given_out = 0.0, 0.0
+    for gap, amount in steps:
+        now += gap
+        if bucket.take(now, amount):
+            given_out += amount
+    assert given_out <= rate + rate * now + 1e-6
+
+
+@pytest.mark.parametrize("host,network", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("unknown", "unknown"),
+])
+def test_addresses_count_per_ipv4_address_and_per_ipv6_64(host: str, network: str) -> None:
+    assert network_of(host) == network

@@ -19,8 +19,9 @@ frame parser and acts on the frames: pongs for pings, a close reply for a close,
 close for a protocol violation, client messages assembled under ``max_message_size`` and
 ``MAX_FRAGMENTS`` (1009 beyond either) and handed to ``on_message`` for ``w``/``rw`` clients
 (awaited, so a client's writes are back-pressured by the database); read-only clients' messages
-are read the same way and discarded. The ``exp`` claim is a deadline on the reader's wait,
-after which it sends close 3001 and keeps reading for the reply.
+are read the same way and discarded. The ``exp`` claim is a deadline on the reader's wait and
+is checked on every pass, busy or not; then the reader sends close 3001 and keeps reading for
+the reply.
 
 A client's traffic must never starve the others, whatever it sends. Parsing costs ~15 µs of
 this thread per frame, so the reader yields to Trio after every read that did not wait and

@@ -227,11 +227,13 @@ SETTINGS: tuple[Setting, ...] = (
             "SO_SNDBUF per client socket in bytes, bounding kernel memory per client "
             "(0: the kernel's autotuning, up to several MiB per client)"),
     Setting("PGWS_SEND_TIMEOUT", "send_timeout", _seconds, "10",
-            "seconds a client's socket may accept nothing before it is closed (1013)"),
+            "seconds a client's socket may accept nothing (under TLS: not one 16 KiB record) "
+            "before it is closed (1013); also bounds each write of a plain HTTP answer"),
     Setting("PGWS_CLOSE_TIMEOUT", "close_timeout", _seconds, "5",
             "seconds to finish a close handshake before the TCP connection is aborted"),
     Setting("PGWS_HANDSHAKE_TIMEOUT", "handshake_timeout", _seconds, "10",
-            "seconds a new connection has to send its HTTP request"),
+            "seconds a connection has to send each HTTP request, head and body (the first, and "
+            "the next on a kept-alive connection)"),
     Setting("PGWS_PING_INTERVAL", "ping_interval", _seconds, "30",
             "seconds between server pings to every client"),
     Setting("PGWS_MAX_MESSAGE_SIZE", "max_message_size", _int_at_least(1),
@@ -240,8 +242,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_MAX_CONNECTIONS", "max_connections", _int_at_least(0), "0",
             "WebSocket connections at most; more get HTTP 503 (0: no limit)"),
     Setting("PGWS_MAX_CONNECTIONS_PER_IP", "max_connections_per_ip", _int_at_least(0), "0",
-            "open connections from one client address at most; more get HTTP 503 without "
-            "their request being parsed (0: no limit)"),
+            "open connections from one client address (IPv6: one /64) at most, per worker; more "
+            "get HTTP 503 without their request being parsed (0: no limit)"),
     Setting("PGWS_MAX_WRITES_PER_SECOND", "max_writes_per_second", _rate, "0",
             "messages per second one client may write (bursts up to one second's worth, at "
             "least 1); faster writers are closed with 1008 (0: no limit)"),

@@ -120,9 +120,10 @@ def test_empty_token_is_missing_mode() -> None:
         auth.check("", "chat", KEYS, NOW)
 
 
-def test_non_string_mode_is_missing_mode() -> None:
+@pytest.mark.parametrize("mode", [1, ["rw"], {"r": True}, None, True])
+def test_non_string_mode_is_missing_mode(mode: object) -> None:
     with pytest.raises(AuthError, match="^Missing mode$"):
-        check({"mode": 1}, "chat")
+        check({"mode": mode}, "chat")
 
 
 @pytest.mark.parametrize("text,parts", [("abc", 1), ("a.b", 2), ("a.b.c.d", 4)])

@@ -136,3 +136,12 @@ def test_flag_overrides_environment() -> None:
     result = _run(relay_env(PGWS_PORT="3000"), "--port", "nope")
     assert result.returncode == 2
     assert "PGWS_PORT" in result.stderr
+
+
+def test_the_readme_lists_every_setting_as_the_code_has_it() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for setting in SETTINGS:
+        default = "required" if setting.required else (
+            "unset" if setting.default is None else f"`{setting.default}`")
+        row = f"| `{setting.variable}` | `{setting.flag}` | {default} | {setting.help} |"
+        assert row in readme, setting.variable

@@ -14,6 +14,7 @@ import json
 import signal
 import socket
 import ssl
+import struct
 import threading
 import time
 from pathlib import Path
@@ -341,3 +342,28 @@ def test_pings_within_the_budget_are_all_answered(start_relay) -> None:
             elif isinstance(event, Ping):
                 continue
     assert answered == payloads
+
+
+# -- what the review found fine, kept so -------------------------------------------------------
+
+def test_a_token_with_100000_channels_gets_431(relay: RelayProcess) -> None:
+    huge = token({"mode": "r", "channels": [f"c{n}" for n in range(100_000)]})
+    status, _ = rejection(relay, f"/{huge}")
+    assert status == 431
+
+
+def test_a_client_reset_in_the_middle_of_a_write_costs_no_one(start_relay) -> None:
+    relay = start_relay(PGWS_SEND_BUFFER="8192")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    doomed, _ = raw_client(relay.port, f"/c/{READ}", rcvbuf=4096)
+    with ws(relay, f"/c/{READ}") as healthy:
+        notify(listen, *(json.dumps({"channel": "c", "n": n, "pad": "p" * 7000})
+                         for n in range(50)))
+        assert json.loads(healthy.recv(timeout=TIMEOUT))["n"] == 0
+        # Reset (not closed) while the relay still has most of the 350 KB to write to it.
+        doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        doomed.close()
+        received = [json.loads(healthy.recv(timeout=TIMEOUT))["n"] for _ in range(49)]
+        assert received == list(range(1, 50))
+        eventually(lambda: relay.stats()["clients"] == 1, what="the reset client removed")
+    assert "Traceback" not in relay.log

@@ -238,3 +238,15 @@ def test_any_target_gets_a_reply_and_only_files_inside_the_root(
         assert Path(reply.file).read_text() != "root:x:0:0"
     for href in _hrefs(reply.body) if reply.status == 200 else []:
         assert not any(part.startswith(".") for part in href.split("/")), href
+
+
+def test_traversal_in_every_spelling_answers_404(tmp_path: Path) -> None:
+    """Kept from the review's "checked and fine": encoded, double-encoded, backslash and
+    absolute-form traversal."""
+    (tmp_path / "app.js").write_text("1")
+    root = str(tmp_path)
+    for target in (b"/../../etc/passwd", b"/%2e%2e/%2e%2e/etc/passwd",
+                   b"/%252e%252e/%252e%252e/etc/passwd", b"/..%5c..%5cetc%5cpasswd",
+                   b"/..\\..\\etc\\passwd", b"http://x/../../etc/passwd",
+                   b"http://x/%2e%2e/etc/passwd", b"/app.js/../../../etc/passwd"):
+        assert static.answer(root, b"GET", target, None).status in (400, 404), target

@@ -307,6 +307,9 @@ RELIABILITY_COMMANDS = {
     "slow": "python bench/run.py slow --servers relay --runs 3 "
             "--json bench/results/reliability/slow.json",
     "soak": "python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json",
+    "flood": "python bench/flood.py --runs 3 --json bench/results/reliability/flood.json",
+    "burst-before-after": "python bench/run.py burst --servers relay --runs 1 "
+                          "--cases 'N=1000 B=100', alternated 10 times between two checkouts",
 }
 
 
@@ -341,7 +344,8 @@ def reliability_section(directory: str) -> list[str]:
     found = _reliability(directory)
     if not found:
         return []
-    lines = ["## Reliability (issue 4)", "", "| run | figures | command |", "|---|---|---|"]
+    lines = ["## Reliability (issues 4 and 9)", "", "| run | figures | command |",
+             "|---|---|---|"]
     if "faults" in found:
         cases = found["faults"]["cases"]
 
@@ -395,6 +399,29 @@ def reliability_section(directory: str) -> list[str]:
                 f"`pg_notification_queue_usage()` "
                 f"{max(r.get('notification_queue_peak', 0) for r in runs):.1g} | "
                 f"`{RELIABILITY_COMMANDS['slow']}` |")
+    if "flood" in found:
+        flood = found["flood"]
+        for name, figures in flood["summary"].items():
+            closed = (f"; flooders closed (1008) {figures['flooders_closed']:.0f} times"
+                      if figures["flooders_closed"] else "")
+            lines.append(
+                f"| {flood['flooders']} flooding client, {name} (median of "
+                f"{len(flood['runs'][name])} × {flood['seconds']:g} s) | `GET /` p50 / p99 "
+                f"{figures['get_p50']} / {figures['get_p99']} ms, delivery "
+                f"{figures['delivery_p50']} / {figures['delivery_p99']} ms, "
+                f"{figures['gets_failed']} GETs failed{closed} | "
+                f"`{RELIABILITY_COMMANDS['flood']}` |")
+    if "burst-before-after" in found:
+        runs = found["burst-before-after"]["runs"]
+        lines.append(
+            f"| fan-out cost of issue 9's reader checkpoints: burst, 1,000 clients | "
+            f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
+            f"({found['burst-before-after']['before_commit']}), "
+            f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
+            f"(medians of {len(runs['after']['deliveries_per_s'])} interleaved runs; CPU per "
+            f"1,000 deliveries {runs['before']['median_cpu_ms_per_1000']} and "
+            f"{runs['after']['median_cpu_ms_per_1000']} ms) | "
+            f"`{RELIABILITY_COMMANDS['burst-before-after']}` |")
     chart = None
     if "soak" in found:
         summary = found["soak"]["summary"]

@@ -83,8 +83,9 @@ class Flood:
         self._thread.join(TIMEOUT)
 
 
-def _events_until_close(sock: socket.socket, conn: WSConnection) -> tuple[list[object], int]:
-    """Every event the relay sends up to its close frame, and the close code."""
+def _events_until_close(sock: socket.socket, conn: WSConnection
+                        ) -> tuple[list[object], CloseConnection]:
+    """Every event the relay sends up to its close frame, and the close."""
     events: list[object] = []
     sock.settimeout(TIMEOUT)
     while True:
@@ -94,20 +95,13 @@ def _events_until_close(sock: socket.socket, conn: WSConnection) -> tuple[list[o
         conn.receive_data(data)
         for event in conn.events():
             if isinstance(event, CloseConnection):
-                return events, event.code
+                return events, event
             events.append(event)
 
 
 def _close_of(sock: socket.socket, conn: WSConnection) -> tuple[int, str]:
-    sock.settimeout(TIMEOUT)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise AssertionError("closed without a close frame")
-        conn.receive_data(data)
-        for event in conn.events():
-            if isinstance(event, CloseConnection):
-                return event.code, event.reason
+    close = _events_until_close(sock, conn)[1]
+    return close.code, close.reason
 
 
 def _http(port: int, request: bytes) -> bytes:
@@ -155,8 +149,8 @@ def test_a_client_over_its_frame_budget_is_closed_with_1008(start_relay) -> None
     with ws(relay, f"/c/{READ}") as other:
         with contextlib.suppress(OSError):
             sock.sendall(frame(9, b"ping") * 2000)
-        events, code = _events_until_close(sock, conn)
-        assert code == 1008
+        events, close = _events_until_close(sock, conn)
+        assert (close.code, close.reason) == (1008, "too many frames")
         assert 0 < sum(isinstance(event, Pong) for event in events) < 2000
         notify(listen, '{"channel":"c"}')
         assert other.recv(timeout=TIMEOUT) == '{"channel":"c"}'

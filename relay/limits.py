@@ -89,7 +89,7 @@ def network_of(host: str) -> str:
     IPv4 address. Anything that is not an IP address (a Unix socket, say) counts as itself.
     """
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
+        address = ipaddress.ip_address(host)  # A scope (fe80::1%eth0) is kept, then masked off.
     except ValueError:
         return host
     if isinstance(address, ipaddress.IPv6Address):

@@ -147,11 +147,11 @@ def test_a_client_over_its_frame_budget_is_closed_with_1008(start_relay) -> None
         conn.receive_data(sock.recv(65536))
         pongs += sum(isinstance(event, Pong) for event in conn.events())
     with ws(relay, f"/c/{READ}") as other:
+        # Frames that get no answer: pongs the client does not read could fill its window,
+        # and then the relay's reset (it reads no more of a flooder) would discard the close.
         with contextlib.suppress(OSError):
-            sock.sendall(frame(9, b"ping") * 2000)
-        events, close = _events_until_close(sock, conn)
-        assert (close.code, close.reason) == (1008, "too many frames")
-        assert 0 < sum(isinstance(event, Pong) for event in events) < 2000
+            sock.sendall(frame(1, b"") * 2000)
+        assert _close_of(sock, conn) == (1008, "too many frames")
         notify(listen, '{"channel":"c"}')
         assert other.recv(timeout=TIMEOUT) == '{"channel":"c"}'
     assert relay.stats()["inbound_limited"] == 1

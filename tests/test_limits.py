@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.limits import InboundBudget, TokenBucket, network_of
+from relay.limits import AddressCount, InboundBudget, TokenBucket, WriteBucket, network_of
 
 
 def _takes(bucket: TokenBucket, now: float, amount: float = 1.0) -> int:
@@ -79,3 +79,22 @@ def test_a_bucket_never_gives_more_than_its_burst_plus_its_rate(
 ])
 def test_addresses_count_per_ipv4_address_and_per_ipv6_64(host: str, network: str) -> None:
     assert network_of(host) == network
+
+
+def test_an_address_gets_its_cap_and_its_places_back() -> None:
+    counts = AddressCount(2)
+    assert [counts.enter("a"), counts.enter("a"), counts.enter("a"), counts.enter("b")] == [
+        True, True, False, True]
+    counts.leave("a")
+    assert counts.enter("a") and not counts.enter("a")
+
+
+def test_a_cap_of_zero_is_no_cap() -> None:
+    counts = AddressCount(0)
+    assert all(counts.enter("a") for _ in range(1000))
+    counts.leave("a")  # Nothing was counted: nothing to forget, and no error.
+
+
+def test_a_write_bucket_holds_one_second_and_at_least_one_message() -> None:
+    assert _takes(WriteBucket(5, 0.0), 0.0) == 5
+    assert _takes(WriteBucket(0.5, 0.0), 0.0) == 1

@@ -195,6 +195,47 @@ def test_listing_escapes_names_and_links_to_them(tmp_path: Path) -> None:
                              None).status == 200, href
 
 
+def test_listing_shows_links_that_stay_inside_the_root_and_hides_the_others(
+        tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a b.txt").write_text("x")
+    (tmp_path / "sub" / "dir").mkdir()
+    (tmp_path / "sub" / "to-file").symlink_to(tmp_path / "sub" / "a b.txt")
+    (tmp_path / "sub" / "to-dir").symlink_to(tmp_path / "sub" / "dir")
+    (tmp_path / "sub" / "out").symlink_to("/etc/passwd")
+    (tmp_path / "sub" / "dangling").symlink_to(tmp_path / "missing")
+    listing = static.answer(str(tmp_path), b"GET", b"/sub/", None)
+    assert (listing.status, dict(listing.headers)[b"content-type"]) == (
+        200, b"text/html; charset=utf-8")
+    assert listing.length == len(listing.body)
+    assert re.findall(rb'href="([^"]*)"', listing.body) == [
+        b"/sub/a%20b.txt", b"/sub/dir", b"/sub/to-dir", b"/sub/to-file"]
+    assert b"<title>/sub</title>" in listing.body and b"</li><li>" in listing.body
+    (tmp_path / "sub" / "dir" / "x").write_text("x")
+    nested = static.answer(str(tmp_path), b"GET", b"/sub/dir", None)
+    assert b"<title>/sub/dir</title>" in nested.body and b'href="/sub/dir/x"' in nested.body
+
+
+def test_text_replies_carry_their_length_and_the_405_its_text() -> None:
+    for reply in (static.answer(None, b"GET", b"/", None),
+                  static.answer("/", b"POST", b"/", None)):
+        assert reply.length == len(reply.body) > 0
+    assert static.answer("/", b"PUT", b"/", None).body == b"Method Not Allowed"
+
+
+def test_unknown_types_are_octet_streams_and_etags_match_in_any_list(tmp_path: Path) -> None:
+    (tmp_path / "blob.unknownext").write_text("x")
+    reply = static.answer(str(tmp_path), b"GET", b"/blob.unknownext", None)
+    assert dict(reply.headers)[b"content-type"] == b"application/octet-stream"
+    etag = dict(reply.headers)[b"etag"]
+    not_modified = static.answer(str(tmp_path), b"GET", b"/blob.unknownext", b'"other",' + etag)
+    assert (not_modified.status, dict(not_modified.headers)[b"etag"]) == (304, etag)
+    (tmp_path / "notes.txt").write_text("x")
+    assert dict(static.answer(str(tmp_path), b"GET", b"/notes.txt", None).headers)[
+        b"content-type"] == b"text/plain; charset=utf-8"
+    assert static.answer(str(tmp_path), b"GET", b"/blob.unknownext", b'"other"').status == 200
+
+
 # -- property: whatever the target, a reply; a file only inside the root -------------------------
 
 #: Pieces that make targets interesting: separators, dots, escapes, links, special files.

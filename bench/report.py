@@ -401,7 +401,8 @@ def reliability_section(directory: str) -> list[str]:
                 f"`{RELIABILITY_COMMANDS['slow']}` |")
     if "flood" in found:
         flood = found["flood"]
-        for name, figures in flood["summary"].items():
+        for name in sorted(flood["summary"], key=lambda name: name != "quiet"):
+            figures = flood["summary"][name]
             closed = (f"; flooders closed (1008) {figures['flooders_closed']:.0f} times"
                       if figures["flooders_closed"] else "")
             lines.append(

@@ -27,6 +27,15 @@ def test_defaults_match_upstream() -> None:
     assert config.tls is False
 
 
+def test_defaults_of_the_limits_this_project_adds() -> None:
+    config = load(BASE)
+    assert (config.max_client_frames_per_second, config.max_client_bytes_per_second) == (
+        1000, 1 << 20)
+    assert (config.handshake_timeout, config.send_timeout, config.close_timeout) == (10, 10, 5)
+    assert (config.max_queue_bytes, config.max_message_size) == (1 << 20, 8000)
+    assert (config.max_connections, config.max_connections_per_ip) == (0, 0)
+
+
 @pytest.mark.parametrize("missing", ["PGWS_DB_URI", "PGWS_JWT_SECRET"])
 def test_required(missing: str) -> None:
     env = {k: v for k, v in BASE.items() if k != missing}

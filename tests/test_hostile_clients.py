@@ -10,6 +10,7 @@ reader). How fast the others are served meanwhile is measured by ``bench/flood.p
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import signal
 import socket
@@ -195,7 +196,8 @@ def test_a_message_of_as_many_fragments_as_allowed_is_published(start_relay) -> 
 # -- 3. connections that never become clients are bounded in time -----------------------------
 
 def test_a_body_that_never_comes_is_cut_at_the_handshake_timeout(start_relay) -> None:
-    relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="1")
+    # A send timeout beyond the reads' own timeout: only the request's deadline can cut them.
+    relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="1", PGWS_SEND_TIMEOUT="60")
     request = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
     socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
              for _ in range(50)]
@@ -241,6 +243,23 @@ def test_an_idle_keep_alive_connection_is_cut(start_relay) -> None:
         while chunk := sock.recv(4096):
             answer += chunk
     assert answer.count(b"HTTP/1.1 200 ") == 1
+
+
+def test_each_keep_alive_request_gets_a_deadline_of_its_own(start_relay) -> None:
+    """The idle deadline counts from the last answer, not from the connection's first
+    request: a client that pauses 2 s between requests keeps its connection."""
+    relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="3")
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=TIMEOUT)
+    try:
+        for n in range(3):
+            if n:
+                time.sleep(2)  # The idle client under test, not a wait for something.
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"Hello, Web!")
+    finally:
+        conn.close()
+    assert relay.log.count("HTTP GET 200") == 3
 
 
 # -- 10. a slow but live TLS reader gets what a plain one gets ---------------------------------

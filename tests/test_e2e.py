@@ -202,14 +202,22 @@ def test_envelope_over_the_notify_limit_closes_with_1009(relay: RelayProcess) ->
 
 # -- meta channel, expiry, pings ---------------------------------------------------------------
 
+def _meta_event(meta, payload: str) -> dict:
+    """The next meta message about the connection whose channels are ``payload``; others (the
+    meta reader's own ConnectionOpen, which NOTIFYs on other pool connections may overtake)
+    are skipped."""
+    while True:
+        message = json.loads(meta.recv(timeout=10))
+        if message["payload"] == payload:
+            return message
+
+
 def test_meta_channel_open_and_close_events(start_relay) -> None:
     relay = start_relay(PGWS_META_CHANNEL="server-info")
     with ws(relay, f"/server-info/{token({'mode': 'r'})}") as meta:
         with ws(relay, f"/{token({'mode': 'r', 'channels': ['a', 'b']})}"):
-            opened = json.loads(meta.recv(timeout=10))
-            while opened["payload"] == "server-info":  # possibly our own ConnectionOpen
-                opened = json.loads(meta.recv(timeout=10))
-        closed = json.loads(meta.recv(timeout=10))
+            opened = _meta_event(meta, "a,b")
+        closed = _meta_event(meta, "a,b")
     assert (opened["event"], opened["channel"], opened["payload"]) == (
         "ConnectionOpen", "server-info", "a,b")
     assert opened["claims"]["channels"] == ["a", "b"]

@@ -371,6 +371,7 @@ def test_listener_gives_up_after_retries_and_exits_1(start_relay) -> None:
             early.recv(timeout=30)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     assert relay.wait_exit(30) == 1
+    relay.stop()  # Joins the log reader: every line the process wrote is in relay.log.
     # PGWS_RETRIES=3 allows an outage as long as upstream's 3 attempts span (1 + 2 s); the
     # attempts come every second within it.
     assert relay.log.count("listener cannot connect") >= 3

@@ -83,7 +83,10 @@ class Config:
     allowed_origins: tuple[str, ...]
     shutdown_timeout: float
     log_level: str
+    log_format: str
     workers: int
+    admin_host: str
+    admin_port: int | None
 
     @property
     def tls(self) -> bool:
@@ -168,6 +171,13 @@ def _channel(value: str) -> str:
 
 def _origins(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _log_format(value: str) -> str:
+    form = value.strip().lower()
+    if form not in {"text", "json"}:
+        raise ValueError(f"expected text or json, got {value!r}")
+    return form
 
 
 def _log_level(value: str) -> str:
@@ -260,8 +270,14 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds from SIGTERM/SIGINT to exit: every client gets close 1001, those that "
             "have not answered in time are reset"),
     Setting("PGWS_LOG_LEVEL", "log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("PGWS_LOG_FORMAT", "log_format", _log_format, "text",
+            "text (one readable line per event) or json (one JSON object per line)"),
     Setting("PGWS_WORKERS", "workers", _int_at_least(1, 256), "1",
             "worker processes sharing the port (SO_REUSEPORT), each with its own LISTEN"),
+    Setting("PGWS_ADMIN_HOST", "admin_host", _nonempty, "127.0.0.1",
+            "address of the admin listener (/health, /ready, /metrics)"),
+    Setting("PGWS_ADMIN_PORT", "admin_port", _int_at_least(0, 65535), None,
+            "TCP port of the admin listener (unset: no admin listener)"),
 )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from relay import __version__, auth, envelope, stats
+from relay import __version__, admin, auth, envelope, stats
 from relay.client import GOING_AWAY
 from relay.config import Config
 from relay.hub import Hub
@@ -163,13 +163,25 @@ async def _ping(hub: Hub, interval: float) -> None:
         hub.ping_all()
 
 
-async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False) -> int:
+async def _open_admin(config: Config, admin_socket: str | None
+                      ) -> list[trio.SocketListener]:
+    if admin_socket is not None:  # A worker: the supervisor serves the admin port.
+        return [await admin.open_unix_listener(admin_socket)]
+    if config.admin_port is None:
+        return []
+    return await admin.open_admin_listeners(config.admin_host, config.admin_port)
+
+
+async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False,
+              admin_socket: str | None = None) -> int:
     """Run the relay until a signal (exit status 0) or until the listener gives up (1).
 
     ``keys``: the verification keys of ``config.jwt_secret``, read by the command before it
     starts (:func:`relay.auth.read_secret`), so that a secret without a usable key is a
     configuration error before anything binds. ``reuse_port``: bind with SO_REUSEPORT, as one
-    of several worker processes.
+    of several worker processes. ``admin_socket``: a worker's private Unix socket for the
+    admin endpoints, which the supervisor serves on ``PGWS_ADMIN_PORT`` for all workers.
+    Exit status 1 also when the port or the admin port cannot be bound.
     """
     options = connect_options(config.db_uri)
     hub = Hub(config.listen_channel)
@@ -189,10 +201,21 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         return 1
+    try:
+        admin_listeners = await _open_admin(config, admin_socket)
+    except OSError as exc:
+        for opened in listeners:
+            await opened.aclose()
+        log.error("cannot open the admin listener (PGWS_ADMIN_HOST %s, PGWS_ADMIN_PORT %s): %s",
+                  config.admin_host, config.admin_port, exc)
+        return 1
     log.info("pgws-relay %s: connects websockets to PostgreSQL asynchronous notifications",
              __version__)
     log.info("listening on %s%s", ", ".join(map(_bound, listeners)),
              " (TLS)" if config.tls else "")
+    if admin_listeners and admin_socket is None:
+        log.info("admin listening on %s (/health, /ready, /metrics)",
+                 admin.bound(admin_listeners))
 
     gc.collect()
     gc.freeze()  # What start-up allocated lives forever; keep it out of every collection.
@@ -200,6 +223,7 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
 
     exit_code = 0
     stop = trio.Event()
+    probe = admin.LocalProbe(hub, listener, notifier, stopping=stop.is_set)
 
     async def listen() -> None:
         nonlocal exit_code
@@ -215,6 +239,8 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
         root.start_soon(_watch_signals, stop, hub, listener, notifier)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
+        if admin_listeners:
+            root.start_soon(admin.AdminServer(probe).serve, admin_listeners)
         async with trio.open_nursery() as connections:
             accepting = trio.CancelScope()
 

@@ -47,7 +47,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from math import inf
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
@@ -56,6 +56,9 @@ from relay import frames
 from relay.auth import Grant
 from relay.limits import InboundBudget, WriteBucket
 from relay.stats import counters
+
+if TYPE_CHECKING:
+    from relay.hub import Pending  # Only a type: the hub calls into clients, never the reverse.
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ class Client:
         "_queued",
         "_settings",
         "_stream",
+        "_tracked",
         "_writing",
         "grant",
         "peer",
@@ -153,6 +157,9 @@ class Client:
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._backlog: list[bytes] = []
         self._queued = 0
+        # Batches whose delivery time waits for this client's backlog to be written (the hub's
+        # delivery-time histogram); released with the backlog they came with.
+        self._tracked: list[Pending] = []
         self._partial_head = False
         # A writer task exists only while there is something to write: an idle connection
         # costs one task (its reader), not two.
@@ -167,10 +174,14 @@ class Client:
 
     # -- the write side ---------------------------------------------------------------------
 
-    def offer(self, frame: bytes) -> None:
-        """Send ``frame`` now if the socket takes it, else queue it; never blocks."""
+    def offer(self, frame: bytes) -> bool:
+        """Send ``frame`` now if the socket takes it, else queue it; never blocks.
+
+        True when the frame (or its rest) was queued for the writer; False when it was written
+        at once or will never be (the client is closing).
+        """
         if self._closing:
-            return
+            return False
         if self._fd >= 0 and not self._writing:
             try:
                 sent = os.write(self._fd, frame)
@@ -178,20 +189,25 @@ class Client:
                 sent = 0
             except OSError:
                 self._abort()
-                return
+                return False
             if sent == len(frame):
-                return
+                return False
             if sent:
                 # The rest of a half-written frame must follow, whatever the bound says.
                 self._partial_head = True
                 self._queue(frame[sent:])
                 if self._queued > self._settings.max_queue_bytes:
                     self._slow("queue over its bound")
-                return
+                return not self._closing
         if self._queued + len(frame) > self._settings.max_queue_bytes:
             self._slow("queue over its bound")
-            return
+            return False
         self._queue(frame)
+        return True
+
+    def track(self, pending: Pending) -> None:
+        """Release ``pending`` once what is queued now has been written (or dropped)."""
+        self._tracked.append(pending)
 
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
@@ -219,9 +235,18 @@ class Client:
         # Drop what is queued, but keep the rest of a half-written frame so that the close
         # frame after it is still parsed as a frame.
         kept = 1 if self._partial_head else 0
-        self._queued -= sum(map(len, self._backlog[kept:]))
+        dropped = sum(map(len, self._backlog[kept:]))
+        counters.bytes_dropped += dropped
+        self._queued -= dropped
         del self._backlog[kept:]
+        self._release(self._tracked)
         self.close(TRY_AGAIN_LATER, "slow consumer")
+
+    @staticmethod
+    def _release(tracked: list[Pending]) -> None:
+        for pending in tracked:
+            pending.done()
+        tracked.clear()
 
     def _abort(self) -> None:
         self._closing = True
@@ -234,13 +259,19 @@ class Client:
 
     async def _writer(self) -> None:
         """Send everything queued, one buffer at a time, then end (until more is queued)."""
+        tracked: list[Pending] = []
         try:
             while self._backlog:
                 backlog, self._backlog = self._backlog, []
+                tracked, self._tracked = self._tracked, []
                 self._partial_head = False
                 await self._send(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+                self._release(tracked)
         finally:
             self._writing = False
+            # Cancelled or aborted: what is left will never be written.
+            self._release(tracked)
+            self._release(self._tracked)
 
     async def _send(self, data: bytes) -> None:
         if self._fd < 0:

@@ -21,6 +21,14 @@ process exits with status 1. Clients stay connected throughout. Notifications co
 no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
 counted in :attr:`Listener.gaps`, logged with its length when LISTEN is back, and reported to
 ``on_gap`` (the meta channel's ``ListenerReconnected`` event).
+
+What the operator sees: :attr:`Listener.status` is None while LISTEN is in place, else one line
+saying why not (the admin listener's ``/ready`` answer); :meth:`Listener.down_seconds` adds up
+the time without LISTEN. A failed attempt is logged when its error differs from the last one;
+the same error again is summed up every ``_REPEAT_LOG_INTERVAL`` seconds, so a database that is
+away writes a few lines, not one a second. An error that waiting cannot cure (the database or
+role does not exist, authentication failed: :func:`is_permanent`) says so and names
+``PGWS_DB_URI``; it is retried all the same, as upstream does, for the configured window.
 """
 
 from __future__ import annotations
@@ -54,6 +62,28 @@ _RETRY_SPACING = 1.0
 #: busy database is not mistaken for a dead connection.
 _HEARTBEAT_MIN_TIMEOUT = 1.0
 
+#: Seconds between two log lines about the same connection error: an outage of a minute writes
+#: about six lines, and a new error is still logged at once.
+_REPEAT_LOG_INTERVAL = 10.0
+
+#: Parts of libpq/server messages that no retry can cure: the configuration is wrong. (psycopg
+#: gives no SQLSTATE for errors raised while connecting, so the text is all there is.)
+_PERMANENT_ERRORS: tuple[str, ...] = (
+    "does not exist",                 # database "x" / role "x" does not exist (3D000, 28000)
+    "password authentication failed",  # 28P01
+    "authentication failed",           # any other method
+    "no pg_hba.conf entry",            # 28000
+    "password is required",            # libpq: the server asked, the URI has none
+    "permission denied for database",  # 42501: no CONNECT privilege
+    "is not permitted to log in",      # role without LOGIN
+)
+
+
+def is_permanent(message: str) -> bool:
+    """Whether a connection error means a wrong configuration rather than an outage."""
+    lowered = message.lower()
+    return any(part in lowered for part in _PERMANENT_ERRORS)
+
 
 class ListenerGaveUp(Exception):
     """``retries`` consecutive attempts to (re)connect the listener failed."""
@@ -81,7 +111,7 @@ class Listener:
         db_uri: str,
         connect_options: dict[str, Any],
         listen_channel: str,
-        publish: Callable[[Sequence[bytes]], None],
+        publish: Callable[[Sequence[bytes], float], None],
         notifier: Notifier,
         heartbeat_interval: float,
         retries: int,
@@ -110,12 +140,60 @@ class Listener:
         #: Notifications received on the listen channel.
         self.received = 0
         self.ready = trio.Event()
+        #: Why LISTEN is not in place (None while it is): the admin listener's /ready reason.
+        self.status: str | None = "not connected yet"
+        # Seconds without LISTEN in windows that have ended, and when the current one began
+        # (trio clock; None while LISTEN is in place).
+        self._down_total = 0.0
+        self._down_since: float | None = None
+        # The last connection error logged, and when (trio clock), for the repeat rule.
+        self._logged_error: str | None = None
+        self._logged_at = -inf
+        self._unlogged = 0
+
+    def down_seconds(self) -> float:
+        """Seconds since start-up without LISTEN in place, the current window included."""
+        current = 0.0
+        if self._down_since is not None:
+            current = trio.current_time() - self._down_since
+        return self._down_total + current
+
+    def _went_down(self, now: float, why: str) -> None:
+        self.status = why
+        if self._down_since is None:
+            self._down_since = now
+
+    def _came_up(self) -> None:
+        if self._down_since is not None:
+            self._down_total += trio.current_time() - self._down_since
+            self._down_since = None
+        self.status = None
+        self._logged_error = None
+        self._unlogged = 0
+
+    def _log_failure(self, message: str, attempts: int, outage: float) -> None:
+        """Log a failed attempt: a new error at once, the same one every so often."""
+        now = trio.current_time()
+        if message == self._logged_error and now - self._logged_at < _REPEAT_LOG_INTERVAL:
+            self._unlogged += 1
+            return
+        again = f" ({self._unlogged + 1} failed attempts since the last line)" \
+            if message == self._logged_error else ""
+        advice = "; this will not pass by itself: check PGWS_DB_URI" \
+            if is_permanent(message) else ""
+        log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
+                  "PGWS_RETRIES=%d allows)%s: %s%s", attempts, outage, self._window,
+                  self._retries, again, message, advice)
+        self._logged_error = message
+        self._logged_at = now
+        self._unlogged = 0
 
     async def run(self) -> None:
         """Listen until cancelled; raise :class:`ListenerGaveUp` when an outage lasts too long."""
         # When LISTEN stopped being in place (trio clock, wall clock); None while it is.
         down: tuple[float, float] | None = None
         attempts = 0
+        self._went_down(trio.current_time(), "not connected yet")
         while True:
             started = trio.current_time()
             try:
@@ -126,9 +204,9 @@ class Listener:
                 if down is None:
                     down = (started, time.time())
                 outage = trio.current_time() - down[0]
-                log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
-                          "PGWS_RETRIES=%d allows): %s", attempts, outage, self._window,
-                          self._retries, _first_line(exc))
+                message = _first_line(exc)
+                self.status = f"database unreachable: {message}"
+                self._log_failure(message, attempts, outage)
                 if started - down[0] + _RETRY_SPACING > self._window:
                     raise ListenerGaveUp(f"no database connection for {outage:.0f} s "
                                          f"({attempts} attempts)") from None
@@ -145,11 +223,13 @@ class Listener:
                 if self._on_gap is not None:
                     self._on_gap(down[1], time.time())
                 down = None
+            self._came_up()
             self.ready.set()
             try:
                 await self._pump(connection)
             except _Lost as lost:
                 down = (trio.current_time(), time.time())
+                self._went_down(down[0], f"listener reconnecting: {lost}")
                 self.ready = trio.Event()
                 log.error("listener connection lost (%s); reconnecting, clients stay connected",
                           lost)
@@ -194,6 +274,7 @@ class Listener:
                 pgconn.consume_input()
             except psycopg.Error as exc:
                 return _first_line(exc)
+            arrived = time.monotonic()
             payloads: list[bytes] = []
             while (notification := pgconn.notifies()) is not None:
                 if notification.relname == heartbeat:
@@ -204,7 +285,7 @@ class Listener:
                     payloads.append(notification.extra)
             if payloads:
                 self.received += len(payloads)
-                self._publish(payloads)
+                self._publish(payloads, arrived)
             due = self._heartbeat_due
             if due is not None and trio.current_time() >= due:
                 return f"heartbeat not back within {self._heartbeat_timeout:g} s"

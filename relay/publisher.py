@@ -57,6 +57,7 @@ class Publisher:
                 log.error("client write from %s failed: %s", client.peer, exc)
                 counters.writes_failed += 1
                 raise MessageRefused(INTERNAL_ERROR, "write failed") from None
+            counters.writes_published += 1
 
     async def meta(self, event: str, grant: Grant) -> None:
         """Publish a ``ConnectionOpen``/``ConnectionClose`` event, if a meta channel is set."""

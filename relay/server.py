@@ -195,7 +195,7 @@ class Server:
             await close_now(stream)
 
     async def _refuse_address(self, stream: trio.abc.Stream, network: str) -> None:
-        counters.rejected += 1
+        counters.refuse("address")
         self._count_refusal(network)
         if self._refused_held >= _REFUSED_AT_ONCE:
             await close_now(stream)
@@ -395,30 +395,34 @@ class Server:
     # -- WebSocket --------------------------------------------------------------------------
 
     async def _reject(self, stream: trio.abc.Stream, http: h11.Connection,
-                      phase: trio.CancelScope, status: int, message: str, peer: str) -> None:
+                      phase: trio.CancelScope, status: int, message: str, peer: str,
+                      reason: str) -> None:
         log.info("rejecting request from %s: %d %s", peer, status, message)
-        counters.rejected += 1
+        counters.refuse(reason)
         await self._send_error(stream, http, phase, status, message)
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
                          phase: trio.CancelScope, req: h11.Request, peer: str) -> Client | None:
         config = self._config
         if self._shutting_down:
-            await self._reject(stream, http, phase, 503, "Shutting down", peer)
+            await self._reject(stream, http, phase, 503, "Shutting down", peer,
+                               "shutting_down")
             return None
         origin = request.header(req.headers, b"origin")
         if config.allowed_origins and origin is not None and \
                 origin.decode("latin-1") not in config.allowed_origins:
-            await self._reject(stream, http, phase, 403, "Origin not allowed", peer)
+            await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
+                               "origin")
             return None
         if config.max_connections and self._hub.client_count >= config.max_connections:
-            await self._reject(stream, http, phase, 503, "Too many connections", peer)
+            await self._reject(stream, http, phase, 503, "Too many connections", peer,
+                               "capacity")
             return None
         target = request.parse_target(req.target, req.headers)
         try:
             grant = auth.check(target.token, target.channel, self._keys, time.time())
         except auth.AuthError as refused:
-            await self._reject(stream, http, phase, 400, str(refused), peer)
+            await self._reject(stream, http, phase, 400, str(refused), peer, "token")
             return None
 
         ws = WSConnection(ConnectionType.SERVER)
@@ -428,7 +432,7 @@ class Server:
             hint = exc.event_hint
             status = getattr(hint, "status_code", 400)
             log.info("rejecting request from %s: %d %s", peer, status, exc)
-            counters.rejected += 1
+            counters.refuse("handshake")
             extra = list(getattr(hint, "headers", []) or [])
             body = str(exc).encode()
             await self._send(stream, http, phase, status,
@@ -445,6 +449,7 @@ class Server:
             inner = getattr(stream, "transport_stream", stream)
             inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
         await self._write(stream, phase, ws.send(AcceptConnection()))
+        counters.accepted += 1
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
                   ",".join(grant.channels))
         client = Client(stream, grant, self._settings, self._publisher.message, peer, received)

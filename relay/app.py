@@ -139,11 +139,11 @@ def _open_fds() -> int:
         return -1  # Not Linux: unknown.
 
 
-def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> str:
-    return stats.line(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
-                      db_pool_idle=notifier.idle_connections,
-                      db_pool_busy=notifier.busy_connections, notifications=listener.received,
-                      gaps=listener.gaps, frames_offered=hub.offered)
+def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> dict[str, int]:
+    return stats.fields(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
+                        db_pool_idle=notifier.idle_connections,
+                        db_pool_busy=notifier.busy_connections, notifications=listener.received,
+                        gaps=listener.gaps, frames_offered=hub.offered)
 
 
 async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,
@@ -151,7 +151,10 @@ async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR1:
-                log.info("%s", _stats(hub, listener, notifier))
+                numbers = _stats(hub, listener, notifier)
+                log.info("stats: %s", " ".join(f"{name}={value}" for name, value in
+                                               numbers.items()),
+                         extra={"event": "stats", "stats": numbers})
                 continue
             log.info("received %s, shutting down", signal.Signals(signum).name)
             stop.set()

@@ -54,7 +54,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from relay import frames
 from relay.auth import Grant
-from relay.limits import InboundBudget, WriteBucket
+from relay.limits import InboundBudget, WriteBucket, within_queue_bound
 from relay.stats import counters
 
 if TYPE_CHECKING:
@@ -196,10 +196,10 @@ class Client:
                 # The rest of a half-written frame must follow, whatever the bound says.
                 self._partial_head = True
                 self._queue(frame[sent:])
-                if self._queued > self._settings.max_queue_bytes:
+                if not within_queue_bound(self._queued, 0, self._settings.max_queue_bytes):
                     self._slow("queue over its bound")
                 return not self._closing
-        if self._queued + len(frame) > self._settings.max_queue_bytes:
+        if not within_queue_bound(self._queued, len(frame), self._settings.max_queue_bytes):
             self._slow("queue over its bound")
             return False
         self._queue(frame)
@@ -230,7 +230,9 @@ class Client:
     def _slow(self, why: str) -> None:
         if self._closing:
             return  # Already closing: its deadline bounds what is left.
-        log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued)
+        log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued,
+                    extra={"event": "slow_consumer", "peer": self.peer,
+                           "queued_bytes": self._queued})
         counters.slow_closed += 1
         # Drop what is queued, but keep the rest of a half-written frame so that the close
         # frame after it is still parsed as a frame.
@@ -367,7 +369,8 @@ class Client:
                         self._on_close(frame.payload[0])
                         return
             except ParseFailed as exc:
-                log.info("protocol error from %s: %s", self.peer, exc)
+                log.info("protocol error from %s: %s", self.peer, exc,
+                         extra={"event": "protocol_error", "peer": self.peer})
                 counters.protocol_errors += 1
                 self.close(exc.code, str(exc))
                 return
@@ -425,7 +428,8 @@ class Client:
         """Close a client that sends too fast; its reader then stops reading (no reply is
         awaited: parsing more of a flood for it would spend what the budget protects)."""
         if not self._closing:
-            log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what)
+            log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what,
+                     extra={"event": "inbound_limited", "peer": self.peer})
             counters.inbound_limited += 1
         self.close(POLICY_VIOLATION, f"too many {what}")
 

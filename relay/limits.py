@@ -8,7 +8,8 @@ Theory of operation
 (:class:`InboundBudget`, ``PGWS_MAX_CLIENT_FRAMES_PER_SECOND`` and
 ``PGWS_MAX_CLIENT_BYTES_PER_SECOND``), which bound the CPU one client's traffic can take.
 :class:`AddressCount` counts the open connections of each client network
-(:func:`network_of`: an IPv4 address, or an IPv6 /64) against a cap.
+(:func:`network_of`: an IPv4 address, or an IPv6 /64) against a cap. :func:`within_queue_bound`
+is the slow-consumer rule on a client's outbox (``PGWS_MAX_QUEUE_BYTES``).
 
 They only answer "allowed or not"; what a refusal means on the wire (close 1008, HTTP 503) is
 decided by their callers.
@@ -24,6 +25,15 @@ import ipaddress
 #: IPv6 addresses are counted per /64: one subscriber line, one host or one cloud instance
 #: usually holds a whole /64, so counting each /128 would let one machine take 2^64 "addresses".
 _IPV6_NETWORK_BITS = 64
+
+
+def within_queue_bound(queued: int, adding: int, bound: int) -> bool:
+    """Whether ``adding`` more bytes keep a client's queue within ``bound`` (inclusive).
+
+    A client over it is a slow consumer (close 1013); exactly ``bound`` bytes is allowed, so a
+    bound of N lets a client that reads nothing hold N bytes and not one more.
+    """
+    return queued + adding <= bound
 
 
 class TokenBucket:

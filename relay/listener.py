@@ -183,7 +183,9 @@ class Listener:
             if is_permanent(message) else ""
         log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
                   "PGWS_RETRIES=%d allows)%s: %s%s", attempts, outage, self._window,
-                  self._retries, again, message, advice)
+                  self._retries, again, message, advice,
+                  extra={"event": "listener_connect_failed", "attempt": attempts,
+                         "down_seconds": round(outage, 3), "permanent": bool(advice)})
         self._logged_error = message
         self._logged_at = now
         self._unlogged = 0
@@ -219,7 +221,9 @@ class Listener:
                 self.gaps += 1
                 log.warning("listening on channel %r again after %.1f s without LISTEN (gap %d); "
                             "notifications committed in between are lost",
-                            self._listen_channel, trio.current_time() - down[0], self.gaps)
+                            self._listen_channel, trio.current_time() - down[0], self.gaps,
+                            extra={"event": "listener_gap", "gaps": self.gaps,
+                                   "gap_seconds": round(trio.current_time() - down[0], 3)})
                 if self._on_gap is not None:
                     self._on_gap(down[1], time.time())
                 down = None

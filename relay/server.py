@@ -182,7 +182,8 @@ class Server:
                 await client.run()
             finally:
                 self._hub.remove(client, channels)
-                log.debug("client %s disconnected", peer)
+                log.debug("client %s disconnected", peer, extra={"event": "disconnected",
+                                                                 "peer": peer})
                 self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE,
                                             grant)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
@@ -397,7 +398,8 @@ class Server:
     async def _reject(self, stream: trio.abc.Stream, http: h11.Connection,
                       phase: trio.CancelScope, status: int, message: str, peer: str,
                       reason: str) -> None:
-        log.info("rejecting request from %s: %d %s", peer, status, message)
+        log.info("rejecting request from %s: %d %s", peer, status, message,
+                 extra={"event": "refused", "peer": peer, "status": status, "reason": reason})
         counters.refuse(reason)
         await self._send_error(stream, http, phase, status, message)
 
@@ -431,7 +433,9 @@ class Server:
         except RemoteProtocolError as exc:
             hint = exc.event_hint
             status = getattr(hint, "status_code", 400)
-            log.info("rejecting request from %s: %d %s", peer, status, exc)
+            log.info("rejecting request from %s: %d %s", peer, status, exc,
+                     extra={"event": "refused", "peer": peer, "status": status,
+                            "reason": "handshake"})
             counters.refuse("handshake")
             extra = list(getattr(hint, "headers", []) or [])
             body = str(exc).encode()
@@ -451,7 +455,9 @@ class Server:
         await self._write(stream, phase, ws.send(AcceptConnection()))
         counters.accepted += 1
         log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
-                  ",".join(grant.channels))
+                  ",".join(grant.channels), extra={"event": "connected", "peer": peer,
+                                                   "mode": grant.mode,
+                                                   "channels": list(grant.channels)})
         client = Client(stream, grant, self._settings, self._publisher.message, peer, received)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())

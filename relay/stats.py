@@ -101,8 +101,12 @@ class LatencyHistogram:
         return rows
 
 
+def fields(**gauges: Any) -> dict[str, Any]:
+    """The gauges given, then every integer counter, by name."""
+    return {**gauges, **{name: value for name, value in dataclasses.asdict(counters).items()
+                         if isinstance(value, int)}}
+
+
 def line(**gauges: Any) -> str:
     """``stats: name=value …``: the gauges given, then every counter."""
-    fields = {**gauges, **{name: value for name, value in dataclasses.asdict(counters).items()
-                           if isinstance(value, int)}}
-    return "stats: " + " ".join(f"{name}={value}" for name, value in fields.items())
+    return "stats: " + " ".join(f"{name}={value}" for name, value in fields(**gauges).items())

@@ -13,6 +13,8 @@ below says otherwise:
    by ``use``, ``alg`` or ``key_ops``; an X25519/X448 key; an empty HMAC key; one that PyJWT
    cannot load) is skipped and named in :attr:`LoadedKeys.skipped`, and a JWK or JWK Set left
    without a usable key (or whose ``keys`` is not an array) is a :class:`SecretError`.
+   :attr:`LoadedKeys.raw_secret` says when the secret was taken as a raw HMAC secret, so that
+   the command can refuse one shorter than every HMAC algorithm needs (:data:`HMAC_MIN_BYTES`).
 2. :func:`verify` checks the header's shape, then the signature with every key that fits the
    header's ``alg`` (PyJWT does the cryptography), then the time claims with zero skew. Every
    failure, however malformed the token, is an :class:`AuthError` whose text is the exact body
@@ -52,8 +54,9 @@ _FAMILY_ALGORITHMS: dict[str, frozenset[str]] = {
 }
 _CURVE_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
 
-#: jose refuses HMAC keys shorter than the hash output (reported as an invalid signature).
-_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: jose refuses HMAC keys shorter than the hash output (reported as an invalid signature). Public:
+#: the command refuses a raw secret too short for HS256 and the token command checks its --alg.
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 #: JWE algorithms (RFC 7518 4.1 key management, 5.1 content encryption; RFC 8037 for OKP). A JWK
 #: whose ``alg`` names one is an encryption key: it must verify nothing, even where PyJWT would
@@ -128,6 +131,8 @@ class LoadedKeys:
 
     keys: tuple[Key, ...]
     skipped: tuple[str, ...] = ()
+    #: The secret is a raw HMAC secret (neither a JWK nor a JWK Set): its length is the key's.
+    raw_secret: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +288,7 @@ def read_secret(secret: bytes) -> LoadedKeys:
         except _Unusable as unusable:
             raise SecretError(f"{_label(document, None)} cannot verify signatures: "
                               f"{unusable}") from None
-    return LoadedKeys((Key(secret, _FAMILY_ALGORITHMS["oct"]),))
+    return LoadedKeys((Key(secret, _FAMILY_ALGORITHMS["oct"]),), raw_secret=True)
 
 
 def load_keys(secret: bytes) -> tuple[Key, ...]:
@@ -346,7 +351,7 @@ def _signature_payload(token: str, keys: Sequence[Key]) -> bytes:
     for key in keys:
         if algorithm not in key.algorithms:
             continue
-        if algorithm in _HMAC_MIN_BYTES and len(key.material) < _HMAC_MIN_BYTES[algorithm]:
+        if algorithm in HMAC_MIN_BYTES and len(key.material) < HMAC_MIN_BYTES[algorithm]:
             continue
         try:
             with warnings.catch_warnings():

@@ -5,8 +5,10 @@ Theory of operation
 Every setting lives in the table :data:`SETTINGS`: its variable name, its default, the parser
 that turns the text into a value and the line ``--help`` prints. The command line and the
 environment are both just sources of text for that table; :func:`load` applies the parsers in
-one pass and returns a :class:`Config`, or raises :class:`ConfigError` naming the first
-variable that is missing or does not parse.
+one pass and returns a :class:`Config`, or raises one :class:`ConfigError` listing every
+variable that is missing or does not parse (an operator fixes them all in one round, not one
+per restart). :func:`load_secret` is the part that reads ``PGWS_JWT_SECRET`` and
+``PGWS_JWT_SECRET_BASE64`` alone, for the ``token`` command, which needs nothing else.
 
 Rules this module keeps:
 
@@ -15,8 +17,13 @@ Rules this module keeps:
 - ``@file`` loading: ``PGWS_DB_URI=@path`` is the file's text stripped of surrounding white
   space; ``PGWS_JWT_SECRET=@path`` is the file's bytes with one trailing ``\\n`` removed.
 - Settings this project adds are seconds (a float is fine) or bytes, and say so in their help.
-- It reads the ``@file`` values and nothing else: no sockets, no logging. The DB URI is parsed
-  (not connected to) so that a typo is a start-up error naming ``PGWS_DB_URI``.
+- A problem is one line naming one variable, in the order of :data:`SETTINGS`; it never
+  repeats a secret or a password.
+- It reads the ``@file`` values and looks at ``PGWS_ROOT_PATH`` (a readable directory, or a
+  start-up error rather than a 404 for every request); nothing else: no sockets, no logging.
+  The DB URI is parsed (not connected to) so that a typo is a start-up error naming
+  ``PGWS_DB_URI``. What a secret means (keys, HMAC lengths) is :mod:`relay.auth`'s business,
+  checked by the command.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-from collections.abc import Callable, Mapping
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psycopg
@@ -43,12 +52,34 @@ _PG_IDENTIFIER_MAX_BYTES = 63
 _DEFAULT_HEARTBEAT_MS = 5000
 
 
-class ConfigError(Exception):
-    """A setting is missing or does not parse; ``str()`` is the one line to print."""
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One variable that is missing or wrong; ``str()`` is the line to print."""
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+    variable: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.problem}"
+
+
+class ConfigError(Exception):
+    """Settings that are missing or do not parse: :attr:`problems`, one line each.
+
+    :attr:`variable` names the first problem's variable, and ``str()`` joins every line with
+    ``"; "`` (still one line), so callers that expect a single problem keep working.
+    """
+
+    def __init__(self, variable: str, problem: str, *more: Problem) -> None:
+        self.problems: tuple[Problem, ...] = (Problem(variable, problem), *more)
         self.variable = variable
+        super().__init__("; ".join(map(str, self.problems)))
+
+    @classmethod
+    def of(cls, problems: Iterable[Problem]) -> ConfigError:
+        """One error for ``problems`` (at least one), in the order of :data:`SETTINGS`."""
+        first, *rest = sorted(problems, key=_settings_order)
+        return cls(first.variable, first.problem, *rest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_DB_URI", "db_uri", _conninfo, None,
             "libpq connection string or URI; @path reads it from a file", required=True),
     Setting("PGWS_JWT_SECRET", "jwt_secret", _text, None,
-            "HMAC secret, JWK or JWK Set; @path reads it from a file", required=True),
+            "HMAC secret (at least 32 bytes), JWK or JWK Set; @path reads it from a file",
+            required=True),
     Setting("PGWS_JWT_SECRET_BASE64", "jwt_secret_base64", _bool, "False",
             "the secret is base64 (True/False)"),
     Setting("PGWS_HOST", "host", _nonempty, "*4",
@@ -281,6 +313,17 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+#: Where each variable comes in :data:`SETTINGS`: problems are reported in that order.
+_ORDER = {setting.variable: index for index, setting in enumerate(SETTINGS)}
+
+#: The settings :func:`load_secret` reads; :func:`load` leaves them to it.
+SECRET_VARIABLES = frozenset({"PGWS_JWT_SECRET", "PGWS_JWT_SECRET_BASE64"})
+
+
+def _settings_order(problem: Problem) -> int:
+    return _ORDER.get(problem.variable, len(_ORDER))
+
+
 def _read_file(variable: str, path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -298,48 +341,114 @@ def _decode_base64_secret(secret: bytes) -> bytes:
         raise ConfigError("PGWS_JWT_SECRET", f"not valid base64: {exc}") from None
 
 
-def load(env: Mapping[str, str]) -> Config:
-    """Parse the ``PGWS_*`` variables in ``env``; raise :class:`ConfigError` on the first problem.
+def _value(setting: Setting, env: Mapping[str, str]) -> Any:
+    """The parsed value of one setting (None: unset), or :class:`ConfigError` naming it."""
+    text = env.get(setting.variable, setting.default)
+    if text is None:
+        if setting.required:
+            raise ConfigError(setting.variable, "required but not set")
+        return None
+    if setting.variable == "PGWS_DB_URI" and text.startswith("@"):
+        text = _read_file(setting.variable, text[1:]).decode("utf-8", "replace").strip()
+    try:
+        return setting.parse(text)
+    except ValueError as exc:
+        raise ConfigError(setting.variable, str(exc)) from None
 
-    Reads the files named by ``@path`` values; nothing else touches the outside world.
+
+def _setting(variable: str) -> Setting:
+    return SETTINGS[_ORDER[variable]]
+
+
+def load_secret(env: Mapping[str, str]) -> bytes:
+    """The secret bytes of ``PGWS_JWT_SECRET`` after ``@file`` and base64 handling.
+
+    :class:`ConfigError` lists the problems of both secret variables. Nothing is said about
+    what the bytes mean: :func:`relay.auth.read_secret` decides that.
     """
+    problems: list[Problem] = []
+    text: str | None = None
+    is_base64 = False
+    try:
+        text = _value(_setting("PGWS_JWT_SECRET"), env)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
+        is_base64 = _value(_setting("PGWS_JWT_SECRET_BASE64"), env)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems or text is None:
+        raise ConfigError.of(problems)
+    if text.startswith("@"):
+        secret = _read_file("PGWS_JWT_SECRET", text[1:]).removesuffix(b"\n")
+    else:
+        secret = text.encode()
+    return _decode_base64_secret(secret) if is_base64 else secret
+
+
+def _check_directory(path: str) -> None:
+    """Raise ValueError unless ``path`` is a directory the relay can list and read files in."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path!r} does not exist") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path.
+        why = exc.strerror if isinstance(exc, OSError) else "not a valid path"
+        raise ValueError(f"cannot use {path!r}: {why}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path!r} is not a directory")
+    # Listing needs read, opening a file inside needs search (x): without either, every
+    # request would get a 404 and the operator would see no reason why.
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"cannot use {path!r}: permission denied (the directory must be "
+                         "readable and searchable)")
+
+
+def load(env: Mapping[str, str]) -> Config:
+    """Parse the ``PGWS_*`` variables in ``env``; raise one :class:`ConfigError` listing every
+    problem.
+
+    Reads the files named by ``@path`` values and checks ``PGWS_ROOT_PATH``; nothing else
+    touches the outside world. A check that combines two settings is made only when both
+    parsed, so that each line points at a real mistake.
+    """
+    problems: list[Problem] = []
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        text = env.get(setting.variable, setting.default)
-        if text is None:
-            if setting.required:
-                raise ConfigError(setting.variable, "required but not set")
-            values[setting.field] = None
+        if setting.variable in SECRET_VARIABLES:
             continue
-        if setting.variable == "PGWS_DB_URI" and text.startswith("@"):
-            text = _read_file(setting.variable, text[1:]).decode("utf-8", "replace").strip()
         try:
-            values[setting.field] = setting.parse(text)
+            values[setting.field] = _value(setting, env)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    try:
+        values["jwt_secret"] = load_secret(env)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+
+    def parsed(*fields: str) -> bool:
+        return all(field in values for field in fields)
+
+    if parsed("certificate_file", "key_file") and \
+            (values["certificate_file"] is None) != (values["key_file"] is None):
+        problems.append(Problem("PGWS_CERTIFICATE_FILE",
+                                "PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE must be set together"))
+    if parsed("workers", "port") and values["workers"] > 1 and values["port"] == 0:
+        problems.append(Problem("PGWS_WORKERS", "several workers need a fixed PGWS_PORT, not 0"))
+    # An empty value means "unset" for these two, as a user who wrote VAR= would expect.
+    if parsed("root_path") and values["root_path"]:
+        try:
+            _check_directory(values["root_path"])
         except ValueError as exc:
-            raise ConfigError(setting.variable, str(exc)) from None
-
-    secret_text: str = values.pop("jwt_secret")
-    if secret_text.startswith("@"):
-        secret = _read_file("PGWS_JWT_SECRET", secret_text[1:]).removesuffix(b"\n")
-    else:
-        secret = secret_text.encode()
-    if values.pop("jwt_secret_base64"):
-        secret = _decode_base64_secret(secret)
-    values["jwt_secret"] = secret
-
-    if (values["certificate_file"] is None) != (values["key_file"] is None):
-        raise ConfigError("PGWS_CERTIFICATE_FILE",
-                          "PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE must be set together")
-
-    if values["workers"] > 1 and values["port"] == 0:
-        raise ConfigError("PGWS_WORKERS", "several workers need a fixed PGWS_PORT, not 0")
+            problems.append(Problem("PGWS_ROOT_PATH", str(exc)))
+    if problems:
+        raise ConfigError.of(problems)
 
     interval_ms = values.pop("check_listener_interval")
     if interval_ms is None:
         interval_ms = _DEFAULT_HEARTBEAT_MS
     values["heartbeat_interval"] = interval_ms / 1000
     values["allowed_origins"] = values["allowed_origins"] or ()
-    # An empty value means "unset" for these two, as a user who wrote VAR= would expect.
     values["meta_channel"] = values["meta_channel"] or None
     values["root_path"] = values["root_path"] or None
     return Config(**values)

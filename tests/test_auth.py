@@ -289,6 +289,13 @@ def test_hmac_token_against_rsa_key_is_invalid_signature() -> None:
         auth.check(sign(R), "c", keys, NOW)
 
 
+def test_only_a_raw_secret_says_it_is_one() -> None:
+    # The command refuses a raw secret too short for HS256; a JWK's length is not the text's.
+    assert auth.read_secret(b"short").raw_secret is True
+    assert auth.read_secret(b'{"kty": "oct", "k": "c2hvcnQ"}').raw_secret is False
+    assert auth.read_secret(b'{"keys": [{"kty": "oct", "k": "c2hvcnQ"}]}').raw_secret is False
+
+
 def test_json_that_is_not_a_jwk_is_a_raw_secret() -> None:
     secret = b'{"not": "a key", "padding": "xxxxxxxxxxxxxxxx"}'
     keys = auth.load_keys(secret)

@@ -3,37 +3,49 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from relay.config import SETTINGS, ConfigError, load
+from relay.config import SETTINGS, ConfigError, load, load_secret
 from tests.conftest import RELAY, relay_env
 
 BASE = {"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": "s" * 32}
 
 
+#: Every setting's value when its variable is unset, written out (not read from SETTINGS), so
+#: that changing a default fails here until this line changes too. Upstream's first (section 1
+#: of the spec), then this project's own.
+EXPECTED_DEFAULTS = {
+    "host": "*4", "port": 3000, "root_path": None, "listen_channel": "postgres-websockets-listener",
+    "meta_channel": None, "pool_size": 10, "retries": 5, "certificate_file": None,
+    "key_file": None,
+    "heartbeat_interval": 5.0, "max_queue_bytes": 1048576, "send_buffer": 262144,
+    "send_timeout": 10.0, "close_timeout": 5.0, "handshake_timeout": 10.0, "ping_interval": 30.0,
+    "max_message_size": 8000, "max_connections": 0, "max_connections_per_ip": 0,
+    "max_writes_per_second": 0.0, "max_client_frames_per_second": 1000.0,
+    "max_client_bytes_per_second": 1048576.0, "allowed_origins": (), "shutdown_timeout": 5.0,
+    "log_level": "INFO", "log_format": "text", "workers": 1, "admin_host": "127.0.0.1",
+    "admin_port": None,
+}
+
+
+def test_every_default_is_the_expected_value() -> None:
+    values = dataclasses.asdict(load(BASE))
+    assert (values.pop("db_uri"), values.pop("jwt_secret")) == ("postgres://u@h/db", b"s" * 32)
+    # Equal dicts: a changed default fails, and so does a new setting nobody wrote down here.
+    assert values == EXPECTED_DEFAULTS
+    # Types too: 3000 == 3000.0, but a float port would not bind.
+    assert {name: type(value) for name, value in values.items()} == {
+        name: type(value) for name, value in EXPECTED_DEFAULTS.items()}
+
+
 def test_defaults_match_upstream() -> None:
     config = load(BASE)
-    assert config.host == "*4"
-    assert config.port == 3000
-    assert config.root_path is None
-    assert config.listen_channel == "postgres-websockets-listener"
-    assert config.meta_channel is None
-    assert config.pool_size == 10
-    assert config.retries == 5
-    assert config.jwt_secret == b"s" * 32
     assert config.tls is False
-
-
-def test_defaults_of_the_limits_this_project_adds() -> None:
-    config = load(BASE)
-    assert (config.max_client_frames_per_second, config.max_client_bytes_per_second) == (
-        1000, 1 << 20)
-    assert (config.handshake_timeout, config.send_timeout, config.close_timeout) == (10, 10, 5)
-    assert (config.max_queue_bytes, config.max_message_size) == (1 << 20, 8000)
-    assert (config.max_connections, config.max_connections_per_ip) == (0, 0)
+    assert load({**BASE, "PGWS_JWT_SECRET_BASE64": "False"}) == config
 
 
 @pytest.mark.parametrize("missing", ["PGWS_DB_URI", "PGWS_JWT_SECRET"])
@@ -100,6 +112,59 @@ def test_check_listener_interval_is_milliseconds_and_zero_is_off() -> None:
     assert load({**BASE, "PGWS_CHECK_LISTENER_INTERVAL": "1000"}).heartbeat_interval == 1.0
     assert load({**BASE, "PGWS_CHECK_LISTENER_INTERVAL": "0"}).heartbeat_interval == 0
     assert load(BASE).heartbeat_interval == 5.0
+
+
+def test_every_problem_is_reported_at_once_in_the_order_of_the_settings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"PGWS_JWT_SECRET_BASE64": "maybe", "PGWS_POOL_SIZE": "0", "PGWS_PORT": "x",
+              "PGWS_ROOT_PATH": str(tmp_path / "nope"), "PGWS_KEY_FILE": "key.pem",
+              "PGWS_LOG_FORMAT": "xml"})
+    assert [str(problem) for problem in info.value.problems] == [
+        "PGWS_DB_URI: required but not set",
+        "PGWS_JWT_SECRET: required but not set",
+        "PGWS_JWT_SECRET_BASE64: expected True or False, got 'maybe'",
+        "PGWS_PORT: expected an integer, got 'x'",
+        f"PGWS_ROOT_PATH: {str(tmp_path / 'nope')!r} does not exist",
+        "PGWS_POOL_SIZE: expected an integer >= 1, got 0",
+        "PGWS_CERTIFICATE_FILE: PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE must be set together",
+        "PGWS_LOG_FORMAT: expected text or json, got 'xml'",
+    ]
+    # Callers that print one line keep one line; the first problem names the variable.
+    assert info.value.variable == "PGWS_DB_URI"
+    assert str(info.value) == "; ".join(str(problem) for problem in info.value.problems)
+
+
+def test_a_check_of_two_settings_waits_for_both_to_parse() -> None:
+    # PGWS_PORT does not parse: saying "several workers need a fixed port" too would mislead.
+    with pytest.raises(ConfigError) as info:
+        load({**BASE, "PGWS_WORKERS": "2", "PGWS_PORT": "zero"})
+    assert [problem.variable for problem in info.value.problems] == ["PGWS_PORT"]
+
+
+def test_root_path_must_be_an_existing_directory(tmp_path: Path) -> None:
+    a_file = tmp_path / "index.html"
+    a_file.write_text("hi")
+    for path, problem in ((tmp_path / "missing", "does not exist"),
+                          (a_file, "is not a directory")):
+        with pytest.raises(ConfigError) as info:
+            load({**BASE, "PGWS_ROOT_PATH": str(path)})
+        assert str(info.value) == f"PGWS_ROOT_PATH: {str(path)!r} {problem}"
+    with pytest.raises(ConfigError, match="^PGWS_ROOT_PATH: cannot use '/a\\\\x00b': not a valid"):
+        load({**BASE, "PGWS_ROOT_PATH": "/a\x00b"})
+    assert load({**BASE, "PGWS_ROOT_PATH": str(tmp_path)}).root_path == str(tmp_path)
+    assert load({**BASE, "PGWS_ROOT_PATH": ""}).root_path is None  # VAR= means unset
+
+
+def test_the_secret_alone_needs_only_the_secret_variables(tmp_path: Path) -> None:
+    raw = bytes(range(48))
+    (tmp_path / "secret").write_text(base64.b64encode(raw).decode() + "\n")
+    env = {"PGWS_JWT_SECRET": f"@{tmp_path / 'secret'}", "PGWS_JWT_SECRET_BASE64": "True",
+           "PGWS_PORT": "not even a number"}
+    assert load_secret(env) == raw
+    with pytest.raises(ConfigError) as info:
+        load_secret({"PGWS_JWT_SECRET_BASE64": "maybe"})
+    assert [problem.variable for problem in info.value.problems] == [
+        "PGWS_JWT_SECRET", "PGWS_JWT_SECRET_BASE64"]
 
 
 def test_tls_files_must_come_together() -> None:

@@ -39,6 +39,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from relay.request import origin_key
+
 #: The NOTIFY payload limit of a default PostgreSQL build (``NAMEDATALEN``-style compile-time
 #: constant): payloads must be shorter than this many bytes.
 PG_NOTIFY_MAX_BYTES = 8000
@@ -201,7 +203,15 @@ def _channel(value: str) -> str:
 
 
 def _origins(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
+    origins = []
+    for item in (item.strip() for item in value.split(",")):
+        if not item:
+            continue
+        key = origin_key(item.removesuffix("/"))  # A pasted URL's slash; a header has none.
+        if key is None:
+            raise ValueError(f"{item!r} is not an origin (scheme://host or scheme://host:port)")
+        origins.append(key)
+    return tuple(origins)
 
 
 def _log_format(value: str) -> str:
@@ -297,7 +307,8 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes per second one client may send (bursts up to one second's worth, at least two "
             "of the largest messages); more close it with 1008 (0: no limit)"),
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
-            "comma-separated Origin values allowed to connect (unset: any)"),
+            "comma-separated origins (scheme://host[:port]) allowed to connect, compared as "
+            "origins: scheme and host in any case, a default port or none (unset: any)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",
             "seconds from SIGTERM/SIGINT to exit: every client gets close 1001, those that "
             "have not answered in time are reset"),

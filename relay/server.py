@@ -412,7 +412,7 @@ class Server:
             return None
         origin = request.header(req.headers, b"origin")
         if config.allowed_origins and origin is not None and \
-                origin.decode("latin-1") not in config.allowed_origins:
+                request.origin_key(origin.decode("latin-1")) not in config.allowed_origins:
             await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
                                "origin")
             return None

@@ -219,3 +219,16 @@ def test_the_readme_lists_every_setting_as_the_code_has_it() -> None:
             "unset" if setting.default is None else f"`{setting.default}`")
         row = f"| `{setting.variable}` | `{setting.flag}` | {default} | {setting.help} |"
         assert row in readme, setting.variable
+
+
+def test_allowed_origins_are_kept_as_comparable_origins() -> None:
+    config = load({**BASE, "PGWS_ALLOWED_ORIGINS":
+                   " https://Good.Example:443/ ,http://other.example:8080,,null"})
+    assert config.allowed_origins == ("https://good.example", "http://other.example:8080", "null")
+
+
+@pytest.mark.parametrize("value", ["good.example", "https://good.example/path",
+                                   "https://a.example https://b.example", "*"])
+def test_an_allowed_origin_that_is_no_origin_is_a_configuration_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="PGWS_ALLOWED_ORIGINS: .* is not an origin"):
+        load({**BASE, "PGWS_ALLOWED_ORIGINS": value})

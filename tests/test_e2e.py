@@ -22,9 +22,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import CloseConnection, Request
+from wsproto.events import CloseConnection, Request, TextMessage
 
-from tests.conftest import DB_URI, RelayProcess, notify, raw_client, tls_files, token
+from tests.conftest import DB_URI, TIMEOUT, RelayProcess, notify, raw_client, tls_files, token
 
 RW = token({"mode": "rw"})
 RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
@@ -93,6 +93,40 @@ def test_rejections_are_http_400_with_upstream_texts(relay: RelayProcess) -> Non
     assert token({"mode": "r", "channel": "test", "exp": 1}) not in relay.log
 
 
+@pytest.mark.parametrize("mode", ["r", "w", "rw"])
+def test_no_mode_opens_a_channel_its_token_does_not_name(relay: RelayProcess, mode: str) -> None:
+    refused = [
+        f"/other/{token({'mode': mode, 'channels': ['test']})}",
+        f"/other/{token({'mode': mode, 'channel': 'test'})}",
+        f"/other/{token({'mode': mode, 'channel': 'test', 'channels': ['x']})}",
+        f"/TEST/{token({'mode': mode, 'channels': ['test']})}",
+        f"/{token({'mode': mode})}",
+        f"/{token({'mode': mode, 'channels': []})}",
+        f"/other?jwt={token({'mode': mode, 'channels': ['test']})}",
+    ]
+    for path in refused:
+        assert rejection(relay, path) == (400, b"No allowed channels"), path
+    with ws(relay, f"/test/{token({'mode': mode, 'channels': ['x', 'test']})}"):
+        pass  # The channel the token names still opens.
+
+
+def test_a_writer_publishes_only_to_the_channel_it_asked_for(relay: RelayProcess) -> None:
+    both = token({"mode": "rw", "channels": ["a", "b"]})
+    with ws(relay, f"/a/{token({'mode': 'r'})}") as reader_a, \
+            ws(relay, f"/b/{token({'mode': 'r'})}") as reader_b, \
+            ws(relay, f"/a/{both}") as writer_a, ws(relay, f"/b/{both}") as writer_b:
+        writer_a.send("to a")
+        assert json.loads(reader_a.recv(timeout=10))["payload"] == "to a"
+        # Committed after "to a": had "to a" gone to b as well, it would arrive first.
+        writer_b.send("to b")
+        received = json.loads(reader_b.recv(timeout=10))
+        assert (received["channel"], received["payload"]) == ("b", "to b")
+        # And writer_a reads a only: its echo, then the next echo, nothing of b in between.
+        writer_a.send("again")
+        echoes = [json.loads(writer_a.recv(timeout=10)) for _ in range(2)]
+        assert [(e["channel"], e["payload"]) for e in echoes] == [("a", "to a"), ("a", "again")]
+
+
 # -- database → clients ------------------------------------------------------------------------
 
 def test_payload_is_forwarded_verbatim(relay: RelayProcess) -> None:
@@ -123,6 +157,35 @@ def test_channels_outside_the_token_are_not_delivered(relay: RelayProcess) -> No
     with ws(relay, f"/{token({'mode': 'r', 'channels': ['a']})}") as client:
         notify(listen, '{"channel": "b", "n": 1}', '{"channel": "a", "n": 2}')
         assert client.recv(timeout=10) == '{"channel": "a", "n": 2}'
+
+
+def test_routing_at_every_size_up_to_the_notify_limit(relay: RelayProcess) -> None:
+    # Payloads around each size threshold, up to PostgreSQL's 7999 bytes, the channel member
+    # at the start, middle or end behind nested and quoted "channel" decoys, non-ASCII
+    # padding and names (some written with \\u escapes).
+    from tests.test_frames_envelope import DECOYS, POSITIONS, routed_payload
+
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    names = ["fill_event", "café☃"]
+    payloads = {name: [routed_payload(size, name, position, filler, escaped).decode()
+                       for size in (160, 499, 500, 501, 4000, 7999) for position in POSITIONS
+                       for filler, escaped in (("x", False), ("é", True), ("😀", False))]
+                for name in names}
+    unroutable = ["{" + DECOYS + ',"pad":"' + "y" * size + '"}' for size in (100, 600, 7800)]
+    reader = token({"mode": "r", "channels": names})
+    with ws(relay, f"/{reader}") as right, \
+            ws(relay, f"/wrong/{token({'mode': 'r'})}") as wrong, \
+            ws(relay, f"/{listen}/{token({'mode': 'r'})}") as fallback:
+        notify(listen, *(p for pair in zip(*payloads.values(), strict=True)
+                         for p in pair), *unroutable)
+        received = [right.recv(timeout=10) for _ in range(sum(map(len, payloads.values())))]
+        assert [fallback.recv(timeout=10) for _ in unroutable] == unroutable
+        # Committed last: a decoy routed to "wrong" would have arrived before it.
+        notify(listen, '{"channel":"wrong","sentinel":true}')
+        assert wrong.recv(timeout=10) == '{"channel":"wrong","sentinel":true}'
+    for name in names:
+        assert [text for text in received if json.loads(text)["channel"] == name] == \
+            payloads[name]
 
 
 def test_many_notifications_arrive_in_order(relay: RelayProcess) -> None:
@@ -306,6 +369,63 @@ def test_origin_allow_list(start_relay) -> None:
         pass
 
 
+def _handshake_status(port: int, origin: str | None) -> int:
+    """The status a WebSocket request with this exact Origin header value gets."""
+    head = (f"GET /c/{RW} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n")
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall((head + "\r\n").encode("latin-1"))
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_origin_allow_list_variants(start_relay) -> None:
+    relay = start_relay(PGWS_ALLOWED_ORIGINS="https://other.example, https://good.example")
+    cases = {
+        "https://good.example": 101,
+        "https://other.example": 101,
+        None: 101,  # not a browser: no Origin to check
+        "https://EVIL.example": 403,
+        "HTTPS://EVIL.EXAMPLE": 403,
+        "https://Evil.Example": 403,
+        "https://evil.example/": 403,
+        "https://EVIL.example:443": 403,
+        "https://evil.example": 403,
+        "http://good.example": 403,
+        "https://good.example:8443": 403,
+        "https://good.example.evil.example": 403,
+        "https://good.example@evil.example": 403,
+        "https://evil.example/https://good.example": 403,
+        "https://evil.example, https://good.example": 403,
+        "https://good.exampl": 403,
+        "https://good.example/": 403,  # not an origin's serialization (RFC 6454 6.2)
+        "null": 403,
+        "": 403,
+    }
+    assert {origin: _handshake_status(relay.port, origin) for origin in cases} == cases
+
+
+@pytest.mark.parametrize("allowed,origin", [
+    ("https://good.example", "https://GOOD.example"),
+    ("https://good.example", "HTTPS://good.example"),
+    ("https://good.example", "https://good.example:443"),
+    ("https://Good.Example", "https://good.example"),  # what browsers send, whatever is typed
+])
+def test_origins_equal_by_rfc_6454_are_allowed(start_relay, allowed: str, origin: str) -> None:
+    # RFC 6454: scheme and host are case-insensitive (user agents send them in lower case)
+    # and the default port is the same origin as none.
+    relay = start_relay(PGWS_ALLOWED_ORIGINS=allowed)
+    assert _handshake_status(relay.port, "https://EVIL.example") == 403
+    assert _handshake_status(relay.port, origin) == 101
+
+
 # -- slow consumers, recovery, shutdown --------------------------------------------------------
 
 def test_slow_consumer_is_dropped_while_healthy_client_gets_everything(start_relay) -> None:
@@ -331,6 +451,71 @@ def test_slow_consumer_is_dropped_while_healthy_client_gets_everything(start_rel
         close = next((e for e in stalled_conn.events() if isinstance(e, CloseConnection)), None)
     stalled.close()
     assert close is not None and (close.code, close.reason) == (1013, "slow consumer")
+
+
+def test_a_slow_consumer_is_closed_exactly_when_its_queue_passes_the_bound(start_relay) -> None:
+    """PGWS_MAX_QUEUE_BYTES is the bound, not a multiple of it.
+
+    The stalled client never reads, so the kernel takes what its buffers hold (some KiB)
+    and the relay queues the rest. One notification at a time, each of ``frame`` bytes;
+    the pacer, a client of the same channel, shows when the hub has offered it, and the
+    stats line (SIGUSR1, handled after the hub's pass) tells whether the stalled client was
+    closed by it. With ``k`` notifications offered at the close and ``m`` delivered to the
+    stalled client before its close frame (everything the kernel had taken, plus at most
+    the rest of a frame in flight), the relay held ``(k - 1 - m) * frame`` bytes or more,
+    and at most the bound, when it decided: a bound of 2x, or none, fails the first assertion.
+    The relay's own log line gives the queued bytes exactly: over the bound with this frame,
+    and not over it before.
+    """
+    bound = 65536
+    relay = start_relay(PGWS_MAX_QUEUE_BYTES=str(bound), PGWS_SEND_BUFFER="4096",
+                        PGWS_SEND_TIMEOUT="600", PGWS_CLOSE_TIMEOUT="600",
+                        PGWS_PING_INTERVAL="3600")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    path = f"/c/{token({'mode': 'r'})}"
+    stalled, stalled_conn = raw_client(relay.port, path, rcvbuf=4096)
+    size = 4000
+    frame = size + 4  # A 4-byte header: 126 <= size < 65536.
+
+    def payload(n: int) -> str:
+        head = f'{{"channel":"c","n":{n:6d},"pad":"'
+        return head + "x" * (size - len(head) - 2) + '"}'
+
+    with ws(relay, path) as pacer:
+        offered = 0
+        # However big the kernel's buffers, 4 MiB is beyond them and beyond 2x the bound.
+        while offered < (4 << 20) // frame:
+            notify(listen, payload(offered))
+            assert pacer.recv(timeout=TIMEOUT) == payload(offered)
+            offered += 1
+            if relay.stats()["slow_closed"]:
+                break
+        else:
+            raise AssertionError(f"not closed after {offered} notifications")
+    line = relay.wait_for_line(r"closing slow consumer .*\((.*), (\d+) bytes queued\)")
+    texts: list[str] = []
+    partial = ""
+    close = None
+    while close is None:
+        data = stalled.recv(65536)
+        assert data, "closed without a close frame"
+        stalled_conn.receive_data(data)
+        for event in stalled_conn.events():
+            if isinstance(event, CloseConnection):
+                close = event
+            elif isinstance(event, TextMessage):
+                partial += event.data
+                if event.message_finished:
+                    texts.append(partial)
+                    partial = ""
+    stalled.close()
+    assert (close.code, close.reason) == (1013, "slow consumer")
+    delivered = len(texts)
+    assert texts == [payload(n) for n in range(delivered)]  # A prefix, each frame whole.
+    assert (offered - 1 - delivered) * frame <= bound, (offered, delivered)
+    assert offered * frame > bound
+    assert line.group(1) == "queue over its bound"
+    assert bound - frame < int(line.group(2)) <= bound, line.group(0)
 
 
 def _terminate_listener(application: str = "pgws-relay") -> int:
@@ -373,8 +558,11 @@ def test_listener_gives_up_after_retries_and_exits_1(start_relay) -> None:
     assert relay.wait_exit(30) == 1
     relay.stop()  # Joins the log reader: every line the process wrote is in relay.log.
     # PGWS_RETRIES=3 allows an outage as long as upstream's 3 attempts span (1 + 2 s); the
-    # attempts come every second within it.
-    assert relay.log.count("listener cannot connect") >= 3
+    # attempts come every second within it, and the same error is logged once, not each time.
+    gave_up = re.search(r"listener gave up: no database connection for \d+ s \((\d+) attempts\)",
+                        relay.log)
+    assert gave_up is not None and int(gave_up.group(1)) >= 3
+    assert relay.log.count("listener cannot connect") == 1
     assert "of the 3 s that PGWS_RETRIES=3 allows" in relay.log
     assert "Traceback" not in relay.log
 

@@ -6,6 +6,8 @@ offers to whom, which is what they record.
 
 from __future__ import annotations
 
+import json
+
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import Ping, TextMessage
 
@@ -105,3 +107,34 @@ def test_close_all() -> None:
         hub.add(client, ["c"])
     hub.close_all(1001, "going away")
     assert all(client.closed == (1001, "going away") for client in clients)
+
+
+def test_a_batch_of_every_size_goes_by_the_top_level_channel_only() -> None:
+    # One wake-up mixing sizes around every routing threshold, keys at start, middle and end,
+    # nested and quoted "channel" decoys, non-ASCII names and padding.
+    from tests.test_frames_envelope import (
+        CHANNELS,
+        FILLERS,
+        POSITIONS,
+        ROUTING_SIZES,
+        routed_payload,
+    )
+
+    hub = Hub("listen")
+    readers = {channel: Recorder() for channel in CHANNELS}
+    for channel, reader in readers.items():
+        hub.add(reader, [channel])
+    wrong, fallback = Recorder(), Recorder()
+    hub.add(wrong, ["wrong"])
+    hub.add(fallback, ["listen"])
+    batch = [routed_payload(size, channel, position, filler, escaped)
+             for size in ROUTING_SIZES for position in POSITIONS for channel in CHANNELS
+             for filler in FILLERS[:2] for escaped in (False, True)]
+    unroutable = b'{"decoy":{"channel":"wrong"},"pad":"' + b"x" * 600 + b'"}'
+    hub.publish([*batch, unroutable])
+    for channel, reader in readers.items():
+        expected = [p.decode() for p in batch if json.loads(p)["channel"] == channel]
+        assert len(expected) == len(ROUTING_SIZES) * len(POSITIONS) * 4
+        assert reader.messages() == expected, channel
+    assert wrong.offers == []
+    assert fallback.messages() == [unroutable.decode()]

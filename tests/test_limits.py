@@ -6,13 +6,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.limits import AddressCount, InboundBudget, TokenBucket, WriteBucket, network_of
+from relay.limits import (
+    AddressCount,
+    InboundBudget,
+    TokenBucket,
+    WriteBucket,
+    network_of,
+    within_queue_bound,
+)
 
 
 def _takes(bucket: TokenBucket, now: float, amount: float = 1.0) -> int:
-    """How many times ``amount`` can be taken at ``now``."""
+    """How many times ``amount`` can be taken at ``now`` (up to 10,000: a bucket that never
+    runs dry fails the test instead of hanging it)."""
     count = 0
-    while bucket.take(now, amount):
+    while count < 10_000 and bucket.take(now, amount):
         count += 1
     return count
 
@@ -98,3 +106,15 @@ def test_a_cap_of_zero_is_no_cap() -> None:
 def test_a_write_bucket_holds_one_second_and_at_least_one_message() -> None:
     assert _takes(WriteBucket(5, 0.0), 0.0) == 5
     assert _takes(WriteBucket(0.5, 0.0), 0.0) == 1
+
+
+@pytest.mark.parametrize("queued,adding,within", [
+    (0, 65536, True), (0, 65537, False),  # exactly the bound is allowed, one byte more is not
+    (65000, 536, True), (65000, 537, False),
+    (65536, 0, True), (65537, 0, False),  # a half-written frame's rest alone
+    (0, 0, True),
+])
+def test_the_queue_bound_is_inclusive_and_counts_what_is_queued_plus_the_frame(
+        queued: int, adding: int, within: bool) -> None:
+    assert within_queue_bound(queued, adding, 65536) is within
+    assert within_queue_bound(queued, adding, 0) is (queued + adding == 0)

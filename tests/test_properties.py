@@ -3,6 +3,10 @@ claims and configuration get a documented answer, limits hold."""
 
 from __future__ import annotations
 
+import json
+
+import jwt
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
@@ -175,3 +179,98 @@ def test_an_address_never_holds_more_than_its_cap(
         assert all(count <= cap for count in held.values())
     for address, count in held.items():  # Whatever was left, the cap still counts right.
         assert counts.enter(address) == (count < cap)
+
+
+# -- channels for every mode, routing at any size ----------------------------------------------
+
+MODES = ["r", "w", "rw"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("claims,requested", [
+    ({"channels": ["test"]}, "other"),
+    ({"channel": "test"}, "other"),
+    ({"channel": "test", "channels": ["x", "y"]}, "other"),
+    ({"channels": []}, None),  # (with a channel in the URL: any channel, as upstream)
+    ({}, None),
+    ({"channels": ["test"]}, "TEST"),  # channel names are case-sensitive
+    ({"channels": ["test"]}, "test "),
+    ({"channels": ["test"]}, ""),
+])
+def test_no_mode_gets_a_channel_its_token_does_not_name(mode: str, claims: dict,
+                                                        requested: str | None) -> None:
+    signed = jwt.encode({"mode": mode, **claims}, "reallyreallyreallyreallyverysafe")
+    with pytest.raises(auth.AuthError) as refused:
+        auth.check(signed, requested, KEYS, 0.0)
+    assert str(refused.value) == auth.NO_ALLOWED_CHANNELS
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gets_exactly_the_channels_its_token_allows(mode: str) -> None:
+    def channels(claims: dict, requested: str | None) -> tuple[str, ...]:
+        grant = auth.check(jwt.encode({"mode": mode, **claims},
+                                      "reallyreallyreallyreallyverysafe"), requested, KEYS, 0.0)
+        assert grant.mode == mode
+        assert (grant.can_read, grant.can_write) == ("r" in mode, "w" in mode)
+        return grant.channels
+
+    assert channels({"channels": ["a", "b"]}, "b") == ("b",)
+    assert channels({"channels": ["a", "b"]}, None) == ("a", "b")
+    assert channels({"channel": "a", "channels": ["b", "a"]}, None) == ("a", "b")
+    assert channels({"channel": "a", "channels": ["b"]}, "b") == ("b",)
+    assert channels({"channels": ["a", "a"]}, None) == ("a", "a")  # upstream's list, as is
+    assert channels({}, "any") == ("any",)
+    assert channels({"channels": []}, "any") == ("any",)  # an empty list names none: upstream
+
+
+@given(st.sampled_from(MODES), st.none() | st.lists(st.sampled_from("abc"), max_size=3),
+       st.none() | st.sampled_from("abc"), st.none() | st.sampled_from("abcd"))
+def test_a_grant_is_the_requested_channel_if_named_else_all_named(
+        mode: str, channels: list[str] | None, channel: str | None,
+        requested: str | None) -> None:
+    claims: dict = {"mode": mode}
+    if channels is not None:
+        claims["channels"] = channels
+    if channel is not None:
+        claims["channel"] = channel
+    # Spec 3.3: A is c then cs without duplicates, [c], cs as is, or empty (any channel).
+    if channel is not None:
+        named = list(dict.fromkeys([channel, *(channels or [])]))
+    else:
+        named = list(channels or [])
+    if requested is not None:
+        expected = tuple(item for item in named if item == requested) if named \
+            else (requested,)
+    else:
+        expected = tuple(named)
+    try:
+        grant = auth.authorize(claims, requested)
+    except auth.AuthError as refused:
+        assert str(refused) == auth.NO_ALLOWED_CHANNELS and expected == ()
+    else:
+        assert grant.channels == expected and expected
+
+
+_ABSENT = object()
+#: JSON whose objects often have a "channel" member of their own: nested ones must not route.
+_NESTED = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                           st.just("channel") | st.text(max_size=6), inner, max_size=3),
+                       max_leaves=8)
+
+
+@given(st.dictionaries(st.sampled_from(["channel", "pad", "payload"]) | st.text(max_size=6),
+                       _NESTED, max_size=5),
+       st.text(max_size=12) | st.just(_ABSENT) | _JSON, st.booleans(), st.booleans(),
+       st.sampled_from([0, 499, 500, 501, 4000, 7999]) | st.integers(0, 9000))
+def test_route_is_the_top_level_string_channel_member(
+        others: dict, channel: object, first: bool, ascii_only: bool, pad: int) -> None:
+    # Any JSON object, its "channel" member first or last (or absent), nested ones anywhere,
+    # non-ASCII raw or escaped, padded past any size threshold.
+    others = {key: value for key, value in others.items() if key != "channel"}
+    others["padding"] = "x" * pad
+    top = {} if channel is _ABSENT else {"channel": channel}
+    document = {**top, **others} if first else {**others, **top}
+    payload = json.dumps(document, ensure_ascii=ascii_only).encode()
+    expected = channel if isinstance(channel, str) else "listen"
+    assert envelope.route(payload, "listen") == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from relay import request
 from relay.request import Target, parse_target
 
 
@@ -36,3 +37,71 @@ def test_bearer_header() -> None:
     assert parse_target(b"/chat", headers) == Target("chat", "T")
     assert parse_target(b"/", headers) == Target(None, "T")
     assert parse_target(b"/X", [(b"authorization", b"Basic abc")]) == Target(None, "X")
+
+
+def test_bearer_credentials_are_everything_after_the_scheme() -> None:
+    def target(value: bytes) -> Target:
+        return parse_target(b"/chat", [(b"Authorization", value)])
+
+    assert target(b"bearer  T ") == Target("chat", "T")  # any case; blanks around trimmed
+    assert target(b"  BEARER T") == Target("chat", "T")
+    assert target(b"Bearer a b") == Target("chat", "a b")  # the rest, not its last word
+    assert target(b"Bearer") == Target(None, "chat")  # no credentials: the path's token
+    assert target(b"Bearer   ") == Target(None, "chat")
+    assert target(b"Bearerx T") == Target(None, "chat")
+    assert target("Bearer \xe9".encode("latin-1")) == Target("chat", "\xe9")
+
+
+def test_the_first_authorization_header_counts_and_the_query_wins() -> None:
+    headers = [(b"x-other", b"Bearer X"), (b"authorization", b"Bearer A"),
+               (b"authorization", b"Bearer B")]
+    assert parse_target(b"/c", headers) == Target("c", "A")
+    assert parse_target(b"/c?jwt=Q", headers) == Target("c", "Q")
+    # An empty jwt parameter is no token: the next source is tried.
+    assert parse_target(b"/c?jwt=", headers) == Target("c", "A")
+    assert parse_target(b"/c?jwt=&jwt=Q2") == Target("c", "Q2")
+
+
+def test_a_target_without_a_leading_slash_is_split_whole() -> None:
+    # An asterisk- or authority-form target: nothing to drop before splitting.
+    assert parse_target(b"TOKEN") == Target(None, "TOKEN")
+    assert parse_target(b"chat/TOKEN") == Target("chat", "TOKEN")
+    assert parse_target(b"") == Target(None, "")
+
+
+def test_non_utf8_targets_are_decoded_with_replacement() -> None:
+    assert parse_target(b"/ch\xffat/T\xfe") == Target("ch\ufffdat", "T\ufffd")
+
+
+@pytest.mark.parametrize(("value", "key"), [
+    ("https://good.example", "https://good.example"),
+    ("https://GOOD.Example", "https://good.example"),
+    ("HTTPS://good.example", "https://good.example"),
+    ("https://good.example:443", "https://good.example"),
+    ("http://good.example:80", "http://good.example"),
+    ("wss://good.example:443", "wss://good.example"),
+    ("ws://good.example:80", "ws://good.example"),
+    ("https://good.example:80", "https://good.example:80"),
+    ("http://good.example:443", "http://good.example:443"),
+    ("https://good.example:08443", "https://good.example:8443"),
+    ("https://[::1]:8443", "https://[::1]:8443"),
+    ("https://[::1]", "https://[::1]"),
+    ("null", "null"),
+    ("NULL", None),
+    ("", None),
+    ("good.example", None),
+    ("https://", None),
+    ("https://good.example/", None),
+    ("https://good.example/path", None),
+    ("https://good.example?q", None),
+    ("https://good.example#f", None),
+    ("https://user@good.example", None),
+    ("https://good.example, https://other.example", None),
+    ("https://good.example:", None),
+    ("https://good.example:65536", None),
+    ("https://good.example:65535", "https://good.example:65535"),
+    ("https://good example", None),
+    ("1https://good.example", None),
+])
+def test_origins_compare_as_rfc_6454_serializations(value: str, key: str | None) -> None:
+    assert request.origin_key(value) == key

@@ -155,13 +155,3 @@ def test_permanent_connection_errors_are_told_from_outages(message: str,
                                                             permanent: bool) -> None:
     assert is_permanent(message) is permanent
 
-
-def test_the_queue_bound_is_inclusive_and_counts_what_is_queued() -> None:
-    from relay.limits import within_queue_bound
-
-    assert within_queue_bound(0, 1024, 1024)
-    assert not within_queue_bound(0, 1025, 1024)
-    assert within_queue_bound(1000, 24, 1024)
-    assert not within_queue_bound(1000, 25, 1024)
-    assert within_queue_bound(1024, 0, 1024)
-    assert not within_queue_bound(1025, 0, 1024)

@@ -22,7 +22,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import RELAY, SECRET, TIMEOUT, RelayProcess, relay_env, token
+from tests.conftest import DB_URI, RELAY, SECRET, TIMEOUT, RelayProcess, relay_env, token
 
 SHORT = "HS256 needs at least 32, so every token would be refused"
 
@@ -168,3 +168,31 @@ def test_root_path_must_be_a_readable_directory(tmp_path: Path, case: str) -> No
     with held_port() as port:
         lines = refuse(relay_env(PGWS_PORT=str(port), PGWS_ROOT_PATH=str(path)), prefix)
     assert lines == [f"pgws-relay: PGWS_ROOT_PATH: {problem}"]
+
+
+def test_a_database_that_does_not_exist_is_named_once_as_a_configuration_problem(
+        start_relay) -> None:
+    # Upstream's semantics stay (retried for the PGWS_RETRIES window, then exit 1), but the log
+    # says at once that waiting will not help, and does not repeat the same line each second.
+    missing = DB_URI.rsplit("/", 1)[0] + "/pgws_no_such_database"
+    relay = start_relay(wait=False, PGWS_DB_URI=missing, PGWS_RETRIES="3")
+    assert relay.wait_exit(30) == 1
+    relay.stop()
+    failures = [line for line in relay.lines if "listener cannot connect" in line]
+    assert len(failures) == 1, relay.log
+    assert 'database "pgws_no_such_database" does not exist' in failures[0]
+    assert failures[0].endswith("this will not pass by itself: check PGWS_DB_URI")
+    assert "listener gave up" in relay.log and "Traceback" not in relay.log
+
+
+def test_an_outage_is_not_called_a_configuration_problem(start_relay) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()[1]
+    relay = start_relay(wait=False, PGWS_RETRIES="2",
+                        PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead}/postgres")
+    assert relay.wait_exit(30) == 1
+    relay.stop()
+    failures = [line for line in relay.lines if "listener cannot connect" in line]
+    assert len(failures) == 1 and "Connection refused" in failures[0], relay.log
+    assert "check PGWS_DB_URI" not in relay.log

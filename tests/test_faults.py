@@ -23,6 +23,7 @@ from websockets.sync.client import ClientConnection
 from wsproto.events import CloseConnection
 
 from tests.conftest import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
+from tests.test_admin import admin_port, get, metric
 from tests.test_e2e import rejection, ws
 
 READ = token({"mode": "r"})
@@ -79,11 +80,13 @@ def test_postgres_restart_keeps_clients_and_shows_the_gap(
 
 def test_postgres_down_at_start_up(start_relay, postgres_control: Callable[[str], None]) -> None:
     postgres_control("stop")
-    relay = start_relay(wait=False, PGWS_META_CHANNEL="meta")
+    relay = start_relay(wait=False, PGWS_META_CHANNEL="meta", PGWS_ADMIN_PORT="0")
     relay.port = int(relay.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    admin = admin_port(relay)
     # Down for longer than the first retry; clients may connect meanwhile, as upstream.
-    first, _ = relay.wait_for_line_at(r"listener cannot connect \(attempt 1,")
-    relay.wait_for_line(r"listener cannot connect \(attempt 2,", start=first)
+    relay.wait_for_line(r"listener cannot connect \(attempt 1,")
+    eventually(lambda: metric(admin, "pgws_listener_down_seconds_total") > 1.5)
+    assert get(admin, "/ready")[0] == 503 and metric(admin, "pgws_listener_up") == 0
     with ws(relay, f"/c/{READ}") as early, ws(relay, f"/meta/{READ}") as meta:
         postgres_control("start")
         relay.wait_for_line(r"listening on channel '[^']+' again after [\d.]+ s without LISTEN "

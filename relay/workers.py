@@ -80,45 +80,46 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
         log.info("admin listening on %s for %d workers (/health, /ready, /metrics)",
                  admin.bound(admin_listeners), config.workers)
 
-    procs: list[trio.Process] = []
-    for index in range(config.workers):
-        worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index)}
-        if sockets:
-            worker_env[ADMIN_SOCKET_ENV] = sockets[index]
-        procs.append(await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL))
-    stopping = False
-    status = 0
-
-    def stop_all(signum: int) -> None:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.send_signal(signum)
-
-    async def watch(index: int, proc: trio.Process) -> None:
-        nonlocal stopping, status
-        code = await proc.wait()
-        if not stopping:
-            # A worker ended on its own: the service is degraded; end it as a whole.
-            stopping = probe.stopping = True
-            status = code if code > 0 else 1
-            log.error("worker %d ended with status %d; stopping the others", index, code)
-            stop_all(signal.SIGTERM)
-        elif code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
-            status = code if code > 0 else 1
-
+    # Signals are caught before the first worker exists, so that a stop arriving during the
+    # start still reaches every worker instead of killing the supervisor alone.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        procs: list[trio.Process] = []
+        for index in range(config.workers):
+            worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index)}
+            if sockets:
+                worker_env[ADMIN_SOCKET_ENV] = sockets[index]
+            procs.append(await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL))
+        stopping = False
+        status = 0
+
+        def stop_all(signum: int) -> None:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signum)
+
+        async def watch(index: int, proc: trio.Process) -> None:
+            nonlocal stopping, status
+            code = await proc.wait()
+            if not stopping:
+                # A worker ended on its own: the service is degraded; end it as a whole.
+                stopping = probe.stopping = True
+                status = code if code > 0 else 1
+                log.error("worker %d ended with status %d; stopping the others", index, code)
+                stop_all(signal.SIGTERM)
+            elif code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
+                status = code if code > 0 else 1
+
+        async def forward() -> None:
+            nonlocal stopping
+            async for signum in signals:
+                if signum != signal.SIGUSR1:
+                    stopping = probe.stopping = True
+                stop_all(signum)  # SIGUSR1: each worker logs its own stats line.
+
         async with trio.open_nursery() as nursery:
             if admin_listeners:
                 nursery.start_soon(admin.AdminServer(probe).serve, admin_listeners)
-
-            async def forward() -> None:
-                nonlocal stopping
-                async for signum in signals:
-                    if signum != signal.SIGUSR1:
-                        stopping = probe.stopping = True
-                    stop_all(signum)  # SIGUSR1: each worker logs its own stats line.
-
             nursery.start_soon(forward)
             async with trio.open_nursery() as waiting:
                 for index, proc in enumerate(procs):

@@ -36,7 +36,9 @@ import psycopg
 HERE = os.path.dirname(os.path.abspath(__file__))
 DB_URI = os.environ.get("PGWS_BENCH_DB_URI", "postgresql://postgres@127.0.0.1:5432/postgres")
 SECRET = "benchbenchbenchbenchbenchbenchbe"
-LISTEN = "pgws_bench"
+#: The listen channel, private to this run: two benchmarks (or a benchmark and the test suite's
+#: smoke test) on one database must not receive each other's notifications.
+LISTEN = f"pgws_bench_{os.getpid()}"
 TIMEOUT = 120.0
 #: Payloads start with the send time, so a client finds it at a fixed offset in every frame.
 _TS_PREFIX = '{"ts":'

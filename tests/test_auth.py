@@ -545,3 +545,204 @@ def test_no_channel_claims_and_no_path_channel() -> None:
 def test_big_integer_claims_stay_exact() -> None:
     claims = {"mode": "r", "order": 18446744073709551616000001}
     assert check(claims, "c").claims["order"] == 18446744073709551616000001
+
+
+# -- the exact texts: what the operator reads for a skipped key, what a client reads in a 400 ---
+
+#: The line :attr:`auth.LoadedKeys.skipped` holds for each unusable key of UNUSABLE_JWKS (and a
+#: few more), placed first in a set: the key named by index and kid/kty/crv/alg/use, then why.
+SKIPPED_LINES = {
+    "RSA-OAEP encryption key": "(kid 'enc-1', kty 'RSA', alg 'RSA-OAEP', use 'enc'): "
+                               'an encryption key ("use" is "enc")',
+    "RSA key with alg RSA-OAEP only": "(kid 'enc-1', kty 'RSA', alg 'RSA-OAEP'): "
+                                      'an encryption key ("alg" is a JWE algorithm)',
+    "RSA key with use enc only": "(kid 'sig-1', kty 'RSA', use 'enc'): "
+                                 'an encryption key ("use" is "enc")',
+    "EC key for ECDH-ES": "(kty 'EC', crv 'P-256', alg 'ECDH-ES'): "
+                          'an encryption key ("alg" is a JWE algorithm)',
+    "oct key for A128KW": "(kty 'oct', alg 'A128KW'): "
+                          'an encryption key ("alg" is a JWE algorithm)',
+    "key_ops without verify": "(kid 'sig-1', kty 'RSA', use 'sig'): "
+                              'an encryption key ("key_ops" has neither "sign" nor "verify")',
+    "X25519 key": "(kty 'OKP', crv 'X25519'): "
+                  'a key-agreement key ("crv" is not Ed25519 or Ed448)',
+    "unknown alg": "(kid 'sig-1', kty 'RSA', alg 'RS1', use 'sig'): "
+                   '"alg" is not a signature algorithm this server accepts',
+    "unknown kty": "(kty 'XYZ'): \"kty\" is not one of oct, RSA, EC, OKP",
+    "no kty": ': no "kty"',
+    "empty oct key": "(kty 'oct'): an empty HMAC key",
+    "oct key without k": "(kty 'oct'): PyJWT cannot load it (KeyError)",
+    "RSA key PyJWT cannot load": "(kty 'RSA'): PyJWT cannot load it (TypeError)",
+    "EC key off its curve": "(kty 'EC', crv 'P-256'): PyJWT cannot load it (InvalidKeyError)",
+    "EC key on an unknown curve": "(kty 'EC', crv 'P-999'): "
+                                  '"crv" is not one of P-256, P-384, P-521, secp256k1',
+    "not an object": ": not a JSON object",
+}
+
+MORE_UNUSABLE_JWKS = {
+    "use neither sig nor enc": ({**RSA_SIGNING_JWK, "use": "wrap"},
+                                "(kid 'sig-1', kty 'RSA', use 'wrap'): \"use\" is not \"sig\""),
+    "key_ops not all strings": ({**RSA_SIGNING_JWK, "key_ops": ["verify", 1]},
+                                "(kid 'sig-1', kty 'RSA', use 'sig'): "
+                                '"key_ops" is not an array of strings'),
+    "key_ops a string": ({**RSA_SIGNING_JWK, "key_ops": "verify"},
+                         "(kid 'sig-1', kty 'RSA', use 'sig'): "
+                         '"key_ops" is not an array of strings'),
+    "kty an array": ({"kty": ["RSA"]}, '(kty an array): "kty" is not one of oct, RSA, EC, OKP'),
+    "members of other types": ({"kid": 7, "kty": True, "crv": ["P-256"], "alg": None, "use": {}},
+                               "(kid a number, kty a boolean, crv an array, alg null, "
+                               'use an object): "use" is not "sig"'),
+    "EC key with a crv of another type": ({"kty": "EC", "crv": ["P-256"]},
+                                          "(kty 'EC', crv an array): "
+                                          '"crv" is not one of P-256, P-384, P-521, secp256k1'),
+    "OKP key with a crv of another type": ({"kty": "OKP", "crv": {"name": "Ed25519"}},
+                                           "(kty 'OKP', crv an object): "
+                                           'a key-agreement key ("crv" is not Ed25519 or Ed448)'),
+    "kid of 40 characters": ({"kid": "k" * 40, "kty": "XYZ"},
+                             f"(kid '{'k' * 40}', kty 'XYZ'): "
+                             '"kty" is not one of oct, RSA, EC, OKP'),
+    "kid of 41 characters": ({"kid": "k" * 41, "kty": "XYZ"},
+                             f"(kid '{'k' * 40}…', kty 'XYZ'): "
+                             '"kty" is not one of oct, RSA, EC, OKP'),
+}
+
+
+SKIPPED = {**{name: (jwk, SKIPPED_LINES[name]) for name, jwk in UNUSABLE_JWKS.items()},
+           **MORE_UNUSABLE_JWKS}
+
+
+@pytest.mark.parametrize("name", SKIPPED)
+def test_a_skipped_key_is_named_and_its_reason_given_exactly(name: str) -> None:
+    jwk, rest = SKIPPED[name]
+    loaded = auth.read_secret(json.dumps({"keys": [jwk, RSA_SIGNING_JWK]}).encode())
+    separator = " " if rest.startswith("(") else ""
+    assert loaded.skipped == (f"skipping JWK Set key 0{separator}{rest}",)
+
+
+def test_every_reason_of_a_set_without_a_usable_key_is_listed() -> None:
+    with pytest.raises(auth.SecretError) as info:
+        auth.load_keys(json.dumps({"keys": [{"k": LONG_OCT}, "a string"]}).encode())
+    assert str(info.value) == ('no key of the JWK Set can verify signatures: key 0: no "kty"; '
+                               "key 1: not a JSON object")
+
+
+@pytest.mark.parametrize("members,kind", [("true", "a boolean"), ("5", "a number"),
+                                          ("1.5", "a number")])
+def test_keys_member_of_a_scalar_type_is_named_by_its_json_type(members: str, kind: str) -> None:
+    with pytest.raises(auth.SecretError) as info:
+        auth.load_keys(f'{{"keys": {members}}}'.encode())
+    assert str(info.value) == f'the JWK Set\'s "keys" is {kind}, not an array'
+
+
+def test_a_single_jwk_that_cannot_verify_names_the_jwk() -> None:
+    with pytest.raises(auth.SecretError) as info:
+        auth.load_keys(json.dumps(X25519_JWK).encode())
+    assert str(info.value) == ("the JWK (kty 'OKP', crv 'X25519') cannot verify signatures: "
+                               'a key-agreement key ("crv" is not Ed25519 or Ed448)')
+
+
+def _oct(secret: bytes) -> dict:
+    return {"kty": "oct", "k": b64url(secret)}
+
+
+def test_a_key_too_short_for_the_algorithm_is_passed_over_for_the_next() -> None:
+    keys = auth.load_keys(json.dumps({"keys": [_oct(b"short"), _oct(SECRET)]}).encode())
+    assert check(R, "c", keys).mode == "r"
+
+
+def test_a_key_whose_signature_does_not_match_is_passed_over_for_the_next() -> None:
+    keys = auth.load_keys(json.dumps({"keys": [_oct(b"w" * 32), _oct(SECRET)]}).encode())
+    assert check(R, "c", keys).mode == "r"
+
+
+HEADER_SEGMENT_TEXTS = [
+    ("A", "Invalid header padding"),
+    ("\u00e9t\u00e9", "Invalid header padding"),
+    ("!!!!", "Invalid header string: Expecting value: line 1 column 1 (char 0)"),
+    ("AAAA", "Invalid header string: Expecting value: line 1 column 1 (char 0)"),
+    (b64url(b"\xff\xfe{"), "Invalid header string: not UTF-8"),
+    (b64url(b'{"alg": "HS256", "x": NaN}'), "Invalid header string: NaN is not JSON"),
+    (b64url(b'{"alg": "HS256", "x": -Infinity}'),
+     "Invalid header string: -Infinity is not JSON"),
+    (b64url(b"[1]"), "Invalid header string: must be a json object"),
+]
+
+
+@pytest.mark.parametrize("segment,text", HEADER_SEGMENT_TEXTS)
+def test_a_header_that_does_not_decode_gets_its_exact_text(segment: str, text: str) -> None:
+    token = f"{segment}.{b64url(b'{}')}.{b64url(b'x')}"
+    with pytest.raises(AuthError) as info:
+        auth.check(token, "c", KEYS, NOW)
+    assert str(info.value) == f"Error: JWSError (CompactDecodeError {text})"
+
+
+def test_a_validly_signed_header_holding_nan_is_refused() -> None:
+    token = hand_signed_text('{"alg": "HS256", "x": NaN}', json.dumps(R))
+    with pytest.raises(AuthError) as info:
+        auth.check(token, "c", KEYS, NOW)
+    assert str(info.value) == ("Error: JWSError (CompactDecodeError Invalid header string: "
+                               "NaN is not JSON)")
+
+
+@pytest.mark.parametrize("header", [{"alg": "HS256", "crit": ["exp"], "exp": 1},
+                                    {"alg": "HS256", "crit": []}], ids=json.dumps)
+def test_a_critical_header_is_refused_by_name(header: dict) -> None:
+    with pytest.raises(AuthError) as info:
+        auth.check(hand_signed(header, R), "c", KEYS, NOW)
+    assert str(info.value) == ("Error: JWSError (CompactDecodeError Invalid header: crit (no "
+                               "extension is supported))")
+
+
+def test_a_payload_or_signature_that_is_not_base64url_gets_pyjwts_text() -> None:
+    header, payload, signature = sign(R).split(".")
+    for token, text in ((f"{header}.{payload}.A", "Invalid crypto padding"),
+                        (f"{header}.A.{signature}", "Invalid payload padding")):
+        with pytest.raises(AuthError) as info:
+            auth.check(token, "c", KEYS, NOW)
+        assert str(info.value) == f"Error: JWSError (CompactDecodeError {text})"
+
+
+def test_a_header_rule_only_pyjwt_has_is_still_a_compact_decode_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some PyJWT version may refuse a header _header lets through; that is a 400 all the same.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise jwt.exceptions.InvalidTokenError("a rule of a future PyJWT")
+
+    monkeypatch.setattr(jwt.PyJWS, "decode", refuse)
+    with pytest.raises(AuthError) as info:
+        check(R, "c")
+    assert str(info.value) == "Error: JWSError (CompactDecodeError Invalid header)"
+
+
+@pytest.mark.parametrize("payload,text", [
+    ("[1]", "Error in $: expected Object"),
+    ('"claims"', "Error in $: expected Object"),
+    ("not json", "Error in $: Expecting value: line 1 column 1 (char 0)"),
+    ('{"mode": "r", "exp": NaN}', "Error in $: NaN is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "Error in $: nested too deeply"),
+])
+def test_claims_that_do_not_decode_get_their_exact_text(payload: str, text: str) -> None:
+    with pytest.raises(AuthError) as info:
+        auth.check(hand_signed_text('{"alg": "HS256"}', payload), "c", KEYS, NOW)
+    assert str(info.value) == f'Error: JWTClaimsSetDecodeError "{text}"'
+
+
+@pytest.mark.parametrize("audience", ["relay", ["relay", "other"], []])
+def test_an_audience_of_a_string_or_strings_is_accepted(audience: object) -> None:
+    assert check({"mode": "r", "aud": audience}, "c").claims["aud"] == audience
+
+
+@pytest.mark.parametrize("audience", [5, ["relay", 5], {"aud": "relay"}, True])
+def test_an_audience_of_another_type_is_refused(audience: object) -> None:
+    with pytest.raises(AuthError) as info:
+        check({"mode": "r", "aud": audience}, "c")
+    assert str(info.value) == ('Error: JWTClaimsSetDecodeError "Error in $.aud: expected a string '
+                               'or an array of strings"')
+
+
+def test_iat_and_nbf_equal_to_now_are_valid_and_later_ones_are_not() -> None:
+    auth.check_claims({"iat": 100, "nbf": 100, "exp": 100.5}, 100)
+    with pytest.raises(AuthError, match="^Error: JWTIssuedAtFuture$"):
+        auth.check_claims({"iat": 100.5}, 100)
+    with pytest.raises(AuthError, match="^Error: JWTNotYetValid$"):
+        auth.check_claims({"nbf": 100.5}, 100)

@@ -87,6 +87,18 @@ def test_removed_subscribers_get_nothing_and_empty_channels_are_dropped() -> Non
     assert hub._channels == {}
 
 
+def test_a_client_on_a_channel_named_twice_is_removed_from_every_channel() -> None:
+    # A token's "channels" may name a channel twice (kept as is, spec 3.3): removing the
+    # client must still reach the channels after the repeated one.
+    hub = Hub("listen")
+    client = Recorder()
+    hub.add(client, ["a", "a", "b"])
+    hub.remove(client, ["a", "a", "b"])
+    hub.publish([b'{"channel":"a"}', b'{"channel":"b"}'])
+    assert client.offers == []
+    assert hub._channels == {} and hub.client_count == 0
+
+
 def test_write_only_clients_get_pings_but_no_data() -> None:
     hub = Hub("listen")
     writer = Recorder()

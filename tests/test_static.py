@@ -236,6 +236,27 @@ def test_unknown_types_are_octet_streams_and_etags_match_in_any_list(tmp_path: P
     assert static.answer(str(tmp_path), b"GET", b"/blob.unknownext", b'"other"').status == 200
 
 
+def test_the_type_comes_from_the_requested_name_not_a_link_target(tmp_path: Path) -> None:
+    # As wai-app-static: the URL's extension decides, wherever a link inside the root points.
+    (tmp_path / "page.txt").write_text("<p>hi</p>")
+    (tmp_path / "page.html").symlink_to("page.txt")
+    reply = static.answer(str(tmp_path), b"GET", b"/page.html", None)
+    assert (reply.status, reply.file) == (200, str(tmp_path / "page.txt"))
+    assert dict(reply.headers)[b"content-type"] == b"text/html; charset=utf-8"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "index.htm").symlink_to("../page.txt")
+    index = static.answer(str(tmp_path), b"GET", b"/dir/", None)
+    assert dict(index.headers)[b"content-type"] == b"text/html; charset=utf-8"
+
+
+def test_a_path_of_path_max_bytes_is_served_and_one_byte_more_is_not(tmp_path: Path) -> None:
+    # The cap is on the decoded path, inclusive; repeated slashes count, then collapse.
+    (tmp_path / "a").write_text("x")
+    longest = b"/" * 4095 + b"a"
+    assert static.answer(str(tmp_path), b"GET", longest, None).status == 200
+    assert static.answer(str(tmp_path), b"GET", b"/" + longest, None).status == 404
+
+
 # -- property: whatever the target, a reply; a file only inside the root -------------------------
 
 #: Pieces that make targets interesting: separators, dots, escapes, links, special files.

@@ -30,6 +30,13 @@ def test_a_duration_on_a_bound_counts_in_that_bucket_and_all_above() -> None:
         *map(repr, LATENCY_BUCKETS), "+Inf"]
 
 
+def test_durations_in_one_bucket_add_up() -> None:
+    histogram = LatencyHistogram()
+    histogram.observe(0.003)
+    histogram.observe(0.004, 3)
+    assert dict(histogram.cumulative())["0.005"] == 4 == histogram.count
+
+
 def test_refusals_count_by_reason_and_in_all() -> None:
     counters = Counters()
     counters.refuse("token")
@@ -91,6 +98,38 @@ def test_a_queued_batch_is_observed_when_its_last_subscriber_has_written() -> No
     assert hub.delivery_times.count == 0
     pending.done()
     assert hub.delivery_times.count == 2  # Both notifications, once.
+    pending.done()  # One call too many changes nothing.
+    assert hub.delivery_times.count == 2
+
+
+def test_a_queued_batch_counts_its_time_from_its_arrival() -> None:
+    hub = Hub("listen")
+    slow = _Recorder(True)
+    hub.add(slow, ["a"])
+    hub.publish([b'{"channel":"a"}', b'{"channel":"a"}'], time.monotonic() - 0.2)
+    slow.tracked[0].done()
+    assert hub.delivery_times.count == 2
+    assert 0.2 <= hub.delivery_times.sum / 2 < 5
+
+
+def test_writes_done_before_the_pass_is_over_are_observed_when_it_is() -> None:
+    histogram = LatencyHistogram()
+    pending = Pending(time.monotonic(), histogram)
+    pending.waiting = 2
+    pending.done()
+    pending.done()
+    assert histogram.count == 0  # The pass has not said how many notifications it routed.
+    pending.arm(3)
+    assert histogram.count == 3
+
+
+def test_routed_and_offered_add_up_over_batches() -> None:
+    hub = Hub("listen")
+    hub.add(_Recorder(False), ["a"])
+    hub.add(_Recorder(False), ["a"])
+    hub.publish([b'{"channel":"a"}'])
+    hub.publish([b'{"channel":"a"}', b'{"channel":"b"}'])
+    assert (hub.routed, hub.offered, hub.delivery_times.count) == (2, 4, 2)
 
 
 def test_nothing_is_observed_when_nothing_is_routed() -> None:

@@ -310,6 +310,8 @@ RELIABILITY_COMMANDS = {
     "flood": "python bench/flood.py --runs 3 --json bench/results/reliability/flood.json",
     "burst-before-after": "python bench/run.py burst --servers relay --runs 1 "
                           "--cases 'N=1000 B=100', alternated 10 times between two checkouts",
+    "metrics-cost": "python bench/metrics_cost.py --before /tmp/pgws-before --rounds 40 "
+                    "--json bench/results/reliability/metrics-cost.json",
 }
 
 
@@ -423,6 +425,24 @@ def reliability_section(directory: str) -> list[str]:
             f"1,000 deliveries {runs['before']['median_cpu_ms_per_1000']} and "
             f"{runs['after']['median_cpu_ms_per_1000']} ms) | "
             f"`{RELIABILITY_COMMANDS['burst-before-after']}` |")
+    if "metrics-cost" in found:
+        cost = found["metrics-cost"]
+        runs = cost["runs"]
+        rates = [rate for name in runs for rate in runs[name]["deliveries_per_s"]]
+        lines.append(
+            f"| fan-out cost of issue 10's metrics: burst, 1,000 clients | "
+            f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
+            f"({cost['before']['commit']}), "
+            f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
+            f"({cost['after']['commit']}), "
+            f"{runs['after_scraper']['median_deliveries_per_s'] / 1e6:.2f} M after with "
+            f"`/metrics` scraped every second (medians of "
+            f"{len(runs['after']['deliveries_per_s'])} interleaved runs each; single runs "
+            f"{min(rates) / 1e6:.1f}–{max(rates) / 1e6:.1f} M); CPU per 1,000 deliveries "
+            f"{runs['before']['median_cpu_ms_per_1000']:.3f}, "
+            f"{runs['after']['median_cpu_ms_per_1000']:.3f} and "
+            f"{runs['after_scraper']['median_cpu_ms_per_1000']:.3f} ms | "
+            f"`{cost.get('command', RELIABILITY_COMMANDS['metrics-cost'])}` |")
     chart = None
     if "soak" in found:
         summary = found["soak"]["summary"]

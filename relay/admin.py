@@ -37,7 +37,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import h11
 import trio
@@ -100,22 +100,77 @@ class Probe(Protocol):
 # -- one process ----------------------------------------------------------------------------
 
 
+class _Sources(NamedTuple):
+    """Where the numbers live: the rooms that count them on their own paths."""
+
+    hub: Hub
+    listener: Listener
+    notifier: Notifier
+
+
+#: The single-valued metrics, as data: name, family (gauge or counter; a counter's name gets
+#: ``_total``), help, and how to read the value at scrape time.
+_METRICS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str,
+                      Callable[[_Sources], float]], ...] = (
+    ("pgws_connections", GaugeMetricFamily, "Open WebSocket connections.",
+     lambda s: s.hub.client_count),
+    ("pgws_connections_accepted", CounterMetricFamily, "WebSocket connections upgraded.",
+     lambda s: counters.accepted),
+    ("pgws_notifications_received", CounterMetricFamily,
+     "Notifications received on the listen channel.", lambda s: s.listener.received),
+    ("pgws_notifications_routed", CounterMetricFamily,
+     "Notifications that had at least one subscriber.", lambda s: s.hub.routed),
+    ("pgws_frames_written", CounterMetricFamily,
+     "Notification frames written, or queued for writing, to clients (one per subscriber).",
+     lambda s: s.hub.offered),
+    ("pgws_bytes_written", CounterMetricFamily,
+     "Bytes of those frames; queued bytes dropped when a slow consumer is closed are in "
+     "pgws_bytes_dropped_total.", lambda s: s.hub.offered_bytes),
+    ("pgws_bytes_dropped", CounterMetricFamily,
+     "Bytes queued for slow consumers and dropped unsent.", lambda s: counters.bytes_dropped),
+    ("pgws_slow_consumers_closed", CounterMetricFamily,
+     "Clients closed with 1013 as slow consumers.", lambda s: counters.slow_closed),
+    ("pgws_client_writes_published", CounterMetricFamily,
+     "Client messages published with NOTIFY (one per channel).",
+     lambda s: counters.writes_published),
+    ("pgws_client_writes_failed", CounterMetricFamily,
+     "Client messages whose NOTIFY failed (client closed, 1011).",
+     lambda s: counters.writes_failed),
+    ("pgws_client_writes_rate_limited", CounterMetricFamily,
+     "Clients closed with 1008 for writing faster than PGWS_MAX_WRITES_PER_SECOND.",
+     lambda s: counters.rate_limited),
+    ("pgws_clients_inbound_limited", CounterMetricFamily,
+     "Clients closed with 1008 for sending more frames or bytes than their inbound budget.",
+     lambda s: counters.inbound_limited),
+    ("pgws_protocol_errors", CounterMetricFamily,
+     "Clients closed with 1002/1007 for breaking the WebSocket protocol.",
+     lambda s: counters.protocol_errors),
+    ("pgws_notify_pool_busy", GaugeMetricFamily, "NOTIFY connections in use.",
+     lambda s: s.notifier.busy_connections),
+    ("pgws_notify_pool_idle", GaugeMetricFamily, "NOTIFY connections open and idle.",
+     lambda s: s.notifier.idle_connections),
+    ("pgws_listener_up", GaugeMetricFamily, "1 while LISTEN is in place, else 0.",
+     lambda s: 1 if s.listener.status is None else 0),
+    ("pgws_listener_gaps", CounterMetricFamily,
+     "Times LISTEN was re-established after a loss (notifications committed in each gap are "
+     "lost).", lambda s: s.listener.gaps),
+    ("pgws_listener_down_seconds", CounterMetricFamily,
+     "Seconds since start-up without LISTEN in place.", lambda s: s.listener.down_seconds()),
+)
+
+
 class RelayCollector(Collector):
     """The relay's numbers as metric families, read when a scrape asks for them."""
 
     def __init__(self, hub: Hub, listener: Listener, notifier: Notifier) -> None:
-        self._hub = hub
-        self._listener = listener
-        self._notifier = notifier
+        self._sources = _Sources(hub, listener, notifier)
 
     def collect(self) -> Iterator[Metric]:
-        hub, listener, notifier = self._hub, self._listener, self._notifier
+        sources = self._sources
         yield InfoMetricFamily("pgws_build", "pgws-relay's version.",
                                value={"version": __version__})
-        yield GaugeMetricFamily("pgws_connections", "Open WebSocket connections.",
-                                value=hub.client_count)
-        yield CounterMetricFamily("pgws_connections_accepted",
-                                  "WebSocket connections upgraded.", value=counters.accepted)
+        for name, family, documentation, read in _METRICS:
+            yield family(name, documentation, value=read(sources))
         refused = CounterMetricFamily(
             "pgws_connections_refused",
             "WebSocket requests refused, by reason: token (400, upstream's texts), handshake "
@@ -124,53 +179,7 @@ class RelayCollector(Collector):
         for reason in REFUSAL_REASONS:
             refused.add_metric([reason], counters.refused[reason])
         yield refused
-        yield CounterMetricFamily("pgws_notifications_received",
-                                  "Notifications received on the listen channel.",
-                                  value=listener.received)
-        yield CounterMetricFamily("pgws_notifications_routed",
-                                  "Notifications that had at least one subscriber.",
-                                  value=hub.routed)
-        yield CounterMetricFamily("pgws_frames_written",
-                                  "Notification frames written, or queued for writing, to "
-                                  "clients (one per subscriber).", value=hub.offered)
-        yield CounterMetricFamily("pgws_bytes_written",
-                                  "Bytes of those frames; queued bytes dropped when a slow "
-                                  "consumer is closed are in pgws_bytes_dropped_total.",
-                                  value=hub.offered_bytes)
-        yield CounterMetricFamily("pgws_bytes_dropped",
-                                  "Bytes queued for slow consumers and dropped unsent.",
-                                  value=counters.bytes_dropped)
-        yield CounterMetricFamily("pgws_slow_consumers_closed",
-                                  "Clients closed with 1013 as slow consumers.",
-                                  value=counters.slow_closed)
-        yield CounterMetricFamily("pgws_client_writes_published",
-                                  "Client messages published with NOTIFY (one per channel).",
-                                  value=counters.writes_published)
-        yield CounterMetricFamily("pgws_client_writes_failed",
-                                  "Client messages whose NOTIFY failed (client closed, 1011).",
-                                  value=counters.writes_failed)
-        yield CounterMetricFamily("pgws_client_writes_rate_limited",
-                                  "Clients closed with 1008 for writing faster than "
-                                  "PGWS_MAX_WRITES_PER_SECOND.", value=counters.rate_limited)
-        yield CounterMetricFamily("pgws_clients_inbound_limited",
-                                  "Clients closed with 1008 for sending more frames or bytes "
-                                  "than their inbound budget.", value=counters.inbound_limited)
-        yield CounterMetricFamily("pgws_protocol_errors",
-                                  "Clients closed with 1002/1007 for breaking the WebSocket "
-                                  "protocol.", value=counters.protocol_errors)
-        yield GaugeMetricFamily("pgws_notify_pool_busy", "NOTIFY connections in use.",
-                                value=notifier.busy_connections)
-        yield GaugeMetricFamily("pgws_notify_pool_idle", "NOTIFY connections open and idle.",
-                                value=notifier.idle_connections)
-        yield GaugeMetricFamily("pgws_listener_up", "1 while LISTEN is in place, else 0.",
-                                value=1 if listener.status is None else 0)
-        yield CounterMetricFamily("pgws_listener_gaps",
-                                  "Times LISTEN was re-established after a loss (notifications "
-                                  "committed in each gap are lost).", value=listener.gaps)
-        yield CounterMetricFamily("pgws_listener_down_seconds",
-                                  "Seconds since start-up without LISTEN in place.",
-                                  value=listener.down_seconds())
-        times = hub.delivery_times
+        times = sources.hub.delivery_times
         yield HistogramMetricFamily(
             "pgws_delivery_seconds",
             "Seconds from a notification's arrival at the listener to its last write to a "

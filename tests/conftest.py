@@ -53,6 +53,29 @@ def notify(channel: str, *payloads: str, db_uri: str = DB_URI) -> None:
         conn.commit()
 
 
+def unreachable_db_uri() -> str:
+    """A database URI on a loopback port nothing listens on: an outage that never ends."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def run_to_exit(env: dict[str, str], prefix: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of a ``pgws-relay`` that must exit at once; one that
+    starts instead is killed with everything it started (workers included) and fails the test."""
+    proc = subprocess.Popen([*prefix, RELAY], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the relay started instead of exiting")
+    return proc.returncode, stdout, stderr
+
+
 def raw_client(port: int, path: str, rcvbuf: int | None = None
                ) -> tuple[socket.socket, WSConnection]:
     """A WebSocket client on a bare socket (wsproto), for clients that must misbehave."""

@@ -24,7 +24,16 @@ from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Request, TextMessage
 
-from tests.conftest import DB_URI, TIMEOUT, RelayProcess, notify, raw_client, tls_files, token
+from tests.conftest import (
+    DB_URI,
+    TIMEOUT,
+    RelayProcess,
+    notify,
+    raw_client,
+    tls_files,
+    token,
+    unreachable_db_uri,
+)
 
 RW = token({"mode": "rw"})
 RW_MULTI = token({"mode": "rw", "channels": ["test", "secondary"]})
@@ -542,11 +551,7 @@ def test_listener_recovers_with_clients_connected(start_relay) -> None:
 
 
 def test_listener_gives_up_after_retries_and_exits_1(start_relay) -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        dead_port = unused.getsockname()[1]
-    relay = start_relay(wait=False, PGWS_RETRIES="3",
-                        PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead_port}/postgres")
+    relay = start_relay(wait=False, PGWS_RETRIES="3", PGWS_DB_URI=unreachable_db_uri())
     match = relay.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
     relay.port = int(match.group(1))
     # The port is open while the database is still being retried, as upstream; when the

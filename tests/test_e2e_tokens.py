@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -19,7 +16,7 @@ from jwt.algorithms import RSAAlgorithm
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import RELAY, TIMEOUT, RelayProcess, relay_env, token
+from tests.conftest import RelayProcess, relay_env, run_to_exit, token
 from tests.test_auth import X25519_JWK, hand_signed
 
 META = "server-info"
@@ -45,18 +42,8 @@ def rejection(relay: RelayProcess, path: str) -> tuple[int, bytes]:
 
 
 def _run(secret: str, **overrides: str) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of the command; a relay that starts instead is killed
-    with everything it started (workers included) and fails the test."""
-    proc = subprocess.Popen([RELAY], env=relay_env(PGWS_JWT_SECRET=secret, **overrides),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the relay started instead of exiting 2")
-    return proc.returncode, stdout, stderr
+    """Exit status, stdout and stderr of the command with this secret."""
+    return run_to_exit(relay_env(PGWS_JWT_SECRET=secret, **overrides))
 
 
 # -- 1: JWK Sets -------------------------------------------------------------------------------

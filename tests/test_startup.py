@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,15 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import DB_URI, RELAY, SECRET, TIMEOUT, RelayProcess, relay_env, token
+from tests.conftest import (
+    DB_URI,
+    SECRET,
+    RelayProcess,
+    relay_env,
+    run_to_exit,
+    token,
+    unreachable_db_uri,
+)
 
 SHORT = "HS256 needs at least 32, so every token would be refused"
 
@@ -37,18 +44,9 @@ def held_port() -> Iterator[int]:
 
 
 def refuse(env: dict[str, str], prefix: tuple[str, ...] = ()) -> list[str]:
-    """The stderr lines of a command that must exit 2 at once; a relay that starts instead is
-    killed with everything it started, and fails the test."""
-    proc = subprocess.Popen([*prefix, RELAY], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the relay started instead of exiting 2")
-    assert (proc.returncode, stdout) == (2, ""), stderr
+    """The stderr lines of a command that must exit 2 at once."""
+    code, stdout, stderr = run_to_exit(env, prefix)
+    assert (code, stdout) == (2, ""), stderr
     return stderr.splitlines()
 
 
@@ -186,11 +184,7 @@ def test_a_database_that_does_not_exist_is_named_once_as_a_configuration_problem
 
 
 def test_an_outage_is_not_called_a_configuration_problem(start_relay) -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        dead = unused.getsockname()[1]
-    relay = start_relay(wait=False, PGWS_RETRIES="2",
-                        PGWS_DB_URI=f"postgresql://postgres@127.0.0.1:{dead}/postgres")
+    relay = start_relay(wait=False, PGWS_RETRIES="2", PGWS_DB_URI=unreachable_db_uri())
     assert relay.wait_exit(30) == 1
     relay.stop()
     failures = [line for line in relay.lines if "listener cannot connect" in line]

@@ -145,6 +145,18 @@ _METRICS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str,
     ("pgws_protocol_errors", CounterMetricFamily,
      "Clients closed with 1002/1007 for breaking the WebSocket protocol.",
      lambda s: counters.protocol_errors),
+    ("pgws_streams", GaugeMetricFamily,
+     "Distinct streams: clients with the same channels and filters share one.",
+     lambda s: s.hub.stream_count),
+    ("pgws_compressors", GaugeMetricFamily,
+     "Shared permessage-deflate compressors (one per stream with compressed clients, at most "
+     "PGWS_COMPRESSION_STREAMS).", lambda s: s.hub.deflaters),
+    ("pgws_compression_joins", CounterMetricFamily,
+     "Compressed clients let into their stream's shared compressed frames.",
+     lambda s: s.hub.joins),
+    ("pgws_compression_restarts", CounterMetricFamily,
+     "Shared compressors restarted so that clients could join (each costs the stream its "
+     "history).", lambda s: s.hub.restarts),
     ("pgws_notify_pool_busy", GaugeMetricFamily, "NOTIFY connections in use.",
      lambda s: s.notifier.busy_connections),
     ("pgws_notify_pool_idle", GaugeMetricFamily, "NOTIFY connections open and idle.",
@@ -173,7 +185,8 @@ class RelayCollector(Collector):
             yield family(name, documentation, value=read(sources))
         refused = CounterMetricFamily(
             "pgws_connections_refused",
-            "WebSocket requests refused, by reason: token (400, upstream's texts), handshake "
+            "WebSocket requests refused, by reason: token (400, upstream's texts), filter (400, a "
+            "filter parameter that does not parse), handshake "
             "(400/426), origin (403), capacity (503, PGWS_MAX_CONNECTIONS), address (503, "
             "PGWS_MAX_CONNECTIONS_PER_IP), shutting_down (503).", labels=["reason"])
         for reason in REFUSAL_REASONS:

@@ -143,7 +143,9 @@ def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> dict[str, int]:
     return stats.fields(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
                         db_pool_idle=notifier.idle_connections,
                         db_pool_busy=notifier.busy_connections, notifications=listener.received,
-                        gaps=listener.gaps, frames_offered=hub.offered)
+                        gaps=listener.gaps, frames_offered=hub.offered,
+                        streams=hub.stream_count, compressors=hub.deflaters,
+                        compression_joins=hub.joins, compression_restarts=hub.restarts)
 
 
 async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,
@@ -187,7 +189,7 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
     Exit status 1 also when the port or the admin port cannot be bound.
     """
     options = connect_options(config.db_uri)
-    hub = Hub(config.listen_channel)
+    hub = Hub(config.listen_channel, config.compression_streams)
     notifier = Notifier(config.db_uri, config.pool_size, options)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
     meta = config.meta_channel

@@ -21,6 +21,9 @@ below says otherwise:
    of upstream's HTTP 400 (``Error: …`` for all but the three texts of spec 2.4).
 3. :func:`authorize` applies the ``mode`` and ``channel``/``channels`` rules (spec 3.2, 3.3),
    except that a channel claim of the wrong type refuses the token instead of being ignored.
+   A ``filters`` claim (this project's: a list of :mod:`relay.filters` texts) narrows what the
+   client receives, on top of any ``filter`` URL parameters; one that is not a list of strings
+   or does not parse refuses the token (``Error: filters claim: …``), never widens it.
 
 Rules this module keeps: no sockets, no logging (callers log :attr:`LoadedKeys.skipped`), a
 token never appears in an error text, and neither does key material.
@@ -39,6 +42,9 @@ import jwt
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import DecodeError, InvalidKeyError, InvalidSignatureError, PyJWTError
 from jwt.utils import base64url_decode
+
+from relay import filters as filters_module
+from relay.filters import Filters
 
 #: The algorithms jose 0.12 accepts; anything else (``none`` first of all) is refused.
 ALLOWED_ALGORITHMS = frozenset({
@@ -95,6 +101,8 @@ _STRING_HEADERS = ("kid", "typ", "cty", "jku", "x5u", "x5t", "x5t#S256")
 MISSING_MODE = "Missing mode"
 TOKEN_EXPIRED = "Token expired"
 NO_ALLOWED_CHANNELS = "No allowed channels"
+#: How filter errors from the token name their source.
+FILTERS_CLAIM = "filters claim"
 INVALID_SIGNATURE = "Error: JWSError JWSInvalidSignature"
 NO_SIGNATURES = "Error: JWSError JWSNoSignatures"
 NOT_YET_VALID = "Error: JWTNotYetValid"
@@ -142,6 +150,8 @@ class Grant:
     mode: str
     channels: tuple[str, ...]
     claims: dict[str, Any]
+    #: The token's ``filters`` claim, parsed (empty without one).
+    filters: Filters = filters_module.NONE
 
     @property
     def can_read(self) -> bool:
@@ -441,12 +451,28 @@ def allowed_channels(claims: dict[str, Any], requested: str | None) -> list[str]
     return chosen
 
 
+def claim_filters(claims: dict[str, Any]) -> Filters:
+    """The ``filters`` claim, parsed; absent: none. Refuses the token when it is present but
+    not a list of filter texts that parse (an authorisation that cannot be applied)."""
+    if "filters" not in claims:
+        return filters_module.NONE
+    texts = claims["filters"]
+    if not (isinstance(texts, list) and all(isinstance(text, str) for text in texts)):
+        raise AuthError(f"Error: {FILTERS_CLAIM}: expected a list of strings")
+    try:
+        return filters_module.parse_all(texts, source=FILTERS_CLAIM)
+    except filters_module.FilterError as bad:
+        raise AuthError(f"Error: {bad}") from None
+
+
 def authorize(claims: dict[str, Any], requested: str | None) -> Grant:
-    """Spec 3.2: ``mode`` must be a string; then the channel rules of :func:`allowed_channels`."""
+    """Spec 3.2: ``mode`` must be a string; then the channel rules of :func:`allowed_channels`,
+    then the ``filters`` claim (:func:`claim_filters`)."""
     mode = claims.get("mode")
     if not isinstance(mode, str):
         raise AuthError(MISSING_MODE)
-    return Grant(mode=mode, channels=tuple(allowed_channels(claims, requested)), claims=claims)
+    channels = tuple(allowed_channels(claims, requested))
+    return Grant(mode=mode, channels=channels, claims=claims, filters=claim_filters(claims))
 
 
 def check(token: str, requested: str | None, keys: Sequence[Key], now: float) -> Grant:

@@ -54,6 +54,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from relay import frames
 from relay.auth import Grant
+from relay.deflate import InboundDeflate
 from relay.limits import InboundBudget, WriteBucket, within_queue_bound
 from relay.stats import counters
 
@@ -138,12 +139,16 @@ class Client:
         on_message: OnMessage,
         peer: str,
         received: bytes = b"",
+        inflate: bool = False,
     ) -> None:
         self._stream = stream
         # wsproto's frame parser, without its Connection wrapper: the wrapper's only additions
         # are an event queue (a deque, ~0.8 KiB per connection) and a close state this class
         # keeps itself. ``received``: bytes the client sent right after its handshake.
-        self._frames = FrameProtocol(client=False, extensions=[])
+        # ``inflate``: permessage-deflate was agreed, so the client may compress its messages;
+        # they are inflated within max_message_size (a bomb is 1009 before it is inflated).
+        extensions = [InboundDeflate(settings.max_message_size)] if inflate else []
+        self._frames = FrameProtocol(client=False, extensions=extensions)
         if received:
             self._frames.receive_bytes(received)
         self.grant = grant

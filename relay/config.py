@@ -120,6 +120,8 @@ class Config:
     workers: int
     admin_host: str
     admin_port: int | None
+    compression: bool
+    compression_streams: int
 
     @property
     def tls(self) -> bool:
@@ -321,6 +323,12 @@ SETTINGS: tuple[Setting, ...] = (
             "address of the admin listener (/health, /ready, /metrics)"),
     Setting("PGWS_ADMIN_PORT", "admin_port", _int_at_least(0, 65535), None,
             "TCP port of the admin listener (unset: no admin listener)"),
+    Setting("PGWS_COMPRESSION", "compression", _bool, "True",
+            "permessage-deflate with clients that offer it, one compressor per stream of "
+            "identical deliveries (True/False)"),
+    Setting("PGWS_COMPRESSION_STREAMS", "compression_streams", _int_at_least(0), "1024",
+            "streams that keep a shared compressor (~150 KiB each); beyond, each message is "
+            "compressed on its own (0: always)"),
 )
 
 

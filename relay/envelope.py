@@ -28,17 +28,39 @@ CONNECTION_CLOSE = "ConnectionClose"
 LISTENER_RECONNECTED = "ListenerReconnected"
 
 
-def route(payload: bytes, listen_channel: str) -> str:
-    """The WebSocket channel a NOTIFY payload goes to."""
+class _NotJson:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_JSON"
+
+
+#: What :func:`parse` gives for a payload that is not JSON (``None`` is JSON's ``null``).
+NOT_JSON: Any = _NotJson()
+
+
+def parse(payload: bytes) -> Any:
+    """The payload's JSON document (orjson: integers beyond 64 bits become floats), or
+    :data:`NOT_JSON`. Parsed once per notification: routing and filters share it."""
     try:
-        document = orjson.loads(payload)
+        return orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return listen_channel
+        return NOT_JSON
+
+
+def channel_of(document: Any, listen_channel: str) -> str:
+    """The WebSocket channel of a parsed payload: its top-level string ``channel``, else the
+    listen channel's own name."""
     if isinstance(document, dict):
         channel = document.get("channel")
         if isinstance(channel, str):
             return channel
     return listen_channel
+
+
+def route(payload: bytes, listen_channel: str) -> str:
+    """The WebSocket channel a NOTIFY payload goes to."""
+    return channel_of(parse(payload), listen_channel)
 
 
 def _dumps(document: dict[str, Any]) -> bytes:

@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-Server-to-client frames are never masked and this relay never negotiates an extension, so a
-frame is a fixed function of (opcode, payload): a 2-, 4- or 10-byte header followed by the
-payload. That is what lets the hub build a notification's frame once and hand the very same
-bytes object to every subscriber. wsproto parses what clients send; the send side is these few
-lines because wsproto builds frames per connection object, and the point here is one frame for
-all connections.
+Server-to-client frames are never masked, so a frame is a fixed function of (opcode, RSV1,
+payload): a 2-, 4- or 10-byte header followed by the payload. That is what lets the hub build a
+notification's frame once and hand the very same bytes object to every subscriber. RSV1 marks a
+message compressed with permessage-deflate (RFC 7692 section 6); its payload is what
+:class:`relay.deflate.Deflater` made of the text, shared in the same way by every compressed
+client of a stream. wsproto parses what clients send; the send side is these few lines because
+wsproto builds frames per connection object, and the point here is one frame for all
+connections.
 
 Pure functions; no sockets.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import struct
 
 _FIN = 0x80
+#: RSV1: "this message is compressed" once permessage-deflate is agreed (RFC 7692 6).
+_RSV1 = 0x40
 _OP_TEXT = 0x1
 _OP_CLOSE = 0x8
 _OP_PING = 0x9
@@ -27,6 +31,7 @@ _CONTROL_MAX = 125
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
+    """``opcode`` may carry RSV bits too: it is the first byte without FIN."""
     size = len(payload)
     if size < 126:
         header = bytes((_FIN | opcode, size))
@@ -40,6 +45,11 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 def text(payload: bytes) -> bytes:
     """A final text frame; ``payload`` must already be UTF-8."""
     return _frame(_OP_TEXT, payload)
+
+
+def compressed_text(deflated: bytes) -> bytes:
+    """A final text frame with RSV1 set; ``deflated``: the message after RFC 7692 7.2.1."""
+    return _frame(_RSV1 | _OP_TEXT, deflated)
 
 
 def ping(payload: bytes) -> bytes:

@@ -1,23 +1,36 @@
-"""The hub: channel → subscribers, and one frame per notification for all of them.
+"""The hub: who receives what, and one frame per notification for all of them.
 
 Theory of operation
 -------------------
-The listener hands the hub every notification payload that one wake-up drained. The hub routes
-each payload once (:func:`relay.envelope.route`), frames it once (:func:`relay.frames.text`),
-groups the frames of the batch by channel and joins each group into one bytes object. Every
-subscriber of that channel is then *offered* the same object: a client whose socket is idle
-takes it in one non-blocking write, the others queue it (see :class:`relay.client.Client`).
-So the work per notification is independent of the number of subscribers, and the work per
-subscriber is one offer per channel per batch, not one per notification.
+Clients whose deliveries are identical form one *stream*: the same channels and the same
+filters (URL ``filter`` parameters plus the token's ``filters`` claim). A stream is the unit of
+every cost that does not need a client: a notification is parsed once, its channel's distinct
+filter sets are evaluated once (:class:`relay.filters.Index`), its frame is built once, and
+each stream that receives it gets the batch's frames joined into one bytes object, offered to
+every plain client of the stream. So the work per notification grows with distinct streams,
+never with clients, and the work per client is one offer per batch.
+
+Compression (permessage-deflate, :mod:`relay.deflate`) is per stream too. A stream's clients
+that agreed to it share one :class:`relay.deflate.Deflater` with context takeover: every
+message is compressed once and the same compressed frames go to all of them, which is sound
+because they all receive exactly the same messages in the same order (a client that cannot
+keep up is closed, never skipped). A client that joins a stream whose compressor has history
+*joins* at the next sync point: until then it receives the plain frames (RSV1 clear, which RFC
+7692 allows per message), and at the sync point the compressor restarts, so nothing after it
+refers back to what the new client never saw. Sync points come at once when no client depends
+on the history (the compressor is fresh, or the stream has no compressed client yet), else at
+most once per ``_SYNC_SPACING``: each restart costs the stream its history. Clients that asked
+for ``server_no_context_takeover``, and every compressed client of a stream beyond
+``compression_streams`` (each compressor holds ~150 KiB), receive each message compressed on
+its own (:func:`relay.deflate.alone`), made once per notification for all of them.
 
 Rules this module keeps:
 
 - It never awaits a client and never blocks: a slow client is the client's problem, decided
   by the client's own bound, and everyone else is served in the same pass.
-- Order per channel is PostgreSQL's delivery order. A client on several channels may see a
-  batch's channels one after another (upstream gives no order across channels either).
+- Order per stream is PostgreSQL's delivery order, across the stream's channels too.
 - It holds no socket; it knows clients only through :class:`Subscriber`.
-- Its bookkeeping is per batch and per channel, never per subscriber: the counters and the
+- Its bookkeeping is per batch and per stream, never per subscriber: the counters and the
   delivery-time histogram cost the fan-out loop one branch per subscriber (did the offer
   queue?). A batch's delivery time runs from its arrival at the listener to its last write:
   at the end of the pass when every offer was written at once, otherwise when the last client
@@ -26,12 +39,27 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
-from relay import envelope, frames
+from relay import deflate, envelope, filters, frames
+from relay.filters import Filters
 from relay.stats import LatencyHistogram
+
+#: Seconds between two sync points of a stream whose compressed clients depend on its history:
+#: a client that joins meanwhile receives plain frames for at most this long, and a stream
+#: that clients keep joining loses its compression history at most this often.
+_SYNC_SPACING = 1.0
+
+
+class Compression(enum.Enum):
+    """What a client agreed to (:func:`relay.deflate.negotiate`)."""
+
+    OFF = "off"
+    SHARED = "shared"  # permessage-deflate with context takeover: the stream's compressor
+    ALONE = "alone"    # server_no_context_takeover: each message compressed on its own
 
 
 class Subscriber(Protocol):
@@ -79,14 +107,80 @@ class Pending:
         self._events = 0
 
 
-class Hub:
-    """Routes notification payloads to the subscribers of their channel."""
+class _Stream:
+    """Clients with the same channels and filters: they receive the same messages."""
 
-    def __init__(self, listen_channel: str) -> None:
+    __slots__ = ("alone", "channels", "deflater", "filters", "joining", "key", "plain",
+                 "shared", "synced_at")
+
+    def __init__(self, key: tuple[frozenset[str], Filters]) -> None:
+        self.key = key
+        self.channels, self.filters = key
+        self.plain: set[Subscriber] = set()
+        #: Compressed clients that share :attr:`deflater`'s history (or, without one, get
+        #: each message compressed alone).
+        self.shared: set[Subscriber] = set()
+        #: Compressed clients waiting for the next sync point; they get plain frames until then.
+        self.joining: set[Subscriber] = set()
+        self.alone: set[Subscriber] = set()
+        self.deflater: deflate.Deflater | None = None
+        self.synced_at = -_SYNC_SPACING
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.shared) + len(self.joining) + len(self.alone)
+
+    def discard(self, client: Subscriber) -> None:
+        for group in (self.plain, self.shared, self.joining, self.alone):
+            group.discard(client)
+
+
+class _Channel:
+    """One channel's streams, by filter set, and the index that evaluates those sets."""
+
+    __slots__ = ("index", "streams")
+
+    def __init__(self) -> None:
+        self.streams: dict[Filters, list[_Stream]] = {}
+        self.index = filters.Index()
+
+    def add(self, stream: _Stream) -> None:
+        same = self.streams.setdefault(stream.filters, [])
+        if not same:
+            self.index.add(stream.filters)
+        same.append(stream)
+
+    def remove(self, stream: _Stream) -> None:
+        same = self.streams[stream.filters]
+        same.remove(stream)
+        if not same:
+            del self.streams[stream.filters]
+            self.index.remove(stream.filters)
+
+    def matching(self, payload: bytes, document: object) -> Iterable[_Stream]:
+        streams = self.streams
+        if len(streams) == 1 and filters.NONE in streams:
+            return streams[filters.NONE]  # No filters on this channel: nothing to evaluate.
+        found = self.index.matching(filters.Document(payload, document))
+        return [stream for key in found for stream in streams[key]]
+
+
+class Hub:
+    """Routes notification payloads to the streams, and so the subscribers, that want them."""
+
+    def __init__(self, listen_channel: str, compression_streams: int = 1024) -> None:
         self._listen_channel = listen_channel
-        self._channels: dict[str, set[Subscriber]] = {}
-        self._clients: set[Subscriber] = set()
+        self._compression_streams = compression_streams
+        self._channels: dict[str, _Channel] = {}
+        self._streams: dict[tuple[frozenset[str], Filters], _Stream] = {}
+        #: Every client, with its stream (None: a write-only client).
+        self._clients: dict[Subscriber, _Stream | None] = {}
         self._ping_counter = 0
+        #: Shared compressors alive (at most ``compression_streams``).
+        self.deflaters = 0
+        #: Compressed clients let into their stream's shared frames; compressors restarted for
+        #: them (a join into a fresh compressor costs no restart).
+        self.joins = 0
+        self.restarts = 0
         #: Notifications routed to at least one subscriber; frames and bytes offered in all.
         self.routed = 0
         self.offered = 0
@@ -98,20 +192,50 @@ class Hub:
     def client_count(self) -> int:
         return len(self._clients)
 
-    def add(self, client: Subscriber, channels: Iterable[str]) -> None:
-        """Register a connection; it receives the channels given (none for write-only)."""
-        self._clients.add(client)
-        for channel in channels:
-            self._channels.setdefault(channel, set()).add(client)
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
 
-    def remove(self, client: Subscriber, channels: Iterable[str]) -> None:
-        self._clients.discard(client)
-        for channel in channels:
-            subscribers = self._channels.get(channel)
-            if subscribers is None:
-                continue
-            subscribers.discard(client)
-            if not subscribers:
+    def add(self, client: Subscriber, channels: Collection[str],
+            filter_set: Filters = filters.NONE,
+            compression: Compression = Compression.OFF) -> None:
+        """Register a connection; it receives the channels given (none: write-only), narrowed
+        by ``filter_set``, compressed as agreed."""
+        if not channels:
+            self._clients[client] = None
+            return
+        key = (frozenset(channels), filter_set)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream(key)
+            for channel in stream.channels:
+                self._channels.setdefault(channel, _Channel()).add(stream)
+        self._clients[client] = stream
+        if compression is Compression.OFF:
+            stream.plain.add(client)
+        elif compression is Compression.ALONE:
+            stream.alone.add(client)
+        else:
+            if stream.deflater is None and self.deflaters < self._compression_streams:
+                stream.deflater = deflate.Deflater()
+                self.deflaters += 1
+            stream.joining.add(client)
+
+    def remove(self, client: Subscriber) -> None:
+        stream = self._clients.pop(client, None)
+        if stream is None:
+            return
+        stream.discard(client)
+        if stream.deflater is not None and not (stream.shared or stream.joining):
+            stream.deflater = None  # Its memory goes with its last compressed client.
+            self.deflaters -= 1
+        if len(stream):
+            return
+        del self._streams[stream.key]
+        for channel in stream.channels:
+            routes = self._channels[channel]
+            routes.remove(stream)
+            if not routes.streams:
                 del self._channels[channel]
 
     def publish(self, payloads: Sequence[bytes], arrived: float | None = None) -> None:
@@ -121,33 +245,79 @@ class Hub:
         """
         if arrived is None:
             arrived = time.monotonic()
-        groups: dict[str, list[bytes]] = {}
+        batch: dict[_Stream, list[int]] = {}
+        texts: list[bytes] = []  # Payloads delivered to someone, and their plain frames.
+        framed: list[bytes] = []
         channels = self._channels
+        listen = self._listen_channel
         for payload in payloads:
-            channel = envelope.route(payload, self._listen_channel)
-            if channel in channels:
-                groups.setdefault(channel, []).append(frames.text(payload))
-        pending: Pending | None = None
-        routed = 0
-        for channel, framed in groups.items():
-            blob = framed[0] if len(framed) == 1 else b"".join(framed)
-            subscribers = channels[channel]
-            routed += len(framed)
-            self.offered += len(framed) * len(subscribers)
-            self.offered_bytes += len(blob) * len(subscribers)
-            for client in subscribers:
-                if client.offer(blob):
-                    if pending is None:
-                        pending = Pending(arrived, self.delivery_times)
-                    pending.waiting += 1
-                    client.track(pending)
-        if not routed:
+            document = envelope.parse(payload)
+            routes = channels.get(envelope.channel_of(document, listen))
+            if routes is None:
+                continue
+            message = -1
+            for stream in routes.matching(payload, document):
+                if message < 0:
+                    message = len(texts)
+                    texts.append(payload)
+                    framed.append(frames.text(payload))
+                batch.setdefault(stream, []).append(message)
+        if not texts:
             return
-        self.routed += routed
+        alone: dict[int, bytes] = {}  # Messages compressed on their own, once for all.
+        pending: Pending | None = None
+        now = time.monotonic()
+        for stream, messages in batch.items():
+            if stream.joining:
+                self._sync(stream, now)
+            receivers = stream.plain | stream.joining if stream.joining else stream.plain
+            if receivers:
+                pending = self._offer(_join(framed, messages), receivers, len(messages),
+                                      arrived, pending)
+            if stream.shared:
+                deflater = stream.deflater
+                if deflater is None:
+                    blob = _join(_alone_frames(alone, texts, messages), None)
+                else:
+                    blob = b"".join([frames.compressed_text(deflater.message(texts[m]))
+                                     for m in messages])
+                pending = self._offer(blob, stream.shared, len(messages), arrived, pending)
+            if stream.alone:
+                blob = _join(_alone_frames(alone, texts, messages), None)
+                pending = self._offer(blob, stream.alone, len(messages), arrived, pending)
+        self.routed += len(texts)
         if pending is None:
-            self.delivery_times.observe(time.monotonic() - arrived, routed)
+            self.delivery_times.observe(time.monotonic() - arrived, len(texts))
         else:
-            pending.arm(routed)
+            pending.arm(len(texts))
+
+    def _sync(self, stream: _Stream, now: float) -> None:
+        """Let a stream's joining clients in, if this batch may be a sync point."""
+        deflater = stream.deflater
+        if deflater is not None and not deflater.fresh:
+            if stream.shared and now - stream.synced_at < _SYNC_SPACING:
+                return  # Its compressed clients depend on the history: not yet.
+            deflater.restart()
+            self.restarts += 1
+        stream.synced_at = now
+        self.joins += len(stream.joining)
+        stream.shared |= stream.joining
+        stream.joining.clear()
+
+    def _offer(self, blob: bytes, clients: Iterable[Subscriber], messages: int,
+               arrived: float, pending: Pending | None) -> Pending | None:
+        """Offer ``blob`` (``messages`` frames) to ``clients``; the batch's Pending, if any."""
+        offered = 0
+        for client in clients:
+            offered += 1
+            if client.offer(blob):
+                if pending is None:
+                    pending = Pending(arrived, self.delivery_times)
+                pending.waiting += 1
+                client.track(pending)
+        self.offered += messages * offered
+        self.offered_bytes += len(blob) * offered
+        return pending
 
     def ping_all(self) -> None:
         """Offer every client the next server ping (payload ``1``, ``2``, … as upstream)."""
@@ -159,3 +329,25 @@ class Hub:
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self._clients):
             client.close(code, reason)
+
+
+def _join(parts: list[bytes], messages: list[int] | None) -> bytes:
+    """The frames of ``messages`` (all of ``parts`` when None) as one bytes object; a single
+    frame is returned as is, so a one-message batch shares the very frame object."""
+    if messages is not None:
+        if len(messages) == 1:
+            return parts[messages[0]]
+        parts = [parts[m] for m in messages]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _alone_frames(cache: dict[int, bytes], texts: list[bytes], messages: list[int]
+                  ) -> list[bytes]:
+    """The frames of ``messages``, each compressed on its own, made once per batch."""
+    found = []
+    for m in messages:
+        frame = cache.get(m)
+        if frame is None:
+            frame = cache[m] = frames.compressed_text(deflate.alone(texts[m]))
+        found.append(frame)
+    return found

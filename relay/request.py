@@ -15,6 +15,10 @@ string is stripped before the path is split, so ``/TOKEN?x=1`` works too. When t
 from the query or the header, the path's first element, if any, is the channel
 (``/chat?jwt=T``).
 
+Every ``filter`` query parameter is collected, percent-decoded and in order, for
+:mod:`relay.filters` to parse (an empty one too: it is a mistake to report, not to skip). Other
+query parameters are ignored, as upstream ignores them.
+
 Pure functions only: no validation of the token (that is :mod:`relay.auth`), no sockets.
 """
 
@@ -35,10 +39,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """The requested channel (``None`` when the URL names none) and the token text."""
+    """The requested channel (``None`` when the URL names none), the token text, and the
+    ``filter`` parameters' texts."""
 
     channel: str | None
     token: str
+    filters: tuple[str, ...] = ()
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -65,15 +71,17 @@ def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> 
     path, _, query = text.partition("?")
     elements = path[1:].split("/") if path.startswith("/") else path.split("/")
 
-    outside = next((value for key, value in parse_qsl(query) if key == "jwt" and value), None)
+    parameters = parse_qsl(query, keep_blank_values=True)
+    filters = tuple(value for key, value in parameters if key == "filter")
+    outside = next((value for key, value in parameters if key == "jwt" and value), None)
     if outside is None:
         outside = _bearer(headers)
     if outside is not None:
-        return Target(channel=elements[0] or None, token=outside)
+        return Target(channel=elements[0] or None, token=outside, filters=filters)
 
     if len(elements) == 1:
-        return Target(channel=None, token=elements[0])
-    return Target(channel=elements[0], token=elements[1])
+        return Target(channel=None, token=elements[0], filters=filters)
+    return Target(channel=elements[0], token=elements[1], filters=filters)
 
 
 

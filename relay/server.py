@@ -25,9 +25,11 @@ bounded number of descriptors and log lines.
 
 The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
 connection limit (503), the token and channel (400 with upstream's exact message as body, see
-:mod:`relay.auth`), and only then the WebSocket headers (wsproto; 400 or 426). The handshake is
-then answered with 101 and the connection becomes a :class:`relay.client.Client` subscribed in
-the hub.
+:mod:`relay.auth`), the ``filter`` parameters (400 naming the one that does not parse, see
+:mod:`relay.filters`), and only then the WebSocket headers (wsproto; 400 or 426). The handshake
+is then answered with 101, with permessage-deflate when the client offered it acceptably and
+``PGWS_COMPRESSION`` is on (:func:`relay.deflate.negotiate`), and the connection becomes a
+:class:`relay.client.Client` placed in the hub's stream for its channels and filters.
 
 Protocol rules are asked of :mod:`relay.request`, :mod:`relay.auth` and wsproto; this module
 only moves bytes and keeps the order of the checks. A token never reaches a log line: request
@@ -37,6 +39,7 @@ targets are not logged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -49,10 +52,11 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError
 
-from relay import __version__, auth, envelope, request, static
+from relay import __version__, auth, deflate, envelope, filters, request, static
 from relay.client import Client, ClientSettings, close_now
 from relay.config import Config
-from relay.hub import Hub
+from relay.filters import Filters
+from relay.hub import Compression, Hub
 from relay.limits import AddressCount, WriteBucket, network_of
 from relay.publisher import Publisher
 from relay.stats import counters
@@ -107,6 +111,15 @@ async def _until_head_end(stream: trio.abc.Stream) -> None:
 
 class _Done(Exception):
     """The connection is finished; close it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Accepted:
+    """A WebSocket client after its handshake, with what the hub needs to place it."""
+
+    client: Client
+    filters: Filters
+    compression: Compression
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -170,18 +183,19 @@ class Server:
             await self._refuse_address(stream, network)
             return
         try:
-            client = await self._accept(stream, peer)
-            if client is None:
+            accepted = await self._accept(stream, peer)
+            if accepted is None:
                 return
+            client = accepted.client
             # Inline rather than a helper: this frame lives as long as the connection.
             grant = client.grant
-            channels = grant.channels if grant.can_read else ()
-            self._hub.add(client, channels)
+            self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
+                          accepted.compression)
             self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
             try:
                 await client.run()
             finally:
-                self._hub.remove(client, channels)
+                self._hub.remove(client)
                 log.debug("client %s disconnected", peer, extra={"event": "disconnected",
                                                                  "peer": peer})
                 self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE,
@@ -242,7 +256,7 @@ class Server:
         finally:
             self._refused_logging = False
 
-    async def _accept(self, stream: trio.abc.Stream, peer: str) -> Client | None:
+    async def _accept(self, stream: trio.abc.Stream, peer: str) -> _Accepted | None:
         """Everything before a WebSocket client exists; the HTTP state dies with this call.
 
         Resource handling: every phase sets the deadline of one cancel scope, ``phase`` (see
@@ -274,7 +288,7 @@ class Server:
         await stream.send_all(data)
 
     async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection,
-                            phase: trio.CancelScope, peer: str) -> Client | None:
+                            phase: trio.CancelScope, peer: str) -> _Accepted | None:
         """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
         if self._shutting_down:
             return None
@@ -404,7 +418,8 @@ class Server:
         await self._send_error(stream, http, phase, status, message)
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
-                         phase: trio.CancelScope, req: h11.Request, peer: str) -> Client | None:
+                         phase: trio.CancelScope, req: h11.Request, peer: str
+                         ) -> _Accepted | None:
         config = self._config
         if self._shutting_down:
             await self._reject(stream, http, phase, 503, "Shutting down", peer,
@@ -426,10 +441,22 @@ class Server:
         except auth.AuthError as refused:
             await self._reject(stream, http, phase, 400, str(refused), peer, "token")
             return None
+        try:
+            # The URL's filters narrow what the token's claim allows; they never widen it.
+            filter_set = grant.filters | filters.parse_all(target.filters)
+        except filters.FilterError as bad:
+            await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
+            return None
 
         ws = WSConnection(ConnectionType.SERVER)
         try:
-            ws.initiate_upgrade_connection(req.headers, req.target)
+            try:
+                ws.initiate_upgrade_connection(req.headers, req.target)
+            except UnicodeDecodeError:
+                # wsproto decodes Sec-WebSocket-Extensions/-Protocol as ASCII; h11 lets any
+                # byte through. Such a header is as broken as any other bad handshake.
+                raise RemoteProtocolError("Non-ASCII WebSocket extension or protocol header",
+                                          event_hint=None) from None
         except RemoteProtocolError as exc:
             hint = exc.event_hint
             status = getattr(hint, "status_code", 400)
@@ -452,13 +479,26 @@ class Server:
             # 4 MiB here): what a slow client can hold is then this plus max_queue_bytes.
             inner = getattr(stream, "transport_stream", stream)
             inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
-        await self._write(stream, phase, ws.send(AcceptConnection()))
+        agreement = None
+        if config.compression:
+            agreement = deflate.negotiate(
+                [value for key, value in req.headers if key.lower() == b"sec-websocket-extensions"])
+        headers = [] if agreement is None else [
+            (b"sec-websocket-extensions", agreement.response.encode())]
+        await self._write(stream, phase, ws.send(AcceptConnection(extra_headers=headers)))
         counters.accepted += 1
-        log.debug("client %s connected: mode %r, channels %s", peer, grant.mode,
-                  ",".join(grant.channels), extra={"event": "connected", "peer": peer,
-                                                   "mode": grant.mode,
-                                                   "channels": list(grant.channels)})
-        client = Client(stream, grant, self._settings, self._publisher.message, peer, received)
+        if agreement is None:
+            compression = Compression.OFF
+        elif agreement.server_no_context_takeover:
+            compression = Compression.ALONE
+        else:
+            compression = Compression.SHARED
+        log.debug("client %s connected: mode %r, channels %s, compression %s", peer, grant.mode,
+                  ",".join(grant.channels), compression.value,
+                  extra={"event": "connected", "peer": peer, "mode": grant.mode,
+                         "channels": list(grant.channels), "compression": compression.value})
+        client = Client(stream, grant, self._settings, self._publisher.message, peer, received,
+                        inflate=agreement is not None)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
-        return client
+        return _Accepted(client, filter_set, compression)

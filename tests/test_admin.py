@@ -81,7 +81,9 @@ def test_health_ready_and_metrics_answer_on_the_admin_port(admin_relay) -> None:
                  "pgws_connections_refused_total", "pgws_frames_written_total",
                  "pgws_bytes_written_total", "pgws_client_writes_published_total",
                  "pgws_client_writes_failed_total", "pgws_protocol_errors_total",
-                 "pgws_notify_pool_busy", "pgws_notify_pool_idle",
+                 "pgws_notify_pool_busy", "pgws_notify_pool_idle", "pgws_streams",
+                 "pgws_compressors", "pgws_compression_joins_total",
+                 "pgws_compression_restarts_total",
                  "pgws_listener_down_seconds_total", "pgws_delivery_seconds_bucket",
                  "process_resident_memory_bytes", "process_open_fds"):
         assert name in names, name
@@ -129,10 +131,11 @@ def test_metrics_agree_with_what_happened(start_relay) -> None:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
     channel = unique_channel("m")
 
-    # Two readers and one writer; a refused token and a refused Origin.
-    with ws(relay, f"/{channel}/{token({'mode': 'r'})}") as first, \
-            ws(relay, f"/{channel}/{token({'mode': 'r'})}") as second, \
-            ws(relay, f"/{channel}/{token({'mode': 'rw'})}") as writer:
+    # Two readers and one writer; a refused token and a refused Origin. Uncompressed, so that
+    # the bytes written can be checked against the frames' sizes.
+    with ws(relay, f"/{channel}/{token({'mode': 'r'})}", compression=None) as first, \
+            ws(relay, f"/{channel}/{token({'mode': 'r'})}", compression=None) as second, \
+            ws(relay, f"/{channel}/{token({'mode': 'rw'})}", compression=None) as writer:
         assert eventually(lambda: metric(port, "pgws_connections") == 3)
         for refused in (lambda: ws(relay, "/c/not-a-token"),
                         lambda: ws(relay, f"/c/{token({'mode': 'r'})}",

@@ -31,6 +31,8 @@ EXPECTED_DEFAULTS = {
     "max_client_bytes_per_second": 1048576.0, "allowed_origins": (), "shutdown_timeout": 5.0,
     "log_level": "INFO", "log_format": "text", "workers": 1, "admin_host": "127.0.0.1",
     "admin_port": None,
+    "compression": True,
+    "compression_streams": 1024,
 }
 
 

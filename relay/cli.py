@@ -72,6 +72,10 @@ def _token_parser() -> argparse.ArgumentParser:
     channels.add_argument("--channels", metavar="A,B", help="comma-separated channels allowed")
     parser.add_argument("--exp", type=int, metavar="SECONDS",
                         help="expire this many seconds from now (unset: never)")
+    parser.add_argument("--filter", action="append", default=[], metavar="PATH=OP.VALUE",
+                        dest="filters",
+                        help="a filter the client cannot widen (the filters claim), e.g. "
+                             "payload.market_id=eq.7; repeat for several (all must hold)")
     parser.add_argument("--alg", choices=sorted(auth.ALLOWED_ALGORITHMS),
                         help="signature algorithm (default: HS256 for an HMAC secret, the "
                              "key's own for a JWK)")
@@ -141,7 +145,7 @@ def _token(argv: Sequence[str]) -> int:
     try:
         secret = load_secret(env)
         read_keys(secret)
-        claims = mint.claims(args.mode, channels, args.exp, time.time())
+        claims = mint.claims(args.mode, channels, args.exp, time.time(), args.filters)
         token = mint.mint(secret, claims, args.alg, args.kid)
     except ConfigError as exc:
         return _report(exc.problems)

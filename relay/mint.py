@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :func:`claims` builds the claims a client needs (``mode``, ``channel`` or ``channels``,
-``exp``); :func:`mint` signs them with the key the secret holds:
+``exp``, ``filters``); :func:`mint` signs them with the key the secret holds:
 
 - A raw HMAC secret signs HS256, or HS384/HS512 on request, when it is at least as long as the
   hash (shorter, and the relay would refuse the token, as upstream does).
@@ -30,7 +30,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from relay import auth
+from relay import auth, filters
 
 #: The modes a client can be granted (spec 3.2); others open a connection that can do nothing.
 MODES = ("r", "w", "rw")
@@ -61,10 +61,11 @@ class _CannotSign(Exception):
     """Why one JWK cannot sign (a fixed text: no key material)."""
 
 
-def claims(mode: str, channels: Sequence[str], expires_in: int | None, now: float
-           ) -> dict[str, Any]:
+def claims(mode: str, channels: Sequence[str], expires_in: int | None, now: float,
+           filter_texts: Sequence[str] = ()) -> dict[str, Any]:
     """The claims of a token for ``mode`` on ``channels`` (one: the ``channel`` claim, several:
-    ``channels``), expiring ``expires_in`` seconds after ``now`` (None: never)."""
+    ``channels``), expiring ``expires_in`` seconds after ``now`` (None: never), narrowed by
+    ``filter_texts`` (the ``filters`` claim, checked as the relay will read it)."""
     if mode not in MODES:
         raise MintError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not channels or not all(channels):
@@ -76,6 +77,12 @@ def claims(mode: str, channels: Sequence[str], expires_in: int | None, now: floa
         result["channels"] = list(channels)
     if expires_in is not None:
         result["exp"] = int(now) + expires_in
+    if filter_texts:
+        try:
+            filters.parse_all(filter_texts, source=auth.FILTERS_CLAIM)
+        except filters.FilterError as exc:
+            raise MintError(str(exc)) from None
+        result["filters"] = list(filter_texts)
     return result
 
 

@@ -129,6 +129,14 @@ def test_minted_tokens_are_accepted_and_their_claims_hold(start_relay, tmp_path:
         notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"news","n":1}')
         assert reader.recv(timeout=10) == '{"channel":"news","n":1}'
 
+    # --filter: the filters claim, which the relay applies (market 8 never arrives).
+    market_token = minted(env, *flags, "--mode", "r", "--channel", "chat",
+                          "--filter", "payload.market_id=eq.7")
+    with ws(relay, f"/chat/{market_token}") as market:
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"chat","payload":{"market_id":8}}',
+               '{"channel":"chat","payload":{"market_id":7}}')
+        assert market.recv(timeout=10) == '{"channel":"chat","payload":{"market_id":7}}'
+
     # A channel outside the token, and an exp in the past, are refused as upstream does.
     one_channel = minted(env, *flags, "--mode", "r", "--channel", "chat")
     assert rejection(relay, f"/news/{one_channel}") == (400, b"No allowed channels")
@@ -164,8 +172,11 @@ def test_a_jwk_set_signs_with_its_first_signing_key_and_names_it() -> None:
     ({}, [], "pgws-relay: PGWS_JWT_SECRET: required but not set"),
     ({"PGWS_JWT_SECRET": "abc", "PGWS_JWT_SECRET_BASE64": "True"}, [],
      "pgws-relay: PGWS_JWT_SECRET: not valid base64: Incorrect padding"),
+    ({"PGWS_JWT_SECRET": SECRET}, ["--filter", "payload.market_id=gt.seven"],
+     'pgws-relay token: filters claim "payload.market_id=gt.seven": bad number "seven" '
+     '(expected a JSON number)'),
 ], ids=["public-jwk", "kid-of-a-public-key", "unknown-kid", "hs512-too-long-for-the-secret",
-        "rsa-alg-for-an-hmac-secret", "short-secret", "no-secret", "bad-base64"])
+        "rsa-alg-for-an-hmac-secret", "short-secret", "no-secret", "bad-base64", "bad-filter"])
 def test_what_cannot_be_minted_exits_2_with_one_line(env: dict[str, str], args: list[str],
                                                      line: str) -> None:
     lines = refused(env, "--mode", "r", "--channel", "c", *args)
@@ -194,6 +205,10 @@ def test_claims() -> None:
     for mode, channels in (("R", ["a"]), ("r", []), ("r", [""])):
         with pytest.raises(mint.MintError):
             mint.claims(mode, channels, None, 0)
+    assert mint.claims("r", ["a"], None, 0, ["payload.market_id=eq.7"]) == {
+        "mode": "r", "channel": "a", "filters": ["payload.market_id=eq.7"]}
+    with pytest.raises(mint.MintError, match='filters claim "payload.x=like.7": unknown'):
+        mint.claims("r", ["a"], None, 0, ["payload.market_id=eq.7", "payload.x=like.7"])
 
 
 @pytest.mark.parametrize("algorithm", [None, "HS256", "HS384"])

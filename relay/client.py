@@ -84,6 +84,13 @@ MAX_FRAGMENTS = 4096
 #: time and each record must leave within ``send_timeout``, as a plain socket must take a byte.
 _TLS_SEND_BYTES = 16384
 
+#: Close reasons for what :class:`relay.deflate.InboundDeflate` refuses, by close code.
+_INFLATE_FAILURES = {
+    1002: "RSV1 on a control or continuation frame",
+    1007: "compressed data that does not inflate",
+    1009: "message too big",
+}
+
 #: Close codes a peer may not put on the wire (RFC 6455 7.4.1); we answer such a close with 1000.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 
@@ -374,10 +381,13 @@ class Client:
                         self._on_close(frame.payload[0])
                         return
             except ParseFailed as exc:
-                log.info("protocol error from %s: %s", self.peer, exc,
+                # wsproto says only "error in extension" for what the inflater refused.
+                why = _INFLATE_FAILURES.get(exc.code, str(exc)) \
+                    if str(exc) == "error in extension" else str(exc)
+                log.info("protocol error from %s: %s", self.peer, why,
                          extra={"event": "protocol_error", "peer": self.peer})
                 counters.protocol_errors += 1
-                self.close(exc.code, str(exc))
+                self.close(exc.code, why)
                 return
             # The wait below is the only place an idle connection sits, so it is kept lean:
             # no cancel scope unless the token expires, and on a plain socket a bare

@@ -122,6 +122,7 @@ class Config:
     admin_port: int | None
     compression: bool
     compression_streams: int
+    max_filter_sets: int
 
     @property
     def tls(self) -> bool:
@@ -323,6 +324,10 @@ SETTINGS: tuple[Setting, ...] = (
             "address of the admin listener (/health, /ready, /metrics)"),
     Setting("PGWS_ADMIN_PORT", "admin_port", _int_at_least(0, 65535), None,
             "TCP port of the admin listener (unset: no admin listener)"),
+    Setting("PGWS_MAX_FILTER_SETS", "max_filter_sets", _int_at_least(0), "1000",
+            "distinct filter sets on one channel at most (each is evaluated per notification, "
+            "~1 µs per filter); a connection that would add one more gets HTTP 503 (0: no "
+            "limit)"),
     Setting("PGWS_COMPRESSION", "compression", _bool, "True",
             "permessage-deflate with clients that offer it, one compressor per stream of "
             "identical deliveries (True/False)"),

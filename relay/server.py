@@ -26,7 +26,8 @@ bounded number of descriptors and log lines.
 The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
 connection limit (503), the token and channel (400 with upstream's exact message as body, see
 :mod:`relay.auth`), the ``filter`` parameters (400 naming the one that does not parse, see
-:mod:`relay.filters`), and only then the WebSocket headers (wsproto; 400 or 426). The handshake
+:mod:`relay.filters`; 503 when they would be one distinct filter set too many on a
+channel), and only then the WebSocket headers (wsproto; 400 or 426). The handshake
 is then answered with 101, with permessage-deflate when the client offered it acceptably and
 ``PGWS_COMPRESSION`` is on (:func:`relay.deflate.negotiate`), and the connection becomes a
 :class:`relay.client.Client` placed in the hub's stream for its channels and filters.
@@ -446,6 +447,11 @@ class Server:
             filter_set = grant.filters | filters.parse_all(target.filters)
         except filters.FilterError as bad:
             await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
+            return None
+        if grant.can_read and self._hub.filter_sets_full(grant.channels, filter_set,
+                                                          config.max_filter_sets):
+            await self._reject(stream, http, phase, 503, "Too many distinct filters", peer,
+                               "capacity")
             return None
 
         ws = WSConnection(ConnectionType.SERVER)

@@ -33,6 +33,7 @@ EXPECTED_DEFAULTS = {
     "admin_port": None,
     "compression": True,
     "compression_streams": 1024,
+    "max_filter_sets": 1000,
 }
 
 

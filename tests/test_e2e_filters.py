@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from relay import frames
-from tests.conftest import RelayProcess, notify, raw_client, token
+from tests.conftest import RelayProcess, eventually, notify, raw_client, token
 
 READ = token({"mode": "r"})
 #: A u128 order id (numeric(39) in Econia's tables) and its neighbour: the same double.
@@ -220,3 +220,29 @@ async def test_trio_websocket_clients_with_filters(relay: RelayProcess) -> None:
             hit = fill(2, 7, True)
             await trio.to_thread.run_sync(notify, listen, small, fill(3, 8, True), hit)
             assert await client.get_message() == hit
+
+
+def test_distinct_filter_sets_per_channel_are_capped_with_a_503(start_relay: Any) -> None:
+    relay = start_relay(PGWS_MAX_FILTER_SETS="2")
+    path = f"/fill_event/{READ}"
+    with ws(relay, path + query("payload.market_id=eq.7")), \
+            ws(relay, path + query("payload.market_id=eq.8")) as eight:
+        with pytest.raises(InvalidStatus) as info:
+            ws(relay, path + query("payload.market_id=eq.9"))
+        assert (info.value.response.status_code, info.value.response.body) == (
+            503, b"Too many distinct filters")
+        # A set the channel already has, and no filter at all, still fit.
+        with ws(relay, path + query("payload.market_id=eq.7")), ws(relay, path):
+            pass
+        eight.close()
+        # Once its last client is gone, a set's place is free again.
+        eventually(lambda: _connects(relay, path + query("payload.market_id=eq.9")),
+                   what="a free filter set")
+
+
+def _connects(relay: RelayProcess, path: str) -> bool:
+    try:
+        with ws(relay, path):
+            return True
+    except InvalidStatus:
+        return False

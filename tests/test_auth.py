@@ -746,3 +746,19 @@ def test_iat_and_nbf_equal_to_now_are_valid_and_later_ones_are_not() -> None:
         auth.check_claims({"iat": 100.5}, 100)
     with pytest.raises(AuthError, match="^Error: JWTNotYetValid$"):
         auth.check_claims({"nbf": 100.5}, 100)
+
+
+def test_the_filters_claim_is_parsed_or_refuses_the_token() -> None:
+    grant = auth.authorize({"mode": "r", "filters": ["payload.market_id=eq.7"]}, "c")
+    assert [str(f) for f in grant.filters] == ["payload.market_id=eq.7"]
+    assert auth.authorize({"mode": "r"}, "c").filters == frozenset()
+    assert auth.authorize({"mode": "r", "filters": []}, "c").filters == frozenset()
+    for claim in ("payload.market_id=eq.7", None, [7], {"a": "b"}):
+        with pytest.raises(auth.AuthError,
+                           match="^Error: filters claim: expected a list of strings$"):
+            auth.authorize({"mode": "r", "filters": claim}, "c")
+    with pytest.raises(auth.AuthError, match='^Error: filters claim "x=zz.1": unknown operator'):
+        auth.authorize({"mode": "r", "filters": ["x=zz.1"]}, "c")
+    # The mode and channel rules come first, as upstream's texts do.
+    with pytest.raises(auth.AuthError, match="^Missing mode$"):
+        auth.authorize({"filters": ["x=zz.1"]}, "c")

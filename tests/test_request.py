@@ -105,3 +105,16 @@ def test_non_utf8_targets_are_decoded_with_replacement() -> None:
 ])
 def test_origins_compare_as_rfc_6454_serializations(value: str, key: str | None) -> None:
     assert request.origin_key(value) == key
+
+
+def test_filter_parameters_are_collected_decoded_in_order() -> None:
+    target = parse_target(b"/fill_event/TOKEN?filter=payload.market_id=eq.7&x=1"
+                          b"&filter=payload.user=in.(%220xaa%22,b)&filter=&filter=a=eq.x+y")
+    assert (target.channel, target.token) == ("fill_event", "TOKEN")
+    assert target.filters == ("payload.market_id=eq.7", 'payload.user=in.("0xaa",b)', "",
+                              "a=eq.x y")
+    assert parse_target(b"/c/T").filters == ()
+    outside = parse_target(b"/c?filter=a=eq.1&jwt=T")
+    assert (outside.channel, outside.token, outside.filters) == ("c", "T", ("a=eq.1",))
+    bearer = parse_target(b"/c?filter=a=eq.1", [(b"authorization", b"Bearer T")])
+    assert (bearer.channel, bearer.token, bearer.filters) == ("c", "T", ("a=eq.1",))

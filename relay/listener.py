@@ -9,8 +9,11 @@ socket, ``consume_input()``, and every pending notification is drained with
 connection: a query would move pending notifications into a buffer this loop does not read.
 
 Liveness: every ``heartbeat_interval`` seconds a heartbeat NOTIFY goes out through the notifier
-pool; if it has not come back over this connection within the timeout, the connection is
-declared lost, even if its socket looks fine (a half-open TCP connection, a stopped server).
+pool; if it has not come back over this connection within the timeout, and nothing else came
+either, the connection is declared lost, even if its socket looks fine (a half-open TCP
+connection, a stopped server). Notifications arriving meanwhile prove it alive: a relay whose
+fan-out lags drains a backlog, with its heartbeat queued behind it, and must not drop the
+connection (and everything still queued on it) for being busy.
 
 Recovery: a lost connection is closed and a new one opened at once; while the database stays
 away, attempts repeat every second, so delivery resumes within about a second of the database
@@ -290,6 +293,11 @@ class Listener:
             if payloads:
                 self.received += len(payloads)
                 self._publish(payloads, arrived)
+                if self._heartbeat_due is not None:
+                    # A backlog is draining: the connection is alive, and the heartbeat is
+                    # queued behind what was committed before it. Only silence is a loss;
+                    # dropping a busy connection would lose everything still queued on it.
+                    self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
             due = self._heartbeat_due
             if due is not None and trio.current_time() >= due:
                 return f"heartbeat not back within {self._heartbeat_timeout:g} s"

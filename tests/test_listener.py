@@ -101,3 +101,35 @@ def test_backoff_doubles_and_caps() -> None:
 def test_an_outage_may_last_as_long_as_upstreams_attempts_span() -> None:
     # Upstream makes N attempts with backoff 1, 2, 4 … between them; 0 and 1 mean one attempt.
     assert [retry_window(n) for n in (0, 1, 2, 3, 5, 7)] == [0, 0, 1, 3, 15, 63]
+
+
+async def test_a_backlog_longer_than_the_heartbeat_timeout_is_not_a_lost_connection() -> None:
+    """A relay whose fan-out is slower than the notifications arriving drains a backlog, and
+    its heartbeat waits behind it; that is a busy connection, not a dead one. Declaring it lost
+    would drop every notification still queued on it (bench/filters.py found this at 10,000
+    clients)."""
+    listen = unique_channel()
+    received: list[bytes] = []
+    total = 3000
+
+    def slow_publish(payloads, arrived) -> None:
+        import time
+
+        received.extend(payloads)
+        time.sleep(0.001 * len(payloads))  # 1 ms of fan-out per notification: 3 s in all.
+
+    notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
+    # Heartbeats every 0.2 s, each due back within the 1 s minimum: the backlog lasts 3 s.
+    listener = Listener(DB_URI, connect_options(DB_URI), listen, slow_publish, notifier, 0.2, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener.run)
+            await listener.ready.wait()
+            payloads = [f'{{"channel":"c","n":{n}}}' for n in range(total)]
+            await trio.to_thread.run_sync(lambda: notify(listen, *payloads))
+            while len(received) < total and listener.gaps == 0:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert listener.gaps == 0
+    assert len(received) == total
+    await notifier.aclose()

@@ -464,6 +464,310 @@ def reliability_section(directory: str) -> list[str]:
     return lines
 
 
+ISSUE11 = ("compression", "filters")
+#: Issue 11's goals: compression.py's goal → (measure, target, higher is better, row label).
+COMPRESSION_GOALS = {
+    "A(a)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
+    "A(b)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
+    "B": ("deliveries_per_s", 0.8, True, "deliveries/s, deflate / plain"),
+    "C": ("deliveries_per_s", 2.0, True, "deliveries/s, deflate / plain"),
+}
+FILTERS_GOAL = 1.2
+COMPRESSION_METRICS = [("bytes_per_delivery", "bytes per delivery"),
+                       ("deliveries_per_s", "deliveries/s"),
+                       ("relay_cpu_ms_per_1000", "relay CPU ms / 1,000 deliveries")]
+VARIANTS = {"plain": "plain", "deflate": "deflate",
+            "off": "deflate offered, PGWS_COMPRESSION=off"}
+
+
+def _issue11(directory: str) -> dict[str, Any]:
+    """bench/results/compression.json and filters.json, whichever exist (filters.json is
+    rewritten after every round while bench/filters.py runs: read what is there)."""
+    found = {}
+    for name in ISSUE11:
+        path = os.path.join(directory, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                found[name] = json.load(handle)
+    return found
+
+
+def _provenance(result: dict[str, Any], unit: str) -> str:
+    """`command` (run …, commit …, N rounds), and whether the file is complete."""
+    runs = result.get("runs") or [run for case in result.get("cases", [])
+                                  for run in case.get("runs", [])]
+    done = max((run.get("round", 0) for run in runs), default=0)
+    text = (f"`{result['command']}` (run {result['started']}, commit "
+            f"{str(result.get('commit', '?'))[:7]}"
+            + (", with uncommitted changes" if result.get("uncommitted") else "")
+            + f", {result['rounds']} {unit})")
+    if not result.get("complete", True):
+        text += f" — incomplete: written after round {done} of {result['rounds']}"
+    return text
+
+
+def _compression_case(compression: dict[str, Any] | None, goal: str) -> dict[str, Any] | None:
+    for case in (compression or {}).get("cases", []):
+        if case["case"].get("goal") == goal:
+            return case
+    return None
+
+
+def _variant_median(case: dict[str, Any], variant: str, key: str) -> float | None:
+    values = _values([r for r in case["runs"] if r["variant"] == variant
+                      and "error" not in r], key)
+    return statistics.median(values) if values else None
+
+
+def _short(value: float) -> str:
+    """1,321,449 → 1.32 M; 37,610 → 37.6 k; 179.13 → 179."""
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f} k"
+    return f"{value:,.0f}" if value >= 100 else _fmt(value)
+
+
+def _filters_runs(filters: dict[str, Any], clients: int) -> list[dict[str, Any]]:
+    """The runs at this client count that the medians use (filters.py: no error)."""
+    return [r for r in filters.get("runs", []) if r["clients"] == clients
+            and "phases" in r and "error" not in r]
+
+
+def _sizes(filters: dict[str, Any]) -> list[int]:
+    return sorted(int(n) for n in filters.get("summary", {}).get("by_clients", {}))
+
+
+def issue11_goals(found: dict[str, Any]) -> list[str]:
+    """Issue 11's goals (compression A–C, filters D), each with its measured figure (ratios of
+    medians from one invocation) and whether it is met, and what D's figures mean."""
+    compression, filters = found.get("compression"), found.get("filters")
+    if not compression and not filters:
+        return []
+    rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
+    for goal, (key, target, higher, measure) in COMPRESSION_GOALS.items():
+        case = _compression_case(compression, goal)
+        ratio = plain = deflate = None
+        label = f"{goal}: {measure}"
+        if case:
+            ratio = case["summary"]["ratios"].get("deflate/plain", {}).get(key)
+            plain = _variant_median(case, "plain", key)
+            deflate = _variant_median(case, "deflate", key)
+            unit = " B" if key == "bytes_per_delivery" else ""
+            label = (f"{goal}: {case['case']['label']}, {case['case']['clients']:,} clients: "
+                     f"{measure}"
+                     + (f" ({_short(deflate)}{unit} / {_short(plain)}{unit})"
+                        if plain and deflate else ""))
+            compressed = _variant_median(case, "deflate", "compressed_share")
+            if ratio is not None and not compressed:
+                rows.append(f"| {label} | {_fmt(ratio)}× | {'≥' if higher else '≤'} "
+                            f"{target:g}× | not measured: no compressed frame |")
+                continue
+        _goal(rows, label, ratio, target, higher, "×")
+    sizes = _sizes(filters) if filters else []
+    by_clients = filters.get("summary", {}).get("by_clients", {}) if filters else {}
+    small, large = (by_clients.get(str(sizes[0]), {}), by_clients.get(str(sizes[-1]), {})) \
+        if sizes else ({}, {})
+    names = (f"{sizes[-1]:,} vs {sizes[0]:,} clients" if sizes
+             else "10,000 vs 1,000 clients")
+    for phase, text in (("matched", "D: relay CPU per notification matching one group, "),
+                        ("nomatch", "D: relay CPU per notification matching no group (filter "
+                                    "evaluation and routing alone), ")):
+        key = f"{phase}_relay_cpu_us_per_notification"
+        low, high = small.get(key), large.get(key)
+        ratio = high / low if low and high is not None else None
+        if filters and not filters.get("probe", {}).get("filters_applied", True):
+            rows.append(f"| {text}{names} | – | ≤ {FILTERS_GOAL:g}× | not measured: the relay "
+                        "ignores filters |")
+            continue
+        _goal(rows, text + names + (f" ({_fmt(high)} / {_fmt(low)} µs)" if ratio else ""),
+              ratio, FILTERS_GOAL, False, "×")
+    if filters:
+        clean = [r for r in filters.get("runs", []) if "phases" in r
+                 and not r.get("listener_gaps")]
+        exact = sum(r["clients_exact"] for r in clean)
+        everyone = sum(r["clients"] for r in clean)
+        foreign = sum(r.get("foreign_frames", 0) for r in filters.get("runs", []))
+        rows.append(
+            "| D: every client received exactly the notifications its filter matched | "
+            + (f"{exact:,} of {everyone:,} clients in {len(clean)} "
+               f"run{'s' if len(clean) != 1 else ''} "
+               f"({exact / everyone:.0%}), {foreign} foreign frames" if everyone
+               else "not measured")
+            + " | every client | " + ("–" if not everyone else "met"
+                                      if exact == everyone and not foreign else "missed")
+            + " |")
+        gapped = [r for r in filters.get("runs", []) if r.get("listener_gaps")]
+        runs = len(filters.get("runs", []))
+        rows.append(f"| D: runs in which the relay's LISTEN connection was replaced "
+                    f"(notifications lost for every client) | {len(gapped)} of {runs} | none | "
+                    + ("met" if not gapped else "missed") + " |")
+    lines = ["## Goals (issue 11): filters and compression", "",
+             "Ratios of medians measured in one invocation; the sections "
+             "[compression](#compression) and [filters](#filters) below hold the medians, "
+             "their spread and the commands.", "", *rows, ""]
+    capped = _compression_case(compression, "C")
+    if capped:
+        lines += [f"C runs {capped['case']['clients']:,} clients, not 1,000: each client's "
+                  "backlog must stay under `PGWS_MAX_QUEUE_BYTES` (1 MiB), and 1,000 TCP flows "
+                  "that start at once overflow the shaped link's queue (tbf, 1.5 MB) with their "
+                  "initial windows alone, so flows sit in retransmission back-off and the relay "
+                  "closes them as slow consumers (1013) in both variants: that measures the "
+                  f"slow-consumer rule, not the link. {capped['case']['clients']:,} flows fill "
+                  "the link without it (`bench/compression.py`'s docstring).", ""]
+    if sizes and small.get("matched_relay_cpu_us_per_notification") \
+            and large.get("matched_relay_cpu_us_per_notification"):
+        groups = filters.get("groups", 100)
+        writes = [n // groups for n in sizes]
+        per_write = [by_clients[str(n)].get("implied_us_per_write") for n in sizes]
+        share = [by_clients[str(n)].get("writes_share_of_matched_cpu") for n in sizes]
+        exact_share = [by_clients[str(n)].get("clients_exact_share") for n in sizes]
+        nomatch = filters["summary"].get("ratios", {}).get("nomatch", {}).get("ratio")
+        matched = filters["summary"].get("ratios", {}).get("matched", {}).get("ratio")
+        text = (f"What D measures. Every client is in one of {groups} filter groups "
+                f"(`payload.market_id=eq.<g>`), so a notification matching one group is "
+                f"{writes[0]:,} socket writes at {sizes[0]:,} clients and {writes[-1]:,} at "
+                f"{sizes[-1]:,}, {writes[-1] // max(1, writes[0])}× as many. The relay's CPU "
+                f"per matched notification, {_fmt(small['matched_relay_cpu_us_per_notification'])}"
+                f" and {_fmt(large['matched_relay_cpu_us_per_notification'])} µs, grows with the "
+                "writes")
+        if None not in per_write and None not in share:
+            text += (f": each write costs {min(per_write):.1f}–{max(per_write):.1f} µs "
+                     "((matched − no-match CPU per notification) / writes), and the writes are "
+                     f"{share[0]:.0%} and {share[-1]:.0%} of the matched CPU")
+        text += "."
+        low = small.get("nomatch_relay_cpu_us_per_notification")
+        high = large.get("nomatch_relay_cpu_us_per_notification")
+        if low is not None and high is not None:
+            text += (" The filter work itself is flat: a notification that matches no group (no "
+                     f"write at all) costs {_fmt(low)} µs at {sizes[0]:,} clients and "
+                     f"{_fmt(high)} µs at {sizes[-1]:,}"
+                     + (f" ({nomatch:.2f}×)" if nomatch is not None else "") + ".")
+        if matched is not None and matched > FILTERS_GOAL:
+            text += (" The matched ratio misses its target because the number of writes per "
+                     "notification grows with the clients, not because evaluating filters does.")
+        if exact_share and None not in exact_share:
+            counts = " and ".join(f"{n:,}" for n in sizes)
+            if all(value == 1 for value in exact_share):
+                text += (" Every client received exactly what its filter matched, nothing "
+                         f"missing and nothing foreign, at {counts} clients "
+                         "(`clients_exact_share` 100 %).")
+            else:
+                text += (" Clients that received exactly what their filter matched "
+                         "(`clients_exact_share`, median of the runs): "
+                         + ", ".join(f"{value:.1%} at {n:,}"
+                                     for value, n in zip(exact_share, sizes, strict=True))
+                         + ".")
+        lines += [text, ""]
+        gapped = [r for r in filters.get("runs", []) if r.get("listener_gaps")]
+        if gapped:
+            where = ", ".join(f"{n:,} clients" for n in sorted({r["clients"] for r in gapped}))
+            lines += [f"In {len(gapped)} of {len(filters['runs'])} runs the relay's LISTEN "
+                      f"connection was replaced during the run ({where}); "
+                      "notifications committed meanwhile are lost for every client alike (see "
+                      "[Reliability](#reliability-issues-4-and-9)), so those runs are left out of "
+                      "the medians and of the correctness row; their errors are in "
+                      "`filters.json`.", ""]
+    return lines
+
+
+def compression_section(compression: dict[str, Any]) -> list[str]:
+    """Per case and variant: medians (min–max) of the rounds and deflate / plain."""
+    variants = [v for v in VARIANTS if any(v in case["case"]["variants"]
+                                           for case in compression["cases"])]
+    link = compression.get("link") or {}
+    lines = ["## compression", "", _provenance(compression, "rounds, variants interleaved")
+             + ". Clients that offer permessage-deflate against clients that offer nothing "
+             "(and, in part A, a relay with `PGWS_COMPRESSION=off`), the same Econia texts to "
+             "each; part C on a veth link shaped by "
+             f"`{link.get('qdisc', 'tbf rate 200mbit')}` (needs root).", ""]
+    lines += [f"- {note}" for note in compression.get("notes", [])]
+    lines.append("")
+    for key, label in COMPRESSION_METRICS:
+        if not any(_values(case["runs"], key) for case in compression["cases"]):
+            continue
+        header = ["case", *(VARIANTS[v] for v in variants),
+                  "deflate / plain (per-round min–max)"]
+        lines += [f"**{label}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for case in compression["cases"]:
+            params = case["case"]
+            name = (f"{params['goal'] + ': ' if params.get('goal') else ''}{params['label']}"
+                    + ("" if "N=" in params["label"] else f", {params['clients']:,} clients"))
+            cells = [_cell([r for r in case["runs"] if r["variant"] == v and "error" not in r],
+                           key) if v in params["variants"] else "–" for v in variants]
+            ratios = case["summary"]["ratios"].get("deflate/plain", {})
+            ratio, per_round = ratios.get(key), ratios.get(f"per_round_{key}")
+            text = "–" if ratio is None else f"{ratio:.3g}×"
+            if ratio is not None and per_round and per_round["min"] != per_round["max"]:
+                text += f" ({per_round['min']:.3g}–{per_round['max']:.3g})"
+            lines.append("| " + " | ".join([name, *cells, text]) + " |")
+        lines.append("")
+    return lines
+
+
+def filters_section(filters: dict[str, Any]) -> list[str]:
+    """Relay CPU per notification and per delivery at each client count, and their ratio."""
+    sizes = _sizes(filters)
+    if not sizes:
+        return []
+    summary = filters["summary"]
+    groups = filters.get("groups", 100)
+    messages = filters.get("messages", {})
+    lines = ["## filters", "", _provenance(filters, "rounds, client counts interleaved")
+             + f". One channel, {groups} filter groups (`payload.market_id=eq.<g>`); per run "
+             f"{messages.get('matched', 0):,} notifications that each match one group, then "
+             f"{max(0, messages.get('nomatch', 1) - 1):,} that match none (and one marker "
+             "matching group 1 to end the phase); relay CPU from /proc (10 ms "
+             "ticks) from the producer's first statement to the last client's last message.",
+             ""]
+    if not filters.get("probe", {}).get("filters_applied", True):
+        lines += ["**The relay ignored filters in this run: these figures measure no "
+                  "filters.**", ""]
+    header = ["clients", "runs used", "µs CPU per matched notification",
+              "µs CPU per delivery (matched)", "µs CPU per notification, no match",
+              "writes per matched notification", "implied µs per write",
+              "writes' share of matched CPU", "clients exact"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for n in sizes:
+        entry = summary["by_clients"][str(n)]
+        samples = [{f"{phase}_{key}": run["phases"][phase][key]
+                    for phase in ("matched", "nomatch")
+                    for key in ("relay_cpu_us_per_notification", "relay_cpu_us_per_delivery")
+                    if run["phases"][phase][key] is not None}
+                   for run in _filters_runs(filters, n)]
+        per_write, share = entry.get("implied_us_per_write"), \
+            entry.get("writes_share_of_matched_cpu")
+        exact = entry.get("clients_exact_share")
+        if not samples:
+            lines.append(f"| {n:,} | 0 of {entry.get('runs', 0)} |"
+                         + " – |" * (len(header) - 2))
+            continue
+        lines.append("| " + " | ".join([
+            f"{n:,}", f"{entry.get('runs', 0) - entry.get('failed', 0)} of {entry.get('runs', 0)}",
+            _cell(samples, "matched_relay_cpu_us_per_notification"),
+            _cell(samples, "matched_relay_cpu_us_per_delivery"),
+            _cell(samples, "nomatch_relay_cpu_us_per_notification"),
+            f"{n // groups:,}", "–" if per_write is None else f"{per_write:.1f}",
+            "–" if share is None else f"{share:.0%}",
+            "–" if exact is None else f"{exact:.0%}"]) + " |")
+    lines.append("")
+    for phase, text in (("matched", "matched"), ("nomatch", "no match")):
+        ratio = summary.get("ratios", {}).get(phase)
+        if ratio:
+            per_round = ratio["per_round"]
+            spread = (f"; per round {per_round['median']:.2f}× "
+                      f"({per_round['min']:.2f}–{per_round['max']:.2f})"
+                      if per_round.get("median") is not None else "")
+            lines.append(f"- CPU per notification, {text}: {sizes[-1]:,} / {sizes[0]:,} clients "
+                         f"= {ratio['ratio']:.2f}× (ratio of medians{spread})")
+    failed = [r for r in filters.get("runs", []) if "error" in r]
+    for run in failed:
+        lines.append(f"- left out: round {run.get('round')}, {run['clients']:,} clients: "
+                     f"{run['error'].split(':')[0]}")
+    return [*lines, ""] if lines[-1] else lines
+
+
 def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
     results = {}
     for scenario in METRICS:
@@ -491,8 +795,9 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
              "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
     if preface:
         lines += [preface, ""]
+    issue11 = _issue11(RESULTS)
     lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
-              *reliability_section(RESULTS)]
+              *issue11_goals(issue11), *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]
@@ -506,6 +811,10 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += _table(result)
         if scenario == "workers":
             lines += _scaling(result)
+    if "compression" in issue11:
+        lines += compression_section(issue11["compression"])
+    if "filters" in issue11:
+        lines += filters_section(issue11["filters"])
     return "\n".join(lines) + "\n"
 
 

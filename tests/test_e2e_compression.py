@@ -206,6 +206,32 @@ def test_server_no_context_takeover_gets_each_message_compressed_alone(
         client.close()
 
 
+@pytest.mark.parametrize(("offer", "response"), [
+    ("permessage-deflate", "permessage-deflate; client_no_context_takeover"),
+    # The client's own window is its business: the relay's inflater takes any up to 15 bits.
+    ("permessage-deflate; client_max_window_bits=10",
+     "permessage-deflate; client_no_context_takeover"),
+    ("permessage-deflate; server_max_window_bits=15",
+     "permessage-deflate; client_no_context_takeover; server_max_window_bits=15"),
+    # The first acceptable offer wins (RFC 7692 5): a 10-bit window is declined.
+    ("permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits",
+     "permessage-deflate; client_no_context_takeover"),
+    ('permessage-deflate; client_max_window_bits="12"',
+     "permessage-deflate; client_no_context_takeover"),
+])
+def test_accepted_offers_get_the_rfc_7692_answer_and_decodable_frames(
+        relay: RelayProcess, offer: str, response: str) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    client = RawClient(relay.port, f"/fill_event/{READ}", offer)
+    try:
+        assert client.extension == response
+        texts = [fill(n) for n in range(3)]
+        notify(listen, *texts)
+        assert [client.message() for _ in texts] == [(True, text) for text in texts]
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("offer", [
     "permessage-deflate; server_max_window_bits=10",  # A window smaller than ours: declined.
     "permessage-deflate; unknown_parameter",

@@ -349,3 +349,293 @@ def test_filter_sets_are_capped_per_channel_and_existing_ones_always_fit() -> No
     assert not hub.filter_sets_full(["other"], nine, 2)
     assert not hub.filter_sets_full(["fill"], nine, 3)
     assert not hub.filter_sets_full(["fill"], nine, 0)  # 0: no limit.
+
+
+# -- streams: membership, counters, sync points and delivery times -------------------------------
+
+
+class Clock:
+    """Stands in for the hub's ``time`` module: the clock reads what the test set."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Queuing(Inflating):
+    """A client whose every offer is queued, to be written when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracked: list[hub_module.Pending] = []
+
+    def offer(self, frame: bytes) -> bool:
+        super().offer(frame)
+        return True
+
+    def track(self, pending: hub_module.Pending) -> None:
+        self.tracked.append(pending)
+
+
+KINDS = [Compression.OFF, Compression.SHARED, Compression.ALONE]
+
+
+@pytest.mark.parametrize("second", KINDS)
+@pytest.mark.parametrize("first", KINDS)
+def test_a_client_leaving_its_stream_leaves_the_others_receiving(
+        first: Compression, second: Compression) -> None:
+    hub = Hub("listen")
+    a, b, leaving = Inflating(), Inflating(), Inflating()
+    hub.add(a, ["fill"], compression=first)
+    hub.add(b, ["fill"], compression=second)
+    hub.publish([fill(0)])  # A SHARED client joins here.
+    hub.add(leaving, ["fill"])
+    hub.remove(leaving)
+    hub.publish([fill(1)])
+    assert hub.stream_count == 1 and hub.client_count == 2
+    for client in (a, b):
+        assert client.messages() == [fill(0).decode(), fill(1).decode()]
+    assert leaving.offers == []
+
+
+def test_a_filtered_and_an_unfiltered_stream_on_one_channel() -> None:
+    hub = Hub("listen")
+    seven, everything = Recorder(), Recorder()
+    hub.add(seven, ["fill"], filters.parse_all(["payload.market_id=eq.7"]))
+    hub.add(everything, ["fill"])
+    hub.publish([fill(1, 7), fill(2, 8)])
+    assert seven.messages() == [fill(1, 7).decode()]
+    assert everything.messages() == [fill(1, 7).decode(), fill(2, 8).decode()]
+
+
+def test_filters_compare_fractions_exactly_as_the_payload_wrote_them() -> None:
+    # orjson reads both prices as the float 0.1; the filter reads the payload's text again.
+    hub = Hub("listen")
+    above = Recorder()
+    hub.add(above, ["fill"], filters.parse_all(["payload.price=gt.0.1"]))
+    batch = [b'{"channel":"fill","payload":{"price":0.1}}',
+             b'{"channel":"fill","payload":{"price":0.10000000000000001}}']
+    hub.publish(batch)
+    assert above.messages() == [batch[1].decode()]
+
+
+def test_an_unroutable_notification_does_not_stop_the_batch() -> None:
+    hub = Hub("listen")
+    a = Recorder()
+    hub.add(a, ["a"])
+    hub.publish([b'{"channel":"x"}', b'{"channel":"a","n":1}', b"{", b'{"channel":"a","n":2}'])
+    assert a.messages() == ['{"channel":"a","n":1}', '{"channel":"a","n":2}']
+    assert hub.routed == 2
+
+
+def test_removing_a_write_only_or_unknown_client_is_harmless() -> None:
+    hub = Hub("listen")
+    writer, reader = Recorder(), Recorder()
+    hub.add(writer, [])
+    hub.add(reader, ["c"])
+    hub.remove(writer)
+    hub.remove(writer)
+    hub.remove(Recorder())
+    assert hub.client_count == 1 and hub.stream_count == 1
+    hub.publish([b'{"channel":"c"}'])
+    assert reader.messages() == ['{"channel":"c"}'] and writer.offers == []
+
+
+def test_the_default_compressor_budget_is_the_settings_default() -> None:
+    from relay.config import SETTINGS
+
+    (setting,) = (s for s in SETTINGS if s.field == "compression_streams")
+    budget = setting.parse(setting.default)
+    hub = Hub("listen")
+    for n in range(budget + 1):
+        hub.add(Recorder(), [f"c{n}"], compression=Compression.SHARED)
+    assert hub.deflaters == budget
+
+
+def test_a_compressor_lives_while_a_compressed_client_of_its_stream_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = Hub("listen", compression_streams=3)
+    s1, s2, other, plain = Inflating(), Inflating(), Inflating(), Inflating()
+    hub.add(s1, ["fill"], compression=Compression.SHARED)
+    hub.add(s2, ["fill"], compression=Compression.SHARED)
+    hub.add(other, ["other"], compression=Compression.SHARED)
+    hub.add(plain, ["fill"])
+    assert hub.deflaters == 2
+    hub.publish([fill(0)])  # s1 and s2 join the fresh compressor.
+    hub.remove(s1)  # s2 still shares it.
+    assert hub.deflaters == 2
+    monkeypatch.setattr(hub_module, "_SYNC_SPACING", 1e9)
+    late = Inflating()
+    hub.add(late, ["fill"], compression=Compression.SHARED)
+    hub.publish([fill(1)])  # late waits: s2 depends on the history.
+    hub.remove(s2)  # late, joining, still needs it.
+    assert hub.deflaters == 2
+    hub.publish([fill(2)])  # No shared client left: late joins, with a restart.
+    hub.remove(late)  # The last compressed client of "fill": the compressor goes.
+    assert hub.deflaters == 1
+    again = Inflating()
+    hub.add(again, ["fill"], compression=Compression.SHARED)
+    assert hub.deflaters == 2
+    hub.publish([fill(3), fill(4)])
+    assert again.messages() == [fill(3).decode(), fill(4).decode()]
+    assert again.flags == [True, True]  # A new compressor, so no wait.
+    assert late.messages() == [fill(1).decode(), fill(2).decode()]
+    assert late.flags == [False, True]
+    assert plain.messages() == [fill(n).decode() for n in range(5)]
+    assert (hub.joins, hub.restarts) == (4, 1)
+
+
+def test_sync_points_are_spaced_while_shared_clients_depend_on_the_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(100.0)
+    monkeypatch.setattr(hub_module, "time", clock)
+    monkeypatch.setattr(hub_module, "_SYNC_SPACING", 2.0)
+    hub = Hub("listen")
+    first, second, third = Inflating(), Inflating(), Inflating()
+    hub.add(first, ["fill"], compression=Compression.SHARED)
+    hub.publish([fill(0)])  # A fresh compressor: a sync point at once, without a restart.
+    assert (hub.joins, hub.restarts) == (1, 0)
+    hub.add(second, ["fill"], compression=Compression.SHARED)
+    clock.now = 101.0
+    hub.publish([fill(1)])  # 1 s after the last sync point: too early.
+    clock.now = 102.0
+    hub.publish([fill(2)])  # 2 s after it: a sync point.
+    assert (hub.joins, hub.restarts) == (2, 1)
+    hub.add(third, ["fill"], compression=Compression.SHARED)
+    clock.now = 103.5
+    hub.publish([fill(3)])
+    clock.now = 104.0
+    hub.publish([fill(4)])
+    assert (hub.joins, hub.restarts) == (3, 2)
+    assert first.messages() == [fill(n).decode() for n in range(5)]
+    assert second.messages() == [fill(n).decode() for n in range(1, 5)]
+    assert third.messages() == [fill(3).decode(), fill(4).decode()]
+    assert first.flags == [True] * 5
+    assert second.flags == [False, True, True, True]
+    assert third.flags == [False, True]
+
+
+def test_offered_counts_every_message_and_byte_offered_to_every_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "_SYNC_SPACING", 1e9)
+    hub = Hub("listen")
+    clients = [Inflating() for _ in range(8)]
+    for client, kind in zip(clients, KINDS * 2, strict=False):
+        hub.add(client, ["fill"], compression=kind)
+    hub.publish([fill(0), fill(1)])
+    joining = clients[6:]
+    for client in joining:  # They receive plain frames until the next sync point.
+        hub.add(client, ["fill"], compression=Compression.SHARED)
+    hub.publish([fill(2), fill(3), b'{"channel":"x"}'])
+    hub.publish([fill(4)])
+    assert hub.routed == 5
+    assert hub.offered == 6 * 5 + 2 * 3
+    assert hub.offered_bytes == sum(len(b"".join(client.offers)) for client in clients)
+    for client in joining:
+        assert client.messages() == [fill(n).decode() for n in range(2, 5)]
+        assert client.flags == [False] * 3
+
+
+def test_a_batch_written_at_once_counts_from_its_arrival_to_the_end_of_the_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(10.25)
+    monkeypatch.setattr(hub_module, "time", clock)
+    hub = Hub("listen")
+    hub.add(Recorder(), ["a"])
+    hub.publish([b'{"channel":"a"}', b'{"channel":"b"}', b'{"channel":"a"}'], 10.0)
+    assert (hub.delivery_times.count, hub.delivery_times.sum) == (2, 0.5)
+    hub.publish([b'{"channel":"a"}'])  # Arrived now, by default.
+    assert (hub.delivery_times.count, hub.delivery_times.sum) == (3, 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_queued_batch_counts_from_its_arrival_to_its_write(
+        monkeypatch: pytest.MonkeyPatch, kind: Compression) -> None:
+    clock = Clock(10.25)
+    monkeypatch.setattr(hub_module, "time", clock)
+    hub = Hub("listen")
+    queued = Queuing()
+    hub.add(queued, ["a"], compression=kind)
+    hub.publish([b'{"channel":"a","n":1}', b'{"channel":"a","n":2}'], 10.0)
+    (pending,) = queued.tracked
+    assert pending.waiting == 1 and hub.delivery_times.count == 0
+    clock.now = 11.0
+    pending.done()
+    assert (hub.delivery_times.count, hub.delivery_times.sum) == (2, 2.0)
+    assert queued.messages() == ['{"channel":"a","n":1}', '{"channel":"a","n":2}']
+
+
+def test_every_queued_copy_of_a_batch_waits_on_one_pending(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(10.5)
+    monkeypatch.setattr(hub_module, "time", clock)
+    hub = Hub("listen")
+    queued = [Queuing() for _ in range(4)]
+    at_once = Recorder()
+    hub.add(at_once, ["a"])
+    for client, kind in zip(queued, KINDS, strict=False):
+        hub.add(client, ["a"], compression=kind)
+    hub.add(queued[3], ["b", "a"])  # A second stream, after the first on "a".
+    hub.publish([b'{"channel":"a"}', b'{"channel":"b"}', b'{"channel":"z"}'], 10.0)
+    (pending,) = {id(p): p for client in queued for p in client.tracked}.values()
+    assert all(client.tracked == [pending] for client in queued)
+    assert pending.waiting == 4
+    for client in queued[:3]:
+        client.tracked[0].done()
+        assert hub.delivery_times.count == 0
+    clock.now = 12.0
+    queued[3].tracked[0].done()
+    assert (hub.delivery_times.count, hub.delivery_times.sum) == (2, 4.0)
+    queued[3].tracked[0].done()  # One call too many changes nothing.
+    assert hub.delivery_times.count == 2
+    assert hub.offered == 4 + 2  # Four clients in "a"'s stream, two messages for "b"'s.
+
+
+def test_writes_done_during_the_pass_are_observed_when_it_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(11.0)
+    monkeypatch.setattr(hub_module, "time", clock)
+    histogram = hub_module.LatencyHistogram()
+    pending = hub_module.Pending(10.0, histogram)
+    pending.waiting = 1
+    pending.done()
+    assert histogram.count == 0  # The pass has not said how many notifications it routed.
+    pending.arm(3)
+    assert (histogram.count, histogram.sum) == (3, 3.0)
+    other = hub_module.Pending(10.0, histogram)
+    other.waiting = 1
+    other.arm(2)
+    assert histogram.count == 3
+    other.done()
+    assert (histogram.count, histogram.sum) == (5, 5.0)
+
+
+def test_a_message_is_compressed_alone_once_for_every_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    alone = hub_module.deflate.alone
+
+    def counting(payload: bytes) -> bytes:
+        calls.append(payload)
+        return alone(payload)
+
+    monkeypatch.setattr(hub_module.deflate, "alone", counting)
+    hub = Hub("listen", compression_streams=0)  # Every SHARED client compresses alone too.
+    a, b, c = Inflating(), Inflating(), Inflating()
+    hub.add(a, ["fill"], compression=Compression.ALONE)
+    hub.add(b, ["fill", "other"], compression=Compression.ALONE)
+    hub.add(c, ["other", "fill"], compression=Compression.ALONE)
+    shared = Inflating()
+    hub.add(shared, ["fill"], filters.parse_all(["payload.n=gte.0"]),
+            compression=Compression.SHARED)
+    hub.publish([fill(0)])
+    assert calls == [fill(0)]
+    assert a.offers[0] is b.offers[0] is shared.offers[0]
+    hub.publish([fill(1), fill(2)])
+    assert calls == [fill(0), fill(1), fill(2)]
+    for client in (a, b, shared):
+        assert client.messages() == [fill(n).decode() for n in range(3)]
+        assert client.flags == [True] * 3
+    assert c.offers == b.offers  # Same channels as b: c is in b's stream.

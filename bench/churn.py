@@ -7,7 +7,8 @@ turn: a clean close handshake, a close frame without waiting, a TCP reset, or a 
 with no word. ``--procs`` processes run cycles side by side. Before the first cycle (after a
 warm-up of 1,000 cycles) and after the last, the relay's ``stats:`` line (SIGUSR1) gives its
 tasks and open file descriptors, and /proc its RSS. It passes when tasks and descriptors (other
-than the NOTIFY pool's) are back where they were and RSS is within 10 % of its baseline.
+than the NOTIFY pool's) are back where they were, or fewer (the baseline may catch a connection
+on its way out), and RSS is within 10 % of its baseline.
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def main() -> None:
         started = time.monotonic()
         errors = _run(server.port, args.cycles, args.procs)
         seconds = time.monotonic() - started
+        # A leak is growth: "before" may still have caught a task or a socket on its way out
+        # (a connection's handler finishing), so fewer afterwards is no failure.
         after = settled(server, lambda stats: stats["clients"] == 0 and pool_at_rest(stats)
-                         and stats["tasks"] == before["tasks"]
-                         and sockets_open(stats) == sockets_open(before))
+                         and stats["tasks"] <= before["tasks"]
+                         and sockets_open(stats) <= sockets_open(before))
         rss_after = server.memory_kib()
         peak = server.memory_kib("VmHWM")
         running = server.proc.poll() is None
@@ -107,8 +110,8 @@ def main() -> None:
         "tracebacks": sum("Traceback" in line for line in server.lines),
     }
     result["ok"] = (not errors and running and not result["tracebacks"]
-                    and after["tasks"] == before["tasks"]
-                    and sockets_open(after) == sockets_open(before)
+                    and after["tasks"] <= before["tasks"]
+                    and sockets_open(after) <= sockets_open(before)
                     and abs(result["rss_change"]) <= _RSS_TOLERANCE)
     for key in ("cycles", "seconds", "cycles_per_s", "connect_errors", "tasks", "fds",
                 "rss_kib", "rss_peak_kib", "rss_change", "ok"):

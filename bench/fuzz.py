@@ -492,15 +492,16 @@ def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
             worker.join(60)
         done += batch
         round_trips_ok &= normal.round_trip() and server.proc.poll() is None
+    # A leak is growth: "before" may have caught a connection's handler on its way out.
     after = settled(server, lambda stats: stats["clients"] == 1 and pool_at_rest(stats)
-                    and stats["tasks"] == before["tasks"]
-                    and sockets_open(stats) == sockets_open(before))
+                    and stats["tasks"] <= before["tasks"]
+                    and sockets_open(stats) <= sockets_open(before))
     normal.close()
     return {"cases": cases, "failures": failures[:50], "failed": len(failures),
             "round_trips": normal.round_trips, "round_trips_ok": round_trips_ok,
             "relay_running": server.proc.poll() is None, "before": before, "after": after,
-            "leak_free": after["tasks"] == before["tasks"]
-            and sockets_open(after) == sockets_open(before),
+            "leak_free": after["tasks"] <= before["tasks"]
+            and sockets_open(after) <= sockets_open(before),
             "tally": dict(sorted(tally.items()))}
 
 

@@ -34,4 +34,4 @@ def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["ok"] and data["tasks"][0] == data["tasks"][1]
+    assert data["ok"] and data["tasks"][1] <= data["tasks"][0]

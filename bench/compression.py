@@ -62,7 +62,6 @@ too), since other people's test suites share this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -90,6 +89,7 @@ from bench.harness import (
     text_digests,
     token,
     wait_for_db,
+    write_json,
 )
 from bench.run import ECONIA_MIX
 
@@ -447,11 +447,7 @@ def _write(path: str, head: dict[str, Any], results: list[dict[str, Any]], round
     document["goals"] = goal_rows([{**entry, "summary": entry_summary} for entry, entry_summary
                                    in zip(results, (c["summary"] for c in document["cases"]),
                                           strict=True)])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(document, handle, indent=1)
-        handle.write("\n")
-    os.replace(path + ".tmp", path)
+    write_json(path, document)
 
 
 if __name__ == "__main__":

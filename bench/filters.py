@@ -43,7 +43,6 @@ checks that every client got everything (the figures are then no measurement of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shlex
@@ -73,6 +72,7 @@ from bench.harness import (
     settle,
     token,
     wait_for_db,
+    write_json,
 )
 
 CHANNEL = "fill_event"
@@ -444,11 +444,7 @@ def _write(path: str, head: dict[str, Any], runs: list[dict[str, Any]], sizes: l
     document = {**head, "complete": complete,
                 "load_average_end": [round(x, 2) for x in os.getloadavg()],
                 "summary": summary, "goals": goals, "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(document, handle, indent=1)
-        handle.write("\n")
-    os.replace(path + ".tmp", path)
+    write_json(path, document)
 
 
 if __name__ == "__main__":

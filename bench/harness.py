@@ -1470,3 +1470,12 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "frame-client":
         sys.exit(frame_client_main(sys.argv[2]))
     sys.exit("usage: harness.py frame-client SPEC.json (started by FrameClients)")
+
+
+def write_json(path: str, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``path`` whole or not at all (a run cut short leaves the last)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(document, handle, indent=1)
+        handle.write("\n")
+    os.replace(path + ".tmp", path)

@@ -61,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import Server, free_port, machine
+from bench.harness import Server, free_port, machine, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -428,11 +428,7 @@ def _document(head: dict[str, Any], runs: list[dict[str, Any]], settle_limit: fl
 
 
 def _write(path: str, document: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(document, handle, indent=1)
-        handle.write("\n")
-    os.replace(path + ".tmp", path)
+    write_json(path, document)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,17 @@ class RawClient:
         self.sock.close()
 
 
+def assert_each_compressed_alone(client: RawClient, listen: str, count: int) -> None:
+    """Notify ``count`` fills; each arrives compressed (RSV1) and inflates with a fresh inflater:
+    nothing refers to an earlier message."""
+    texts = [fill(n) for n in range(count)]
+    notify(listen, *texts)
+    for text in texts:
+        first, payload = client.frame()
+        assert first == 0xC1
+        assert zlib.decompressobj(-15).decompress(payload + TAIL).decode() == text
+
+
 def deflated(text: bytes) -> bytes:
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
     data = compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -195,13 +206,7 @@ def test_server_no_context_takeover_gets_each_message_compressed_alone(
     try:
         assert client.extension == \
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-        texts = [fill(n) for n in range(5)]
-        notify(listen, *texts)
-        for text in texts:
-            first, payload = client.frame()
-            assert first == 0xC1
-            # A fresh inflater for every message: nothing refers to an earlier one.
-            assert zlib.decompressobj(-15).decompress(payload + TAIL).decode() == text
+        assert_each_compressed_alone(client, listen, 5)
     finally:
         client.close()
 
@@ -264,12 +269,7 @@ def test_beyond_the_compressor_budget_messages_are_compressed_alone(start_relay:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
     client = RawClient(relay.port, f"/fill_event/{READ}", BROWSER_OFFER)
     try:
-        texts = [fill(n) for n in range(4)]
-        notify(listen, *texts)
-        for text in texts:
-            first, payload = client.frame()
-            assert first == 0xC1
-            assert zlib.decompressobj(-15).decompress(payload + TAIL).decode() == text
+        assert_each_compressed_alone(client, listen, 4)
     finally:
         client.close()
 

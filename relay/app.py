@@ -31,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from relay import __version__, admin, auth, envelope, stats
 from relay.client import GOING_AWAY
 from relay.config import Config
+from relay.history import History
 from relay.hub import Hub
 from relay.listener import Listener, ListenerGaveUp
 from relay.notifier import Notifier
@@ -57,6 +58,10 @@ _LISTEN_BACKLOG = 4096
 #: ``bench/faults.py`` ``sigterm-silent``), so that the timeout bounds the whole stop, not
 #: only the wait. At most half the timeout is kept back: clients deserve time to answer.
 _TEARDOWN_PER_CLIENT = 0.0005
+
+#: Seconds between position checkpoints to positioned clients (and history age checks): a
+#: client whose filters rarely match still holds a position at most this old when it drops.
+_CHECKPOINT_INTERVAL = 5.0
 
 #: PGWS_HOST values with a special meaning (Warp's HostPreference); None binds every address.
 _HOSTS: dict[str, str | None] = {"*4": "0.0.0.0", "!4": "0.0.0.0", "*": None, "*6": None,
@@ -168,6 +173,12 @@ async def _ping(hub: Hub, interval: float) -> None:
         hub.ping_all()
 
 
+async def _checkpoints(hub: Hub) -> None:
+    while True:
+        await trio.sleep(_CHECKPOINT_INTERVAL)
+        hub.checkpoint()
+
+
 async def _open_admin(config: Config, admin_socket: str | None
                       ) -> list[trio.SocketListener]:
     if admin_socket is not None:  # A worker: the supervisor serves the admin port.
@@ -189,7 +200,9 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
     Exit status 1 also when the port or the admin port cannot be bound.
     """
     options = connect_options(config.db_uri)
-    hub = Hub(config.listen_channel, config.compression_streams)
+    history = History(config.history_messages, config.history_bytes, config.history_seconds) \
+        if config.history_messages else None
+    hub = Hub(config.listen_channel, config.compression_streams, history)
     notifier = Notifier(config.db_uri, config.pool_size, options)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
     meta = config.meta_channel
@@ -197,10 +210,10 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
     def on_gap(since: float, until: float) -> None:
         # Only this process's clients missed notifications: tell them directly, not by NOTIFY.
         if meta is not None:
-            hub.publish([envelope.listener_reconnected(meta, since, until)])
+            hub.publish([envelope.listener_reconnected(meta, since, until)], local=True)
 
     listener = Listener(config.db_uri, options, config.listen_channel, hub.publish, notifier,
-                        config.heartbeat_interval, config.retries, on_gap)
+                        config.heartbeat_interval, config.retries, on_gap, hub.listening)
     try:
         listeners = await open_listeners(config, reuse_port)
     except (OSError, ssl.SSLError) as exc:
@@ -244,6 +257,8 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
         root.start_soon(_watch_signals, stop, hub, listener, notifier)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
+        if history is not None:
+            root.start_soon(_checkpoints, hub)
         if admin_listeners:
             root.start_soon(admin.AdminServer(probe).serve, admin_listeners)
         async with trio.open_nursery() as connections:

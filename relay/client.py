@@ -45,7 +45,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from math import inf
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,10 @@ _RECEIVE_BYTES = 16384
 #: no other task by more than that per turn (bench/flood.py: 32 frames doubled the delay of a
 #: `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
 _FRAMES_PER_CHECKPOINT = 16
+
+#: Bytes joined into one write when the backlog is long (a replay): large enough that a replay
+#: is a few system calls, small enough that the copy stays cheap and bounded.
+_REPLAY_CHUNK = 262144
 
 #: Fragments one message may have (1009 beyond). Browsers never fragment and libraries cut at
 #: a few KiB, so real messages have a handful; a cap keeps empty fragments, which add nothing
@@ -122,6 +126,7 @@ class Client:
         "_backlog",
         "_closing",
         "_deadline",
+        "_exempt",
         "_expiry",
         "_fd",
         "_frames",
@@ -169,6 +174,9 @@ class Client:
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._backlog: list[bytes] = []
         self._queued = 0
+        # Bytes of a replay still queued (at the front): the history holds them anyway, so
+        # they do not count against max_queue_bytes.
+        self._exempt = 0
         # Batches whose delivery time waits for this client's backlog to be written (the hub's
         # delivery-time histogram); released with the backlog they came with.
         self._tracked: list[Pending] = []
@@ -194,7 +202,7 @@ class Client:
         """
         if self._closing:
             return False
-        if self._fd >= 0 and not self._writing:
+        if self._fd >= 0 and not self._writing and not self._backlog:
             try:
                 sent = os.write(self._fd, frame)
             except BlockingIOError:
@@ -208,10 +216,12 @@ class Client:
                 # The rest of a half-written frame must follow, whatever the bound says.
                 self._partial_head = True
                 self._queue(frame[sent:])
-                if not within_queue_bound(self._queued, 0, self._settings.max_queue_bytes):
+                if not within_queue_bound(self._queued - self._exempt, 0,
+                                          self._settings.max_queue_bytes):
                     self._slow("queue over its bound")
                 return not self._closing
-        if not within_queue_bound(self._queued, len(frame), self._settings.max_queue_bytes):
+        if not within_queue_bound(self._queued - self._exempt, len(frame),
+                                  self._settings.max_queue_bytes):
             self._slow("queue over its bound")
             return False
         self._queue(frame)
@@ -220,6 +230,18 @@ class Client:
     def track(self, pending: Pending) -> None:
         """Release ``pending`` once what is queued now has been written (or dropped)."""
         self._tracked.append(pending)
+
+    def replay(self, frames: list[bytes]) -> None:
+        """Queue what a resume replays, behind what is queued; it is written in chunks of
+        ``_REPLAY_CHUNK`` bytes and does not count against ``max_queue_bytes`` (the history
+        holds these bytes anyway; live traffic queued behind them still does)."""
+        if self._closing:
+            return
+        size = sum(map(len, frames))
+        self._backlog.extend(frames)
+        self._queued += size
+        self._exempt += size
+        self._start_writer()
 
     def _queue(self, frame: bytes) -> None:
         self._backlog.append(frame)
@@ -252,6 +274,7 @@ class Client:
         dropped = sum(map(len, self._backlog[kept:]))
         counters.bytes_dropped += dropped
         self._queued -= dropped
+        self._exempt = 0
         del self._backlog[kept:]
         self._release(self._tracked)
         self.close(TRY_AGAIN_LATER, "slow consumer")
@@ -279,7 +302,11 @@ class Client:
                 backlog, self._backlog = self._backlog, []
                 tracked, self._tracked = self._tracked, []
                 self._partial_head = False
-                await self._send(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+                if len(backlog) == 1:
+                    await self._send(backlog[0])
+                else:
+                    for chunk in _chunks(backlog):
+                        await self._send(chunk)
                 self._release(tracked)
         finally:
             self._writing = False
@@ -304,6 +331,8 @@ class Client:
             if sent:
                 view = view[sent:]
                 self._queued -= sent
+                if self._exempt:
+                    self._exempt = max(0, self._exempt - sent)
                 continue
             with trio.move_on_after(self._settings.send_timeout):
                 await trio.lowlevel.wait_writable(sock)
@@ -328,6 +357,8 @@ class Client:
                 return
             view = view[_TLS_SEND_BYTES:]
             self._queued -= len(record)
+            if self._exempt:
+                self._exempt = max(0, self._exempt - len(record))
 
     # -- the read side ----------------------------------------------------------------------
 
@@ -506,6 +537,20 @@ async def close_now(stream: trio.abc.Stream) -> None:
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
+
+
+def _chunks(backlog: list[bytes]) -> Iterator[bytes]:
+    """The backlog as buffers of about ``_REPLAY_CHUNK`` bytes: a replay of thousands of
+    frames is a few large writes, without one copy of all of it."""
+    start = 0
+    size = 0
+    for end, frame in enumerate(backlog, 1):
+        size += len(frame)
+        if size >= _REPLAY_CHUNK:
+            yield backlog[start] if end - start == 1 else b"".join(backlog[start:end])
+            start, size = end, 0
+    if start < len(backlog):
+        yield backlog[start] if len(backlog) - start == 1 else b"".join(backlog[start:])
 
 
 def _text(parts: list[Any], opcode: Opcode) -> str:

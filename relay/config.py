@@ -123,6 +123,9 @@ class Config:
     compression: bool
     compression_streams: int
     max_filter_sets: int
+    history_messages: int
+    history_bytes: int
+    history_seconds: float
 
     @property
     def tls(self) -> bool:
@@ -334,6 +337,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_COMPRESSION_STREAMS", "compression_streams", _int_at_least(0), "1024",
             "streams that keep a shared compressor (~150 KiB each); beyond, each message is "
             "compressed on its own (0: always)"),
+    Setting("PGWS_HISTORY_MESSAGES", "history_messages", _int_at_least(0), "1000",
+            "deliveries kept per channel for clients that resume (subprotocol "
+            "pgws.resume.v1; 0: history off, no positions)"),
+    Setting("PGWS_HISTORY_BYTES", "history_bytes", _int_at_least(65536), "134217728",
+            "memory of the history, all channels together, counting each delivery as its "
+            "frame plus 320 bytes; the oldest go first"),
+    Setting("PGWS_HISTORY_SECONDS", "history_seconds", _seconds, "300",
+            "seconds a delivery is kept for clients that resume"),
 )
 
 

@@ -64,3 +64,9 @@ def close(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit a control frame, on a character boundary."""
     encoded = reason.encode()[: _CONTROL_MAX - 2].decode("utf-8", "ignore").encode()
     return _frame(_OP_CLOSE, struct.pack("!H", code) + encoded)
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of a frame built here (its header is 2, 4 or 10 bytes)."""
+    size = frame[1] & 0x7F
+    return frame[2 if size < 126 else 4 if size == 126 else 10:]

@@ -24,6 +24,17 @@ for ``server_no_context_takeover``, and every compressed client of a stream beyo
 ``compression_streams`` (each compressor holds ~150 KiB), receive each message compressed on
 its own (:func:`relay.deflate.alone`), made once per notification for all of them.
 
+Resumable streams (:mod:`relay.history`, :mod:`relay.protocol`). With history on, every
+notification gets a position and a *positioned* frame (position, line feed, payload) when it
+arrives, whoever subscribes; clients that asked for positions form streams of their own that
+receive those frames. A client that comes back with a position is admitted in one synchronous
+step: its control event, then the history's frames after its position (filtered as its live
+traffic is), then membership of its stream. No notification can arrive in between, so the
+seam has no gap and no duplicate. A position another relay process issued, that this one has
+not seen yet, parks the client (:meth:`Hub.add` returns True) until the notification arrives
+here or the caller gives up (:meth:`Hub.give_up`: ``unknown``). Each time LISTEN is
+established the history takes a break, and every positioned client is told ``lost``/``gap``.
+
 Rules this module keeps:
 
 - It never awaits a client and never blocks: a slow client is the client's problem, decided
@@ -44,8 +55,10 @@ import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
-from relay import deflate, envelope, filters, frames
+from relay import deflate, envelope, filters, frames, protocol
 from relay.filters import Filters
+from relay.history import WAIT, History
+from relay.protocol import Position
 from relay.stats import LatencyHistogram
 
 #: Seconds between two sync points of a stream whose compressed clients depend on its history:
@@ -74,6 +87,9 @@ class Subscriber(Protocol):
 
     def track(self, pending: Pending) -> None:
         """Call ``pending.done()`` once what was queued so far is written or dropped."""
+
+    def replay(self, frames: list[bytes]) -> None:
+        """Queue frames the history keeps anyway: they do not count against the queue bound."""
 
     def close(self, code: int, reason: str) -> None:
         """Begin the close handshake, after what is already queued."""
@@ -111,11 +127,12 @@ class _Stream:
     """Clients with the same channels and filters: they receive the same messages."""
 
     __slots__ = ("alone", "channels", "deflater", "filters", "joining", "key", "plain",
-                 "shared", "synced_at")
+                 "positioned", "shared", "synced_at")
 
-    def __init__(self, key: tuple[frozenset[str], Filters]) -> None:
+    def __init__(self, key: _Key) -> None:
         self.key = key
-        self.channels, self.filters = key
+        #: ``positioned``: its clients receive each delivery with its position.
+        self.channels, self.filters, self.positioned = key
         self.plain: set[Subscriber] = set()
         #: Compressed clients that share :attr:`deflater`'s history (or, without one, get
         #: each message compressed alone).
@@ -132,6 +149,26 @@ class _Stream:
     def discard(self, client: Subscriber) -> None:
         for group in (self.plain, self.shared, self.joining, self.alone):
             group.discard(client)
+
+    def clients(self) -> Iterable[Subscriber]:
+        return (*self.plain, *self.shared, *self.joining, *self.alone)
+
+
+#: A stream's identity: its channels, its filters, whether it is positioned.
+_Key = tuple[frozenset[str], Filters, bool]
+
+
+class _Parked:
+    """A client waiting for another relay process's position to arrive here."""
+
+    __slots__ = ("client", "compression", "key", "position")
+
+    def __init__(self, client: Subscriber, key: _Key, compression: Compression,
+                 position: Position) -> None:
+        self.client = client
+        self.key = key
+        self.compression = compression
+        self.position = position
 
 
 class _Channel:
@@ -167,11 +204,23 @@ class _Channel:
 class Hub:
     """Routes notification payloads to the streams, and so the subscribers, that want them."""
 
-    def __init__(self, listen_channel: str, compression_streams: int = 1024) -> None:
+    def __init__(self, listen_channel: str, compression_streams: int = 1024,
+                 history: History | None = None) -> None:
         self._listen_channel = listen_channel
         self._compression_streams = compression_streams
+        #: None: history is off, and no client may ask for positions.
+        self.history = history
         self._channels: dict[str, _Channel] = {}
-        self._streams: dict[tuple[frozenset[str], Filters], _Stream] = {}
+        self._streams: dict[_Key, _Stream] = {}
+        #: Parked clients, by the digest they wait for, and by client.
+        self._parked: dict[int, list[_Parked]] = {}
+        self._parked_clients: dict[Subscriber, _Parked] = {}
+        #: The seq of the last checkpoint sent (:meth:`checkpoint`).
+        self._checkpoint_seq = 0
+        #: Resumes by outcome (``resumed`` or a reason of :mod:`relay.protocol`), and the
+        #: deliveries replayed.
+        self.resumes = dict.fromkeys(("resumed", *protocol.LOST_REASONS), 0)
+        self.replayed = 0
         #: Every client, with its stream (None: a write-only client).
         self._clients: dict[Subscriber, _Stream | None] = {}
         self._ping_counter = 0
@@ -210,13 +259,74 @@ class Hub:
 
     def add(self, client: Subscriber, channels: Collection[str],
             filter_set: Filters = filters.NONE,
-            compression: Compression = Compression.OFF) -> None:
+            compression: Compression = Compression.OFF, positioned: bool = False,
+            resume: Position | None = None) -> bool:
         """Register a connection; it receives the channels given (none: write-only), narrowed
-        by ``filter_set``, compressed as agreed."""
+        by ``filter_set``, compressed as agreed; ``positioned`` (history must be on): with
+        positions, from ``resume`` if given (the missed deliveries first).
+
+        True when the client is parked, waiting for ``resume`` to arrive: the caller calls
+        :meth:`give_up` when it has waited long enough.
+        """
         if not channels:
             self._clients[client] = None
-            return
-        key = (frozenset(channels), filter_set)
+            return False
+        key = (frozenset(channels), filter_set, positioned)
+        history = self.history
+        if not positioned or history is None:
+            self._join(client, key, compression)
+        elif resume is None:
+            client.offer(frames.text(protocol.position_event(history.position)))
+            self._join(client, key, compression)
+        else:
+            outcome = history.resolve(resume, key[0])
+            if outcome == WAIT:
+                parked = _Parked(client, key, compression, resume)
+                self._parked.setdefault(resume.digest, []).append(parked)
+                self._parked_clients[client] = parked
+                self._clients[client] = None
+                return True
+            self._admit(client, key, compression, resume, outcome)
+        return False
+
+    def give_up(self, client: Subscriber) -> None:
+        """A parked client has waited long enough: its position is ``unknown`` here."""
+        parked = self._unpark(client)
+        if parked is not None:
+            self._admit(client, parked.key, parked.compression, parked.position,
+                        protocol.UNKNOWN)
+
+    def _unpark(self, client: Subscriber) -> _Parked | None:
+        parked = self._parked_clients.pop(client, None)
+        if parked is not None:
+            same = self._parked[parked.position.digest]
+            same.remove(parked)
+            if not same:
+                del self._parked[parked.position.digest]
+        return parked
+
+    def _admit(self, client: Subscriber, key: _Key, compression: Compression,
+               resume: Position, outcome: int | str) -> None:
+        """Tell a returning client the outcome, replay what it missed, then let it in."""
+        history = self.history
+        assert history is not None
+        if isinstance(outcome, str):
+            self.resumes[outcome] += 1
+            client.offer(frames.text(protocol.lost_event(outcome, history.position)))
+        else:
+            channels, filter_set, _ = key
+            replay = [entry.frame for entry in history.after(outcome, channels)
+                      if not filter_set or filters.matches(
+                          filter_set, filters.Document(entry.payload,
+                                                       envelope.parse(entry.payload)))]
+            self.resumes["resumed"] += 1
+            self.replayed += len(replay)
+            client.offer(frames.text(protocol.resumed_event(resume.text(), len(replay))))
+            if replay:
+                client.replay(replay)
+        self._join(client, key, compression)
+
+    def _join(self, client: Subscriber, key: _Key, compression: Compression) -> None:
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = _Stream(key)
@@ -236,6 +346,7 @@ class Hub:
     def remove(self, client: Subscriber) -> None:
         stream = self._clients.pop(client, None)
         if stream is None:
+            self._unpark(client)
             return
         stream.discard(client)
         if stream.deflater is not None and not (stream.shared or stream.joining):
@@ -250,21 +361,33 @@ class Hub:
             if not routes.streams:
                 del self._channels[channel]
 
-    def publish(self, payloads: Sequence[bytes], arrived: float | None = None) -> None:
+    def publish(self, payloads: Sequence[bytes], arrived: float | None = None,
+                local: bool = False) -> None:
         """Deliver the payloads of one listener wake-up, in order, to their subscribers.
 
         ``arrived``: when the listener read them (``time.monotonic()``; default: now).
+        ``local``: made by this process, not read from LISTEN (meta events about this process):
+        delivered, but not part of the stream other processes see, so no position of their own
+        (positioned clients get them at the current position) and not kept.
         """
         if arrived is None:
             arrived = time.monotonic()
         batch: dict[_Stream, list[int]] = {}
         texts: list[bytes] = []  # Payloads delivered to someone, and their plain frames.
         framed: list[bytes] = []
+        positioned: list[bytes] = []  # Their positioned frames (when history is on).
         channels = self._channels
         listen = self._listen_channel
+        history = None if local else self.history
+        found: list[_Parked] = []
         for payload in payloads:
             document = envelope.parse(payload)
-            routes = channels.get(envelope.channel_of(document, listen))
+            channel = envelope.channel_of(document, listen)
+            if history is not None:
+                entry = history.append(channel, payload, arrived)
+                if self._parked and entry.digest in self._parked:
+                    found += self._parked[entry.digest]
+            routes = channels.get(channel)
             if routes is None:
                 continue
             message = -1
@@ -273,35 +396,87 @@ class Hub:
                     message = len(texts)
                     texts.append(payload)
                     framed.append(frames.text(payload))
+                    if history is not None:
+                        positioned.append(entry.frame)
+                    elif self.history is not None:
+                        positioned.append(frames.text(protocol.delivery(
+                            self.history.position.encode(), payload)))
                 batch.setdefault(stream, []).append(message)
-        if not texts:
-            return
+        if texts:
+            self._fan_out(batch, texts, framed, positioned, arrived)
+        for parked in found:
+            # After the fan-out, which did not reach them: the replay covers this batch too.
+            self._unpark(parked.client)
+            outcome = self.history.resolve(parked.position, parked.key[0])  # type: ignore[union-attr]
+            self._admit(parked.client, parked.key, parked.compression, parked.position,
+                        protocol.UNKNOWN if outcome == WAIT else outcome)
+
+    def _fan_out(self, batch: dict[_Stream, list[int]], texts: list[bytes],
+                 framed: list[bytes], positioned: list[bytes], arrived: float) -> None:
         alone: dict[int, bytes] = {}  # Messages compressed on their own, once for all.
+        alone_positioned: dict[int, bytes] = {}
+        delivered: list[bytes] = []  # Positioned texts, made when a compressor needs them.
         pending: Pending | None = None
         now = time.monotonic()
         for stream, messages in batch.items():
             if stream.joining:
                 self._sync(stream, now)
             receivers = stream.plain | stream.joining if stream.joining else stream.plain
+            parts = positioned if stream.positioned else framed
             if receivers:
-                pending = self._offer(_join(framed, messages), receivers, len(messages),
+                pending = self._offer(_join(parts, messages), receivers, len(messages),
                                       arrived, pending)
+            if not (stream.shared or stream.alone):
+                continue
+            if stream.positioned:
+                if not delivered:
+                    delivered = [frames.payload_of(frame) for frame in positioned]
+                sources, cache = delivered, alone_positioned
+            else:
+                sources, cache = texts, alone
             if stream.shared:
                 deflater = stream.deflater
                 if deflater is None:
-                    blob = _join(_alone_frames(alone, texts, messages), None)
+                    blob = _join(_alone_frames(cache, sources, messages), None)
                 else:
-                    blob = b"".join([frames.compressed_text(deflater.message(texts[m]))
+                    blob = b"".join([frames.compressed_text(deflater.message(sources[m]))
                                      for m in messages])
                 pending = self._offer(blob, stream.shared, len(messages), arrived, pending)
             if stream.alone:
-                blob = _join(_alone_frames(alone, texts, messages), None)
+                blob = _join(_alone_frames(cache, sources, messages), None)
                 pending = self._offer(blob, stream.alone, len(messages), arrived, pending)
         self.routed += len(texts)
         if pending is None:
             self.delivery_times.observe(time.monotonic() - arrived, len(texts))
         else:
             pending.arm(len(texts))
+
+    def listening(self) -> None:
+        """LISTEN was established (the first time too): what was committed while it was not
+        is lost; every positioned client is told ``lost``/``gap``."""
+        history = self.history
+        if history is None:
+            return
+        history.mark_break()
+        self._to_positioned(frames.text(protocol.lost_event(protocol.GAP, history.position)))
+
+    def checkpoint(self, now: float | None = None) -> None:
+        """Tell positioned clients where the stream is, if it moved since the last time (a
+        client whose filters match rarely keeps a recent position), and drop aged history."""
+        history = self.history
+        if history is None:
+            return
+        history.expire(time.monotonic() if now is None else now)
+        if history.seq == self._checkpoint_seq:
+            return
+        self._checkpoint_seq = history.seq
+        self._to_positioned(frames.text(protocol.position_event(history.position)))
+
+    def _to_positioned(self, frame: bytes) -> None:
+        for stream in self._streams.values():
+            if stream.positioned:
+                for client in stream.clients():
+                    client.offer(frame)
 
     def _sync(self, stream: _Stream, now: float) -> None:
         """Let a stream's joining clients in, if this batch may be a sync point."""

@@ -23,7 +23,9 @@ for the default 5). Past that the listener gives up with :class:`ListenerGaveUp`
 process exits with status 1. Clients stay connected throughout. Notifications committed while
 no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
 counted in :attr:`Listener.gaps`, logged with its length when LISTEN is back, and reported to
-``on_gap`` (the meta channel's ``ListenerReconnected`` event).
+``on_gap`` (the meta channel's ``ListenerReconnected`` event). ``on_listening`` hears of every
+time LISTEN is established, the first included: what was committed before is nobody's to
+replay (the history takes a break there).
 
 What the operator sees: :attr:`Listener.status` is None while LISTEN is in place, else one line
 saying why not (the admin listener's ``/ready`` answer); :meth:`Listener.down_seconds` adds up
@@ -119,6 +121,7 @@ class Listener:
         heartbeat_interval: float,
         retries: int,
         on_gap: Callable[[float, float], None] | None = None,
+        on_listening: Callable[[], None] | None = None,
     ) -> None:
         self._db_uri = db_uri
         self._connect_options = connect_options
@@ -130,6 +133,7 @@ class Listener:
         self._retries = retries
         self._window = retry_window(retries)
         self._on_gap = on_gap
+        self._on_listening = on_listening
         # Private to this process, so other listeners and clients never see heartbeats.
         self._heartbeat_channel = f"pgws_heartbeat_{os.getpid()}_{secrets.token_hex(4)}"
         self._heartbeat_sent = 0
@@ -230,6 +234,8 @@ class Listener:
                 if self._on_gap is not None:
                     self._on_gap(down[1], time.time())
                 down = None
+            if self._on_listening is not None:
+                self._on_listening()
             self._came_up()
             self.ready.set()
             try:

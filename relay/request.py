@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
+from relay.protocol import FROM_PARAMETER
+
 #: An origin's serialization (RFC 6454 section 6.2): scheme "://" host [":" port], nothing
 #: else (no path, no user information, no list): anything more is not an origin.
 _ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s,]+)(?::(\d{1,5}))?")
@@ -45,6 +47,8 @@ class Target:
     channel: str | None
     token: str
     filters: tuple[str, ...] = ()
+    #: The ``from`` parameter: the position to resume after (:mod:`relay.protocol`).
+    position: str | None = None
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -73,15 +77,23 @@ def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> 
 
     parameters = parse_qsl(query, keep_blank_values=True)
     filters = tuple(value for key, value in parameters if key == "filter")
+    position = next((value for key, value in parameters if key == FROM_PARAMETER), None)
     outside = next((value for key, value in parameters if key == "jwt" and value), None)
     if outside is None:
         outside = _bearer(headers)
     if outside is not None:
-        return Target(channel=elements[0] or None, token=outside, filters=filters)
+        return Target(elements[0] or None, outside, filters, position)
 
     if len(elements) == 1:
-        return Target(channel=None, token=elements[0], filters=filters)
-    return Target(channel=elements[0], token=elements[1], filters=filters)
+        return Target(None, elements[0], filters, position)
+    return Target(elements[0], elements[1], filters, position)
+
+
+def subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+    """The subprotocols a WebSocket request offers, in order (every Sec-WebSocket-Protocol
+    header, split on commas, as wsproto splits them)."""
+    return [piece.strip() for key, value in headers if key.lower() == b"sec-websocket-protocol"
+            for piece in value.decode("latin-1").split(",") if piece.strip()]
 
 
 

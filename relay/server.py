@@ -53,7 +53,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError
 
-from relay import __version__, auth, deflate, envelope, filters, request, static
+from relay import __version__, auth, deflate, envelope, filters, protocol, request, static
 from relay.client import Client, ClientSettings, close_now
 from relay.config import Config
 from relay.filters import Filters
@@ -93,6 +93,10 @@ _ADDRESS_FULL_LINGER = 1.0
 _REFUSED_AT_ONCE = 64
 #: Seconds between two summary lines of refused connections: a storm is one line per interval.
 _REFUSED_LOG_INTERVAL = 10.0
+#: Seconds a client resuming from another relay process's position waits for that position to
+#: arrive here: relays listening on one database receive each notification within
+#: milliseconds of each other, so longer means this relay never saw it (``unknown``).
+_RESUME_WAIT = 2.0
 
 
 async def _until_head_end(stream: trio.abc.Stream) -> None:
@@ -121,6 +125,10 @@ class _Accepted:
     client: Client
     filters: Filters
     compression: Compression
+    #: The client offered the resume subprotocol (and history is on); ``resume``: the
+    #: position it comes back with.
+    positioned: bool = False
+    resume: protocol.Position | None = None
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -137,6 +145,17 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _resume_refusal(position: str, positioned: bool, history_on: bool) -> str | None:
+    """Why a ``from`` parameter cannot be taken (the 400 body), or None."""
+    if not history_on:
+        return "Cannot resume: history is off (PGWS_HISTORY_MESSAGES=0)"
+    if not positioned:
+        return f"Resuming needs the {protocol.SUBPROTOCOL} subprotocol"
+    if protocol.parse_position(position) is None:
+        return "Invalid position"
+    return None
 
 
 def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -190,8 +209,9 @@ class Server:
             client = accepted.client
             # Inline rather than a helper: this frame lives as long as the connection.
             grant = client.grant
-            self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
-                          accepted.compression)
+            if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
+                             accepted.compression, accepted.positioned, accepted.resume):
+                self._background.start_soon(self._give_up_later, client)
             self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
             try:
                 await client.run()
@@ -209,6 +229,12 @@ class Server:
         finally:
             self._addresses.leave(network)
             await close_now(stream)
+
+    async def _give_up_later(self, client: Client) -> None:
+        """A client waits for its position (issued by another relay process) at most
+        ``_RESUME_WAIT`` seconds; then it is told the position is unknown here."""
+        await trio.sleep(_RESUME_WAIT)
+        self._hub.give_up(client)
 
     async def _refuse_address(self, stream: trio.abc.Stream, network: str) -> None:
         counters.refuse("address")
@@ -453,6 +479,15 @@ class Server:
             await self._reject(stream, http, phase, 503, "Too many distinct filters", peer,
                                "capacity")
             return None
+        positioned = self._hub.history is not None and \
+            protocol.SUBPROTOCOL in request.subprotocols(req.headers)
+        resume = None
+        if target.position is not None:
+            why = _resume_refusal(target.position, positioned, self._hub.history is not None)
+            if why is not None:
+                await self._reject(stream, http, phase, 400, why, peer, "position")
+                return None
+            resume = protocol.parse_position(target.position)
 
         ws = WSConnection(ConnectionType.SERVER)
         try:
@@ -491,7 +526,8 @@ class Server:
                 [value for key, value in req.headers if key.lower() == b"sec-websocket-extensions"])
         headers = [] if agreement is None else [
             (b"sec-websocket-extensions", agreement.response.encode())]
-        await self._write(stream, phase, ws.send(AcceptConnection(extra_headers=headers)))
+        await self._write(stream, phase, ws.send(AcceptConnection(
+            subprotocol=protocol.SUBPROTOCOL if positioned else None, extra_headers=headers)))
         counters.accepted += 1
         if agreement is None:
             compression = Compression.OFF
@@ -507,4 +543,4 @@ class Server:
                         inflate=agreement is not None)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
-        return _Accepted(client, filter_set, compression)
+        return _Accepted(client, filter_set, compression, positioned, resume)

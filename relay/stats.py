@@ -32,6 +32,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 REFUSAL_REASONS: tuple[str, ...] = (
     "token",          # 400: the token or the channel (upstream's texts)
     "filter",         # 400: a ``filter`` query parameter that does not parse
+    "position",       # 400: a ``from`` position that cannot be taken
     "handshake",      # 400/426: not a valid WebSocket upgrade
     "origin",         # 403: Origin not in PGWS_ALLOWED_ORIGINS
     "capacity",       # 503: PGWS_MAX_CONNECTIONS reached

@@ -34,6 +34,9 @@ EXPECTED_DEFAULTS = {
     "compression": True,
     "compression_streams": 1024,
     "max_filter_sets": 1000,
+    "history_messages": 1000,
+    "history_bytes": 134217728,
+    "history_seconds": 300.0,
 }
 
 

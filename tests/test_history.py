@@ -1,0 +1,285 @@
+"""relay.history and relay.protocol without sockets: positions, bounds, and "can this resume?"."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import frames, protocol
+from relay.history import ENTRY_OVERHEAD, WAIT, History
+from relay.protocol import Position
+
+
+def _payload(channel: str, n: int) -> bytes:
+    return json.dumps({"channel": channel, "n": n}).encode()
+
+
+def _feed(history: History, items: list[tuple[str, int]], arrived: float = 0.0) -> list[str]:
+    """Append ``items`` (channel, n); the position text of each."""
+    positions = []
+    for channel, n in items:
+        entry = history.append(channel, _payload(channel, n), arrived)
+        positions.append(Position(history.epoch, entry.seq, entry.digest).text())
+    return positions
+
+
+def _ns(history: History, position: str, channels: list[str]) -> list[int] | str:
+    outcome = history.resolve(protocol.parse_position(position), channels)  # type: ignore[arg-type]
+    if isinstance(outcome, str):
+        return outcome
+    return [json.loads(entry.payload)["n"] for entry in history.after(outcome, channels)]
+
+
+def test_a_delivery_is_its_position_a_line_feed_and_the_payload_unchanged() -> None:
+    history = History(10, 1 << 20, 60, epoch=0xABCDEF01)
+    payload = '{"channel":"c","price":"1.5","who":"é"}'.encode()
+    entry = history.append("c", payload, 0.0)
+    position = f"abcdef01.1.{entry.digest:016x}"
+    assert entry.frame == frames.text(position.encode() + b"\n" + payload)
+    assert entry.payload == payload
+    assert history.position == position
+    assert protocol.read(frames.payload_of(entry.frame).decode()) == protocol.Delivery(
+        position, payload.decode())
+
+
+def test_positions_parse_back_and_nothing_else_does() -> None:
+    position = Position(0x0102ABCD, 0x1F4, 0xFEDCBA9876543210)
+    assert position.text() == "0102abcd.1f4.fedcba9876543210"
+    assert protocol.parse_position(position.text()) == position
+    for bad in ("", "0102abcd.1f4", "0102ABCD.1f4.fedcba9876543210", "0102abcd..fedcba9876543210",
+                "102abcd.1.fedcba9876543210", "0102abcd.1.fedcba987654321",
+                "0102abcd.11111111111111111.fedcba9876543210", " 0102abcd.1.fedcba9876543210",
+                "0102abcd.1.fedcba9876543210\n"):
+        assert protocol.parse_position(bad) is None, bad
+    assert len("ffffffff.ffffffffffffffff.ffffffffffffffff") == protocol.MAX_POSITION_LENGTH
+
+
+def test_control_events_are_exact_text_and_read_back() -> None:
+    p = "0102abcd.1f4.fedcba9876543210"
+    assert protocol.position_event(p) == b'{"event":"position","position":"%s"}' % p.encode()
+    assert protocol.resumed_event(p, 12) == \
+        b'{"event":"resumed","position":"%s","replayed":12}' % p.encode()
+    assert protocol.lost_event("gap", p) == \
+        b'{"event":"lost","reason":"gap","position":"%s"}' % p.encode()
+    assert protocol.read(protocol.resumed_event(p, 12).decode()) == \
+        protocol.Control("resumed", p, None, 12)
+    assert protocol.read(protocol.lost_event("expired", p).decode()) == \
+        protocol.Control("lost", p, "expired", None)
+    for bad in (protocol.lost_event("later", p).decode(), '{"event":"x"}',
+                "{not json", "no position\npayload", "payload without a line feed",
+                '{"event":"position","position":"nope"}'):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.read(bad)
+
+
+def test_every_process_names_the_same_point_alike_once_it_has_seen_a_window() -> None:
+    early = History(100, 1 << 20, 60)
+    late = History(100, 1 << 20, 60)
+    assert early.epoch != late.epoch
+    items = [("c", n) for n in range(30)]
+    first = _feed(early, items)
+    second = _feed(late, items[5:])  # Started five notifications later.
+    digests = [p.split(".")[2] for p in first[5:]]
+    theirs = [p.split(".")[2] for p in second]
+    # Within the first window the late process has seen less: its digests differ, and so no
+    # position of the early one is mistaken for one of its own.
+    assert all(a != b for a, b in zip(digests[:protocol.WINDOW - 1],
+                                       theirs[:protocol.WINDOW - 1], strict=True))
+    assert digests[protocol.WINDOW:] == theirs[protocol.WINDOW:]
+    # A position of the other process resumes by digest, at the same point.
+    assert _ns(late, first[20], ["c"]) == list(range(21, 30))
+
+
+def test_a_position_of_another_process_not_seen_yet_is_waited_for_then_found() -> None:
+    ahead, behind = History(100, 1 << 20, 60), History(100, 1 << 20, 60)
+    positions = _feed(ahead, [("c", n) for n in range(20)])
+    _feed(behind, [("c", n) for n in range(15)])
+    assert behind.resolve(protocol.parse_position(positions[17]), ["c"]) == WAIT  # type: ignore[arg-type]
+    _feed(behind, [("c", n) for n in range(15, 20)])
+    assert _ns(behind, positions[17], ["c"]) == [18, 19]
+
+
+def test_resume_replays_the_channels_asked_for_in_stream_order() -> None:
+    history = History(100, 1 << 20, 60)
+    positions = _feed(history, [("a", 1), ("b", 2), ("c", 3), ("a", 4), ("b", 5), ("a", 6)])
+    assert _ns(history, positions[0], ["a", "b"]) == [2, 4, 5, 6]
+    assert _ns(history, positions[0], ["b"]) == [2, 5]
+    assert _ns(history, positions[0], ["nothing-here"]) == []
+    assert _ns(history, positions[-1], ["a", "b", "c"]) == []
+    # The head position (what a client that just connected holds) resumes with nothing missed.
+    assert _ns(history, history.position, ["a"]) == []
+
+
+def test_a_busy_channel_pushes_out_its_own_history_and_not_a_quiet_ones() -> None:
+    history = History(3, 1 << 20, 60)
+    positions = _feed(history, [("quiet", 0)] + [("busy", n) for n in range(1, 8)])
+    assert _ns(history, positions[0], ["quiet"]) == []
+    assert _ns(history, positions[0], ["busy"]) == protocol.EXPIRED
+    assert _ns(history, positions[0], ["quiet", "busy"]) == protocol.EXPIRED
+    # Exactly the last three of "busy" are kept: after the fourth-last, resume works.
+    assert _ns(history, positions[4], ["busy"]) == [5, 6, 7]
+    assert _ns(history, positions[3], ["busy"]) == protocol.EXPIRED
+    assert history.entries == 4
+
+
+def test_the_byte_bound_counts_overhead_and_drops_the_oldest_of_all() -> None:
+    payload_size = len(_payload("a", 10))
+    entry_size = len(History(1, 1 << 20, 60).append("a", _payload("a", 10), 0).frame) \
+        + ENTRY_OVERHEAD
+    history = History(100, 5 * entry_size, 60)
+    positions = _feed(history, [("a", 10), ("b", 11), ("a", 12), ("b", 13), ("a", 14)])
+    assert history.entries == 5 and history.bytes == 5 * entry_size
+    _feed(history, [("c", 15)])
+    assert history.entries == 5 and history.bytes <= history.max_bytes
+    assert payload_size < entry_size
+    # The oldest of all (a:10) went; b is complete still.
+    assert _ns(history, positions[0], ["b"]) == [11, 13]
+    assert _ns(history, positions[0], ["a"]) == [12, 14]  # After a:10 itself: nothing lost.
+    assert _ns(history, positions[0], ["a", "b", "c"]) == [11, 12, 13, 14, 15]
+    _feed(history, [("c", 16)])
+    assert _ns(history, positions[0], ["b"]) == protocol.EXPIRED
+
+
+def test_entries_older_than_the_age_go() -> None:
+    history = History(100, 1 << 20, 10)
+    start = history.position
+    old = _feed(history, [("a", 1), ("b", 2)], arrived=100.0)
+    new = _feed(history, [("a", 3)], arrived=105.0)
+    history.expire(109.0)
+    assert history.entries == 3
+    history.expire(111.0)
+    assert history.entries == 1
+    assert _ns(history, start, ["a"]) == protocol.EXPIRED
+    assert _ns(history, start, ["b"]) == protocol.EXPIRED
+    assert _ns(history, old[0], ["a"]) == [3]  # a:1 itself was seen: nothing after it lost.
+    assert _ns(history, old[1], ["a"]) == [3]
+    assert _ns(history, old[1], ["b"]) == []
+    assert _ns(history, new[0], ["a", "b"]) == []
+    # Appending also ages out what is old by then.
+    _feed(history, [("b", 4)], arrived=200.0)
+    assert history.entries == 1
+
+
+def test_a_listen_break_makes_earlier_positions_a_gap() -> None:
+    history = History(100, 1 << 20, 60)
+    before = _feed(history, [("a", 1), ("a", 2)])
+    history.mark_break()
+    at_break = history.position
+    after = _feed(history, [("a", 3)])
+    assert _ns(history, before[1], ["a"]) == protocol.GAP
+    assert _ns(history, at_break, ["a"]) == [3]
+    assert _ns(history, after[0], ["a"]) == []
+    # The break's own position names no notification: other processes cannot place it.
+    other = History(100, 1 << 20, 60)
+    assert other.resolve(protocol.parse_position(at_break), ["a"]) == protocol.UNKNOWN  # type: ignore[arg-type]
+
+
+def test_positions_nobody_can_place_are_unknown() -> None:
+    history = History(100, 1 << 20, 60)
+    _feed(history, [("a", 1)])
+    future = Position(history.epoch, history.seq + 1, 5)
+    assert history.resolve(future, ["a"]) == protocol.UNKNOWN
+    # The same window twice (a run of identical payloads): the digest is ambiguous.
+    repeated = History(100, 1 << 20, 60)
+    same = [repeated.append("a", b"tick", 0.0) for _ in range(2 * protocol.WINDOW + 2)]
+    twice = same[-1].digest
+    assert [e.digest for e in same].count(twice) > 1
+    stranger = History(100, 1 << 20, 60)
+    for _ in range(2 * protocol.WINDOW + 2):
+        stranger.append("a", b"tick", 0.0)
+    assert stranger.resolve(Position(history.epoch, 1, twice), ["a"]) == protocol.UNKNOWN
+    # Its own process still places it exactly, by seq.
+    own = Position(repeated.epoch, same[-3].seq, same[-3].digest)
+    assert [e.seq for e in repeated.after(repeated.resolve(own, ["a"]), ["a"])] == \
+        [same[-2].seq, same[-1].seq]  # type: ignore[arg-type]
+
+
+def test_an_emptied_channel_remembers_what_it_dropped() -> None:
+    history = History(100, 1 << 20, 10)
+    positions = _feed(history, [("a", 1), ("a", 2)], arrived=0.0)
+    history.expire(50.0)
+    assert history.entries == 0
+    assert _ns(history, positions[0], ["a"]) == protocol.EXPIRED
+    assert _ns(history, positions[1], ["a"]) == []
+    _feed(history, [("a", 3)], arrived=50.0)  # The channel's log is made again.
+    assert _ns(history, positions[0], ["a"]) == protocol.EXPIRED
+    assert _ns(history, positions[1], ["a"]) == [3]
+
+
+def test_forgotten_channels_fold_into_a_conservative_floor(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr("relay.history._FORGOTTEN_CHANNELS", 2)
+    history = History(100, 1 << 20, 10)
+    start = history.position
+    _feed(history, [("x", 1), ("y", 2), ("z", 3)], arrived=0.0)
+    history.expire(50.0)
+    # x was forgotten: any channel without a record now needs a position after x's drop.
+    assert _ns(history, start, ["never-seen"]) == protocol.EXPIRED
+    assert _ns(history, start, ["z"]) == protocol.EXPIRED
+    assert history.resolve(protocol.parse_position(start), []) == 0  # type: ignore[arg-type]
+
+
+def test_with_no_messages_kept_only_the_head_resumes() -> None:
+    history = History(0, 1 << 20, 60)
+    positions = _feed(history, [("a", 1), ("a", 2)])
+    assert history.entries == 0
+    assert _ns(history, positions[1], ["a"]) == []
+    assert _ns(history, positions[0], ["a"]) == protocol.EXPIRED
+
+
+def test_entry_overhead_covers_what_an_entry_really_costs() -> None:
+    history = History(1_000_000, 1 << 40, 1e9)
+    payloads = [_payload(f"ch{n % 50}", n) for n in range(20_000)]
+    frame_bytes = 0
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for payload in payloads:
+            frame_bytes += len(history.append(payload[13:18].decode(), payload, 0.0).frame)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    per_entry = (after - before - frame_bytes) / len(payloads)
+    assert 0 < per_entry <= ENTRY_OVERHEAD
+    assert history.bytes == frame_bytes + len(payloads) * ENTRY_OVERHEAD
+
+
+_items = st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3)), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=_items, messages=st.integers(1, 6), entries_fit=st.integers(1, 12),
+       max_age=st.floats(0.5, 3), start=st.integers(0, 60),
+       channels=st.sets(st.sampled_from("abc"), min_size=1))
+def test_resume_is_exact_or_says_expired_and_never_silently_loses(
+        items: list[tuple[str, float]], messages: int, entries_fit: int, max_age: float,
+        start: int, channels: set[str]) -> None:
+    entry_size = len(frames.text(b"00000000.1.0000000000000000\n" + _payload("a", 0))) \
+        + ENTRY_OVERHEAD
+    history = History(messages, entries_fit * entry_size + 64, max_age)
+    model: list[tuple[int, str, int]] = []  # (seq, channel, n) of every notification
+    clock = 0.0
+    positions = [history.position]
+    for n, (channel, step) in enumerate(items):
+        clock += step
+        entry = history.append(channel, _payload(channel, n), clock)
+        model.append((entry.seq, channel, n))
+        positions.append(Position(history.epoch, entry.seq, entry.digest).text())
+    position = positions[min(start, len(positions) - 1)]
+    seq = protocol.parse_position(position).seq  # type: ignore[union-attr]
+    outcome = _ns(history, position, sorted(channels))
+    wanted = [n for s, channel, n in model if s > seq and channel in channels]
+    if outcome == protocol.EXPIRED:
+        # Only when something it would need is really gone.
+        kept = {json.loads(e.payload)["n"] for c in "abc" for e in history.after(0, [c])}
+        assert any(n not in kept for n in wanted)
+    else:
+        assert outcome == wanted
+    assert history.bytes <= history.max_bytes
+    assert all(len(list(history.after(0, [c]))) <= messages for c in "abc")

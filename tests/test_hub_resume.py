@@ -1,0 +1,275 @@
+"""The hub with history: positioned streams, resume and its seam, parked clients, breaks.
+
+Recorders stand in for clients, as in test_hub.py; they record what is offered and replayed,
+in order, which is the hub's contract.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
+
+from relay import filters, protocol
+from relay.history import History
+from relay.hub import Compression, Hub
+from relay.protocol import Control, Delivery
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.replayed = 0
+
+    def offer(self, frame: bytes) -> bool:
+        self.sent.append(frame)
+        return False
+
+    def replay(self, frames: list[bytes]) -> None:
+        self.sent.extend(frames)
+        self.replayed += len(frames)
+
+    def track(self, pending: object) -> None:
+        raise AssertionError("nothing was queued")
+
+    def close(self, code: int, reason: str) -> None:
+        raise AssertionError("not closed here")
+
+    def texts(self) -> list[str]:
+        parser = Connection(ConnectionType.CLIENT)
+        parser.receive_data(b"".join(self.sent))
+        return [event.data for event in parser.events() if isinstance(event, TextMessage)]
+
+    def read(self) -> list[Delivery | Control]:
+        return [protocol.read(text) for text in self.texts()]
+
+    def ns(self) -> list[int]:
+        return [json.loads(m.payload)["n"] for m in self.read() if isinstance(m, Delivery)]
+
+    def last_position(self) -> str:
+        return self.read()[-1].position
+
+
+def _hub(messages: int = 100) -> Hub:
+    return Hub("listen", history=History(messages, 1 << 24, 3600))
+
+
+def _p(n: int, channel: str = "c", **fields: object) -> bytes:
+    return json.dumps({"channel": channel, "n": n, **fields}).encode()
+
+
+def _resume(position: str) -> protocol.Position:
+    parsed = protocol.parse_position(position)
+    assert parsed is not None
+    return parsed
+
+
+def test_clients_that_do_not_ask_for_positions_get_todays_bytes() -> None:
+    with_history, without = _hub(), Hub("listen")
+    a, b = Recorder(), Recorder()
+    with_history.add(a, ["c"])
+    without.add(b, ["c"])
+    for hub in (with_history, without):
+        hub.publish([_p(1), b"not json"])
+        hub.publish([_p(2)])
+    assert a.sent == b.sent
+    assert a.texts() == [_p(1).decode(), _p(2).decode()]
+
+
+def test_positioned_clients_get_their_position_then_shared_positioned_frames() -> None:
+    hub = _hub()
+    hub.publish([_p(0)])
+    first, second = Recorder(), Recorder()
+    hub.add(first, ["c"], positioned=True)
+    hub.add(second, ["c"], positioned=True)
+    assert first.read() == [Control("position", hub.history.position)]  # type: ignore[union-attr]
+    hub.publish([_p(1)])
+    assert first.sent[-1] is second.sent[-1]
+    delivery = first.read()[-1]
+    assert isinstance(delivery, Delivery) and delivery.payload == _p(1).decode()
+    assert delivery.position == hub.history.position  # type: ignore[union-attr]
+
+
+def test_a_returning_client_gets_what_it_missed_once_then_live_in_one_step() -> None:
+    hub = _hub()
+    gone = Recorder()
+    hub.add(gone, ["c", "d"], positioned=True)
+    hub.publish([_p(1), _p(2, "d")])
+    position = gone.last_position()
+    hub.remove(gone)
+    hub.publish([_p(3), _p(4, "other"), _p(5, "d")])
+    hub.publish([_p(6)])
+    back = Recorder()
+    assert hub.add(back, ["c", "d"], positioned=True, resume=_resume(position)) is False
+    hub.publish([_p(7, "d")])
+    events = back.read()
+    assert events[0] == Control("resumed", position, None, 3)
+    assert back.ns() == [3, 5, 6, 7]
+    assert back.replayed == 3
+    assert hub.resumes["resumed"] == 1 and hub.replayed == 3
+
+
+def test_filters_apply_to_the_replay_as_to_live_traffic() -> None:
+    hub = _hub()
+    only_two = filters.parse_all(["market=eq.2"])
+    watcher = Recorder()
+    hub.add(watcher, ["c"], only_two, positioned=True)
+    position = watcher.last_position()
+    hub.remove(watcher)
+    hub.publish([_p(n, market=n % 3) for n in range(1, 10)])
+    back = Recorder()
+    hub.add(back, ["c"], only_two, positioned=True, resume=_resume(position))
+    hub.publish([_p(11, market=2), _p(12, market=0)])
+    assert back.ns() == [2, 5, 8, 11]
+    assert back.read()[0] == Control("resumed", position, None, 3)
+
+
+def test_a_position_out_of_the_history_is_lost_expired_and_the_stream_goes_on() -> None:
+    hub = _hub(messages=2)
+    watcher = Recorder()
+    hub.add(watcher, ["c"], positioned=True)
+    position = watcher.last_position()
+    hub.remove(watcher)
+    hub.publish([_p(n) for n in range(1, 5)])
+    back = Recorder()
+    hub.add(back, ["c"], positioned=True, resume=_resume(position))
+    hub.publish([_p(5)])
+    lost = back.read()[0]
+    assert (lost.event, lost.reason) == ("lost", "expired")  # type: ignore[union-attr]
+    assert protocol.parse_position(lost.position).seq == 4  # type: ignore[union-attr]
+    assert back.ns() == [5]
+    assert hub.resumes["expired"] == 1
+
+
+def test_another_processes_position_parks_the_client_until_it_arrives() -> None:
+    ahead, hub = _hub(), _hub()
+    batch = [_p(n) for n in range(1, 20)]
+    ahead.publish(batch)
+    early = Recorder()
+    ahead.add(early, ["c"], positioned=True)
+    seen = early.last_position()  # After n=19 on the process that is ahead.
+    hub.publish(batch[:10])
+    parked = Recorder()
+    assert hub.add(parked, ["c"], positioned=True, resume=_resume(seen)) is True
+    hub.publish(batch[10:15])
+    assert parked.sent == []
+    hub.publish([*batch[15:], _p(20), _p(21)])  # n=19 arrives mid-batch.
+    assert parked.read()[0] == Control("resumed", seen, None, 2)
+    assert parked.ns() == [20, 21]
+    hub.publish([_p(22)])
+    assert parked.ns() == [20, 21, 22]
+    hub.give_up(parked)  # Too late to matter: it is in.
+    assert parked.ns() == [20, 21, 22]
+
+
+def test_a_parked_client_given_up_on_hears_unknown_and_gets_live_traffic() -> None:
+    hub = _hub()
+    hub.publish([_p(1)])
+    stranger = protocol.Position(hub.history.epoch ^ 1, 7, 0x1234)  # type: ignore[union-attr]
+    parked, leaving = Recorder(), Recorder()
+    assert hub.add(parked, ["c"], positioned=True, resume=stranger) is True
+    assert hub.add(leaving, ["c"], positioned=True, resume=stranger) is True
+    hub.remove(leaving)
+    hub.give_up(leaving)
+    assert leaving.sent == []
+    hub.give_up(parked)
+    assert parked.read() == [Control("lost", hub.history.position, "unknown")]  # type: ignore[union-attr]
+    hub.publish([_p(2)])
+    assert parked.ns() == [2]
+    assert hub.client_count == 1
+
+
+def test_each_listen_break_tells_positioned_clients_of_the_gap_and_no_one_else() -> None:
+    hub = _hub()
+    positioned, plain = Recorder(), Recorder()
+    hub.add(positioned, ["c"], positioned=True)
+    hub.add(plain, ["c"])
+    hub.publish([_p(1)])
+    before = positioned.last_position()
+    hub.listening()
+    gap = positioned.read()[-1]
+    assert gap == Control("lost", hub.history.position, "gap")  # type: ignore[union-attr]
+    assert plain.texts() == [_p(1).decode()]
+    back = Recorder()
+    hub.add(back, ["c"], positioned=True, resume=_resume(before))
+    assert back.read()[0].reason == "gap"
+    again = Recorder()
+    hub.add(again, ["c"], positioned=True, resume=_resume(gap.position))
+    assert again.read()[0] == Control("resumed", gap.position, None, 0)
+
+
+def test_checkpoints_go_to_positioned_clients_when_the_stream_moved() -> None:
+    hub = _hub()
+    positioned, plain = Recorder(), Recorder()
+    hub.add(positioned, ["c"], filters.parse_all(["n=eq.99"]), positioned=True)
+    hub.add(plain, ["c"])
+    hub.checkpoint(0.0)
+    hub.publish([_p(1), _p(2)])
+    hub.checkpoint(0.0)
+    hub.checkpoint(0.0)
+    events = positioned.read()
+    assert [type(e) for e in events] == [Control, Control]
+    assert events[-1] == Control("position", hub.history.position)  # type: ignore[union-attr]
+    assert len(plain.texts()) == 2
+
+
+def test_meta_events_made_here_reach_positioned_clients_without_a_position_of_their_own() -> None:
+    hub = _hub()
+    positioned = Recorder()
+    hub.add(positioned, ["meta"], positioned=True)
+    head = hub.history.position  # type: ignore[union-attr]
+    hub.publish([_p(1, "meta")], local=True)
+    delivery = positioned.read()[-1]
+    assert delivery == Delivery(head, _p(1, "meta").decode())
+    assert hub.history.position == head and hub.history.entries == 0  # type: ignore[union-attr]
+
+
+def test_compressed_positioned_clients_inflate_to_the_positioned_text() -> None:
+    hub = _hub()
+    shared, alone = Recorder(), Recorder()
+    hub.add(shared, ["c"], compression=Compression.SHARED, positioned=True)
+    hub.add(alone, ["c"], compression=Compression.ALONE, positioned=True)
+    hub.publish([_p(1)])  # The joiner's sync point: from here on it shares the compressor.
+    hub.publish([_p(2), _p(3)])
+    for recorder in (shared, alone):
+        parser = Connection(ConnectionType.CLIENT, extensions=[_Inflate()])
+        parser.receive_data(b"".join(recorder.sent))
+        texts = [e.data for e in parser.events() if isinstance(e, TextMessage)]
+        delivered = [protocol.read(t) for t in texts]
+        assert [json.loads(d.payload)["n"] for d in delivered if isinstance(d, Delivery)] \
+            == [1, 2, 3]
+        assert all(d.position.startswith(f"{hub.history.epoch:08x}.")  # type: ignore[union-attr]
+                   for d in delivered)
+
+
+class _Inflate:
+    """A minimal permessage-deflate decoder for wsproto's client parser."""
+
+    name = "permessage-deflate"
+
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj(-15)
+        self._compressed = False
+
+    def enabled(self) -> bool:
+        return True
+
+    def frame_inbound_header(self, proto, opcode, rsv, payload_length):  # type: ignore[no-untyped-def]
+        from wsproto.frame_protocol import RsvBits
+        if opcode.iscontrol():
+            return RsvBits(False, False, False)
+        self._compressed = rsv.rsv1
+        return RsvBits(True, False, False)
+
+    def frame_inbound_payload_data(self, proto, data):  # type: ignore[no-untyped-def]
+        return self._inflater.decompress(bytes(data)) if self._compressed else data
+
+    def frame_inbound_complete(self, proto, fin):  # type: ignore[no-untyped-def]
+        if self._compressed and fin:
+            return self._inflater.decompress(b"\x00\x00\xff\xff")
+        return None
+
+    def frame_outbound(self, proto, opcode, rsv, data, fin):  # type: ignore[no-untyped-def]
+        return rsv, data

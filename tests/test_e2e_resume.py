@@ -1,0 +1,248 @@
+"""Resumable streams end to end: the real ``pgws-relay``, the real PostgreSQL, and the
+``websockets`` package speaking the documented protocol (README, docs/resume.md) by hand.
+
+The trio-websocket client library is tested in tests/test_subscription.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from relay import protocol
+from relay.protocol import Control, Delivery
+from tests.conftest import DB_URI, RelayProcess, notify, token
+
+SUB = [protocol.SUBPROTOCOL]
+
+
+def _p(n: int, channel: str = "c", **fields: object) -> str:
+    return json.dumps({"channel": channel, "n": n, **fields})
+
+
+@contextlib.contextmanager
+def _open(relay: RelayProcess, position: str | None = None, path: str = "/c",
+          subprotocols: list[str] | None = SUB, query: str = "",
+          compression: str | None = "deflate") -> Iterator[ClientConnection]:
+    params = [query] if query else []
+    if position is not None:
+        params.append(f"from={position}")
+    url = relay.url(path + ("?" + "&".join(params) if params else ""))
+    headers = {"Authorization": f"Bearer {token({'mode': 'r'})}"}
+    with connect(url, subprotocols=subprotocols, additional_headers=headers,  # type: ignore[arg-type]
+                 compression=compression, open_timeout=10) as client:
+        yield client
+
+
+def _read(client: ClientConnection, timeout: float = 10) -> Delivery | Control:
+    message = client.recv(timeout=timeout)
+    assert isinstance(message, str)
+    return protocol.read(message)
+
+
+def _n(event: Delivery | Control) -> int:
+    assert isinstance(event, Delivery), event
+    return json.loads(event.payload)["n"]
+
+
+def test_a_client_that_does_not_ask_gets_todays_bytes_and_no_subprotocol(relay) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay, subprotocols=None) as client:
+        assert client.subprotocol is None
+        notify(listen, _p(1))
+        assert client.recv(timeout=10) == _p(1)
+
+
+@pytest.mark.parametrize("compression", ["deflate", None])
+def test_positions_survive_a_reconnect(relay, compression) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay, compression=compression) as client:
+        assert client.subprotocol == protocol.SUBPROTOCOL
+        start = _read(client)
+        assert isinstance(start, Control) and start.event == "position"
+        notify(listen, _p(1), _p(2, "other"), _p(3))
+        first, third = _read(client), _read(client)
+        assert (first.payload, third.payload) == (_p(1), _p(3))  # type: ignore[union-attr]
+    notify(listen, _p(4), _p(5, "other"))
+    notify(listen, _p(6))
+    with _open(relay, third.position, compression=compression) as client:
+        assert _read(client) == Control("resumed", third.position, None, 2)
+        assert [_n(_read(client)) for _ in range(2)] == [4, 6]
+        notify(listen, _p(7))
+        live = _read(client)
+        assert _n(live) == 7
+    # A position is good for a fresh connection as often as one likes.
+    with _open(relay, start.position, compression=compression) as client:
+        assert _read(client) == Control("resumed", start.position, None, 5)
+        assert [_n(_read(client)) for _ in range(5)] == [1, 3, 4, 6, 7]
+
+
+def test_filters_apply_to_what_is_replayed(relay) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay, query="filter=market=eq.2") as client:
+        start = _read(client)
+    notify(listen, *[_p(n, market=n % 3) for n in range(1, 10)])
+    with _open(relay, start.position, query="filter=market=eq.2") as client:
+        assert _read(client) == Control("resumed", start.position, None, 3)
+        assert [_n(_read(client)) for _ in range(3)] == [2, 5, 8]
+
+
+class _Producer(threading.Thread):
+    """Commits notifications ``0 … total-1`` on channel c, ``per_transaction`` at a time."""
+
+    def __init__(self, listen: str, total: int, per_transaction: int = 10) -> None:
+        super().__init__(daemon=True)
+        self.listen, self.total, self.per_transaction = listen, total, per_transaction
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(DB_URI, autocommit=True) as db:
+            for first in range(0, self.total, self.per_transaction):
+                with db.transaction():
+                    for n in range(first, min(first + self.per_transaction, self.total)):
+                        db.execute("SELECT pg_notify(%s, %s)", (self.listen, _p(n)))
+        self.done.set()
+
+
+def test_the_seam_under_load_has_no_gap_and_no_duplicate(start_relay) -> None:
+    """Reconnect again and again while a producer commits: every replay races live traffic."""
+    total = 3000
+    relay = start_relay(PGWS_HISTORY_MESSAGES=str(total))
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    seen: list[int] = []
+    resumes = 0
+    with _open(relay) as client:
+        position = _read(client).position
+        producer = _Producer(listen, total)
+        producer.start()
+        for _ in range(30):  # Read a few, then drop the connection.
+            seen.append(_n(event := _read(client)))
+            position = event.position
+    while len(seen) < total:
+        with _open(relay, position) as client:
+            outcome = _read(client)
+            assert outcome.event == "resumed", outcome  # type: ignore[union-attr]
+            resumes += 1
+            for _ in range(min(outcome.replayed + 40, total - len(seen))):  # type: ignore[union-attr]
+                event = _read(client)
+                seen.append(_n(event))
+                position = event.position
+    producer.join(30)
+    assert seen == list(range(total))
+    assert resumes >= 5
+
+
+def _history_small(start_relay) -> RelayProcess:
+    return start_relay(PGWS_HISTORY_MESSAGES="5")
+
+
+def test_a_position_that_fell_out_of_the_history_is_lost_expired(start_relay) -> None:
+    relay = _history_small(start_relay)
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay) as client:
+        start = _read(client)
+    notify(listen, *[_p(n) for n in range(10)])
+    with _open(relay, start.position) as client:
+        lost = _read(client)
+        assert (lost.event, lost.reason) == ("lost", "expired")  # type: ignore[union-attr]
+        notify(listen, _p(10))
+        after = _read(client)
+        assert _n(after) == 10
+    # After the lost event's position, the stream is whole again.
+    with _open(relay, lost.position) as client:
+        assert _read(client) == Control("resumed", lost.position, None, 1)
+        assert _n(_read(client)) == 10
+
+
+def _terminate_listener(application: str) -> int:
+    with psycopg.connect(DB_URI, autocommit=True) as db:
+        return len(db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND query ILIKE 'LISTEN%%'", (application,)
+        ).fetchall())
+
+
+def test_a_listener_gap_is_told_to_connected_and_to_returning_clients(start_relay) -> None:
+    relay = start_relay(PGWS_DB_URI=f"{DB_URI}?application_name=pgws-resume-gap-test")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay) as client:
+        _read(client)
+        notify(listen, _p(1))
+        before = _read(client)
+        assert _terminate_listener("pgws-resume-gap-test") >= 1
+        gap = _read(client, timeout=20)
+        assert (gap.event, gap.reason) == ("lost", "gap")  # type: ignore[union-attr]
+        notify(listen, _p(2))
+        assert _n(_read(client)) == 2
+    with _open(relay, before.position) as client:
+        lost = _read(client)
+        assert (lost.event, lost.reason) == ("lost", "gap")  # type: ignore[union-attr]
+    with _open(relay, gap.position) as client:
+        assert _read(client) == Control("resumed", gap.position, None, 1)
+        assert _n(_read(client)) == 2
+
+
+def test_a_position_no_process_knows_is_lost_unknown(relay) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    stranger = protocol.Position(0x12345678, 3, 0x0123456789ABCDEF).text()
+    with _open(relay, stranger) as client:
+        lost = _read(client)
+        assert (lost.event, lost.reason) == ("lost", "unknown")  # type: ignore[union-attr]
+        notify(listen, _p(1))
+        assert _n(_read(client)) == 1
+
+
+def test_a_client_resumes_on_another_relay_on_the_same_database(start_relay) -> None:
+    first = start_relay()
+    listen = first.env["PGWS_LISTEN_CHANNEL"]
+    second = start_relay(PGWS_LISTEN_CHANNEL=listen)
+    notify(listen, *[_p(n, "warmup") for n in range(protocol.WINDOW)])
+    with _open(first) as client:
+        _read(client)
+        notify(listen, _p(1), _p(2))
+        _read(client)
+        seen = _read(client)
+    notify(listen, _p(3), _p(4, "other"), _p(5))
+    with _open(second, seen.position) as client:
+        assert _read(client) == Control("resumed", seen.position, None, 2)
+        got = [_read(client), _read(client)]
+        assert [_n(e) for e in got] == [3, 5]
+        assert got[0].position.split(".")[0] != seen.position.split(".")[0]  # Its own epoch.
+    # And back: the second relay's positions resume on the first.
+    notify(listen, _p(6))
+    with _open(first, got[1].position) as client:
+        assert _read(client) == Control("resumed", got[1].position, None, 1)
+        assert _n(_read(client)) == 6
+
+
+def test_resume_requests_that_cannot_be_taken_get_400(start_relay, relay) -> None:
+    position = protocol.Position(1, 1, 1).text()
+    cases = [
+        (relay, "from=not-a-position", SUB, "Invalid position"),
+        (relay, "from=" + position, None, "Resuming needs the pgws.resume.v1 subprotocol"),
+        (start_relay(PGWS_HISTORY_MESSAGES="0"), "from=" + position, SUB,
+         "Cannot resume: history is off (PGWS_HISTORY_MESSAGES=0)"),
+    ]
+    for target, query, subprotocols, body in cases:
+        with pytest.raises(InvalidStatus) as refused, _open(target, query=query,
+                                                            subprotocols=subprotocols):
+            pass
+        assert refused.value.response.status_code == 400
+        assert refused.value.response.body.decode() == body
+    assert "400 Invalid position" in relay.log
+
+
+def test_with_history_off_the_subprotocol_is_not_selected(start_relay) -> None:
+    relay = start_relay(PGWS_HISTORY_MESSAGES="0")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay) as client:
+        assert client.subprotocol is None
+        notify(listen, _p(1))
+        assert client.recv(timeout=10) == _p(1)

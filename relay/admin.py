@@ -157,6 +157,14 @@ _METRICS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str,
     ("pgws_compression_restarts", CounterMetricFamily,
      "Shared compressors restarted so that clients could join (each costs the stream its "
      "history).", lambda s: s.hub.restarts),
+    ("pgws_history_entries", GaugeMetricFamily,
+     "Deliveries kept for clients that resume (all channels).",
+     lambda s: s.hub.history.entries if s.hub.history else 0),
+    ("pgws_history_bytes", GaugeMetricFamily,
+     "Memory of those deliveries as PGWS_HISTORY_BYTES counts it (frames plus 320 bytes each).",
+     lambda s: s.hub.history.bytes if s.hub.history else 0),
+    ("pgws_replayed", CounterMetricFamily,
+     "Deliveries replayed to clients that resumed.", lambda s: s.hub.replayed),
     ("pgws_notify_pool_busy", GaugeMetricFamily, "NOTIFY connections in use.",
      lambda s: s.notifier.busy_connections),
     ("pgws_notify_pool_idle", GaugeMetricFamily, "NOTIFY connections open and idle.",
@@ -186,12 +194,21 @@ class RelayCollector(Collector):
         refused = CounterMetricFamily(
             "pgws_connections_refused",
             "WebSocket requests refused, by reason: token (400, upstream's texts), filter (400, a "
-            "filter parameter that does not parse), handshake "
+            "filter parameter that does not parse), position (400, a from= that cannot be "
+            "taken), handshake "
             "(400/426), origin (403), capacity (503, PGWS_MAX_CONNECTIONS), address (503, "
             "PGWS_MAX_CONNECTIONS_PER_IP), shutting_down (503).", labels=["reason"])
         for reason in REFUSAL_REASONS:
             refused.add_metric([reason], counters.refused[reason])
         yield refused
+        resumes = CounterMetricFamily(
+            "pgws_resumes",
+            "Clients that came back with a position, by outcome: resumed (lossless), expired "
+            "(fell out of the history), gap (LISTEN was lost after it), unknown.",
+            labels=["outcome"])
+        for outcome, count in sources.hub.resumes.items():
+            resumes.add_metric([outcome], count)
+        yield resumes
         times = sources.hub.delivery_times
         yield HistogramMetricFamily(
             "pgws_delivery_seconds",

@@ -150,7 +150,9 @@ def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> dict[str, int]:
                         db_pool_busy=notifier.busy_connections, notifications=listener.received,
                         gaps=listener.gaps, frames_offered=hub.offered,
                         streams=hub.stream_count, compressors=hub.deflaters,
-                        compression_joins=hub.joins, compression_restarts=hub.restarts)
+                        compression_joins=hub.joins, compression_restarts=hub.restarts,
+                        resumed=hub.resumes["resumed"], replayed=hub.replayed,
+                        history_entries=hub.history.entries if hub.history else 0)
 
 
 async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,

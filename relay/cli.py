@@ -13,6 +13,11 @@ secret shorter than HS256 needs (every token would be refused), is such an error
 for HS384/HS512 gets a warning. With several workers the supervisor's status is that of the
 first worker that ended on its own (see relay/workers.py). ``token`` exits 0 with the token on
 stdout, or 2 with the reason on stderr (one line, or argparse's usage and error).
+
+``pgws-relay tail URL`` prints a channel's messages, one per line, as they arrive, resuming
+across reconnects: a thin wrapper over :mod:`relay.subscription`. It exits 0 on SIGINT/SIGTERM
+(naming the position to resume from on stderr), 1 when the relay refuses it for good, 2 for bad
+arguments.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from relay import __version__, app, auth, logs, mint, workers
+from relay import __version__, app, auth, logs, mint, protocol, subscription, workers
 from relay.config import (
     SECRET_VARIABLES,
     SETTINGS,
@@ -46,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         description="WebSocket relay for PostgreSQL LISTEN/NOTIFY, compatible with "
                     "postgres-websockets. Every setting is an environment variable; a flag "
                     "overrides it.",
-        epilog="pgws-relay token --help: mint a token this relay accepts.",
+        epilog="pgws-relay token --help: mint a token this relay accepts. "
+               "pgws-relay tail --help: print a channel's messages as they arrive.",
     )
     parser.add_argument("--version", action="version", version=f"pgws-relay {__version__}")
     for setting in SETTINGS:
@@ -205,8 +212,102 @@ def _run(argv: Sequence[str]) -> int:
         return 0
 
 
+def _tail_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgws-relay tail",
+        description="Print each message of a relay's channel on its own line as it arrives, "
+                    "resuming across reconnects (lost messages, reconnects and the position to "
+                    "resume from go to stderr). Works with postgres-websockets too, without "
+                    "resuming.",
+    )
+    parser.add_argument("url", help="ws://HOST:PORT/CHANNEL or wss://…; with / alone, the "
+                                    "token's channels claim")
+    parser.add_argument("--token", help="the JWT, sent as Authorization: Bearer (default: "
+                                        "$PGWS_TOKEN, which other users cannot see in ps; "
+                                        "neither: the URL carries it)")
+    parser.add_argument("--filter", action="append", default=[], metavar="PATH=OP.VALUE",
+                        dest="filters", help="only messages that match, e.g. "
+                                             "payload.market_id=eq.7; repeat: all must hold")
+    parser.add_argument("--from", dest="position", metavar="POSITION",
+                        help="start after this position, as --positions or the exit line "
+                             "printed it")
+    parser.add_argument("--positions", action="store_true",
+                        help="print POSITION<TAB>PAYLOAD (- when the relay sends none)")
+    return parser
+
+
+def _tail(argv: Sequence[str]) -> int:
+    parser = _tail_parser()
+    args = parser.parse_args(argv)
+    try:
+        subscription.Endpoint.parse(args.url, args.filters)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.position is not None and protocol.parse_position(args.position) is None:
+        parser.error(f"--from: not a position: {args.position!r}")
+    token = args.token if args.token is not None else os.environ.get("PGWS_TOKEN") or None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pgws-relay tail: %(message)s"))
+    library_log = logging.getLogger(subscription.log.name)
+    library_log.addHandler(handler)
+    library_log.setLevel(logging.INFO)
+    library_log.propagate = False
+    return trio.run(_follow, args, token)
+
+
+async def _follow(args: argparse.Namespace, token: str | None) -> int:
+    """Print until a signal (0) or a refusal (1); then where to resume, on stderr."""
+    status = 0
+    current: subscription.Subscription | None = None
+
+    async def printing(stop: trio.CancelScope) -> None:
+        nonlocal status, current
+        try:
+            async with subscription.subscribe(args.url, token=token, filters=args.filters,
+                                              position=args.position) as current:
+                async for event in current:
+                    if isinstance(event, subscription.Lost):
+                        print(f"pgws-relay tail: lost ({event.reason}): messages may be "
+                              f"missing; going on after {event.position or 'now'}",
+                              file=sys.stderr, flush=True)
+                    elif args.positions:
+                        print(f"{event.position or '-'}\t{event.payload}", flush=True)
+                    else:
+                        print(event.payload, flush=True)
+        except subscription.Refused as exc:
+            print(f"pgws-relay tail: refused: {_one_line(str(exc))}", file=sys.stderr)
+            status = 1
+        except subscription.SubscriptionError as exc:
+            print(f"pgws-relay tail: {_one_line(str(exc))}", file=sys.stderr)
+            status = 1
+        except BrokenPipeError:  # The reader of stdout went away (| head): done.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stop.cancel()
+
+    async def until_signal(signals: AsyncIterator[int], stop: trio.CancelScope) -> None:
+        async for _ in signals:
+            stop.cancel()
+            return
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(printing, nursery.cancel_scope)
+            nursery.start_soon(until_signal, signals, nursery.cancel_scope)
+    position = current.position if current is not None else args.position
+    if status == 0:
+        print("pgws-relay tail: stopped" + (f"; resume with --from {position}" if position
+                                            else ""), file=sys.stderr)
+    return status
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["token"]:
         return _token(arguments[1:])
+    if arguments[:1] == ["tail"]:
+        return _tail(arguments[1:])
     return _run(arguments)

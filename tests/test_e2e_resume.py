@@ -18,7 +18,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from relay import protocol
 from relay.protocol import Control, Delivery
-from tests.conftest import DB_URI, RelayProcess, notify, token
+from tests.conftest import DB_URI, RelayProcess, eventually, notify, token
+from tests.test_admin import admin_port, metric
 
 SUB = [protocol.SUBPROTOCOL]
 
@@ -246,3 +247,42 @@ def test_with_history_off_the_subprotocol_is_not_selected(start_relay) -> None:
         assert client.subprotocol is None
         notify(listen, _p(1))
         assert client.recv(timeout=10) == _p(1)
+
+
+def test_resumes_and_the_history_are_in_the_metrics(start_relay) -> None:
+    relay = start_relay(PGWS_ADMIN_PORT="0", PGWS_HISTORY_MESSAGES="3")
+    port = admin_port(relay)
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay) as client:
+        start = _read(client)
+    notify(listen, _p(1), _p(2), _p(3, "d"))
+    with _open(relay, start.position) as client:
+        assert _read(client) == Control("resumed", start.position, None, 2)
+    notify(listen, *[_p(n) for n in range(4, 8)])
+    with _open(relay, start.position) as client:
+        assert _read(client).reason == "expired"  # type: ignore[union-attr]
+    assert eventually(lambda: metric(port, "pgws_resumes_total", outcome="resumed") == 1
+                      and metric(port, "pgws_resumes_total", outcome="expired") == 1)
+    assert metric(port, "pgws_replayed_total") == 2
+    assert metric(port, "pgws_history_entries") == 4  # Three of c, one of d.
+    assert metric(port, "pgws_history_bytes") > 4 * 320
+    assert metric(port, "pgws_resumes_total", outcome="gap") == 0
+    assert relay.stats()["resumed"] == 1
+
+
+def test_a_replay_beyond_the_queue_bound_is_not_a_slow_consumer(start_relay) -> None:
+    """The replay is history's bytes, already held: it does not count against the bound that
+    closes slow consumers, which still applies to live traffic queued behind it."""
+    relay = start_relay(PGWS_HISTORY_MESSAGES="5000", PGWS_MAX_QUEUE_BYTES="65536")
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with _open(relay, compression=None) as client:
+        start = _read(client)
+    pad = "x" * 200
+    for first in range(0, 2000, 500):
+        notify(listen, *[_p(n, pad=pad) for n in range(first, first + 500)])
+    with _open(relay, start.position, compression=None) as client:
+        assert _read(client) == Control("resumed", start.position, None, 2000)
+        assert [_n(_read(client)) for _ in range(2000)] == list(range(2000))
+        notify(listen, _p(2000))
+        assert _n(_read(client)) == 2000
+    assert "slow consumer" not in relay.log

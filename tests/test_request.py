@@ -118,3 +118,18 @@ def test_filter_parameters_are_collected_decoded_in_order() -> None:
     assert (outside.channel, outside.token, outside.filters) == ("c", "T", ("a=eq.1",))
     bearer = parse_target(b"/c?filter=a=eq.1", [(b"authorization", b"Bearer T")])
     assert (bearer.channel, bearer.token, bearer.filters) == ("c", "T", ("a=eq.1",))
+
+
+def test_the_first_from_parameter_is_the_position_in_every_token_form() -> None:
+    assert parse_target(b"/c/T?from=ab&from=cd").position == "ab"
+    assert parse_target(b"/c?jwt=T&from=a%2Eb").position == "a.b"
+    assert parse_target(b"/c?from=", [(b"authorization", b"Bearer T")]) == \
+        Target("c", "T", (), "")
+    assert parse_target(b"/c/T?fromx=1").position is None
+
+
+def test_subprotocols_are_every_offer_split_on_commas() -> None:
+    headers = [(b"Sec-WebSocket-Protocol", b"chat, pgws.resume.v1 ,"),
+               (b"host", b"x"), (b"sec-websocket-protocol", b" other")]
+    assert request.subprotocols(headers) == ["chat", "pgws.resume.v1", "other"]
+    assert request.subprotocols([]) == []

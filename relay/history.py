@@ -24,7 +24,10 @@ included) takes a seq of its own, and a position before the last break cannot re
 :meth:`resolve` answers, for a position and a set of channels: resume after seq S, or one of
 the reasons of :mod:`relay.protocol` (expired, gap, unknown), or :data:`WAIT`: a position of
 another process whose digest this one has not seen (yet: its LISTEN may lag the other's by a
-few milliseconds). :meth:`after` lists what a resume replays, in stream order.
+few milliseconds). A digest is taken only from an entry received within
+:data:`relay.protocol.CLOCK_SKEW` seconds of the position's time, and only when it names one
+entry: a run of identical payloads that repeats is ``unknown``, never the wrong point.
+:meth:`after` lists what a resume replays, in stream order.
 
 Rules this module keeps: it never builds anything per client and never awaits; it is the only
 place where positions are made or compared. It knows nothing of sockets, streams or filters.
@@ -37,6 +40,7 @@ import collections
 import hashlib
 import heapq
 import secrets
+import time
 from collections.abc import Collection, Iterator
 from typing import Final
 
@@ -126,15 +130,20 @@ class History:
     """
 
     def __init__(self, messages: int, max_bytes: int, max_age: float,
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, wall_offset: float | None = None) -> None:
         self.messages = messages
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.epoch = secrets.randbits(32) if epoch is None else epoch
         self._epoch_text = f"{self.epoch:08x}".encode()
-        #: The last point of the stream: a notification or a break.
+        #: Unix time minus the entries' clock (``time.monotonic()``): positions carry Unix
+        #: seconds, which other processes can compare.
+        self._wall_offset = time.time() - time.monotonic() if wall_offset is None \
+            else wall_offset
+        #: The last point of the stream: a notification or a break, and its Unix second.
         self.seq = 0
         self.digest = 0
+        self.time = int(time.time()) if wall_offset is None else 0
         #: The seq of the last break (LISTEN established); positions before it cannot resume.
         self.break_seq = 0
         self._window: collections.deque[_Digest] = collections.deque(maxlen=protocol.WINDOW)
@@ -146,8 +155,8 @@ class History:
         #: (seq of a log's first entry, channel): the oldest entry of all is on top. Lazy: a
         #: pair whose channel's head has moved on is skipped when it surfaces.
         self._heads: list[tuple[int, str]] = []
-        #: digest → the seq of the entry that has it, or a list when several do.
-        self._by_digest: dict[int, int | list[int]] = {}
+        #: digest → the entry that has it, or a list when several do.
+        self._by_digest: dict[int, Entry | list[Entry]] = {}
         #: Entries and their bytes (with overhead) kept now.
         self.entries = 0
         self.bytes = 0
@@ -158,7 +167,7 @@ class History:
     def position(self) -> str:
         """The position of the last point of the stream (what a client that just connected has
         seen, as far as this process can tell)."""
-        return Position(self.epoch, self.seq, self.digest).text()
+        return Position(self.epoch, self.seq, self.digest, self.time).text()
 
     def append(self, channel: str, payload: bytes, arrived: float) -> Entry:
         """The next notification: its position, its frame, and (if history is on) kept."""
@@ -167,7 +176,8 @@ class History:
         digest = int.from_bytes(
             hashlib.blake2b(b"".join(self._window), digest_size=8).digest(), "big")
         self.digest = digest
-        position = b"%s.%x.%016x" % (self._epoch_text, self.seq, digest)
+        self.time = int(arrived + self._wall_offset)
+        position = b"%s.%x.%016x.%08x" % (self._epoch_text, self.seq, digest, self.time)
         text = protocol.delivery(position, payload)
         frame = frames.text(text)
         entry = Entry(self.seq, digest, frame, len(frame) - len(payload), arrived)
@@ -175,26 +185,38 @@ class History:
             self._keep(channel, entry)
         return entry
 
-    def mark_break(self) -> None:
+    def mark_break(self, now: float | None = None) -> None:
         """LISTEN was (re)established: what came before may have been followed by a loss."""
         self.seq += 1
         self.break_seq = self.seq
         self.digest = 0  # Names no notification: found by no other process.
+        self.time = int((time.monotonic() if now is None else now) + self._wall_offset)
         self._window.clear()
 
-    def resolve(self, position: Position, channels: Collection[str]) -> int | str:
-        """The seq to replay after, or why not (a reason of :mod:`relay.protocol`, or WAIT)."""
+    def resolve(self, position: Position, channels: Collection[str],
+                now: float | None = None) -> int | str:
+        """The seq to replay after, or why not (a reason of :mod:`relay.protocol`, or WAIT).
+
+        ``now``: the entries' clock (default ``time.monotonic()``), for positions of other
+        processes too old for any history.
+        """
         if position.epoch == self.epoch:
             seq = position.seq
             if seq > self.seq:
                 return protocol.UNKNOWN
         else:
+            if now is None:
+                now = time.monotonic()
+            if position.time + protocol.CLOCK_SKEW < now + self._wall_offset - self.max_age:
+                return protocol.EXPIRED  # Older than what any process keeps.
             found = self._by_digest.get(position.digest)
             if found is None:
                 return WAIT if position.digest else protocol.UNKNOWN
             if isinstance(found, list):
                 return protocol.UNKNOWN  # The same window twice: which one is meant?
-            seq = found
+            if abs(found.arrived + self._wall_offset - position.time) > protocol.CLOCK_SKEW:
+                return protocol.UNKNOWN  # The same payloads again, at another time.
+            seq = found.seq
         if seq < self.break_seq:
             return protocol.GAP
         if not self.messages:
@@ -232,11 +254,11 @@ class History:
         self.bytes += entry.size
         found = self._by_digest.get(entry.digest)
         if found is None:
-            self._by_digest[entry.digest] = entry.seq
+            self._by_digest[entry.digest] = entry
         elif isinstance(found, list):
-            found.append(entry.seq)
+            found.append(entry)
         else:
-            self._by_digest[entry.digest] = [found, entry.seq]
+            self._by_digest[entry.digest] = [found, entry]
         if len(log) > self.messages:
             self._drop(channel, log)
         while self.bytes > self.max_bytes and self._heads:
@@ -270,7 +292,7 @@ class History:
         self.bytes -= entry.size
         found = self._by_digest[entry.digest]
         if isinstance(found, list):
-            found.remove(entry.seq)
+            found.remove(entry)
             if len(found) == 1:
                 self._by_digest[entry.digest] = found[0]
         else:

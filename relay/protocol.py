@@ -10,8 +10,8 @@ bytes, byte for byte (the drop-in promise).
 A position names one point of the relay's stream of notifications (every notification on the
 listen channel, in PostgreSQL's commit order, whatever its WebSocket channel)::
 
-    EEEEEEEE.S.DDDDDDDDDDDDDDDD
-    epoch    seq   digest
+    EEEEEEEE.S.DDDDDDDDDDDDDDDD.TTTTTTTT
+    epoch    seq   digest   time
 
 - *epoch* (8 hex digits): chosen at random when the relay process starts; with *seq* (hex,
   1-16 digits), the number of the point in that process, it lets the same process find the
@@ -20,6 +20,10 @@ listen channel, in PostgreSQL's commit order, whatever its WebSocket channel)::
   and including this one. Every relay process listening on the same database sees the same
   notifications in the same order, so every one computes the same digest for the same point,
   without talking to the others: a relay that did not issue the position finds it by digest.
+- *time* (8 hex digits): when the issuing relay received the notification, in Unix seconds.
+  Another relay takes a digest only from a notification it received within
+  ``CLOCK_SKEW`` seconds of that, so a run of payloads that repeats later cannot be mistaken
+  for the one the client saw; and a position older than every relay's history is ``expired``.
 
 Messages from the relay, under the subprotocol (all text):
 
@@ -61,21 +65,27 @@ GAP = "gap"
 UNKNOWN = "unknown"
 LOST_REASONS = (EXPIRED, GAP, UNKNOWN)
 
-#: The longest position text: 8 + 1 + 16 + 1 + 16.
-MAX_POSITION_LENGTH = 42
+#: The longest position text: 8 + 1 + 16 + 1 + 16 + 1 + 8.
+MAX_POSITION_LENGTH = 51
 
-_POSITION = re.compile(r"([0-9a-f]{8})\.([0-9a-f]{1,16})\.([0-9a-f]{16})")
+#: Seconds two relay processes' clocks (and receipt of one notification) may differ by for a
+#: position of one to be taken by the other: NTP keeps hosts well within it.
+CLOCK_SKEW = 10
+
+_POSITION = re.compile(r"([0-9a-f]{8})\.([0-9a-f]{1,16})\.([0-9a-f]{16})\.([0-9a-f]{8})")
 
 
 class Position(NamedTuple):
-    """A point of one relay process's stream: its epoch, its sequence number, its digest."""
+    """A point of one relay process's stream: its epoch, its sequence number, its digest, and
+    when it was received (Unix seconds)."""
 
     epoch: int
     seq: int
     digest: int
+    time: int = 0
 
     def text(self) -> str:
-        return f"{self.epoch:08x}.{self.seq:x}.{self.digest:016x}"
+        return f"{self.epoch:08x}.{self.seq:x}.{self.digest:016x}.{self.time:08x}"
 
 
 def parse_position(text: str) -> Position | None:
@@ -83,7 +93,8 @@ def parse_position(text: str) -> Position | None:
     match = _POSITION.fullmatch(text)
     if match is None:
         return None
-    return Position(int(match.group(1), 16), int(match.group(2), 16), int(match.group(3), 16))
+    epoch, seq, digest, time = (int(group, 16) for group in match.groups())
+    return Position(epoch, seq, digest, time)
 
 
 # -- what the relay sends ------------------------------------------------------------------------

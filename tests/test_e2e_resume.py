@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -48,6 +49,17 @@ def _read(client: ClientConnection, timeout: float = 10) -> Delivery | Control:
     return protocol.read(message)
 
 
+def _caught_up(*relays: RelayProcess) -> None:
+    """Return once each relay has taken in every notification committed before the call: a
+    marker committed after them reaches a client only after they went through the hub."""
+    for relay in relays:
+        marker = json.dumps({"channel": "caught-up", "marker": time.monotonic_ns()})
+        with _open(relay, path="/caught-up", subprotocols=None) as watcher:
+            notify(relay.env["PGWS_LISTEN_CHANNEL"], marker)
+            while watcher.recv(timeout=10) != marker:
+                pass
+
+
 def _n(event: Delivery | Control) -> int:
     assert isinstance(event, Delivery), event
     return json.loads(event.payload)["n"]
@@ -73,6 +85,7 @@ def test_positions_survive_a_reconnect(relay, compression) -> None:
         assert (first.payload, third.payload) == (_p(1), _p(3))  # type: ignore[union-attr]
     notify(listen, _p(4), _p(5, "other"))
     notify(listen, _p(6))
+    _caught_up(relay)
     with _open(relay, third.position, compression=compression) as client:
         assert _read(client) == Control("resumed", third.position, None, 2)
         assert [_n(_read(client)) for _ in range(2)] == [4, 6]
@@ -90,6 +103,7 @@ def test_filters_apply_to_what_is_replayed(relay) -> None:
     with _open(relay, query="filter=market=eq.2") as client:
         start = _read(client)
     notify(listen, *[_p(n, market=n % 3) for n in range(1, 10)])
+    _caught_up(relay)
     with _open(relay, start.position, query="filter=market=eq.2") as client:
         assert _read(client) == Control("resumed", start.position, None, 3)
         assert [_n(_read(client)) for _ in range(3)] == [2, 5, 8]
@@ -113,31 +127,28 @@ class _Producer(threading.Thread):
 
 
 def test_the_seam_under_load_has_no_gap_and_no_duplicate(start_relay) -> None:
-    """Reconnect again and again while a producer commits: every replay races live traffic."""
-    total = 3000
+    """Reconnect every 100 messages while a producer commits: replays race live traffic, and
+    some connections end in the middle of their replay."""
+    total, per_connection = 3000, 100
     relay = start_relay(PGWS_HISTORY_MESSAGES=str(total))
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
     seen: list[int] = []
-    resumes = 0
+    outcomes: list[str] = []
     with _open(relay) as client:
         position = _read(client).position
         producer = _Producer(listen, total)
         producer.start()
-        for _ in range(30):  # Read a few, then drop the connection.
-            seen.append(_n(event := _read(client)))
-            position = event.position
     while len(seen) < total:
         with _open(relay, position) as client:
             outcome = _read(client)
-            assert outcome.event == "resumed", outcome  # type: ignore[union-attr]
-            resumes += 1
-            for _ in range(min(outcome.replayed + 40, total - len(seen))):  # type: ignore[union-attr]
+            outcomes.append(outcome.event)
+            for _ in range(min(per_connection, total - len(seen))):
                 event = _read(client)
                 seen.append(_n(event))
                 position = event.position
     producer.join(30)
     assert seen == list(range(total))
-    assert resumes >= 5
+    assert outcomes == ["resumed"] * (total // per_connection)
 
 
 def _history_small(start_relay) -> RelayProcess:
@@ -150,6 +161,7 @@ def test_a_position_that_fell_out_of_the_history_is_lost_expired(start_relay) ->
     with _open(relay) as client:
         start = _read(client)
     notify(listen, *[_p(n) for n in range(10)])
+    _caught_up(relay)
     with _open(relay, start.position) as client:
         lost = _read(client)
         assert (lost.event, lost.reason) == ("lost", "expired")  # type: ignore[union-attr]
@@ -192,7 +204,7 @@ def test_a_listener_gap_is_told_to_connected_and_to_returning_clients(start_rela
 
 def test_a_position_no_process_knows_is_lost_unknown(relay) -> None:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
-    stranger = protocol.Position(0x12345678, 3, 0x0123456789ABCDEF).text()
+    stranger = protocol.Position(0x12345678, 3, 0x0123456789ABCDEF, int(time.time())).text()
     with _open(relay, stranger) as client:
         lost = _read(client)
         assert (lost.event, lost.reason) == ("lost", "unknown")  # type: ignore[union-attr]
@@ -211,6 +223,7 @@ def test_a_client_resumes_on_another_relay_on_the_same_database(start_relay) -> 
         _read(client)
         seen = _read(client)
     notify(listen, _p(3), _p(4, "other"), _p(5))
+    _caught_up(second)
     with _open(second, seen.position) as client:
         assert _read(client) == Control("resumed", seen.position, None, 2)
         got = [_read(client), _read(client)]
@@ -218,6 +231,7 @@ def test_a_client_resumes_on_another_relay_on_the_same_database(start_relay) -> 
         assert got[0].position.split(".")[0] != seen.position.split(".")[0]  # Its own epoch.
     # And back: the second relay's positions resume on the first.
     notify(listen, _p(6))
+    _caught_up(first)
     with _open(first, got[1].position) as client:
         assert _read(client) == Control("resumed", got[1].position, None, 1)
         assert _n(_read(client)) == 6
@@ -256,15 +270,17 @@ def test_resumes_and_the_history_are_in_the_metrics(start_relay) -> None:
     with _open(relay) as client:
         start = _read(client)
     notify(listen, _p(1), _p(2), _p(3, "d"))
+    _caught_up(relay)
     with _open(relay, start.position) as client:
         assert _read(client) == Control("resumed", start.position, None, 2)
     notify(listen, *[_p(n) for n in range(4, 8)])
+    _caught_up(relay)
     with _open(relay, start.position) as client:
         assert _read(client).reason == "expired"  # type: ignore[union-attr]
     assert eventually(lambda: metric(port, "pgws_resumes_total", outcome="resumed") == 1
                       and metric(port, "pgws_resumes_total", outcome="expired") == 1)
     assert metric(port, "pgws_replayed_total") == 2
-    assert metric(port, "pgws_history_entries") == 4  # Three of c, one of d.
+    assert metric(port, "pgws_history_entries") == 6  # Three of c, one of d, two markers.
     assert metric(port, "pgws_history_bytes") > 4 * 320
     assert metric(port, "pgws_resumes_total", outcome="gap") == 0
     assert relay.stats()["resumed"] == 1
@@ -280,6 +296,7 @@ def test_a_replay_beyond_the_queue_bound_is_not_a_slow_consumer(start_relay) -> 
     pad = "x" * 200
     for first in range(0, 2000, 500):
         notify(listen, *[_p(n, pad=pad) for n in range(first, first + 500)])
+    _caught_up(relay)
     with _open(relay, start.position, compression=None) as client:
         assert _read(client) == Control("resumed", start.position, None, 2000)
         assert [_n(_read(client)) for _ in range(2000)] == list(range(2000))

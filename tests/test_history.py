@@ -19,27 +19,34 @@ def _payload(channel: str, n: int) -> bytes:
     return json.dumps({"channel": channel, "n": n}).encode()
 
 
+def _history(messages: int = 100, max_bytes: int = 1 << 20, max_age: float = 60) -> History:
+    """A history whose clock is Unix time itself (entries arrive at 0.0 unless told)."""
+    return History(messages, max_bytes, max_age, wall_offset=0.0)
+
+
 def _feed(history: History, items: list[tuple[str, int]], arrived: float = 0.0) -> list[str]:
     """Append ``items`` (channel, n); the position text of each."""
     positions = []
     for channel, n in items:
-        entry = history.append(channel, _payload(channel, n), arrived)
-        positions.append(Position(history.epoch, entry.seq, entry.digest).text())
+        history.append(channel, _payload(channel, n), arrived)
+        positions.append(history.position)
     return positions
 
 
-def _ns(history: History, position: str, channels: list[str]) -> list[int] | str:
-    outcome = history.resolve(protocol.parse_position(position), channels)  # type: ignore[arg-type]
+def _ns(history: History, position: str, channels: list[str], now: float = 0.0
+        ) -> list[int] | str:
+    outcome = history.resolve(protocol.parse_position(position), channels,  # type: ignore[arg-type]
+                              now)
     if isinstance(outcome, str):
         return outcome
     return [json.loads(entry.payload)["n"] for entry in history.after(outcome, channels)]
 
 
 def test_a_delivery_is_its_position_a_line_feed_and_the_payload_unchanged() -> None:
-    history = History(10, 1 << 20, 60, epoch=0xABCDEF01)
+    history = History(10, 1 << 20, 60, epoch=0xABCDEF01, wall_offset=0.0)
     payload = '{"channel":"c","price":"1.5","who":"é"}'.encode()
-    entry = history.append("c", payload, 0.0)
-    position = f"abcdef01.1.{entry.digest:016x}"
+    entry = history.append("c", payload, 1234.5)
+    position = f"abcdef01.1.{entry.digest:016x}.000004d2"
     assert entry.frame == frames.text(position.encode() + b"\n" + payload)
     assert entry.payload == payload
     assert history.position == position
@@ -48,19 +55,22 @@ def test_a_delivery_is_its_position_a_line_feed_and_the_payload_unchanged() -> N
 
 
 def test_positions_parse_back_and_nothing_else_does() -> None:
-    position = Position(0x0102ABCD, 0x1F4, 0xFEDCBA9876543210)
-    assert position.text() == "0102abcd.1f4.fedcba9876543210"
+    position = Position(0x0102ABCD, 0x1F4, 0xFEDCBA9876543210, 0x675A1B2C)
+    assert position.text() == "0102abcd.1f4.fedcba9876543210.675a1b2c"
     assert protocol.parse_position(position.text()) == position
-    for bad in ("", "0102abcd.1f4", "0102ABCD.1f4.fedcba9876543210", "0102abcd..fedcba9876543210",
-                "102abcd.1.fedcba9876543210", "0102abcd.1.fedcba987654321",
-                "0102abcd.11111111111111111.fedcba9876543210", " 0102abcd.1.fedcba9876543210",
-                "0102abcd.1.fedcba9876543210\n"):
+    good = "0102abcd.1.fedcba9876543210.675a1b2c"
+    assert protocol.parse_position(good) is not None
+    for bad in ("", "0102abcd.1f4", "0102abcd.1.fedcba9876543210",
+                good.replace("abcd", "ABCD"), good.replace(".1.", ".."),
+                good[1:], good.replace("3210.", "321."), good.replace(".1.", "." + "1" * 17 + "."),
+                " " + good, good + "\n", good + ".0", good.replace("675a1b2c", "675a1b2")):
         assert protocol.parse_position(bad) is None, bad
-    assert len("ffffffff.ffffffffffffffff.ffffffffffffffff") == protocol.MAX_POSITION_LENGTH
+    assert len("ffffffff.ffffffffffffffff.ffffffffffffffff.ffffffff") == \
+        protocol.MAX_POSITION_LENGTH
 
 
 def test_control_events_are_exact_text_and_read_back() -> None:
-    p = "0102abcd.1f4.fedcba9876543210"
+    p = "0102abcd.1f4.fedcba9876543210.675a1b2c"
     assert protocol.position_event(p) == b'{"event":"position","position":"%s"}' % p.encode()
     assert protocol.resumed_event(p, 12) == \
         b'{"event":"resumed","position":"%s","replayed":12}' % p.encode()
@@ -78,14 +88,15 @@ def test_control_events_are_exact_text_and_read_back() -> None:
 
 
 def test_every_process_names_the_same_point_alike_once_it_has_seen_a_window() -> None:
-    early = History(100, 1 << 20, 60)
-    late = History(100, 1 << 20, 60)
+    early = _history()
+    late = _history()
     assert early.epoch != late.epoch
     items = [("c", n) for n in range(30)]
     first = _feed(early, items)
     second = _feed(late, items[5:])  # Started five notifications later.
     digests = [p.split(".")[2] for p in first[5:]]
     theirs = [p.split(".")[2] for p in second]
+    assert [p.split(".")[3] for p in first] == ["00000000"] * 30  # Received at Unix time 0.
     # Within the first window the late process has seen less: its digests differ, and so no
     # position of the early one is mistaken for one of its own.
     assert all(a != b for a, b in zip(digests[:protocol.WINDOW - 1],
@@ -96,16 +107,16 @@ def test_every_process_names_the_same_point_alike_once_it_has_seen_a_window() ->
 
 
 def test_a_position_of_another_process_not_seen_yet_is_waited_for_then_found() -> None:
-    ahead, behind = History(100, 1 << 20, 60), History(100, 1 << 20, 60)
+    ahead, behind = _history(), _history()
     positions = _feed(ahead, [("c", n) for n in range(20)])
     _feed(behind, [("c", n) for n in range(15)])
-    assert behind.resolve(protocol.parse_position(positions[17]), ["c"]) == WAIT  # type: ignore[arg-type]
+    assert _ns(behind, positions[17], ["c"]) == WAIT
     _feed(behind, [("c", n) for n in range(15, 20)])
     assert _ns(behind, positions[17], ["c"]) == [18, 19]
 
 
 def test_resume_replays_the_channels_asked_for_in_stream_order() -> None:
-    history = History(100, 1 << 20, 60)
+    history = _history()
     positions = _feed(history, [("a", 1), ("b", 2), ("c", 3), ("a", 4), ("b", 5), ("a", 6)])
     assert _ns(history, positions[0], ["a", "b"]) == [2, 4, 5, 6]
     assert _ns(history, positions[0], ["b"]) == [2, 5]
@@ -116,7 +127,7 @@ def test_resume_replays_the_channels_asked_for_in_stream_order() -> None:
 
 
 def test_a_busy_channel_pushes_out_its_own_history_and_not_a_quiet_ones() -> None:
-    history = History(3, 1 << 20, 60)
+    history = _history(3)
     positions = _feed(history, [("quiet", 0)] + [("busy", n) for n in range(1, 8)])
     assert _ns(history, positions[0], ["quiet"]) == []
     assert _ns(history, positions[0], ["busy"]) == protocol.EXPIRED
@@ -129,9 +140,9 @@ def test_a_busy_channel_pushes_out_its_own_history_and_not_a_quiet_ones() -> Non
 
 def test_the_byte_bound_counts_overhead_and_drops_the_oldest_of_all() -> None:
     payload_size = len(_payload("a", 10))
-    entry_size = len(History(1, 1 << 20, 60).append("a", _payload("a", 10), 0).frame) \
+    entry_size = len(_history(1).append("a", _payload("a", 10), 0).frame) \
         + ENTRY_OVERHEAD
-    history = History(100, 5 * entry_size, 60)
+    history = _history(max_bytes=5 * entry_size)
     positions = _feed(history, [("a", 10), ("b", 11), ("a", 12), ("b", 13), ("a", 14)])
     assert history.entries == 5 and history.bytes == 5 * entry_size
     _feed(history, [("c", 15)])
@@ -146,7 +157,7 @@ def test_the_byte_bound_counts_overhead_and_drops_the_oldest_of_all() -> None:
 
 
 def test_entries_older_than_the_age_go() -> None:
-    history = History(100, 1 << 20, 10)
+    history = _history(max_age=10)
     start = history.position
     old = _feed(history, [("a", 1), ("b", 2)], arrived=100.0)
     new = _feed(history, [("a", 3)], arrived=105.0)
@@ -166,7 +177,7 @@ def test_entries_older_than_the_age_go() -> None:
 
 
 def test_a_listen_break_makes_earlier_positions_a_gap() -> None:
-    history = History(100, 1 << 20, 60)
+    history = _history()
     before = _feed(history, [("a", 1), ("a", 2)])
     history.mark_break()
     at_break = history.position
@@ -175,32 +186,57 @@ def test_a_listen_break_makes_earlier_positions_a_gap() -> None:
     assert _ns(history, at_break, ["a"]) == [3]
     assert _ns(history, after[0], ["a"]) == []
     # The break's own position names no notification: other processes cannot place it.
-    other = History(100, 1 << 20, 60)
-    assert other.resolve(protocol.parse_position(at_break), ["a"]) == protocol.UNKNOWN  # type: ignore[arg-type]
+    other = _history()
+    assert _ns(other, at_break, ["a"]) == protocol.UNKNOWN
 
 
 def test_positions_nobody_can_place_are_unknown() -> None:
-    history = History(100, 1 << 20, 60)
+    history = _history()
     _feed(history, [("a", 1)])
     future = Position(history.epoch, history.seq + 1, 5)
     assert history.resolve(future, ["a"]) == protocol.UNKNOWN
     # The same window twice (a run of identical payloads): the digest is ambiguous.
-    repeated = History(100, 1 << 20, 60)
+    repeated = _history()
     same = [repeated.append("a", b"tick", 0.0) for _ in range(2 * protocol.WINDOW + 2)]
     twice = same[-1].digest
     assert [e.digest for e in same].count(twice) > 1
-    stranger = History(100, 1 << 20, 60)
+    stranger = _history()
     for _ in range(2 * protocol.WINDOW + 2):
         stranger.append("a", b"tick", 0.0)
-    assert stranger.resolve(Position(history.epoch, 1, twice), ["a"]) == protocol.UNKNOWN
+    assert stranger.resolve(Position(history.epoch, 1, twice), ["a"], 0.0) == protocol.UNKNOWN
     # Its own process still places it exactly, by seq.
     own = Position(repeated.epoch, same[-3].seq, same[-3].digest)
     assert [e.seq for e in repeated.after(repeated.resolve(own, ["a"]), ["a"])] == \
         [same[-2].seq, same[-1].seq]  # type: ignore[arg-type]
 
 
+def test_the_same_payloads_again_at_another_time_are_not_the_point_a_client_saw() -> None:
+    """A run of identical payloads that comes back later: its digest is the same, its time is
+    not, so another process does not resume there (which would skip what came between)."""
+    issuer, other = _history(), _history()
+    run = [("a", 0)] * protocol.WINDOW
+    seen = _feed(issuer, run, arrived=100.0)[-1]
+    _feed(other, run, arrived=100.0)
+    _feed(other, [("b", 1)], arrived=101.0)
+    other.expire(1000.0)  # Its first run is gone, and the run comes back later:
+    assert other.entries == 0
+    _feed(other, run, arrived=100.0 + protocol.CLOCK_SKEW + 1)
+    assert _ns(other, seen, ["a", "b"], now=120.0) == protocol.UNKNOWN
+    # Received within the skew, it is taken.
+    again = _history()
+    _feed(again, run, arrived=100.0 + protocol.CLOCK_SKEW)
+    assert _ns(again, seen, ["a"], now=120.0) == []
+
+
+def test_a_position_of_another_process_older_than_any_history_is_expired() -> None:
+    issuer, other = _history(max_age=60), _history(max_age=60)
+    seen = _feed(issuer, [("a", 1)], arrived=1000.0)[-1]
+    assert _ns(other, seen, ["a"], now=1000.0 + 60 + protocol.CLOCK_SKEW) == WAIT
+    assert _ns(other, seen, ["a"], now=1000.0 + 61 + protocol.CLOCK_SKEW) == protocol.EXPIRED
+
+
 def test_an_emptied_channel_remembers_what_it_dropped() -> None:
-    history = History(100, 1 << 20, 10)
+    history = _history(max_age=10)
     positions = _feed(history, [("a", 1), ("a", 2)], arrived=0.0)
     history.expire(50.0)
     assert history.entries == 0
@@ -214,7 +250,7 @@ def test_an_emptied_channel_remembers_what_it_dropped() -> None:
 def test_forgotten_channels_fold_into_a_conservative_floor(monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     monkeypatch.setattr("relay.history._FORGOTTEN_CHANNELS", 2)
-    history = History(100, 1 << 20, 10)
+    history = _history(max_age=10)
     start = history.position
     _feed(history, [("x", 1), ("y", 2), ("z", 3)], arrived=0.0)
     history.expire(50.0)
@@ -225,7 +261,7 @@ def test_forgotten_channels_fold_into_a_conservative_floor(monkeypatch: pytest.M
 
 
 def test_with_no_messages_kept_only_the_head_resumes() -> None:
-    history = History(0, 1 << 20, 60)
+    history = _history(0)
     positions = _feed(history, [("a", 1), ("a", 2)])
     assert history.entries == 0
     assert _ns(history, positions[1], ["a"]) == []
@@ -260,9 +296,9 @@ _items = st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3)), max_size=6
 def test_resume_is_exact_or_says_expired_and_never_silently_loses(
         items: list[tuple[str, float]], messages: int, entries_fit: int, max_age: float,
         start: int, channels: set[str]) -> None:
-    entry_size = len(frames.text(b"00000000.1.0000000000000000\n" + _payload("a", 0))) \
+    entry_size = len(frames.text(b"00000000.1.0000000000000000.00000000\n" + _payload("a", 0))) \
         + ENTRY_OVERHEAD
-    history = History(messages, entries_fit * entry_size + 64, max_age)
+    history = History(messages, entries_fit * entry_size + 64, max_age, wall_offset=0.0)
     model: list[tuple[int, str, int]] = []  # (seq, channel, n) of every notification
     clock = 0.0
     positions = [history.position]
@@ -270,7 +306,7 @@ def test_resume_is_exact_or_says_expired_and_never_silently_loses(
         clock += step
         entry = history.append(channel, _payload(channel, n), clock)
         model.append((entry.seq, channel, n))
-        positions.append(Position(history.epoch, entry.seq, entry.digest).text())
+        positions.append(history.position)
     position = positions[min(start, len(positions) - 1)]
     seq = protocol.parse_position(position).seq  # type: ignore[union-attr]
     outcome = _ns(history, position, sorted(channels))

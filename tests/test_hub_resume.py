@@ -7,6 +7,7 @@ in order, which is the hub's contract.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 
 from wsproto.connection import Connection, ConnectionType
@@ -167,7 +168,8 @@ def test_another_processes_position_parks_the_client_until_it_arrives() -> None:
 def test_a_parked_client_given_up_on_hears_unknown_and_gets_live_traffic() -> None:
     hub = _hub()
     hub.publish([_p(1)])
-    stranger = protocol.Position(hub.history.epoch ^ 1, 7, 0x1234)  # type: ignore[union-attr]
+    stranger = protocol.Position(hub.history.epoch ^ 1, 7, 0x1234,  # type: ignore[union-attr]
+                                 int(time.time()))
     parked, leaving = Recorder(), Recorder()
     assert hub.add(parked, ["c"], positioned=True, resume=stranger) is True
     assert hub.add(leaving, ["c"], positioned=True, resume=stranger) is True

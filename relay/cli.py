@@ -252,7 +252,10 @@ def _tail(argv: Sequence[str]) -> int:
     library_log.addHandler(handler)
     library_log.setLevel(logging.INFO)
     library_log.propagate = False
-    return trio.run(_follow, args, token)
+    try:
+        return trio.run(_follow, args, token)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place.
+        return 0
 
 
 async def _follow(args: argparse.Namespace, token: str | None) -> int:

@@ -156,7 +156,8 @@ def backoff(attempt: int, low: float, high: float,
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where to connect: parsed once from the URL, filters and token of :func:`subscribe`."""
+    """Where to connect, and what to ask for: parsed once from the URL and filters of
+    :func:`subscribe`."""
 
     host: str
     port: int
@@ -248,12 +249,12 @@ class _Connection:
 
 
 class _HandshakeGuard(trio.abc.Stream):
-    """A stream that turns an end of stream during the opening handshake into an error.
+    """A stream that turns a connection closed or reset during the opening handshake into an
+    error.
 
-    trio-websocket takes a connection closed before the handshake's answer as a closed
-    WebSocket and keeps waiting for an answer that cannot come (until ``connect_timeout``);
-    behind a TCP proxy whose backend is down that is every attempt. Raised from its reader
-    task, this ends the attempt at once.
+    trio-websocket takes such a connection for a closed WebSocket and keeps waiting for an
+    answer that cannot come (until ``connect_timeout``); behind a TCP proxy whose backend is
+    down, that is every attempt. Raised in its reader task, the error ends the attempt at once.
     """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
@@ -261,7 +262,12 @@ class _HandshakeGuard(trio.abc.Stream):
         self.opened = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as error:
+            if self.opened:
+                raise
+            raise HandshakeError("connection reset during the handshake") from error
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -314,6 +320,8 @@ class Subscription:
         #: Set, and replaced, at each connect and disconnect.
         self._change = trio.Event()
         self._is_connected = False
+        #: The error that ended the subscription, if one did.
+        self._failure: Exception | None = None
         self.connections = 0
 
     # -- the caller's side ----------------------------------------------------------------------
@@ -328,8 +336,11 @@ class Subscription:
 
     async def wait_connected(self, count: int = 1) -> None:
         """Return once a connection, the ``count``-th or a later one, is up and has said where
-        its stream starts (at once if one is)."""
+        its stream starts (at once if one is); raise the error that ended the subscription if
+        one does (the iterator raises it too)."""
         while not (self._is_connected and self.connections >= count):
+            if self._failure is not None:
+                raise self._failure
             await self._change.wait()
 
     def __aiter__(self) -> Subscription:
@@ -358,6 +369,8 @@ class Subscription:
             try:
                 await self._connect_forever()
             except Exception as error:  # Whatever it is, the caller must see it.
+                self._failure = error
+                self._set_connected(False)
                 await self._send.send(_Failure(error))
 
     async def _connect_forever(self) -> None:
@@ -547,7 +560,7 @@ class Subscription:
                 except ConnectionClosed:
                     return
             # The reader stops reading while the caller is slow, pongs included: no proof.
-            if waiting.cancelled_caught:
+            if waiting.cancelled_caught and not state.blocked_since_ping:
                 state.dead = True
                 connection.cancel()
                 return
@@ -555,7 +568,7 @@ class Subscription:
 
 def _single(group: BaseExceptionGroup) -> BaseException:
     """The one exception, other than cancellations, that ``group`` holds; the group itself
-    when there are several (a bug: each attempt fails one way)."""
+    when it holds none (a cancellation from outside, to pass on as it is) or several."""
     leaves: list[BaseException] = []
 
     def collect(error: BaseException) -> None:
@@ -585,8 +598,9 @@ def subscribe(url: str, *, token: Token = None, filters: Iterable[str] = (),
     """Subscribe to ``url`` (``ws://`` or ``wss://``, path ``/CHANNEL``, or ``/`` with a
     ``channels`` claim).
 
-    ``token``: a JWT, or a callable (sync or async) returning one, called at every connect;
-    None when the URL carries it. ``filters``: ``path=op.value`` texts (docs/filters.md).
+    ``token``: a JWT, or a callable (sync or async) returning one, called at every connect
+    (what it raises ends the subscription); None when the URL carries it. ``filters``:
+    ``path=op.value`` texts (docs/filters.md).
     ``position``: start after this position (as :attr:`Subscription.position` gave it).
     ``ping_interval`` None turns pings off. ``buffer``: events held for a slow caller before
     the socket is left unread. Raises ValueError for a bad URL or position at once.

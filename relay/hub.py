@@ -57,7 +57,7 @@ from typing import Protocol
 
 from relay import deflate, envelope, filters, frames, protocol
 from relay.filters import Filters
-from relay.history import WAIT, History
+from relay.history import WAIT, Entry, History
 from relay.protocol import Position
 from relay.stats import LatencyHistogram
 
@@ -65,6 +65,12 @@ from relay.stats import LatencyHistogram
 #: a client that joins meanwhile receives plain frames for at most this long, and a stream
 #: that clients keep joining loses its compression history at most this often.
 _SYNC_SPACING = 1.0
+
+#: History entries a filtered resume may examine: each is parsed and evaluated (~4 µs for an
+#: Econia fill) in one synchronous step, so this bounds how long one resume holds the relay
+#: (~40 ms). Beyond it the client is told ``expired``. Unfiltered replays only collect frames
+#: (~80 ns each), bounded by the history itself.
+_FILTERED_REPLAY_LIMIT = 10_000
 
 
 class Compression(enum.Enum):
@@ -310,20 +316,20 @@ class Hub:
         """Tell a returning client the outcome, replay what it missed, then let it in."""
         history = self.history
         assert history is not None
+        if not isinstance(outcome, str):
+            channels, filter_set, _ = key
+            replay = _replay(history.after(outcome, channels), filter_set)
+            if replay is None:
+                outcome = protocol.EXPIRED
+            else:
+                self.resumes["resumed"] += 1
+                self.replayed += len(replay)
+                client.offer(frames.text(protocol.resumed_event(resume.text(), len(replay))))
+                if replay:
+                    client.replay(replay)
         if isinstance(outcome, str):
             self.resumes[outcome] += 1
             client.offer(frames.text(protocol.lost_event(outcome, history.position)))
-        else:
-            channels, filter_set, _ = key
-            replay = [entry.frame for entry in history.after(outcome, channels)
-                      if not filter_set or filters.matches(
-                          filter_set, filters.Document(entry.payload,
-                                                       envelope.parse(entry.payload)))]
-            self.resumes["resumed"] += 1
-            self.replayed += len(replay)
-            client.offer(frames.text(protocol.resumed_event(resume.text(), len(replay))))
-            if replay:
-                client.replay(replay)
         self._join(client, key, compression)
 
     def _join(self, client: Subscriber, key: _Key, compression: Compression) -> None:
@@ -406,7 +412,9 @@ class Hub:
             self._fan_out(batch, texts, framed, positioned, arrived)
         for parked in found:
             # After the fan-out, which did not reach them: the replay covers this batch too.
-            self._unpark(parked.client)
+            # (A digest twice in one batch lists its clients twice: each is admitted once.)
+            if self._unpark(parked.client) is None:
+                continue
             outcome = self.history.resolve(parked.position, parked.key[0])  # type: ignore[union-attr]
             self._admit(parked.client, parked.key, parked.compression, parked.position,
                         protocol.UNKNOWN if outcome == WAIT else outcome)
@@ -516,6 +524,21 @@ class Hub:
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self._clients):
             client.close(code, reason)
+
+
+def _replay(entries: Iterable[Entry], filter_set: Filters) -> list[bytes] | None:
+    """The frames a resume replays; None when a filtered one would examine more than
+    ``_FILTERED_REPLAY_LIMIT`` entries (the client is told ``expired``)."""
+    if not filter_set:
+        return [entry.frame for entry in entries]
+    replay = []
+    for examined, entry in enumerate(entries, 1):
+        if examined > _FILTERED_REPLAY_LIMIT:
+            return None
+        payload = entry.payload
+        if filters.matches(filter_set, filters.Document(payload, envelope.parse(payload))):
+            replay.append(entry.frame)
+    return replay
 
 
 def _join(parts: list[bytes], messages: list[int] | None) -> bytes:

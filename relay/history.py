@@ -56,9 +56,6 @@ ENTRY_OVERHEAD = 320
 #: it the oldest is folded into one conservative floor, so channel names cannot grow memory.
 _FORGOTTEN_CHANNELS = 10_000
 
-#: A log drops its consumed prefix when it is at least this long and more than half the list,
-#: so dropping the oldest entry costs O(1) amortised.
-_COMPACT_AT = 1024
 
 #: What :meth:`History.resolve` gives for a position another process issued and this one has
 #: not seen: the caller may wait for it to arrive.
@@ -89,8 +86,17 @@ class Entry:
         return len(self.frame) + ENTRY_OVERHEAD
 
 
+#: What a log's slot holds once its entry is dropped (until the log compacts).
+_DROPPED = Entry(-1, 0, b"", 0, 0.0)
+
+
 class _Log:
-    """One channel's entries, oldest first, with their seqs for bisection."""
+    """One channel's entries, oldest first, with their seqs for bisection.
+
+    Dropping the oldest empties its slot; the dropped prefix is cut off once it is more than
+    half the list, so a drop costs O(1) amortised and the empty slots (8 bytes, and their seq)
+    never outnumber the entries kept, whose :data:`ENTRY_OVERHEAD` covers them.
+    """
 
     __slots__ = ("complete_after", "entries", "seqs", "start")
 
@@ -109,9 +115,11 @@ class _Log:
 
     def drop_head(self) -> Entry:
         entry = self.entries[self.start]
+        # The slot lets go of the frame at once: what is dropped must not stay in memory.
+        self.entries[self.start] = _DROPPED
         self.start += 1
         self.complete_after = entry.seq
-        if self.start >= _COMPACT_AT and self.start * 2 > len(self.entries):
+        if self.start * 2 > len(self.entries):
             del self.entries[:self.start]
             del self.seqs[:self.start]
             self.start = 0
@@ -124,9 +132,9 @@ class _Log:
 class History:
     """Positions for every notification, and each channel's last deliveries within bounds.
 
-    ``messages``: entries per channel (0: keep none; positions are still given, and every
-    resume is ``expired``). ``max_bytes``: all channels together, entries counted with their
-    overhead. ``max_age``: seconds an entry is kept.
+    ``messages``: entries per channel (0: keep none; positions are still given, and a resume
+    from before the head is ``expired``). ``max_bytes``: all channels together, entries counted
+    with their overhead. ``max_age``: seconds an entry is kept.
     """
 
     def __init__(self, messages: int, max_bytes: int, max_age: float,

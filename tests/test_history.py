@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
+import time
 import tracemalloc
 
 import pytest
@@ -258,6 +260,12 @@ def test_forgotten_channels_fold_into_a_conservative_floor(monkeypatch: pytest.M
     assert _ns(history, start, ["never-seen"]) == protocol.EXPIRED
     assert _ns(history, start, ["z"]) == protocol.EXPIRED
     assert history.resolve(protocol.parse_position(start), []) == 0  # type: ignore[arg-type]
+    # The floor is x's drop, the oldest forgotten, no later: y and z are still remembered.
+    after_x = Position(history.epoch, 1, 0)
+    assert history.resolve(after_x, ["never-seen", "x"], 0.0) == 1
+    assert history.resolve(after_x, ["y"], 0.0) == protocol.EXPIRED
+    assert history.resolve(Position(history.epoch, 2, 0), ["y"], 0.0) == 2
+    assert history.resolve(Position(history.epoch, 2, 0), ["z"], 0.0) == protocol.EXPIRED
 
 
 def test_with_no_messages_kept_only_the_head_resumes() -> None:
@@ -319,3 +327,172 @@ def test_resume_is_exact_or_says_expired_and_never_silently_loses(
         assert outcome == wanted
     assert history.bytes <= history.max_bytes
     assert all(len(list(history.after(0, [c]))) <= messages for c in "abc")
+
+
+# -- what mutation testing asked for (docs/mutation.md) ------------------------------------------
+
+_P = "0102abcd.1f4.fedcba9876543210.675a1b2c"
+
+
+def test_protocol_errors_say_what_is_wrong() -> None:
+    long_delivery = "x" * 100
+    not_a_control = json.dumps({"event": "nope", "position": _P, "pad": "y" * 60})
+    bad_reason = protocol.lost_event("later", _P).decode()
+    assert len(bad_reason) > 81
+    for message, text in (
+            ("{not json", "a control event that is not JSON"),
+            (not_a_control, f"not a control event: {not_a_control[:80]!r}"),
+            (bad_reason, f"unknown reason in {bad_reason[:80]!r}"),
+            (long_delivery, f"a delivery without a position: {long_delivery[:80]!r}")):
+        with pytest.raises(protocol.ProtocolError) as raised:
+            protocol.read(message)
+        assert str(raised.value) == text
+
+
+def test_a_delivery_splits_at_the_first_line_feed_and_replayed_must_be_a_number() -> None:
+    assert protocol.read(f"{_P}\nline 1\nline 2") == protocol.Delivery(_P, "line 1\nline 2")
+    assert protocol.read(json.dumps({"event": "resumed", "position": _P, "replayed": "3"})) == \
+        protocol.Control("resumed", _P, None, None)
+
+
+def test_a_fresh_history_is_at_a_point_that_names_no_notification() -> None:
+    assert History(10, 1 << 20, 60, epoch=1, wall_offset=0.0).position == \
+        "00000001.0.0000000000000000.00000000"
+    before = int(time.time())
+    fresh = History(10, 1 << 20, 60)
+    after = int(time.time())
+    assert before <= protocol.parse_position(fresh.position).time <= after  # type: ignore[union-attr]
+    # Another process cannot place it (digest 0), and says so without waiting.
+    assert _history().resolve(protocol.parse_position(fresh.position), ["a"],  # type: ignore[arg-type]
+                              time.monotonic()) == protocol.UNKNOWN
+
+
+def test_the_digest_is_blake2b_of_the_last_window_of_payload_digests() -> None:
+    """Every relay process must compute it alike, whatever its version: pinned here."""
+    history = _history()
+    payloads = [_payload("c", n) for n in range(protocol.WINDOW + 3)]
+    for payload in payloads:
+        entry = history.append("c", payload, 0.0)
+    window = b"".join(hashlib.blake2b(p, digest_size=8).digest()
+                      for p in payloads[-protocol.WINDOW:])
+    assert entry.digest == int.from_bytes(hashlib.blake2b(window, digest_size=8).digest(), "big")
+    assert history.position.split(".")[2] == f"{entry.digest:016x}"
+
+
+def test_a_break_is_one_point_of_the_stream_at_the_time_given() -> None:
+    history = History(10, 1 << 20, 60, epoch=1, wall_offset=0.0)
+    history.mark_break(now=1234.9)
+    assert history.position == "00000001.1.0000000000000000.000004d2"
+
+
+def test_another_processes_position_is_expired_on_the_unix_clock() -> None:
+    """Positions carry Unix seconds; the entries' clock is monotonic, offset to Unix time."""
+    other = History(10, 1 << 20, 60, wall_offset=1_000_000.0)
+    seen = Position(other.epoch ^ 1, 5, 0x1234, 1_000_000 + 1000)
+    assert other.resolve(seen, ["a"], now=1000.0 + 60 + protocol.CLOCK_SKEW) == WAIT
+    assert other.resolve(seen, ["a"], now=1000.5 + 60 + protocol.CLOCK_SKEW) == protocol.EXPIRED
+
+
+def test_an_entry_exactly_max_age_old_is_kept() -> None:
+    history = _history(max_age=10)
+    _feed(history, [("a", 1)], arrived=100.0)
+    history.expire(110.0)
+    assert history.entries == 1
+    history.expire(110.5)
+    assert history.entries == 0
+
+
+def test_a_log_cut_by_the_count_still_ages_out() -> None:
+    history = _history(messages=2, max_age=10)
+    _feed(history, [("a", 1), ("a", 2), ("a", 3)], arrived=0.0)
+    assert history.entries == 2
+    history.expire(100.0)
+    assert (history.entries, history.bytes) == (0, 0)
+
+
+def test_the_byte_bound_drops_the_oldest_of_all_even_several_for_one_append() -> None:
+    def size(payload: bytes) -> int:
+        return len(_history().append("x", payload, 0.0).frame) + ENTRY_OVERHEAD
+
+    big = json.dumps({"channel": "c", "n": 4, "pad": "z" * 2000}).encode()
+    small = size(_payload("a", 1))
+    history = _history(max_bytes=small + size(big))
+    positions = _feed(history, [("a", 1), ("b", 2), ("a", 3)])
+    history.append("c", big, 0.0)  # a:1 and b:2 go, the two oldest.
+    assert history.entries == 2
+    assert _ns(history, positions[0], ["a", "c"]) == [3, 4]
+    assert _ns(history, positions[0], ["b"]) == protocol.EXPIRED
+
+
+def test_a_digest_several_entries_share_is_indexed_until_the_last_of_them_goes() -> None:
+    """A run of identical payloads gives its entries after the first window one digest:
+    ambiguous while two are kept, the one kept when one is, and gone with the last."""
+    history = _history(max_age=5)
+    run = [history.append("a", b"tick", float(t)) for t in range(2 * protocol.WINDOW + 2)]
+    shared = run[-1].digest
+    last = len(run) - 1
+    assert sum(e.digest == shared for e in run) == len(run) - protocol.WINDOW + 1
+    seen = Position(history.epoch ^ 1, 99, shared, last)
+    history.expire(last + 4.0)  # The two last are kept.
+    assert history.resolve(seen, ["a"], now=last + 4.0) == protocol.UNKNOWN
+    history.expire(last + 5.0)  # The last one is kept.
+    assert history.entries == 1
+    assert history.resolve(seen, ["a"], now=last + 5.0) == run[-1].seq
+    history.expire(last + 6.0)
+    assert history.entries == 0
+    assert history.resolve(seen, ["a"], now=last + 6.0) == WAIT
+
+
+def test_a_long_lived_log_releases_what_it_dropped() -> None:
+    """Dropped entries are let go in bulk (amortised O(1)); what is kept stays exact."""
+    history = _history(messages=1000, max_bytes=1 << 30, max_age=1e9)
+    pad = "p" * 500
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        positions = {}
+        for n in range(8_000):
+            history.append("a", json.dumps({"channel": "a", "n": n, "pad": pad}).encode(), 0.0)
+            if n in (6_998, 6_999, 7_998):
+                positions[n] = history.position
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert history.entries == 1000
+    assert held < 3 * history.bytes  # Kept, and dropped but not yet let go: at most as many.
+    assert _ns(history, positions[6_999], ["a"]) == list(range(7_000, 8_000))
+    assert _ns(history, positions[6_998], ["a"]) == protocol.EXPIRED
+    assert _ns(history, positions[7_998], ["a"]) == [7_999]
+
+
+def test_the_heads_heap_stays_small_while_a_busy_channel_turns_over_under_a_quiet_one() -> None:
+    history = _history(messages=1)
+    positions = _feed(history, [("quiet", 0)] + [("busy", n) for n in range(1, 300)])
+    assert len(history._heads) <= 2 * len(history._logs) + 65
+    assert history.entries == 2
+    assert _ns(history, positions[0], ["quiet"]) == []
+    assert _ns(history, positions[-2], ["quiet", "busy"]) == [299]
+    assert _ns(history, positions[-3], ["busy"]) == protocol.EXPIRED
+
+
+def test_the_byte_bound_holds_for_the_memory_of_many_busy_channels() -> None:
+    """Dropped entries must let go of their frames at once: 50 channels turning over their
+    logs, with the byte bound reached, hold no more than the bound counts."""
+    history = History(50, 1 << 17, 1e9, wall_offset=0.0)
+    pad = "x" * 250
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(10_000):
+            channel = f"ch{n % 50}"
+            history.append(channel, json.dumps({"channel": channel, "n": n, "pad": pad}).encode(),
+                           0.0)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert history.bytes <= history.max_bytes
+    assert history.bytes > history.max_bytes - 1024  # The bound was reached.
+    # The digest window, the heads heap and the dict of logs come on top: a few KiB.
+    assert held <= history.max_bytes + 16 * 1024, (held, history.bytes)

@@ -275,3 +275,136 @@ class _Inflate:
 
     def frame_outbound(self, proto, opcode, rsv, data, fin):  # type: ignore[no-untyped-def]
         return rsv, data
+
+
+# -- what mutation testing asked for (docs/mutation.md) ------------------------------------------
+
+def test_only_a_parked_client_makes_add_return_true() -> None:
+    hub = _hub()
+    assert hub.add(Recorder(), []) is False  # Write-only.
+    assert hub.add(Recorder(), ["c"]) is False
+    assert hub.add(Recorder(), ["c"], positioned=True) is False
+
+
+def test_outcomes_and_replayed_deliveries_add_up() -> None:
+    hub = _hub(messages=2)
+    head = hub.history.position  # type: ignore[union-attr]
+    hub.publish([_p(1), _p(2)])
+    middle = hub.history.position  # type: ignore[union-attr]
+    hub.publish([_p(3), _p(4)])
+    for position in (head, head, middle, middle):
+        hub.add(Recorder(), ["c"], positioned=True, resume=_resume(position))
+    assert hub.resumes == {"resumed": 2, "expired": 2, "gap": 0, "unknown": 0}
+    assert hub.replayed == 4
+
+
+def test_the_replay_filters_fractions_as_the_payload_wrote_them() -> None:
+    """orjson reads both prices as the float 0.1; the filter reads the payload's text again."""
+    hub = _hub()
+    head = hub.history.position  # type: ignore[union-attr]
+    batch = [b'{"channel":"c","payload":{"price":0.1}}',
+             b'{"channel":"c","payload":{"price":0.10000000000000001}}']
+    hub.publish(batch)
+    back = Recorder()
+    hub.add(back, ["c"], filters.parse_all(["payload.price=gt.0.1"]), positioned=True,
+            resume=_resume(head))
+    assert [m.payload for m in back.read() if isinstance(m, Delivery)] == [batch[1].decode()]
+
+
+def _ahead(batch: list[bytes]) -> str:
+    """The position a client of another process holds after ``batch``."""
+    ahead = _hub()
+    ahead.publish(batch)
+    early = Recorder()
+    ahead.add(early, ["c"], positioned=True)
+    return early.last_position()
+
+
+def test_parked_clients_whose_positions_arrive_in_one_batch_all_get_in_once() -> None:
+    batch = [_p(n) for n in range(1, 20)]
+    first, second = _ahead(batch[:12]), _ahead(batch[:15])
+    hub = _hub()
+    hub.publish(batch[:5])
+    a, b = Recorder(), Recorder()
+    assert hub.add(a, ["c"], positioned=True, resume=_resume(first)) is True
+    assert hub.add(b, ["c"], positioned=True, resume=_resume(second)) is True
+    hub.publish(batch[5:])
+    assert a.read()[0] == Control("resumed", first, None, 7)
+    assert b.read()[0] == Control("resumed", second, None, 4)
+    assert a.ns() == list(range(13, 20)) and b.ns() == list(range(16, 20))
+    sent = len(a.sent)
+    hub.give_up(a)  # It is in: there is nothing to give up on.
+    assert len(a.sent) == sent
+    assert hub.resumes["resumed"] == 2 and hub.resumes["unknown"] == 0
+
+
+def test_a_parked_client_is_resolved_against_its_own_channels() -> None:
+    """Its position is a point of another channel; its own channel dropped a delivery after it
+    in the same batch: that is expired, not a resume that skips it."""
+    seen = _ahead([_p(n) for n in range(1, 19)] + [_p(19, "x")])
+    hub = Hub("listen", history=History(2, 1 << 24, 3600))
+    hub.publish([_p(n) for n in range(1, 10)])
+    parked = Recorder()
+    assert hub.add(parked, ["c"], positioned=True, resume=_resume(seen)) is True
+    hub.publish([_p(n) for n in range(10, 19)] + [_p(19, "x"), _p(20), _p(21), _p(22)])
+    lost = parked.read()[0]
+    assert (lost.event, lost.reason) == ("lost", "expired")  # type: ignore[union-attr]
+    assert parked.ns() == []
+
+
+def test_a_parked_clients_position_that_leaves_the_history_at_once_is_unknown() -> None:
+    """It arrived and was pushed out in the same batch: no longer found by its digest."""
+    batch = [_p(n) for n in range(1, 20)]
+    seen = _ahead(batch[:15])
+    hub = Hub("listen", history=History(1, 1 << 24, 3600))
+    hub.publish(batch[:5])
+    parked = Recorder()
+    assert hub.add(parked, ["c"], positioned=True, resume=_resume(seen)) is True
+    hub.publish(batch[5:])
+    lost = parked.read()[0]
+    assert (lost.event, lost.reason) == ("lost", "unknown")  # type: ignore[union-attr]
+    assert hub.resumes["unknown"] == 1
+
+
+def test_a_checkpoint_ages_the_history_on_the_clock_given_or_now() -> None:
+    hub = Hub("listen", history=History(100, 1 << 24, 10))
+    arrived = time.monotonic() - 100
+    hub.publish([_p(1)], arrived=arrived)
+    hub.checkpoint(arrived + 10)
+    assert hub.history.entries == 1  # type: ignore[union-attr]
+    hub.checkpoint()
+    assert hub.history.entries == 0  # type: ignore[union-attr]
+
+
+def test_a_digest_twice_in_one_batch_admits_its_client_once_and_the_others_after_it() -> None:
+    tick = b'{"channel":"c","tick":1}'
+    run = [tick] * (protocol.WINDOW + 2)  # Its last three points have one digest.
+    ambiguous, after_it = _ahead(run[:-1]), _ahead([*run, _p(1)])
+    hub = _hub()
+    a, b = Recorder(), Recorder()
+    assert hub.add(a, ["c"], positioned=True, resume=_resume(ambiguous)) is True
+    assert hub.add(b, ["c"], positioned=True, resume=_resume(after_it)) is True
+    hub.publish([*run, _p(1)])
+    assert [m for m in a.read() if isinstance(m, Control)] == \
+        [Control("lost", hub.history.position, "unknown")]  # type: ignore[union-attr]
+    assert b.read() == [Control("resumed", after_it, None, 0)]
+    hub.publish([_p(2)])
+    assert a.ns() == b.ns() == [2]
+
+
+def test_a_filtered_resume_examines_at_most_ten_thousand_deliveries() -> None:
+    """Beyond that it would hold the relay too long in one step: expired instead."""
+    hub = _hub(messages=20_000)
+    odd = filters.parse_all(["n=eq.1"])
+    head = hub.history.position  # type: ignore[union-attr]
+    hub.publish([_p(n % 2) for n in range(10_000)])
+    within = Recorder()
+    hub.add(within, ["c"], odd, positioned=True, resume=_resume(head))
+    assert within.read()[0] == Control("resumed", head, None, 5_000)
+    hub.publish([_p(0)])
+    beyond, unfiltered = Recorder(), Recorder()
+    hub.add(beyond, ["c"], odd, positioned=True, resume=_resume(head))
+    assert beyond.read() == [Control("lost", hub.history.position, "expired")]  # type: ignore[union-attr]
+    hub.add(unfiltered, ["c"], positioned=True, resume=_resume(head))
+    assert unfiltered.read()[0] == Control("resumed", head, None, 10_001)
+    assert hub.resumes == {"resumed": 2, "expired": 1, "gap": 0, "unknown": 0}

@@ -122,6 +122,7 @@ def test_filter_parameters_are_collected_decoded_in_order() -> None:
 
 def test_the_first_from_parameter_is_the_position_in_every_token_form() -> None:
     assert parse_target(b"/c/T?from=ab&from=cd").position == "ab"
+    assert parse_target(b"/T?from=ab") == Target(None, "T", (), "ab")
     assert parse_target(b"/c?jwt=T&from=a%2Eb").position == "a.b"
     assert parse_target(b"/c?from=", [(b"authorization", b"Bearer T")]) == \
         Target("c", "T", (), "")

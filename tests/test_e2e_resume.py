@@ -281,7 +281,7 @@ def test_resumes_and_the_history_are_in_the_metrics(start_relay) -> None:
                       and metric(port, "pgws_resumes_total", outcome="expired") == 1)
     assert metric(port, "pgws_replayed_total") == 2
     assert metric(port, "pgws_history_entries") == 6  # Three of c, one of d, two markers.
-    assert metric(port, "pgws_history_bytes") > 4 * 320
+    assert metric(port, "pgws_history_bytes") > 4 * 512
     assert metric(port, "pgws_resumes_total", outcome="gap") == 0
     assert relay.stats()["resumed"] == 1
 

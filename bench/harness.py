@@ -857,18 +857,22 @@ class Conn:
     verify: bool = False
     #: Check every message's ``"market_id":`` against this value (counted, not fatal).
     market: int | None = None
+    #: Offer this WebSocket subprotocol (``Sec-WebSocket-Protocol``), e.g. ``pgws.resume.v1``.
+    protocol: str | None = None
 
 
-def ws_open(host: str, port: int, path: str, offer: str | None = None, timeout: float = 30.0
-            ) -> tuple[socket.socket, bytes, str]:
+def ws_open(host: str, port: int, path: str, offer: str | None = None, timeout: float = 30.0,
+            protocol: str | None = None) -> tuple[socket.socket, bytes, str]:
     """Connect and upgrade: (non-blocking socket, bytes that came after the response head,
-    the ``Sec-WebSocket-Extensions`` answer or "")."""
+    the ``Sec-WebSocket-Extensions`` answer or ""); ``protocol``: a subprotocol to offer."""
     sock = socket.socket()
     try:
         sock.settimeout(timeout)
         sock.connect((host, port))
         key = base64.b64encode(os.urandom(16)).decode()
         extra = f"Sec-WebSocket-Extensions: {offer}\r\n" if offer else ""
+        if protocol:
+            extra += f"Sec-WebSocket-Protocol: {protocol}\r\n"
         sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                       f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
@@ -1142,7 +1146,8 @@ def frame_client_main(spec_path: str) -> int:
     try:
         for conn in spec["connections"]:
             sock, rest, extensions = ws_open(spec["host"], spec["port"], conn["path"],
-                                             DEFLATE_OFFER if conn["deflate"] else None)
+                                             DEFLATE_OFFER if conn["deflate"] else None,
+                                             protocol=conn.get("protocol"))
             readers.append(_Reader(sock, conn, rest, extensions))
     except (OSError, ValueError) as exc:
         _emit("error", f"connection {len(readers) + 1} of {len(spec['connections'])}: "

@@ -23,7 +23,9 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.floor import floors
+from bench.resume import goal_rows as issue12_rows
 from bench.soak import warmed_up
+from relay.history import ENTRY_OVERHEAD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -671,6 +673,148 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _resume_result(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, "resume.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _relay_resumes(relays: list[dict[str, float]]) -> str:
+    """What the relays' /metrics counted: resumes by outcome, deliveries replayed."""
+    outcomes: dict[str, float] = {}
+    replayed = 0.0
+    for metrics in relays:
+        for name, value in metrics.items():
+            if name.startswith("pgws_resumes_total{outcome="):
+                outcome = name.split('"')[1]
+                outcomes[outcome] = outcomes.get(outcome, 0) + value
+            elif name == "pgws_replayed_total":
+                replayed += value
+    if not outcomes:
+        return ""
+    return ("; the relays counted resumes " + ", ".join(
+        f"{outcome} {value:.0f}" for outcome, value in outcomes.items())
+        + f" and {replayed:,.0f} deliveries replayed")
+
+
+def issue12_goals(directory: str) -> list[str]:
+    """Issue 12's goals (bench/resume.py's results/resume.json): each figure beside its target,
+    the command that measured them, and the figures behind them."""
+    resume = _resume_result(directory)
+    if not resume:
+        return []
+    parts = resume["parts"]
+    head = (f"`{resume['command']}` (run {resume['started']}, commit "
+            f"{str(resume.get('commit', '?'))[:7]}"
+            + (", with uncommitted changes" if resume.get("uncommitted") else "")
+            + (f"; the checkout was at {resume['at_end']['commit'][:7]} when it ended"
+               if resume.get("at_end", {}).get("commit", resume.get("commit"))
+               != resume.get("commit") else "") + ")"
+            + ("" if resume.get("complete", True) else " — incomplete"))
+    rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
+    rows += [f"| {row['goal']}: {row['label']} | {row['measured']} | {row['target']} | "
+             f"{row['status']} |" for row in issue12_rows(parts)]
+    notes = []
+    for name, label in (("reset", "One relay"), ("alternate", "Two relays")):
+        part = parts.get(name)
+        if not part or "lost" not in part:
+            continue
+        replayed, outage, age = part["replayed"], part["outage_s"], part["age_ms"]
+        reasons = ", ".join(f"{why} × {n}" for why, n in part["reconnect_reasons"].items())
+        notes.append(
+            f"- {label} ({name}): {part['resets']} resets, {part['reconnects']} reconnects "
+            f"({reasons}), {part['resumes']} resumes replaying {replayed['median']:g} messages "
+            f"(median, max {replayed['max']}); outage (reset → next connection) median "
+            f"{outage['median']} s, max {outage['max']} s; age of a message on arrival "
+            f"(commit → receipt) p50 {age['p50']} ms, p99 {age['p99']} ms, max "
+            f"{age['max']:.0f} ms; connections per relay {part['per_relay_connections']}"
+            + _relay_resumes(part.get("relays", [])) + ".")
+    replay = parts.get("replay")
+    if replay:
+        summary = replay["summary"]
+        notes.append(
+            f"- Replay: {summary['messages']:,} missed messages (`PGWS_HISTORY_MESSAGES="
+            f"{summary['history_messages']}`), produced in "
+            f"{summary.get('median_production_s', 0):.3f} s (median, first to last commit); "
+            "first replayed message "
+            f"{summary.get('median_first_s', 0):.4f} s after the connect began, last "
+            f"{summary.get('median_last_replayed_s', 0):.3f} s, first live "
+            f"{summary.get('median_live_s', 0):.3f} s (medians of "
+            f"{summary['runs'] - summary['failed']} runs; "
+            f"{len(replay.get('discarded', []))} disturbed runs made again, "
+            f"{summary.get('still_disturbed', 0)} kept disturbed after the last retry).")
+    burst = parts.get("burst")
+    if burst:
+        variants = burst["summary"]["variants"]
+        cells = []
+        for variant, text in (("off", "history off"), ("on", "history on"),
+                              ("positioned", "history on, positioned clients")):
+            entry = variants.get(variant, {})
+            if "median_deliveries_per_s" in entry:
+                low, high = entry["range_deliveries_per_s"]
+                cells.append(f"{text} {_short(entry['median_deliveries_per_s'])} deliveries/s "
+                             f"({_short(low)}–{_short(high)}), relay CPU "
+                             f"{entry['median_relay_cpu_ms_per_1000']:.3f} ms / 1,000 deliveries, "
+                             f"{entry['median_bytes_per_frame']:.0f} B per frame")
+        notes.append(f"- Burst, {burst['clients']:,} clients, {burst['messages']:,} "
+                     f"notifications of {burst['payload_bytes']} B in transactions of "
+                     f"{burst['batch']}, medians of {variants['off'].get('runs', 0)} interleaved "
+                     f"rounds ({len(burst.get('discarded', []))} disturbed runs made again, "
+                     f"{burst.get('still_disturbed', 0)} kept disturbed after the last retry): "
+                     + "; ".join(cells) + ".")
+    memory = parts.get("memory")
+    if memory and "history_alone" in memory:
+        alone = memory["history_alone"]
+        beyond = (alone["traced_bytes"] - alone["frame_bytes"]
+                  - alone.get("dropped_but_held_frame_bytes", 0)) / max(alone["entries"], 1)
+        notes.append(
+            f"- Memory: {memory['sent']:,} Econia fills (mean {memory['payload_mean_bytes']} B) "
+            f"over {memory['channels']:,} channels in {memory['fill_seconds']} s; relay RSS "
+            f"{memory['rss_before_kib'] / 1024:.1f} → {memory['rss_after_kib'] / 1024:.1f} MiB "
+            f"(peak {memory['rss_peak_kib'] / 1024:.1f}); the same texts into `History` alone: "
+            f"{alone['entries']:,} entries kept in {alone['channels_kept']:,} channels, "
+            f"accounted {alone['accounted_bytes'] / 1048576:.1f} MiB of "
+            f"{alone['max_bytes'] / 1048576:.0f} MiB, traced "
+            f"{alone['traced_bytes'] / 1048576:.1f} MiB: the frames kept plus {beyond:.0f} B "
+            f"per entry kept (the accounting charges {ENTRY_OVERHEAD}).")
+        samples = memory.get("samples", [])
+        growth, bound = memory.get("rss_growth_bytes", 0), memory.get("bound_bytes", 0)
+        if growth > bound >= alone["traced_bytes"] and len(samples) >= 3:
+            tail = ", ".join(f"{(s['rss_kib'] - memory['rss_before_kib']) / 1024:.1f}"
+                             for s in samples[-3:])
+            points = ", ".join(f"{s['sent']:,}" for s in samples[-3:])
+            notes.append(
+                f"- The relay's RSS grows {growth / bound:.2f}× the bound while the structure "
+                f"itself holds {alone['traced_bytes'] / 1048576:.1f} MiB (tracemalloc)"
+                + (f"; when the history first reached the bound (the sample at "
+                   f"{memory['at_first_bound']['sent']:,} fills) RSS had grown "
+                   f"{memory['at_first_bound']['rss_growth_bytes'] / 1048576:.1f} MiB"
+                   if memory.get("at_first_bound") else "")
+                + ". The excess comes with the churn (entries dropped, new ones made): free "
+                "space the allocator keeps between blocks, and its header on each ~700-byte "
+                f"frame, which the accounting (frame + {ENTRY_OVERHEAD} B per entry) does not "
+                "see. It levels "
+                f"off: RSS growth at {points} fills: {tail} MiB.")
+        held = alone.get("dropped_but_held_entries", 0) \
+            if alone.get("dropped_but_held_frame_bytes") else 0
+        if held:
+            notes.append(
+                f"- Why memory exceeds the bound: a channel's log drops its oldest entry by "
+                "advancing an index, and deletes the dropped prefix of its list only once "
+                "1,024 entries were dropped there (`relay/history.py`, `_Log.drop_head`, "
+                "`_COMPACT_AT`). Until then the dropped entries, frames included, stay "
+                f"referenced: here {held:,} of them "
+                f"({alone['dropped_but_held_frame_bytes'] / 1048576:.1f} MiB of frames) beside "
+                f"the {alone['entries']:,} the history counts. The excess is bounded only by "
+                "channels × 1,023 entries, not by `PGWS_HISTORY_BYTES`.")
+    notes += [f"- {note}" for note in resume.get("notes", [])]
+    return ["## Goals (issue 12): resumable streams", "", head + ". Scripted in "
+            "`bench/resume.py` (its docstring says how each part works); `--parts` runs any of "
+            "reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
+
+
 def compression_section(compression: dict[str, Any]) -> list[str]:
     """Per case and variant: medians (min–max) of the rounds and deflate / plain."""
     variants = [v for v in VARIANTS if any(v in case["case"]["variants"]
@@ -797,7 +941,7 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += [preface, ""]
     issue11 = _issue11(RESULTS)
     lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
-              *issue11_goals(issue11), *reliability_section(RESULTS)]
+              *issue11_goals(issue11), *issue12_goals(RESULTS), *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]

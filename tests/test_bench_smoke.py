@@ -38,23 +38,18 @@ def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
 
 
 def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
-    """The alternating-relays and replay parts, small (``--quick``): the reconnects lose and
-    repeat nothing, the replay is exact. (The burst and memory parts are left to
-    ``python bench/resume.py --quick``: the suite's time goes to what can break.)"""
+    """The replay part, small (``--quick``): exact, then live. (The other parts are left to
+    ``python bench/resume.py --quick``; what they check is tested end to end in
+    test_e2e_resume.py and test_subscription.py.)"""
     out = tmp_path / "resume.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "resume.py"), "--quick", "--parts",
-         "alternate,replay", "--json", str(out)],
+         "replay", "--json", str(out)],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
     parts = data["parts"]
     assert data["complete"]
-    part = parts["alternate"]
-    assert "error" not in part, part
-    assert part["lost"] == part["duplicated"] == part["out_of_order"] == 0, part
-    assert part["resets"] > 0 and part["resumes"] > 0, part
-    assert min(part["per_relay_connections"]) > 0
     (run,) = parts["replay"]["runs"]
     assert run["exactly_once_in_order"] and run["live_after_replay"], run
-    assert {row["goal"] for row in data["goals"]} == {"1", "2"}
+    assert {row["goal"] for row in data["goals"]} == {"2"}

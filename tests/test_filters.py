@@ -756,7 +756,7 @@ def _cases(draw: st.DrawFn) -> tuple[list[tuple[str, list[str], str, Any]], str]
     return chosen, _to_json(root)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=400)
 @given(_cases())
 def test_matches_agrees_with_the_reference(
         case: tuple[list[tuple[str, list[str], str, Any]], str]) -> None:

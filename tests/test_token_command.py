@@ -115,6 +115,8 @@ def test_minted_tokens_are_accepted_and_their_claims_hold(start_relay, tmp_path:
     assert (claims["mode"], claims["channel"]) == ("rw", "chat")
     assert before + 3600 <= claims["exp"] <= after + 3600
     assert set(claims) == {"mode", "channel", "exp", "message_delivered_at"}
+    if kind != "hmac":
+        return  # What the claims mean does not depend on the key that signed them.
 
     # Mode r reads both channels of --channels but cannot write: its message is dropped, so
     # the first thing it receives is the w client's later message.

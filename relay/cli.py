@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from relay import __version__, app, auth, logs, mint, protocol, subscription, workers
+from relay import __version__, app, auth, logs, mint, protocol, workers
 from relay.config import (
     SECRET_VARIABLES,
     SETTINGS,
@@ -237,6 +237,9 @@ def _tail_parser() -> argparse.ArgumentParser:
 
 
 def _tail(argv: Sequence[str]) -> int:
+    # Here, not at the top: the relay's own process never loads the client library.
+    from relay import subscription
+
     parser = _tail_parser()
     args = parser.parse_args(argv)
     try:
@@ -260,6 +263,8 @@ def _tail(argv: Sequence[str]) -> int:
 
 async def _follow(args: argparse.Namespace, token: str | None) -> int:
     """Print until a signal (0) or a refusal (1); then where to resume, on stderr."""
+    from relay import subscription
+
     status = 0
     current: subscription.Subscription | None = None
 

@@ -302,17 +302,20 @@ class Client:
                 backlog, self._backlog = self._backlog, []
                 tracked, self._tracked = self._tracked, []
                 self._partial_head = False
-                if len(backlog) == 1:
-                    await self._send(backlog[0])
-                else:
-                    for chunk in _chunks(backlog):
-                        await self._send(chunk)
+                for chunk in _chunks(backlog):  # One frame: the frame itself, no copy.
+                    await self._send(chunk)
                 self._release(tracked)
         finally:
             self._writing = False
             # Cancelled or aborted: what is left will never be written.
             self._release(tracked)
             self._release(self._tracked)
+
+    def _written(self, size: int) -> None:
+        """``size`` queued bytes went out; a replay's go first."""
+        self._queued -= size
+        if self._exempt:
+            self._exempt = max(0, self._exempt - size)
 
     async def _send(self, data: bytes) -> None:
         if self._fd < 0:
@@ -330,9 +333,7 @@ class Client:
                 return
             if sent:
                 view = view[sent:]
-                self._queued -= sent
-                if self._exempt:
-                    self._exempt = max(0, self._exempt - sent)
+                self._written(sent)
                 continue
             with trio.move_on_after(self._settings.send_timeout):
                 await trio.lowlevel.wait_writable(sock)
@@ -356,9 +357,7 @@ class Client:
                 self._abort()
                 return
             view = view[_TLS_SEND_BYTES:]
-            self._queued -= len(record)
-            if self._exempt:
-                self._exempt = max(0, self._exempt - len(record))
+            self._written(len(record))
 
     # -- the read side ----------------------------------------------------------------------
 

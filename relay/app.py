@@ -5,11 +5,13 @@ Theory of operation
 :func:`run` opens the port first (so clients can connect while the database is still being
 reached, as upstream), then runs, each in the root nursery: the signal watcher, the listener,
 the pinger and the accept loop, whose connection handlers live in a nursery of their own.
-A stop (SIGTERM/SIGINT, or the listener giving up) closes the accept loop, sends close 1001
-to every client and gives them what is left of ``shutdown_timeout`` once time to tear down
-the silent ones is set aside, then cancels everything. The exit status is 0 after a signal
-and 1 when the listener gave up. SIGUSR1 logs one ``stats:`` line (clients, tasks, open file
-descriptors, counters; :mod:`relay.stats`).
+A stop (SIGTERM/SIGINT, or the listener giving up) makes ``/ready`` answer 503, closes the
+listening sockets (new connections are refused, so a balancer sends them to another relay),
+sends close 1001 to every client (the client library resumes elsewhere) and gives them what
+is left of ``shutdown_timeout`` once time to tear down the silent ones is set aside, then
+cancels everything. The exit status is 0 after a signal and 1 when the listener gave up.
+SIGUSR1 logs one ``stats:`` line (clients, tasks, open file descriptors, counters;
+:mod:`relay.stats`).
 
 No business logic lives here: only who starts, who stops, and in which order.
 """
@@ -270,6 +272,9 @@ async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False
                 with accepting:
                     await trio.serve_listeners(server.handle, listeners,
                                                handler_nursery=connections)
+                # serve_listeners has closed the listening sockets on its way out: a
+                # connection arriving now is refused at once (a balancer retries it on another
+                # relay) instead of waiting in the kernel's queue until the process exits.
 
             connections.start_soon(accept)
             await stop.wait()

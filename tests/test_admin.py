@@ -273,8 +273,16 @@ def test_ready_follows_a_database_stop(start_relay, postgres_control) -> None:
     assert metric(port, "pgws_listener_gaps_total") == 1
 
 
-def test_ready_is_503_while_shutting_down(start_relay) -> None:
-    relay = start_relay(PGWS_ADMIN_PORT="0", PGWS_SHUTDOWN_TIMEOUT="10")
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_stopping_relay_is_not_ready_and_refuses_new_connections(start_relay) -> None:
+    relay = start_relay(PGWS_ADMIN_PORT="0", PGWS_SHUTDOWN_TIMEOUT="30")
     port = admin_port(relay)
     # A client that never answers the close keeps the relay in its shutdown for a while.
     sock, _ = raw_client(relay.port, f"/c/{token({'mode': 'r'})}")
@@ -283,6 +291,9 @@ def test_ready_is_503_while_shutting_down(start_relay) -> None:
         relay.wait_for_line(r"closing 1 clients")
         assert get(port, "/ready")[:2] == (503, "shutting down\n")
         assert get(port, "/health")[0] == 200
+        # Refused, not queued unanswered until the exit: a balancer retries elsewhere at once.
+        assert eventually(lambda: _refused(relay.port), what="the port to refuse connections")
+        assert relay.proc.poll() is None  # Still shutting down: the refusal is the drain's.
     assert relay.wait_exit() == 0
 
 

@@ -1,0 +1,310 @@
+"""A fleet on one database, with real faults: how long until every affected client receives
+again, and what was lost or duplicated (issue 13, part 2).
+
+    sudo python bench/fleet.py --json bench/results/fleet.json [--runs 3] [--clients 300]
+
+Theory of operation
+-------------------
+:class:`bench.fleet_hosts.Fleet` builds three relay hosts, a private PostgreSQL, HAProxy and a
+clients' host, each a network namespace of this process. A producer thread here commits one
+notification at a time, ``{"channel": "fleet", "seq": N}``, at ``--rate`` per second for the
+whole run, and notes each commit's time. For each fault, a fresh set of load clients
+(:mod:`bench.fleet_agent`: resuming subscriptions of :mod:`relay.subscription`) connects
+through the balancer, which spreads them over the relays; the fault hits the relay holding
+the most sessions:
+
+``kill``       SIGKILL of the relay process (the host stays; its sockets are closed by the
+               kernel).
+``stop``       SIGTERM: the relay drains (``/ready`` 503, no new clients, close 1001).
+``partition``  every cable of the host down at the switch: nobody is told.
+``database``   the host's database cable down; its clients stay connected to it.
+``reload``     HAProxy's master-worker reload (no relay is hit).
+
+The figures per fault: the clients that reconnected (affected); for each client, the seconds
+from the fault until it receives the first notification committed after it ("receives
+again"; replayed or live); the reconnects' spread; messages missing or duplicated from each
+client's first message to the end. Then what the operator saw: HAProxy's view, the hit
+relay's ``/ready``, its log lines and the others' resume counters. The host is then restored
+and the next fault starts from a healthy fleet. Goal: every affected client receives again
+within 5 s of the fault, 0 lost, 0 duplicated.
+
+Needs root, ``haproxy`` and ``curl`` (Debian's packages) and Debian's PostgreSQL; leaves
+nothing behind (namespaces, processes, the cluster), even when stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import psycopg
+
+if __package__ in (None, ""):  # Run as a script: make ``bench`` importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
+from bench.netns import exit_on_signals
+
+FAULTS = ("kill", "stop", "partition", "database", "reload")
+#: Metrics worth showing the operator after a fault.
+_METRICS = ("pgws_clients ", "pgws_resumes_total", "pgws_replayed_total",
+            "pgws_listener_reconnects_total", "pgws_listener_connected")
+#: Log lines of the hit relay and the balancer worth showing: state changes, not traffic.
+_LOG_WORDS = ("listener", "ready", "shutting", "closing", "DOWN", "UP", "stopped",
+              "Reloading", "worker", "error", "ERROR", "CRITICAL")
+
+
+def token() -> str:
+    return jwt.encode({"mode": "r", "channel": CHANNEL}, SECRET, algorithm="HS256")
+
+
+class Producer:
+    """Commits ``{"channel", "seq"}`` notifications at a fixed rate in a thread; remembers
+    when each committed."""
+
+    def __init__(self, uri: str, rate: float) -> None:
+        self.uri = uri
+        self.rate = rate
+        self.committed: list[float] = []  # commit time of seq i at index i
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> Producer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.uri, autocommit=True) as conn:
+                start = time.monotonic()
+                while not self._stop.is_set():
+                    seq = len(self.committed)
+                    conn.execute("SELECT pg_notify(%s, %s)", (
+                        LISTEN_CHANNEL, json.dumps({"channel": CHANNEL, "seq": seq})))
+                    self.committed.append(time.time())
+                    delay = start + (seq + 1) / self.rate - time.monotonic()
+                    if delay > 0:
+                        self._stop.wait(delay)
+        except BaseException as error:  # The driver checks and reports it.
+            self.error = error
+
+    @property
+    def last(self) -> int:
+        return len(self.committed) - 1
+
+    def first_after(self, moment: float) -> int:
+        """The first seq committed after ``moment`` (waits for it)."""
+        deadline = time.monotonic() + WAIT
+        while not self.committed or self.committed[-1] <= moment:
+            if self.error is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the producer stopped: {self.error}")
+            time.sleep(0.01)
+        return bisect.bisect_right(self.committed, moment)
+
+    def wait_for(self, count: int) -> None:
+        """Until ``count`` more notifications have been committed."""
+        target = len(self.committed) + count
+        deadline = time.monotonic() + WAIT
+        while len(self.committed) < target:
+            if self.error is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the producer stopped: {self.error}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Agent:
+    """One :mod:`bench.fleet_agent` process in the clients' host, and its JSON lines."""
+
+    def __init__(self, hosts: Fleet, clients: int) -> None:
+        self.process = subprocess.Popen(
+            hosts.client_command(hosts.url(), token(), str(clients)), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put("")
+
+    def expect(self, event: str, timeout: float = WAIT) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the clients did not say {event!r} within {timeout:g} s"
+                               ) from None
+        if not line:
+            raise RuntimeError(f"the clients exited ({self.process.wait()}) before {event!r}")
+        answer: dict[str, Any] = json.loads(line)
+        if answer["event"] != event:
+            raise RuntimeError(f"the clients said {answer} where {event!r} was expected")
+        return answer
+
+    def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def _spread(hosts: Fleet, clients: int) -> dict[str, int]:
+    """Wait until the balancer holds every client's session; the sessions per relay."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        sessions = {name: count for name, (_, count) in hosts.balancer().items()}
+        if sum(sessions.values()) >= clients or time.monotonic() > deadline:
+            return sessions
+        time.sleep(0.05)
+
+
+def _apply(hosts: Fleet, fault: str, index: int) -> None:
+    if fault == "kill":
+        hosts.kill(index)
+    elif fault == "stop":
+        hosts.stop(index)
+    elif fault == "partition":
+        hosts.link(index, "all", up=False)
+    elif fault == "database":
+        hosts.link(index, "back", up=False)
+    elif fault == "reload":
+        hosts.reload()
+
+
+def _restore(hosts: Fleet, fault: str, index: int) -> None:
+    if fault in ("kill", "stop"):
+        hosts.start(index)
+    elif fault == "partition":
+        hosts.link(index, "all", up=True)
+    elif fault == "database":
+        hosts.link(index, "back", up=True)
+    deadline = time.monotonic() + WAIT
+    while not all(status == "UP" for status, _ in hosts.balancer().values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the fleet did not recover from {fault}")
+        time.sleep(0.05)
+
+
+def run_fault(hosts: Fleet, producer: Producer, fault: str, clients: int) -> dict[str, Any]:
+    """One fault with a fresh set of clients; its figures and what the operator saw."""
+    agent = Agent(hosts, clients)
+    try:
+        agent.expect("ready")
+        before = _spread(hosts, clients)
+        producer.wait_for(int(producer.rate))  # A second of steady traffic first.
+        name = max(before, key=before.__getitem__)
+        index = int(name[1:])
+        offsets = {role: hosts.log_size(role) for role in (name, "haproxy")}
+        moment = time.time()
+        _apply(hosts, fault, index)
+        first = producer.first_after(moment)
+        agent.send(cmd="wait", seq=first, timeout=WAIT)
+        waited = agent.expect("waited", WAIT + 10)
+        seen = {"balancer": hosts.balancer(), "ready": hosts.ready(index),
+                "metrics": {host: hosts.metrics(int(host[1:]), _METRICS)
+                            for host in hosts.hosts},
+                "log": [line for role, offset in offsets.items()
+                        for line in hosts.log_lines(role, offset)
+                        if any(word in line for word in _LOG_WORDS)][:40]}
+        _restore(hosts, fault, index)
+        agent.send(cmd="report", last=producer.last, faults=[
+            {"name": fault, "time": moment, "first": first}])
+        result = agent.expect("report", WAIT + 10)
+    finally:
+        agent.close()
+    figures = result["faults"][0]
+    return {"fault": fault, "host": name, "sessions_before": before,
+            "clients": clients, "affected": figures["affected"],
+            "receives_again_s": figures["receives_again_s"],
+            "reconnected_after_s": figures["reconnected_after_s"],
+            "never_received_again": figures["never_received_again"] + len(waited["missing"]),
+            "missing": result["missing"], "duplicated": result["duplicated"],
+            "lost_events": result["lost_events"], "lost_reasons": result["lost_reasons"],
+            "gaps": result["gaps"], "operator": seen}
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per fault, over the runs: the worst client's time to receive again, its median, and
+    the totals lost and duplicated."""
+    out = {}
+    for fault in FAULTS:
+        rows = [row for row in runs if row["fault"] == fault]
+        if not rows:
+            continue
+        worst = [row["receives_again_s"]["all"]["max"] for row in rows
+                 if row["receives_again_s"]["all"]["max"] is not None]
+        out[fault] = {
+            "runs": len(rows), "affected_median": _median([row["affected"] for row in rows]),
+            "receives_again_worst_s_median": _median(worst),
+            "receives_again_worst_s_max": max(worst) if worst else None,
+            "missing": sum(row["missing"] for row in rows),
+            "duplicated": sum(row["duplicated"] for row in rows),
+            "never_received_again": sum(row["never_received_again"] for row in rows),
+            "lost_events": sum(row["lost_events"] for row in rows)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--relays", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=200.0, help="notifications per second")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    faults = [name for name in args.faults.split(",") if name]
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        parser.error(f"unknown faults: {', '.join(sorted(unknown))}")
+    runs = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    with exit_on_signals(), fleet(args.relays) as hosts:
+        producer = Producer(hosts.database_uri(), args.rate).start()
+        try:
+            for run in range(args.runs):
+                for fault in faults:
+                    row = run_fault(hosts, producer, fault, args.clients)
+                    row["run"] = run
+                    runs.append(row)
+                    again = row["receives_again_s"]["all"]["max"]
+                    print(f"{fault:<9} run {run}: {row['affected']:>4} affected; all receive "
+                          f"again within {again if again is None else round(again, 3)} s; "
+                          f"missing {row['missing']}, duplicated {row['duplicated']}, "
+                          f"lost events {row['lost_events']}", flush=True)
+        finally:
+            producer.stop()
+    result = {"benchmark": "fleet", "started": started, "relays": args.relays,
+              "clients": args.clients, "rate": args.rate,
+              "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:]),
+              "summary": summarise(runs), "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

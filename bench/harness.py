@@ -232,6 +232,9 @@ class Plan:
     connections: list[tuple[str, str, int | None]]
     size: int  # every payload of a run has this many bytes, so frames have one length
     timeout: float = TIMEOUT
+    #: Niceness added to the client process (``nice``): with 19 the server under test gets
+    #: the cores first, so a scaling figure shows the server, not the clients' share of them.
+    nice: int = 0
 
 
 def handshake(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
@@ -293,6 +296,8 @@ def _timestamps(buffer: bytearray, size: int, frames: int) -> list[float]:
 
 
 def _client(plan: Plan, ready: Any, go: Any, stop: Any, results: Any) -> None:
+    if plan.nice:
+        os.nice(plan.nice)
     try:
         socks = [(handshake(plan.port, path, 4096 if role == "stall" else None), role,
                   expected) for path, role, expected in plan.connections]
@@ -392,7 +397,7 @@ class Clients:
     """Client processes holding ``connections`` spread over ``procs`` processes."""
 
     def __init__(self, port: int, connections: Sequence[tuple[str, str, int | None]], size: int,
-                 procs: int = 2, timeout: float = TIMEOUT) -> None:
+                 procs: int = 2, timeout: float = TIMEOUT, nice: int = 0) -> None:
         ctx = mp.get_context("fork")
         self._ready, self._results = ctx.Queue(), ctx.Queue()
         self._go, self._stop = ctx.Event(), ctx.Event()
@@ -403,7 +408,7 @@ class Clients:
         others = [c for c in connections if c[1] != "sample"]
         shares = [others[i::procs] for i in range(procs)] + [samplers]
         self._procs = [ctx.Process(target=_client, daemon=True, args=(
-            Plan(port, share, size, timeout), self._ready, self._go,
+            Plan(port, share, size, timeout, nice), self._ready, self._go,
             self._stop, self._results)) for share in shares if share]
         for proc in self._procs:
             proc.start()

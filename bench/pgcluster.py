@@ -135,10 +135,19 @@ def _stop(data: Path) -> None:
     except ProcessLookupError:
         return
     for _ in range(100):
-        if not os.path.exists(f"/proc/{pid}"):
+        if _gone(pid):
             return
         time.sleep(0.05)  # Polling: the postmaster is not this process's child.
     os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: whoever adopted it has yet to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def remove_stale() -> list[str]:

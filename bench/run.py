@@ -68,10 +68,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _burst_through(server: Server, conns: list[tuple[str, str, int | None]],
-                   channels: list[str], messages: int, batch: int, procs: int
-                   ) -> dict[str, Any]:
-    """Send ``messages`` in transactions of ``batch`` to these connections; what came back."""
-    pool = Clients(server.port, conns, PAYLOAD, procs=procs)
+                   channels: list[str], messages: int, batch: int, procs: int,
+                   nice: int = 0) -> dict[str, Any]:
+    """Send ``messages`` in transactions of ``batch`` to these connections; what came back.
+    ``nice``: the client processes' niceness (bench/c100k.py's workers goal uses 19)."""
+    pool = Clients(server.port, conns, PAYLOAD, procs=procs, nice=nice)
     producer = Producer()
     try:
         cpu = server.cpu_seconds()
@@ -89,10 +90,11 @@ def _burst_through(server: Server, conns: list[tuple[str, str, int | None]],
             "stalled_closed": sum(o["stalled_closed"] for o in outcomes)}
 
 
-def burst(server: Server, clients: int, messages: int, batch: int, procs: int) -> dict[str, Any]:
+def burst(server: Server, clients: int, messages: int, batch: int, procs: int, nice: int = 0
+          ) -> dict[str, Any]:
     channels = ["fill_event"]
     conns = connections_for(channels, clients, lambda i: "count", messages)
-    run = _burst_through(server, conns, channels, messages, batch, procs)
+    run = _burst_through(server, conns, channels, messages, batch, procs, nice)
     return {"deliveries_per_s": run["received"] / run["seconds"],
             "delivered_share": run["received"] / (clients * messages),
             "cpu_ms_per_1000": run["cpu_ms_per_1000"], "seconds": run["seconds"],

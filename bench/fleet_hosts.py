@@ -21,12 +21,12 @@ A fault is what happens to real hosts: :meth:`Fleet.kill` (SIGKILL), :meth:`Flee
 switch's end of a cable down: packets vanish, nobody is told), :meth:`Fleet.reload` (HAProxy's
 master-worker reload, SIGUSR2).
 
-HAProxy balances TCP by least connections, checks each relay's ``/ready`` on its admin port
-every :data:`CHECK_INTERVAL_MS`, marks a relay down after :data:`CHECK_FALL` failures and then
-cuts that relay's sessions (``on-marked-down shutdown-sessions``), so clients of a relay that
-lost its database or its network move at once; a connection refused (a dead relay not yet
-marked down) is retried on another relay (``option redispatch``). That is the configuration
-``deploy/haproxy.cfg`` documents for operators.
+HAProxy runs ``deploy/haproxy.cfg``, the configuration operators are given, with the fleet's
+addresses: it balances TCP by least connections, checks each relay's ``/ready`` on its admin
+port every 500 ms, marks a relay down after two failures and then cuts that relay's sessions
+(``on-marked-down shutdown-sessions``), so clients of a relay that lost its database or its
+network move at once; a connection refused (a dead relay not yet marked down) is retried on
+another relay (``option redispatch``).
 
 The producer is the caller's: :meth:`Fleet.database_uri` reaches the private cluster by its
 Unix socket, so the benchmark's process needs no address in any namespace.
@@ -58,7 +58,7 @@ from bench import pgcluster
 
 PREFIX = "pgwsf"
 RELAY_PORT = 3000
-ADMIN_PORT = 9000
+ADMIN_PORT = 9100
 BALANCER_PORT = 3000
 #: Where the clients connect: HAProxy's address on the edge cable.
 BALANCER_ADDRESS = "10.233.0.1"
@@ -68,14 +68,10 @@ DATABASE_ADDRESS = "10.233.2.2"
 LISTEN_CHANNEL = "pgws_fleet"
 CHANNEL = "fleet"
 SECRET = "fleetfleetfleetfleetfleetfleetfl"
-#: HAProxy's health checks: a relay that lost its database or its network is marked down
-#: within about CHECK_INTERVAL_MS × CHECK_FALL (+ the check's own timeout), and its sessions
-#: are cut then; the fault-to-receiving budget is 5 s, so detection gets at most half of it.
-CHECK_INTERVAL_MS = 500
-CHECK_FALL = 2
-CHECK_RISE = 2
 #: The relays' listener heartbeat: a cut database link is noticed within two periods.
 HEARTBEAT_MS = 1000
+#: The balancer's configuration: the one operators are given.
+_DEPLOYED = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 #: Seconds to wait for a process or a state the fleet is driven to.
 WAIT = 30.0
 
@@ -106,35 +102,19 @@ def _wait(condition: object, what: str, timeout: float = WAIT) -> None:
 
 
 def _haproxy_config(relays: int, socket_path: Path) -> str:
-    servers = "\n".join(f"    server r{i} {front(i)}:{RELAY_PORT}" for i in range(1, relays + 1))
-    return f"""\
-global
-    master-worker
-    stats socket {socket_path} mode 600 level admin expose-fd listeners
-    # Two descriptors per session, and this machine allows a process 20,000.
-    maxconn 9000
-
-defaults
-    mode tcp
-    timeout connect 1s
-    timeout client 1h
-    timeout server 1h
-    timeout check 1s
-    retries 3
-    option redispatch 1
-
-frontend websockets
-    bind {BALANCER_ADDRESS}:{BALANCER_PORT}
-    default_backend relays
-
-backend relays
-    balance leastconn
-    option httpchk GET /ready
-    http-check expect status 200
-    default-server check port {ADMIN_PORT} inter {CHECK_INTERVAL_MS}ms fall {CHECK_FALL} \
-rise {CHECK_RISE} on-marked-down shutdown-sessions
-{servers}
-"""
+    """``deploy/haproxy.cfg``, the configuration operators are given, with this fleet's
+    addresses, socket and connection cap: what the fleet measures is that file."""
+    text = _DEPLOYED.read_text()
+    text = re.sub(r"(?m)^(\s*stats socket )\S+", rf"\g<1>{socket_path}", text)
+    # This machine lets a process open 20,000 descriptors: two per session.
+    text = re.sub(r"(?m)^(\s*maxconn )\d+", r"\g<1>9000", text)
+    text = re.sub(r"(?m)^(\s*bind )\S*:(\d+)", rf"\g<1>{BALANCER_ADDRESS}:\g<2>", text)
+    text = re.sub(r"(?m)^\s*server .*\n", "", text)
+    if f"check port {ADMIN_PORT} " not in text or f":{BALANCER_PORT}" not in text:
+        raise RuntimeError(f"{_DEPLOYED} no longer checks port {ADMIN_PORT} or binds "
+                           f"{BALANCER_PORT}: update bench/fleet_hosts.py with it")
+    return text + "".join(f"    server r{i} {front(i)}:{RELAY_PORT}\n"
+                          for i in range(1, relays + 1))
 
 
 class Fleet:

@@ -38,6 +38,7 @@ import argparse
 import bisect
 import json
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,25 @@ def _spread(hosts: Fleet, clients: int) -> dict[str, int]:
         time.sleep(0.05)
 
 
+def _resumes(hosts: Fleet) -> dict[str, float]:
+    """Each answering relay's count of resumes that succeeded."""
+    key = 'pgws_resumes_total{outcome="resumed"}'
+    counts = {host: hosts.metrics(int(host[1:]), ("pgws_resumes_total",)) for host in hosts.hosts}
+    return {host: samples[key] for host, samples in counts.items() if key in samples}
+
+
+def _marked_down(hosts: Fleet, name: str, moment: float, timeout: float = 10.0
+                 ) -> float | None:
+    """Seconds from the fault until HAProxy marks relay ``name`` down (None: not within
+    ``timeout`` of now)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if hosts.balancer().get(name, ("",))[0].startswith(("DOWN", "MAINT")):
+            return time.time() - moment
+        time.sleep(0.02)
+    return None
+
+
 def _apply(hosts: Fleet, fault: str, index: int) -> None:
     if fault == "kill":
         hosts.kill(index)
@@ -213,12 +233,17 @@ def run_fault(hosts: Fleet, producer: Producer, fault: str, clients: int) -> dic
         name = max(before, key=before.__getitem__)
         index = int(name[1:])
         offsets = {role: hosts.log_size(role) for role in (name, "haproxy")}
+        counted = _resumes(hosts)
         moment = time.time()
         _apply(hosts, fault, index)
         first = producer.first_after(moment)
         agent.send(cmd="wait", seq=first, timeout=WAIT)
         waited = agent.expect("waited", WAIT + 10)
-        seen = {"balancer": hosts.balancer(), "ready": hosts.ready(index),
+        marked_down = _marked_down(hosts, name, moment) if fault != "reload" else None
+        seen = {"marked_down_s": marked_down, "balancer": hosts.balancer(),
+                "ready": hosts.ready(index),
+                "resumed": {host: count - counted.get(host, 0)
+                            for host, count in _resumes(hosts).items()},
                 "metrics": {host: hosts.metrics(int(host[1:]), _METRICS)
                             for host in hosts.hosts},
                 "log": [line for role, offset in offsets.items()
@@ -264,6 +289,76 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "never_received_again": sum(row["never_received_again"] for row in rows),
             "lost_events": sum(row["lost_events"] for row in rows)}
     return out
+
+
+#: The goal: every affected client receives again within this many seconds of the fault.
+GOAL_SECONDS = 5.0
+
+_LABELS = {"kill": "relay host killed (SIGKILL)",
+           "stop": "relay host stopped (SIGTERM: drain, close 1001)",
+           "partition": "relay host cut off (every cable down)",
+           "database": "relay host's database cable cut (its clients stay connected)",
+           "reload": "HAProxy reloaded (master-worker, SIGUSR2)"}
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} s"
+
+
+def section(result: dict[str, Any]) -> list[str]:
+    """bench/README.md's section for ``results/fleet.json``: each fault's figures beside the
+    goal, and what the operator saw."""
+    summary = result["summary"]
+    lines = ["## Goals (issue 13): a fleet on one database, with real faults", "",
+             f"`{result['command']}` (run {result['started']}): {result['relays']} relay hosts "
+             f"behind HAProxy (`deploy/haproxy.cfg`), a private PostgreSQL, {result['clients']} "
+             f"resuming clients (`relay.subscription`) made afresh for each fault, "
+             f"{result['rate']:g} notifications/s throughout. Each fault hits the relay holding "
+             "the most sessions; \"receives again\" is the time from the fault until a client "
+             "has the first notification committed after it (replayed or live), over every "
+             "client, so it is the affected clients' figure.", "",
+             "| fault | affected clients (median) | receives again, worst client (median of "
+             "runs; max) | lost / duplicated / Lost events | goal | status |",
+             "|---|---|---|---|---|---|"]
+    for fault, row in summary.items():
+        clean = not (row["missing"] or row["duplicated"] or row["lost_events"]
+                     or row["never_received_again"])
+        worst = row["receives_again_worst_s_max"]
+        met = clean and worst is not None and worst <= GOAL_SECONDS
+        lines.append(
+            f"| {_LABELS.get(fault, fault)} | {row['affected_median']:g} | "
+            f"{_seconds(row['receives_again_worst_s_median'])}; {_seconds(worst)} | "
+            f"{row['missing']} / {row['duplicated']} / {row['lost_events']} | "
+            f"≤ {GOAL_SECONDS:g} s, 0 / 0 / 0 | {'met' if met else 'missed'} |")
+    lines += ["", "What the operator saw (first run of each fault, just after every client "
+              "received again):", ""]
+    for fault in summary:
+        row = next(run for run in result["runs"] if run["fault"] == fault)
+        seen = row["operator"]
+        status = seen["balancer"].get(row["host"], ["?"])[0]
+        code, body = seen["ready"]
+        ready = f"{code} {body}" if code else "no answer"
+        resumed = sum(seen["resumed"].values())
+        spread = row["reconnected_after_s"]
+        down = seen["marked_down_s"]
+        lines.append(
+            f"- {fault}: " + (f"HAProxy marked {row['host']} down {_seconds(down)} after the "
+                              "fault; " if down is not None else
+                              f"HAProxy had {row['host']} `{status}`; ")
+            + f"its `/ready`: {ready}; the relays counted {resumed:g} resumes "
+            "(`pgws_resumes_total{outcome=\"resumed\"}`); "
+            + (f"reconnects {_seconds(spread['min'])}–{_seconds(spread['max'])} after the "
+               f"fault (median {_seconds(spread['median'])}); " if spread["median"] is not None
+               else "no client reconnected; ")
+            + ("log: " + " · ".join(f"`{_log_text(line)}`" for line in seen["log"][:3])
+               if seen["log"] else "no log line"))
+    return [*lines, ""]
+
+
+def _log_text(line: str) -> str:
+    """A log line without its timestamp and HAProxy's pid, shortened."""
+    text = re.sub(r"^\S+ \S+ |^\[\w+\]\s+\(\d+\) : ", "", line.strip())
+    return text if len(text) <= 110 else text[:107] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.fleet import section as fleet_section
 from bench.floor import floors
 from bench.resume import goal_rows as issue12_rows
 from bench.soak import warmed_up
@@ -815,6 +816,17 @@ def issue12_goals(directory: str) -> list[str]:
             "reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
 
 
+def issue13_sections(directory: str) -> list[str]:
+    """Issue 13's sections, each rendered by its own script from its results file."""
+    lines: list[str] = []
+    for name, render_section in (("fleet", fleet_section),):
+        path = os.path.join(directory, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                lines += render_section(json.load(handle))
+    return lines
+
+
 def compression_section(compression: dict[str, Any]) -> list[str]:
     """Per case and variant: medians (min–max) of the rounds and deflate / plain."""
     variants = [v for v in VARIANTS if any(v in case["case"]["variants"]
@@ -941,7 +953,8 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += [preface, ""]
     issue11 = _issue11(RESULTS)
     lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
-              *issue11_goals(issue11), *issue12_goals(RESULTS), *reliability_section(RESULTS)]
+              *issue11_goals(issue11), *issue12_goals(RESULTS), *issue13_sections(RESULTS),
+              *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]

@@ -44,22 +44,23 @@ def _leftovers(pid: int) -> list[str]:
             + [str(path) for path in Path("/tmp").glob(f"{PREFIX}{pid}")])
 
 
-def test_killing_a_relay_host_loses_and_repeats_nothing_and_leaves_nothing() -> None:
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_relay_host_that_dies_or_drains_loses_and_repeats_nothing(fault: str) -> None:
     with fleet(relays=2) as hosts:
         producer = Producer(hosts.database_uri(), rate=100).start()
         try:
-            row = run_fault(hosts, producer, "kill", clients=40)
+            row = run_fault(hosts, producer, fault, clients=40)
         finally:
             producer.stop()
         assert producer.error is None
-    assert row["affected"] > 0  # The killed relay held clients, and they came back.
+    assert row["affected"] > 0  # The relay hit held clients, and they came back.
     assert row["never_received_again"] == 0
     assert (row["missing"], row["duplicated"], row["lost_events"]) == (0, 0, 0), row["gaps"]
-    # What the operator saw: the killed relay answers nothing; the survivor resumed them.
+    # What the operator saw: the relay gone, marked down, and its clients resumed on the other.
     assert row["operator"]["ready"] == (0, "")
+    assert row["operator"]["marked_down_s"] is not None
     survivor = next(host for host in ("r1", "r2") if host != row["host"])
-    resumed = row["operator"]["metrics"][survivor]
-    assert resumed['pgws_resumes_total{outcome="resumed"}'] >= row["affected"]
+    assert row["operator"]["resumed"][survivor] >= row["affected"]
     assert _leftovers(os.getpid()) == []
 
 

@@ -184,16 +184,27 @@ def _resumes(hosts: Fleet) -> dict[str, float]:
     return {host: samples[key] for host, samples in counts.items() if key in samples}
 
 
-def _marked_down(hosts: Fleet, name: str, moment: float, timeout: float = 10.0
-                 ) -> float | None:
-    """Seconds from the fault until HAProxy marks relay ``name`` down (None: not within
-    ``timeout`` of now)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if hosts.balancer().get(name, ("",))[0].startswith(("DOWN", "MAINT")):
-            return time.time() - moment
-        time.sleep(0.02)
-    return None
+class _DownWatch:
+    """Polls HAProxy from the fault on, in a thread: when it first marks relay ``name`` down."""
+
+    def __init__(self, hosts: Fleet, name: str, moment: float, timeout: float = 10.0) -> None:
+        self.seconds: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(hosts, name, moment, timeout),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, hosts: Fleet, name: str, moment: float, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if hosts.balancer().get(name, ("",))[0].startswith(("DOWN", "MAINT")):
+                self.seconds = time.time() - moment
+                return
+            time.sleep(0.02)
+
+    def result(self) -> float | None:
+        """Seconds from the fault to "down" (None: not within the timeout)."""
+        self._thread.join()
+        return self.seconds
 
 
 def _apply(hosts: Fleet, fault: str, index: int) -> None:
@@ -235,12 +246,13 @@ def run_fault(hosts: Fleet, producer: Producer, fault: str, clients: int) -> dic
         offsets = {role: hosts.log_size(role) for role in (name, "haproxy")}
         counted = _resumes(hosts)
         moment = time.time()
+        watch = _DownWatch(hosts, name, moment) if fault != "reload" else None
         _apply(hosts, fault, index)
         first = producer.first_after(moment)
         agent.send(cmd="wait", seq=first, timeout=WAIT)
         waited = agent.expect("waited", WAIT + 10)
-        marked_down = _marked_down(hosts, name, moment) if fault != "reload" else None
-        seen = {"marked_down_s": marked_down, "balancer": hosts.balancer(),
+        seen = {"marked_down_s": watch.result() if watch else None,
+                "balancer": hosts.balancer(),
                 "ready": hosts.ready(index),
                 "resumed": {host: count - counted.get(host, 0)
                             for host, count in _resumes(hosts).items()},
@@ -305,9 +317,9 @@ def _seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f} s"
 
 
-def section(result: dict[str, Any]) -> list[str]:
-    """bench/README.md's section for ``results/fleet.json``: each fault's figures beside the
-    goal, and what the operator saw."""
+def section(result: dict[str, Any], directory: Path) -> list[str]:
+    """bench/README.md's section for ``results/fleet.json`` (in ``directory``): each fault's
+    figures beside the goal, what the operator saw, and the chart."""
     summary = result["summary"]
     lines = ["## Goals (issue 13): a fleet on one database, with real faults", "",
              f"`{result['command']}` (run {result['started']}): {result['relays']} relay hosts "
@@ -352,7 +364,39 @@ def section(result: dict[str, Any]) -> list[str]:
                else "no client reconnected; ")
             + ("log: " + " · ".join(f"`{_log_text(line)}`" for line in seen["log"][:3])
                if seen["log"] else "no log line"))
-    return [*lines, ""]
+    picture = chart(result, directory)
+    return [*lines, "", f"![fleet.png]({picture})", ""]
+
+
+def chart(result: dict[str, Any], directory: Path) -> str:
+    """``fleet.png``: per fault, the affected clients' time to receive again (median and worst
+    client of each run) beside the goal; the file name, relative to ``directory``'s parent."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 3.6))
+    faults = list(result["summary"])
+    for position, fault in enumerate(faults):
+        runs = [run for run in result["runs"] if run["fault"] == fault]
+        for run in runs:
+            figures = run["receives_again_s"]["affected" if run["affected"] else "all"]
+            axes.plot([position - 0.1], [figures["median"]], "o", color="tab:blue",
+                      label="median client (each run)" if position == run["run"] == 0 else None)
+            axes.plot([position + 0.1], [figures["max"]], "s", color="tab:red",
+                      label="worst client (each run)" if position == run["run"] == 0 else None)
+    axes.axhline(GOAL_SECONDS, color="grey", linestyle="--", label=f"goal {GOAL_SECONDS:g} s")
+    axes.set_xticks(range(len(faults)), faults)
+    axes.set_ylabel("seconds until receiving again")
+    axes.set_title(f"Faults in a fleet of {result['relays']} relays behind HAProxy "
+                   f"({result['clients']} resuming clients)")
+    axes.set_ylim(0, GOAL_SECONDS * 1.2)
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(directory / "fleet.png", dpi=110)
+    plt.close(figure)
+    return f"{directory.name}/fleet.png"
 
 
 def _log_text(line: str) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -823,7 +824,7 @@ def issue13_sections(directory: str) -> list[str]:
         path = os.path.join(directory, f"{name}.json")
         if os.path.exists(path):
             with open(path) as handle:
-                lines += render_section(json.load(handle))
+                lines += render_section(json.load(handle), Path(directory))
     return lines
 
 

@@ -56,7 +56,11 @@ from pathlib import Path
 
 from bench import pgcluster
 
+#: Names of this module's namespaces and folders start with it, then the pid: a leftover of a
+#: killed run is told apart, and removed by :func:`remove_stale`.
 PREFIX = "pgwsf"
+#: Every relay host has its own address, so all use the relay's and the admin port's defaults
+#: as ``deploy/haproxy.cfg`` has them.
 RELAY_PORT = 3000
 ADMIN_PORT = 9100
 BALANCER_PORT = 3000

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.fleet import section as fleet_section
 from bench.floor import floors
+from bench.pglimits import section as pglimits_section
 from bench.resume import goal_rows as issue12_rows
 from bench.soak import warmed_up
 from relay.history import ENTRY_OVERHEAD
@@ -820,7 +821,7 @@ def issue12_goals(directory: str) -> list[str]:
 def issue13_sections(directory: str) -> list[str]:
     """Issue 13's sections, each rendered by its own script from its results file."""
     lines: list[str] = []
-    for name, render_section in (("fleet", fleet_section),):
+    for name, render_section in (("fleet", fleet_section), ("pglimits", pglimits_section)):
         path = os.path.join(directory, f"{name}.json")
         if os.path.exists(path):
             with open(path) as handle:

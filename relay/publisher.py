@@ -59,6 +59,11 @@ class Publisher:
                 raise MessageRefused(INTERNAL_ERROR, "write failed") from None
             counters.writes_published += 1
 
+    @property
+    def publishes_meta(self) -> bool:
+        """A meta channel is set: connections opening and closing are published."""
+        return self._meta_channel is not None
+
     async def meta(self, event: str, grant: Grant) -> None:
         """Publish a ``ConnectionOpen``/``ConnectionClose`` event, if a meta channel is set."""
         if self._meta_channel is None:

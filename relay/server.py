@@ -169,7 +169,7 @@ class Server:
     def __init__(self, config: Config, keys: Sequence[auth.Key], hub: Hub, publisher: Publisher,
                  background: trio.Nursery) -> None:
         self._config = config
-        self._keys = keys
+        self._grants = auth.GrantCache(keys)
         self._hub = hub
         self._publisher = publisher
         self._background = background
@@ -212,15 +212,21 @@ class Server:
             if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
                              accepted.compression, accepted.positioned, accepted.resume):
                 self._background.start_soon(self._give_up_later, client)
-            self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN, grant)
+            # A task per event only when there is one to publish: a storm of connections
+            # would otherwise start (and end) two tasks each for nothing.
+            meta = self._publisher.publishes_meta
+            if meta:
+                self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN,
+                                            grant)
             try:
                 await client.run()
             finally:
                 self._hub.remove(client)
                 log.debug("client %s disconnected", peer, extra={"event": "disconnected",
                                                                  "peer": peer})
-                self._background.start_soon(self._publisher.meta, envelope.CONNECTION_CLOSE,
-                                            grant)
+                if meta:
+                    self._background.start_soon(self._publisher.meta,
+                                                envelope.CONNECTION_CLOSE, grant)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
             pass
         except Exception:
@@ -464,13 +470,15 @@ class Server:
             return None
         target = request.parse_target(req.target, req.headers)
         try:
-            grant = auth.check(target.token, target.channel, self._keys, time.time())
+            grant = self._grants.check(target.token, target.channel, time.time())
         except auth.AuthError as refused:
             await self._reject(stream, http, phase, 400, str(refused), peer, "token")
             return None
         try:
             # The URL's filters narrow what the token's claim allows; they never widen it.
-            filter_set = grant.filters | filters.parse_all(target.filters)
+            # Without any, the grant's own set is shared, not copied per connection.
+            filter_set = (grant.filters | filters.parse_all(target.filters) if target.filters
+                          else grant.filters)
         except filters.FilterError as bad:
             await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
             return None

@@ -762,3 +762,63 @@ def test_the_filters_claim_is_parsed_or_refuses_the_token() -> None:
     # The mode and channel rules come first, as upstream's texts do.
     with pytest.raises(auth.AuthError, match="^Missing mode$"):
         auth.authorize({"filters": ["x=zz.1"]}, "c")
+
+
+# -- the grant cache -----------------------------------------------------------------------------
+
+def test_the_grant_cache_shares_one_grant_per_token_and_channel() -> None:
+    cache = auth.GrantCache(KEYS)
+    token = sign({"mode": "r", "channels": ["a", "b"]})
+    first = cache.check(token, "a", NOW)
+    assert cache.check(token, "a", NOW) is first
+    other = cache.check(token, "b", NOW)  # Another channel asked for: a grant of its own.
+    assert other is not first and other.channels == ("b",)
+    assert cache.check(token, None, NOW).channels == ("a", "b")
+    assert len(cache) == 3
+
+
+def test_a_kept_grant_expires_and_starts_as_an_unkept_one_would() -> None:
+    cache = auth.GrantCache(KEYS)
+    token = sign({"mode": "r", "exp": NOW + 10, "nbf": NOW - 5})
+    cache.check(token, "chat", NOW)
+    with pytest.raises(AuthError, match=f"^{auth.TOKEN_EXPIRED}$"):
+        cache.check(token, "chat", NOW + 10)
+    early = sign({"mode": "r", "nbf": NOW + 5})
+    with pytest.raises(AuthError, match=f"^{auth.NOT_YET_VALID}$"):
+        cache.check(early, "chat", NOW)
+    assert len(cache) == 1  # Refusals are never kept,
+    assert cache.check(early, "chat", NOW + 5).mode == "r"  # and the same token is let in later.
+    issued = sign({"mode": "r", "iat": NOW})
+    cache.check(issued, "chat", NOW)
+    with pytest.raises(AuthError, match=f"^{auth.ISSUED_AT_FUTURE}$"):
+        cache.check(issued, "chat", NOW - 1)
+
+
+def test_the_grant_cache_is_bounded_in_entries_and_token_length() -> None:
+    cache = auth.GrantCache(KEYS, size=3)
+    tokens = [sign({"mode": "r", "n": n}) for n in range(4)]
+    for token in tokens[:3]:
+        cache.check(token, "chat", NOW)
+    assert len(cache) == 3
+    cache.check(tokens[3], "chat", NOW)  # Full: emptied whole, then this one kept.
+    assert len(cache) == 1
+    long = sign({"mode": "r", "pad": "x" * auth.GRANT_CACHE_TOKEN_CHARS})
+    assert len(long) > auth.GRANT_CACHE_TOKEN_CHARS
+    assert cache.check(long, "chat", NOW).mode == "r"
+    assert len(cache) == 1  # Checked, never kept.
+    # Base64 turns 3 bytes into 4 characters: some padding gives the limit exactly.
+    limit = next(token for n in range(auth.GRANT_CACHE_TOKEN_CHARS)
+                 if len(token := sign({"mode": "r", "pad": "x" * n}))
+                 == auth.GRANT_CACHE_TOKEN_CHARS)
+    cache.check(limit, "chat", NOW)
+    assert len(cache) == 2  # Exactly the limit is kept.
+
+
+def test_a_bad_signature_is_refused_even_after_the_good_token_was_kept() -> None:
+    cache = auth.GrantCache(KEYS)
+    token = sign({"mode": "r"})
+    cache.check(token, "chat", NOW)
+    head, payload, signature = token.split(".")
+    forged = f"{head}.{payload}.{signature[:-2]}AA"
+    with pytest.raises(AuthError):
+        cache.check(forged, "chat", NOW)

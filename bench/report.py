@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.c100k import readme_section as c100k_section
 from bench.fleet import section as fleet_section
 from bench.floor import floors
 from bench.pglimits import section as pglimits_section
@@ -826,6 +827,8 @@ def issue13_sections(directory: str) -> list[str]:
         if os.path.exists(path):
             with open(path) as handle:
                 lines += render_section(json.load(handle), Path(directory))
+    if os.path.exists(os.path.join(directory, "c100k.json")):
+        lines += c100k_section(Path(directory))
     return lines
 
 

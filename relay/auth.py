@@ -489,7 +489,8 @@ def check(token: str, requested: str | None, keys: Sequence[Key], now: float) ->
 GRANT_CACHE_SIZE = 4096
 
 #: Longer tokens are checked every time and never kept, so the cache holds at most
-#: GRANT_CACHE_SIZE × this many characters of keys (16 MiB), whatever clients send.
+#: GRANT_CACHE_SIZE × this many characters of tokens (16 MiB, and their claims), whatever
+#: clients send.
 GRANT_CACHE_TOKEN_CHARS = 4096
 
 

@@ -53,6 +53,13 @@ def notify(channel: str, *payloads: str, db_uri: str = DB_URI) -> None:
         conn.commit()
 
 
+def sigint_as_from_a_terminal() -> None:
+    """``preexec_fn`` for a child that the test stops with SIGINT (Ctrl-C). A suite started in
+    the background of a non-interactive shell inherits SIGINT ignored (POSIX), and so would
+    the child, which would then never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def unreachable_db_uri() -> str:
     """A database URI on a loopback port nothing listens on: an outage that never ends."""
     with socket.socket() as unused:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import TIMEOUT, Lines, RelayProcess, token
+from tests.conftest import TIMEOUT, Lines, RelayProcess, sigint_as_from_a_terminal, token
 from tests.test_econia import ECONIA_SECRET, econia_db, run_sql  # noqa: F401 (a fixture)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "econia_fills.py"
@@ -38,7 +38,7 @@ def test_example_applies_every_fill_once_across_a_relay_restart(
     example = subprocess.Popen(
         [sys.executable, str(EXAMPLE), f"ws://127.0.0.1:{port}", econia_db, "--market", "7"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=sigint_as_from_a_terminal)
     out, err = Lines(), Lines()
     out.read_from(example.stdout)
     err.read_from(example.stderr)

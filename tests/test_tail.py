@@ -12,7 +12,16 @@ import pytest
 
 from relay.cli import main
 from relay.protocol import parse_position
-from tests.conftest import RELAY, TIMEOUT, Lines, RelayProcess, notify, token, unique_channel
+from tests.conftest import (
+    RELAY,
+    TIMEOUT,
+    Lines,
+    RelayProcess,
+    notify,
+    sigint_as_from_a_terminal,
+    token,
+    unique_channel,
+)
 
 
 class Tail:
@@ -21,7 +30,8 @@ class Tail:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([RELAY, "tail", *args], env={**os.environ, **(env or {})},
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=sigint_as_from_a_terminal)
         self.out, self.err = Lines(), Lines()
         self._readers = [self.out.read_from(self.proc.stdout),
                          self.err.read_from(self.proc.stderr)]

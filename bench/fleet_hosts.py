@@ -51,7 +51,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench import pgcluster
@@ -353,21 +353,33 @@ class Fleet:
     # -- clean-up -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Remove what exists of the fleet; every step tolerates its part being absent."""
+        """Remove what exists of the fleet; every step tolerates its part being absent, and
+        runs even when an earlier one failed (the first error is raised at the end).
+
+        PostgreSQL is stopped before the namespaces are swept: its immediate shutdown removes
+        its shared memory, which a SIGKILL of the postmaster would leave behind."""
         if not self._open:
             return
+        errors: list[BaseException] = []
+
+        def step(action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as error:  # Clean up the rest; raise the first at the end.
+                errors.append(error)
+
         for process in self.processes.values():
-            with contextlib.suppress(OSError):
-                process.kill()
-        _kill_and_delete(list(self.ns.values()))
+            step(process.kill)
         for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
+            step(lambda process=process: process.wait(5))
         if self.cluster is not None:
-            self.cluster.close()
+            step(self.cluster.close)
+        step(lambda: _kill_and_delete(list(self.ns.values())))
         if self._own_directory and self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            step(lambda: shutil.rmtree(self.directory, ignore_errors=True))  # type: ignore[arg-type]
         self._open = False
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Fleet:
         return self.open()

@@ -24,6 +24,7 @@ run), server first. Needs root and the ``postgres`` user of Debian's packages.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -130,6 +131,8 @@ def _stop(data: Path) -> None:
         pid = int((data / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
+    if not _runs_in(pid, data):
+        return  # A stale file: that pid now belongs to another process, or to none.
     try:
         os.kill(pid, signal.SIGQUIT)  # PostgreSQL's "immediate shutdown".
     except ProcessLookupError:
@@ -138,7 +141,16 @@ def _stop(data: Path) -> None:
         if _gone(pid):
             return
         time.sleep(0.05)  # Polling: the postmaster is not this process's child.
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _runs_in(pid: int, data: Path) -> bool:
+    """``pid`` is a postmaster of ``data``: the postmaster works in its data directory."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == data.resolve()
+    except OSError:
+        return False
 
 
 def _gone(pid: int) -> bool:

@@ -488,9 +488,9 @@ def check(token: str, requested: str | None, keys: Sequence[Key], now: float) ->
 #: as without a cache.
 GRANT_CACHE_SIZE = 4096
 
-#: Longer tokens are checked every time and never kept, so the cache holds at most
-#: GRANT_CACHE_SIZE × this many characters of tokens (16 MiB, and their claims), whatever
-#: clients send.
+#: A longer token and requested channel together are checked every time and never kept, so
+#: the cache holds at most GRANT_CACHE_SIZE × this many characters of keys (16 MiB, and the
+#: claims parsed from them), whatever clients send.
 GRANT_CACHE_TOKEN_CHARS = 4096
 
 
@@ -498,7 +498,7 @@ class GrantCache:
     """:func:`check` with the grants of tokens already accepted kept, keyed by the exact token
     text and requested channel.
 
-    A kept grant's time claims (``exp``, ``nbf``, ``iat``) are checked again at every use, so a
+    A kept grant's time claims (``exp``, ``iat``, ``nbf``) are checked again at every use, so a
     kept token expires exactly when an unkept one would, with the same refusal; only
     acceptances are kept, so every refusal is computed (and worded) afresh. The keys are the
     ones read at start-up and never change, so a kept signature check stays true.
@@ -519,7 +519,7 @@ class GrantCache:
             check_claims(grant.claims, now)
             return grant
         grant = check(token, requested, self._keys, now)
-        if len(token) <= GRANT_CACHE_TOKEN_CHARS:
+        if len(token) + len(requested or "") <= GRANT_CACHE_TOKEN_CHARS:
             if len(self._grants) >= self._size:
                 self._grants.clear()
             self._grants[key] = grant

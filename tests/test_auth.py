@@ -806,12 +806,18 @@ def test_the_grant_cache_is_bounded_in_entries_and_token_length() -> None:
     assert len(long) > auth.GRANT_CACHE_TOKEN_CHARS
     assert cache.check(long, "chat", NOW).mode == "r"
     assert len(cache) == 1  # Checked, never kept.
-    # Base64 turns 3 bytes into 4 characters: some padding gives the limit exactly.
+    # Token and channel count together. Base64 turns 3 bytes into 4 characters: some padding
+    # gives a token one character short of the limit, and a one-letter channel makes it exact.
     limit = next(token for n in range(auth.GRANT_CACHE_TOKEN_CHARS)
                  if len(token := sign({"mode": "r", "pad": "x" * n}))
-                 == auth.GRANT_CACHE_TOKEN_CHARS)
-    cache.check(limit, "chat", NOW)
-    assert len(cache) == 2  # Exactly the limit is kept.
+                 == auth.GRANT_CACHE_TOKEN_CHARS - 1)
+    cache.check(limit, "c", NOW)
+    assert len(cache) == 2  # Exactly the limit is kept;
+    cache.check(limit, "cc", NOW)
+    assert len(cache) == 2  # one more is not: an open token cannot fill it with long names.
+    channel = "x" * (auth.GRANT_CACHE_TOKEN_CHARS - len(tokens[0]) + 1)
+    cache.check(tokens[0], channel, NOW)
+    assert len(cache) == 2
 
 
 def test_a_bad_signature_is_refused_even_after_the_good_token_was_kept() -> None:

@@ -220,7 +220,8 @@ class LoadClients:
     """``count`` connections over ``procs`` :mod:`bench.loadclient` processes, process i on the
     source address 127.<net>.0.(i + 2)."""
 
-    def __init__(self, port: int, count: int, procs: int, timeout: float, net: int) -> None:
+    def __init__(self, port: int, count: int, procs: int, timeout: float, net: int,
+                 distinct: bool = False) -> None:
         self._reports: queue.Queue[tuple[int, str, Any]] = queue.Queue()
         self._procs: list[subprocess.Popen[str]] = []
         self._specs: list[str] = []
@@ -231,6 +232,9 @@ class LoadClients:
             for number, share in enumerate(self.shares):
                 spec = {"host": "127.0.0.1", "port": port, "source": f"127.{net}.0.{number + 2}",
                         "count": share, "path": path, "timeout": timeout}
+                if distinct:  # One token per connection: no grant is shared.
+                    spec["paths"] = [f"/{CHANNEL}/{token({'mode': 'r', 'n': [number, i]})}"
+                                     for i in range(share)]
                 with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pgws-c100k-",
                                                  delete=False) as handle:
                     json.dump(spec, handle)
@@ -345,9 +349,11 @@ def _storm_summary(storms: list[Any], at: float, count: int) -> dict[str, Any]:
 
 
 def one_run(name: str, count: int, procs: int, workers: int, burst: int, timeout: float,
-            net: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+            net: int, extra_env: dict[str, str] | None = None, distinct: bool = False
+            ) -> dict[str, Any]:
     """Storm, hold, broadcast, burst against a fresh server; the figures of each phase."""
     result: dict[str, Any] = {"server": name, "connections": count, "client_processes": procs,
+                              "distinct_tokens": distinct,
                               "workers": workers if name == "relay" else 1,
                               "load_average_start": load(), "started": time.strftime("%F %T")}
     env = {"PGWS_WORKERS": str(workers), **(extra_env or {})} if name == "relay" else None
@@ -364,7 +370,7 @@ def one_run(name: str, count: int, procs: int, workers: int, burst: int, timeout
         rss_before = {pid: proc_status(pid) for pid in pids}
         pss_before = sum(pss_kib(pid) for pid in pids)
         fds_before = {pid: fd_count(pid) for pid in workers_pids}
-        clients = LoadClients(port, count, procs, timeout, net)
+        clients = LoadClients(port, count, procs, timeout, net, distinct)
         at = time.time() + STORM_LEAD
         server_cpu, client_cpu = cpu_seconds(pids), cpu_seconds(clients.pids)
         clients.tell(f"go {at}")
@@ -496,7 +502,7 @@ def c100k(args: argparse.Namespace) -> dict[str, Any]:
         print(f"== relay run {index + 1}: {count:,} connections, {workers} workers, {procs} "
               "client processes", flush=True)
         runs.append(one_run("relay", count, procs, workers, args.burst, args.timeout,
-                            net=(index % 200) + 1))
+                            net=(index % 200) + 1, distinct=args.distinct_tokens))
     return {"relay": runs}
 
 
@@ -658,10 +664,12 @@ def _median(values: list[float]) -> float | None:
 
 
 #: The relay's result sets shown, in order: the relay since the storm's fixes (99f7d92), with
-#: the host's listen queues raised and at the host's defaults; then before them (d9a795c).
+#: the host's listen queues raised (one token for all clients, and one per client) and at the
+#: host's defaults; then before them (d9a795c).
 #: ``c100k-proposed*`` (the fixes in a scratch copy, before they were committed) stay in the
 #: JSON.
 RELAY_KEYS = (("c100k-after", "pgws-relay, somaxconn 65535"),
+              ("c100k-after-distinct", "pgws-relay, somaxconn 65535, a token per connection"),
               ("c100k-after-defaults", "pgws-relay, host defaults (somaxconn 4096)"),
               ("c100k", "before the fixes (d9a795c), host defaults"),
               ("c100k-somaxconn", "before the fixes, somaxconn 65535"))
@@ -779,6 +787,8 @@ _COMMANDS = "\n".join([
     "```sh",
     "python bench/c100k.py c100k --runs 3 --somaxconn 65535 --key c100k-after "
     "--json bench/results/c100k.json",
+    "python bench/c100k.py c100k --runs 1 --somaxconn 65535 --distinct-tokens "
+    "--key c100k-after-distinct --json bench/results/c100k.json",
     "python bench/c100k.py c100k --runs 1 --key c100k-after-defaults "
     "--json bench/results/c100k.json",
     "python bench/c100k.py peers --json bench/results/c100k.json",
@@ -890,6 +900,9 @@ def main() -> None:
     parser.add_argument("--max-queue-bytes", type=int, default=0,
                         help="workers: PGWS_MAX_QUEUE_BYTES for the relay (0: its default); "
                         "niced clients fall behind and a 1 MiB bound closes them (1013)")
+    parser.add_argument("--distinct-tokens", action="store_true",
+                        help="c100k: a token of its own for every connection (default: one "
+                             "token for all, as a public feed's clients share)")
     parser.add_argument("--somaxconn", type=int, default=0,
                         help="set net.core.somaxconn and net.ipv4.tcp_max_syn_backlog to this "
                         "for the run (restored afterwards; 0: leave the host alone)")

@@ -77,9 +77,13 @@ def main(spec_path: str) -> int:
     host, port, source = spec["host"], spec["port"], spec["source"]
     timeout: float = spec["timeout"]
     key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET {spec['path']} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    paths: list[str] | None = spec.get("paths")  # One per connection, or one for all.
+
+    def request(slot: int) -> bytes:
+        path = paths[slot] if paths is not None else spec["path"]
+        return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n").encode()
 
     socks: list[socket.socket | None] = [None] * count
     phase = [CONNECTING] * count
@@ -155,7 +159,7 @@ def main(spec_path: str) -> int:
                      else "error", errno.errorcode.get(code, str(code)))
                 return
             try:
-                sock.send(request)
+                sock.send(request(slot))
             except OSError as exc:
                 fail(slot, "refused" if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET,
                                                       errno.EPIPE) else "error",

@@ -118,7 +118,7 @@ class _Done(Exception):
     """The connection is finished; close it."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Accepted:
     """A WebSocket client after its handshake, with what the hub needs to place it."""
 
@@ -212,6 +212,7 @@ class Server:
             if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
                              accepted.compression, accepted.positioned, accepted.resume):
                 self._background.start_soon(self._give_up_later, client)
+            del accepted  # Placed: not kept for the connection's life (100,000 of them).
             # A task per event only when there is one to publish: a storm of connections
             # would otherwise start (and end) two tasks each for nothing.
             meta = self._publisher.publishes_meta

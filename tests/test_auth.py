@@ -828,3 +828,31 @@ def test_a_bad_signature_is_refused_even_after_the_good_token_was_kept() -> None
     forged = f"{head}.{payload}.{signature[:-2]}AA"
     with pytest.raises(AuthError):
         cache.check(forged, "chat", NOW)
+
+
+def test_a_default_grant_cache_holds_4096_grants() -> None:
+    cache = auth.GrantCache(KEYS)
+    token = sign({"mode": "r"})  # No channel claim: each channel asked for is a grant of its own.
+    for n in range(4096):
+        cache.check(token, f"c{n}", NOW)
+    assert len(cache) == 4096
+    cache.check(token, "one more", NOW)  # Full: emptied whole, then this one kept.
+    assert len(cache) == 1
+
+
+def test_a_token_of_4096_characters_is_kept_and_one_with_a_channel_too_long_is_not() -> None:
+    # The bound as a number (the test above checks it only against the constant), and a token
+    # asked for without a channel counts its own characters only.
+    exact = next(token for n in range(4096)
+                 if len(token := sign({"mode": "r", "channels": ["c"], "pad": "x" * n})) == 4096)
+    cache = auth.GrantCache(KEYS)
+    cache.check(exact, None, NOW)
+    assert len(cache) == 1
+    cache.check(exact, "c", NOW)
+    assert len(cache) == 1
+
+
+def test_a_channel_claim_limits_the_connection_to_that_channel() -> None:
+    assert check(R_CHANNEL).channels == ("test",)
+    with pytest.raises(AuthError, match="^No allowed channels$"):
+        check(R_CHANNEL, "other")

@@ -79,6 +79,7 @@ from bench.harness import (
     OwnedServer,
     Producer,
     commit,
+    end_client_processes,
     frame_length,
     free_port,
     git_head,
@@ -287,20 +288,7 @@ class LoadClients:
 
     def close(self) -> None:
         self.tell("stop")
-        for proc in self._procs:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-        deadline = time.monotonic() + 20
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        for path in self._specs:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        end_client_processes(self._procs, self._specs, grace=20)
         self._specs = []
 
 

@@ -1239,6 +1239,26 @@ def frame_client_main(spec_path: str) -> int:
     return 0
 
 
+def end_client_processes(procs: Sequence[subprocess.Popen[str]], specs: Sequence[str],
+                         grace: float) -> None:
+    """End load-client processes already told to stop: close their stdin, give them ``grace``
+    seconds in all to exit, kill those that have not, and delete their spec files."""
+    for proc in procs:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for path in specs:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class FrameClients:
     """``connections`` spread round-robin over ``procs`` frame-client processes.
 
@@ -1385,20 +1405,7 @@ class FrameClients:
 
     def close(self) -> None:
         self._tell("stop")
-        for proc in self._procs:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-        deadline = time.monotonic() + 15
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        for path in self._specs:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        end_client_processes(self._procs, self._specs, grace=15)
         self._specs = []
 
     def __enter__(self) -> FrameClients:

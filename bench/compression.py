@@ -212,7 +212,7 @@ def run_once(case: dict[str, Any], variant: str, texts: list[str], digests: dict
     if result["listener_gaps"]:
         result["error"] = (f"the relay's listener reconnected {result['listener_gaps']} time(s) "
                            "(notifications committed meanwhile are lost): " + "; ".join(
-                               line for line in server.lines if "relay.listener" in line
+                               line for line in server.lines if "relay.sources.notify" in line
                                and ("lost" in line or "gap" in line))[:600])
         return result
     if bad:

@@ -216,7 +216,8 @@ def run_once(clients: int, groups: int, markets: tuple[list[int], list[int]],
     if gaps:
         result["error"] = (f"the relay's listener reconnected {gaps} time(s) during the run "
                            "(notifications committed meanwhile are lost): "
-                           + "; ".join(line for line in server.lines if "relay.listener" in line
+                           + "; ".join(line for line in server.lines
+                                     if "relay.sources.notify" in line
                                        and ("lost" in line or "gap" in line))[:600])
     elif any(p["timed_out"] for p in phases.values()):
         result["error"] = f"clients did not get their messages within {timeout:g} s"

@@ -9,7 +9,7 @@ Theory of operation
 clients' host, each a network namespace of this process. A producer thread here commits one
 notification at a time, ``{"channel": "fleet", "seq": N}``, at ``--rate`` per second for the
 whole run, and notes each commit's time. For each fault, a fresh set of load clients
-(:mod:`bench.fleet_agent`: resuming subscriptions of :mod:`relay.subscription`) connects
+(:mod:`bench.fleet_agent`: resuming subscriptions of :mod:`relay.client.subscription`) connects
 through the balancer, which spreads them over the relays; the fault hits the relay holding
 the most sessions:
 
@@ -334,7 +334,7 @@ def section(result: dict[str, Any], directory: Path) -> list[str]:
     lines = ["## Goals (issue 13): a fleet on one database, with real faults", "",
              f"`{result['command']}` (run {result['started']}): {result['relays']} relay hosts "
              f"behind HAProxy (`deploy/haproxy.cfg`), a private PostgreSQL, {result['clients']} "
-             f"resuming clients (`relay.subscription`) made afresh for each fault, "
+             f"resuming clients (`relay.client.subscription`) made afresh for each fault, "
              f"{result['rate']:g} notifications/s throughout. Each fault hits the relay holding "
              "the most sessions; \"receives again\" is the time from the start of the fault "
              "until a client has the first notification committed once the fault took effect "

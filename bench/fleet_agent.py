@@ -1,4 +1,5 @@
-"""The fleet's load clients: N resuming subscriptions (:mod:`relay.subscription`) in one process,
+"""The fleet's load clients: N resuming subscriptions (:mod:`relay.client.subscription`) in one
+process,
 run inside the clients' namespace of a :class:`bench.fleet_hosts.Fleet`, driven over stdin/stdout.
 
     python -m bench.fleet_agent URL TOKEN CLIENTS
@@ -37,7 +38,7 @@ from typing import Any
 import orjson
 import trio
 
-from relay.subscription import Lost, Message, subscribe
+from relay.client.subscription import Lost, Message, subscribe
 
 #: Seconds after a fault within which a new connection counts as caused by it.
 AFFECTED_WINDOW = 20.0

@@ -60,7 +60,7 @@ from bench.harness import (
     machine,
     token,
 )
-from relay.client import MAX_FRAGMENTS
+from relay.transports.websocket import MAX_FRAGMENTS
 
 #: The relay under fuzzing refuses client messages above this many bytes (1009).
 MAX_MESSAGE = 4096

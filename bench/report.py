@@ -29,7 +29,7 @@ from bench.floor import floors
 from bench.pglimits import section as pglimits_section
 from bench.resume import goal_rows as issue12_rows
 from bench.soak import warmed_up
-from relay.history import ENTRY_OVERHEAD
+from relay.core.history import ENTRY_OVERHEAD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

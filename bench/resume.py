@@ -9,7 +9,7 @@ Theory of operation
 Every part starts real ``pgws-relay`` processes (:class:`bench.harness.OwnedServer`, default
 settings unless the part says otherwise) on one database and listen channel; the client of
 parts ``reset``, ``alternate`` and ``replay`` is the project's own client library,
-:func:`relay.subscription.subscribe`, offering ``pgws.resume.v1`` and resuming by itself.
+:func:`relay.client.subscription.subscribe`, offering ``pgws.resume.v1`` and resuming by itself.
 Payloads are the harness's 340-byte ``fill_event`` texts (:func:`bench.harness.payload`) whose
 ``event_idx`` is a sequence number, so the client counts what is lost, duplicated or out of
 order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~630 bytes).
@@ -51,12 +51,12 @@ order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~6
 - ``memory`` (goal 4): a relay with the default history settings; 100 warm-up notifications
   on a channel of their own, then RSS; then Econia fills round-robin over 1,000 channels
   until the history has been at its byte bound (``PGWS_HISTORY_BYTES``, 128 MiB counting each
-  entry as its frame plus ``relay.history.ENTRY_OVERHEAD``, 512 B, which includes the
+  entry as its frame plus ``relay.core.history.ENTRY_OVERHEAD``, 512 B, which includes the
   allocator's share) for as long again, RSS sampled along the way. The relay's growth (RSS
   after − before) is compared with the bound itself. The relay's ``pgws_history_bytes`` says
   whether its history is at the bound (when /metrics has it; else the figure below does). The
   same texts fed to
-  :class:`relay.history.History` in a subprocess (same seed, same sequence numbers:
+  :class:`relay.core.history.History` in a subprocess (same seed, same sequence numbers:
   ``python bench/resume.py history-alone``) give the second figure: the structure's own
   memory under tracemalloc, against its accounting and the bound.
 
@@ -120,9 +120,9 @@ from bench.harness import (
     write_json,
     ws_open,
 )
-from relay import protocol
-from relay.history import ENTRY_OVERHEAD, History
-from relay.subscription import Lost, Message, subscribe
+from relay.client.subscription import Lost, Message, subscribe
+from relay.core.history import ENTRY_OVERHEAD, History
+from relay.wire import positions
 
 PARTS = ("reset", "alternate", "replay", "burst", "memory")
 CHANNEL = "fill_event"
@@ -137,7 +137,7 @@ ALLOCATOR_SLACK = 0.0
 #: Defaults of PGWS_HISTORY_MESSAGES / _BYTES / _SECONDS (relay/config.py).
 DEFAULT_MESSAGES, DEFAULT_BYTES, DEFAULT_SECONDS = 1000, 128 * 1024 * 1024, 300.0
 WARMUP = 100
-SUB_LOG = logging.getLogger("relay.subscription")
+SUB_LOG = logging.getLogger("relay.client.subscription")
 
 
 # -- the producer process ------------------------------------------------------------------
@@ -650,7 +650,7 @@ def raw_replay(port: int, position: str, last: int) -> dict[str, Any]:
     marker = b'"event_idx":%d,' % last
     start = time.monotonic()
     sock, rest, _ = ws_open("127.0.0.1", port, f"/{CHANNEL}/{token()}?from={position}",
-                            protocol=protocol.SUBPROTOCOL)
+                            protocol=positions.SUBPROTOCOL)
     try:
         sock.setblocking(True)
         sock.settimeout(30)
@@ -774,7 +774,7 @@ def burst_once(variant: str, clients: int, texts: list[str], batch: int, procs: 
     extra = 1 if positioned else 0  # The position event at connect.
     path = f"/{CHANNEL}/{token()}"
     conns = [Conn(path, expected=len(texts) + extra,
-                  protocol=protocol.SUBPROTOCOL if positioned else None)
+                  protocol=positions.SUBPROTOCOL if positioned else None)
              for _ in range(clients)]
     result: dict[str, Any] = {"variant": variant, "settle_wait_s": waited, "settled": quiet}
     busy, ours = busy_seconds(), own_seconds()
@@ -907,7 +907,7 @@ def memory_texts(seed: int, channels: int, total: int, chunk: int = 10_000
 
 def history_alone_main(spec_json: str) -> int:
     """``python bench/resume.py history-alone SPEC``: the same texts into
-    :class:`relay.history.History` under tracemalloc; prints one JSON result."""
+    :class:`relay.core.history.History` under tracemalloc; prints one JSON result."""
     spec = json.loads(spec_json)
     chunks = memory_texts(spec["seed"], spec["channels"], spec["total"])
     gc.collect()

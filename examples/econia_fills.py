@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 import trio
 
-from relay.subscription import Lost, subscribe
+from relay.client.subscription import Lost, subscribe
 
 Key = tuple[int, int]
 

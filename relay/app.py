@@ -11,7 +11,7 @@ sends close 1001 to every client (the client library resumes elsewhere) and give
 is left of ``shutdown_timeout`` once time to tear down the silent ones is set aside, then
 cancels everything. The exit status is 0 after a signal and 1 when the listener gave up.
 SIGUSR1 logs one ``stats:`` line (clients, tasks, open file descriptors, counters;
-:mod:`relay.stats`).
+:mod:`relay.core.stats`).
 
 No business logic lives here: only who starts, who stops, and in which order.
 """
@@ -30,15 +30,18 @@ from typing import Any
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
-from relay import __version__, admin, auth, envelope, stats
-from relay.client import GOING_AWAY
+from relay import __version__
+from relay.auth import tokens
 from relay.config import Config
-from relay.history import History
-from relay.hub import Hub
-from relay.listener import Listener, ListenerGaveUp
-from relay.notifier import Notifier
-from relay.publisher import Publisher
-from relay.server import Server
+from relay.core import envelope, stats
+from relay.core.history import History
+from relay.core.hub import Hub
+from relay.ops import admin
+from relay.sources.notifier import Notifier
+from relay.sources.notify import Listener, ListenerGaveUp
+from relay.sources.publisher import Publisher
+from relay.transports.server import Server
+from relay.transports.websocket import GOING_AWAY
 
 log = logging.getLogger("relay")
 
@@ -195,12 +198,12 @@ async def _open_admin(config: Config, admin_socket: str | None
     return await admin.open_admin_listeners(config.admin_host, config.admin_port)
 
 
-async def run(config: Config, keys: Sequence[auth.Key], reuse_port: bool = False,
+async def run(config: Config, keys: Sequence[tokens.Key], reuse_port: bool = False,
               admin_socket: str | None = None) -> int:
     """Run the relay until a signal (exit status 0) or until the listener gives up (1).
 
     ``keys``: the verification keys of ``config.jwt_secret``, read by the command before it
-    starts (:func:`relay.auth.read_secret`), so that a secret without a usable key is a
+    starts (:func:`relay.auth.tokens.read_secret`), so that a secret without a usable key is a
     configuration error before anything binds. ``reuse_port``: bind with SO_REUSEPORT, as one
     of several worker processes. ``admin_socket``: a worker's private Unix socket for the
     admin endpoints, which the supervisor serves on ``PGWS_ADMIN_PORT`` for all workers.

@@ -1,7 +1,7 @@
 """The ``pgws-relay`` command: flags and environment → Config → run; ``token``; exit statuses.
 
 ``pgws-relay [--FLAG VALUE ...]`` runs the relay. ``pgws-relay token --mode r --channel C``
-prints a token signed with the relay's own secret settings (:mod:`relay.mint`), so what it
+prints a token signed with the relay's own secret settings (:mod:`relay.auth.mint`), so what it
 mints is what a relay with the same settings accepts; it reads ``PGWS_JWT_SECRET`` and
 ``PGWS_JWT_SECRET_BASE64`` (or their flags) and nothing else.
 
@@ -15,7 +15,8 @@ first worker that ended on its own (see relay/workers.py). ``token`` exits 0 wit
 stdout, or 2 with the reason on stderr (one line, or argparse's usage and error).
 
 ``pgws-relay tail URL`` prints a channel's messages, one per line, as they arrive, resuming
-across reconnects: a thin wrapper over :mod:`relay.subscription`. It exits 0 on SIGINT/SIGTERM
+across reconnects: a thin wrapper over :mod:`relay.client.subscription`. It exits 0 on
+SIGINT/SIGTERM
 (naming the position to resume from on stderr), 1 when the relay refuses it for good, 2 for bad
 arguments.
 """
@@ -32,7 +33,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from relay import __version__, app, auth, logs, mint, protocol, workers
+from relay import __version__, app
+from relay.auth import mint, tokens
 from relay.config import (
     SECRET_VARIABLES,
     SETTINGS,
@@ -42,6 +44,8 @@ from relay.config import (
     load,
     load_secret,
 )
+from relay.ops import logs, workers
+from relay.wire import positions
 
 log = logging.getLogger("relay.auth")
 
@@ -83,7 +87,7 @@ def _token_parser() -> argparse.ArgumentParser:
                         dest="filters",
                         help="a filter the client cannot widen (the filters claim), e.g. "
                              "payload.market_id=eq.7; repeat for several (all must hold)")
-    parser.add_argument("--alg", choices=sorted(auth.ALLOWED_ALGORITHMS),
+    parser.add_argument("--alg", choices=sorted(tokens.ALLOWED_ALGORITHMS),
                         help="signature algorithm (default: HS256 for an HMAC secret, the "
                              "key's own for a JWK)")
     parser.add_argument("--kid", help="the key of the JWK Set to sign with (default: the first "
@@ -104,17 +108,17 @@ def _environment(args: argparse.Namespace, names: Sequence[str] | None = None
     return env
 
 
-def read_keys(secret: bytes) -> auth.LoadedKeys:
+def read_keys(secret: bytes) -> tokens.LoadedKeys:
     """The verification keys of ``secret``, or :class:`ConfigError` naming ``PGWS_JWT_SECRET``
     when no token could ever verify: no usable key, or an HMAC secret shorter than HS256 needs.
 
     Shared by the relay and ``token``, so that ``token`` refuses what the relay refuses.
     """
     try:
-        loaded = auth.read_secret(secret)
-    except auth.SecretError as exc:
+        loaded = tokens.read_secret(secret)
+    except tokens.SecretError as exc:
         raise ConfigError("PGWS_JWT_SECRET", str(exc)) from None
-    shortest = min(auth.HMAC_MIN_BYTES.values())
+    shortest = min(tokens.HMAC_MIN_BYTES.values())
     if loaded.raw_secret and len(secret) < shortest:
         # Upstream starts and then refuses every token as an invalid signature; an operator
         # would only find out from the clients. Here it is a start-up error that says why.
@@ -124,11 +128,11 @@ def read_keys(secret: bytes) -> auth.LoadedKeys:
     return loaded
 
 
-def hmac_warning(secret: bytes, loaded: auth.LoadedKeys) -> str | None:
+def hmac_warning(secret: bytes, loaded: tokens.LoadedKeys) -> str | None:
     """One line when a raw HMAC secret verifies HS256 but is too short for HS384 or HS512."""
     if not loaded.raw_secret:
         return None
-    refused = [(name, need) for name, need in sorted(auth.HMAC_MIN_BYTES.items())
+    refused = [(name, need) for name, need in sorted(tokens.HMAC_MIN_BYTES.items())
                if len(secret) < need]
     if not refused:
         return None
@@ -156,14 +160,14 @@ def _token(argv: Sequence[str]) -> int:
         token = mint.mint(secret, claims, args.alg, args.kid)
     except ConfigError as exc:
         return _report(exc.problems)
-    except (mint.MintError, auth.SecretError) as exc:
+    except (mint.MintError, tokens.SecretError) as exc:
         print(f"pgws-relay token: {exc}", file=sys.stderr)
         return 2
     print(token)
     return 0
 
 
-def check(env: dict[str, str]) -> tuple[Config, auth.LoadedKeys]:
+def check(env: dict[str, str]) -> tuple[Config, tokens.LoadedKeys]:
     """The configuration and its keys, or one :class:`ConfigError` listing every problem."""
     problems: list[Problem] = []
     config: Config | None = None
@@ -179,7 +183,7 @@ def check(env: dict[str, str]) -> tuple[Config, auth.LoadedKeys]:
             secret = load_secret(env)
         except ConfigError as exc:  # Its @file changed in between.
             problems.extend(exc.problems)
-    loaded: auth.LoadedKeys | None = None
+    loaded: tokens.LoadedKeys | None = None
     if secret is not None:
         try:
             loaded = read_keys(secret)
@@ -238,7 +242,7 @@ def _tail_parser() -> argparse.ArgumentParser:
 
 def _tail(argv: Sequence[str]) -> int:
     # Here, not at the top: the relay's own process never loads the client library.
-    from relay import subscription
+    from relay.client import subscription
 
     parser = _tail_parser()
     args = parser.parse_args(argv)
@@ -246,7 +250,7 @@ def _tail(argv: Sequence[str]) -> int:
         subscription.Endpoint.parse(args.url, args.filters)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.position is not None and protocol.parse_position(args.position) is None:
+    if args.position is not None and positions.parse_position(args.position) is None:
         parser.error(f"--from: not a position: {args.position!r}")
     token = args.token if args.token is not None else os.environ.get("PGWS_TOKEN") or None
     handler = logging.StreamHandler(sys.stderr)
@@ -263,7 +267,7 @@ def _tail(argv: Sequence[str]) -> int:
 
 async def _follow(args: argparse.Namespace, token: str | None) -> int:
     """Print until a signal (0) or a refusal (1); then where to resume, on stderr."""
-    from relay import subscription
+    from relay.client import subscription
 
     status = 0
     current: subscription.Subscription | None = None

@@ -22,7 +22,7 @@ Rules this module keeps:
 - It reads the ``@file`` values and looks at ``PGWS_ROOT_PATH`` (a readable directory, or a
   start-up error rather than a 404 for every request); nothing else: no sockets, no logging.
   The DB URI is parsed (not connected to) so that a typo is a start-up error naming
-  ``PGWS_DB_URI``. What a secret means (keys, HMAC lengths) is :mod:`relay.auth`'s business,
+  ``PGWS_DB_URI``. What a secret means (keys, HMAC lengths) is :mod:`relay.auth.tokens`'s business,
   checked by the command.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.request import origin_key
+from relay.transports.request import origin_key
 
 #: The NOTIFY payload limit of a default PostgreSQL build (``NAMEDATALEN``-style compile-time
 #: constant): payloads must be shorter than this many bytes.
@@ -399,7 +399,7 @@ def load_secret(env: Mapping[str, str]) -> bytes:
     """The secret bytes of ``PGWS_JWT_SECRET`` after ``@file`` and base64 handling.
 
     :class:`ConfigError` lists the problems of both secret variables. Nothing is said about
-    what the bytes mean: :func:`relay.auth.read_secret` decides that.
+    what the bytes mean: :func:`relay.auth.tokens.read_secret` decides that.
     """
     problems: list[Problem] = []
     text: str | None = None

@@ -3,7 +3,8 @@ package data, served by the relay itself when ``PGWS_ROOT_PATH`` points at this 
 
 This module owns only the directory's location (:data:`DIRECTORY`); ``python -m relay.console``
 prints it, for ``PGWS_ROOT_PATH=$(python -m relay.console) pgws-relay``. It never imports the
-relay, reads a setting or serves anything: serving is :mod:`relay.static`'s job, and the page
+relay, reads a setting or serves anything: serving is :mod:`relay.transports.static`'s job, and the
+page
 talks to the relay only over WebSocket, as any client would.
 """
 

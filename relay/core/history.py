@@ -1,0 +1,326 @@
+"""History: the last deliveries of each channel, their positions, and "can this position resume?".
+
+Theory of operation
+-------------------
+Every notification the listener hands over is a point of one stream, numbered by ``seq`` in
+this process and named across processes by a digest of the last
+:data:`relay.wire.positions.WINDOW` payloads (:mod:`relay.wire.positions` spells both).
+:meth:`append`
+gives the point its position and builds the frame a positioned client receives (the position,
+a line feed, the payload), once: the same bytes go to every live positioned client and stay
+here for those who come back. Each channel keeps its own log, so a busy channel does not push
+a quiet one's history out; what is kept is bounded three ways:
+
+- ``messages`` per channel (the oldest of the channel goes first);
+- ``max_bytes`` for all channels together, counting each entry as its frame plus
+  :data:`ENTRY_OVERHEAD` (the objects that hold it), so the bound is the memory, not just the
+  payloads (the oldest entry of all goes first);
+- ``max_age`` seconds (entries older than that go, at the next append or :meth:`expire`).
+
+A channel's log remembers ``complete_after``: the seq of the last entry it dropped. A position
+at seq S can resume a set of channels losslessly when no channel dropped anything after S and
+LISTEN was in place all along: every *break* (each time LISTEN is established, the first time
+included) takes a seq of its own, and a position before the last break cannot resume.
+
+:meth:`resolve` answers, for a position and a set of channels: resume after seq S, or one of
+the reasons of :mod:`relay.wire.positions` (expired, gap, unknown), or :data:`WAIT`: a position of
+another process whose digest this one has not seen (yet: its LISTEN may lag the other's by a
+few milliseconds). A digest is taken only from an entry received within
+:data:`relay.wire.positions.CLOCK_SKEW` seconds of the position's time, and only when it names one
+entry: a run of identical payloads that repeats is ``unknown``, never the wrong point.
+:meth:`after` lists what a resume replays, in stream order.
+
+Rules this module keeps: it never builds anything per client and never awaits; it is the only
+place where positions are made or compared. It knows nothing of sockets, streams or filters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import heapq
+import secrets
+import time
+from collections.abc import Collection, Iterator
+from typing import Final
+
+from relay.wire import frames, positions
+from relay.wire.positions import Position
+
+#: Bytes charged per entry beyond its frame, so that ``max_bytes`` bounds the process's memory:
+#: the objects that hold it (the entry, its frame's object header, the log's slots and seq, the
+#: digest index's slot and ints: 219 bytes measured with tracemalloc in tests/test_history.py,
+#: up to ~260 with a log's emptied slots), and what the allocator keeps on top as the history
+#: turns over (a header per frame, free space between blocks: at 320 bytes a full history at
+#: 1,000 channels grew the relay's RSS 1.09× the bound, bench/resume.py).
+ENTRY_OVERHEAD = 512
+
+#: Channels whose logs emptied are remembered (their ``complete_after``) up to this many; beyond
+#: it the oldest is folded into one conservative floor, so channel names cannot grow memory.
+_FORGOTTEN_CHANNELS = 10_000
+
+
+#: What :meth:`History.resolve` gives for a position another process issued and this one has
+#: not seen: the caller may wait for it to arrive.
+WAIT: Final = "wait"
+
+_Digest = bytes  # 8 bytes
+
+
+class Entry:
+    """One delivery kept: its seq, its digest, the positioned frame, when it arrived."""
+
+    __slots__ = ("arrived", "digest", "frame", "offset", "seq")
+
+    def __init__(self, seq: int, digest: int, frame: bytes, offset: int, arrived: float) -> None:
+        self.seq = seq
+        self.digest = digest
+        #: The WebSocket frame of ``position "\\n" payload``; the payload starts at ``offset``.
+        self.frame = frame
+        self.offset = offset
+        self.arrived = arrived
+
+    @property
+    def payload(self) -> bytes:
+        return self.frame[self.offset:]
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) + ENTRY_OVERHEAD
+
+
+#: What a log's slot holds once its entry is dropped (until the log compacts).
+_DROPPED = Entry(-1, 0, b"", 0, 0.0)
+
+
+class _Log:
+    """One channel's entries, oldest first, with their seqs for bisection.
+
+    Dropping the oldest empties its slot; the dropped prefix is cut off once it is more than
+    half the list, so a drop costs O(1) amortised and the empty slots (8 bytes, and their seq)
+    never outnumber the entries kept, whose :data:`ENTRY_OVERHEAD` covers them.
+    """
+
+    __slots__ = ("complete_after", "entries", "seqs", "start")
+
+    def __init__(self, complete_after: int) -> None:
+        self.entries: list[Entry] = []
+        self.seqs: list[int] = []
+        self.start = 0  # Entries before this index were dropped.
+        #: The seq of the last entry this channel dropped: it holds every entry after it.
+        self.complete_after = complete_after
+
+    def __len__(self) -> int:
+        return len(self.entries) - self.start
+
+    def head(self) -> Entry:
+        return self.entries[self.start]
+
+    def drop_head(self) -> Entry:
+        entry = self.entries[self.start]
+        # The slot lets go of the frame at once: what is dropped must not stay in memory.
+        self.entries[self.start] = _DROPPED
+        self.start += 1
+        self.complete_after = entry.seq
+        if self.start * 2 > len(self.entries):
+            del self.entries[:self.start]
+            del self.seqs[:self.start]
+            self.start = 0
+        return entry
+
+    def after(self, seq: int) -> list[Entry]:
+        return self.entries[bisect.bisect_right(self.seqs, seq, lo=self.start):]
+
+
+class History:
+    """Positions for every notification, and each channel's last deliveries within bounds.
+
+    ``messages``: entries per channel (0: keep none; positions are still given, and a resume
+    from before the head is ``expired``). ``max_bytes``: all channels together, entries counted
+    with their overhead. ``max_age``: seconds an entry is kept.
+    """
+
+    def __init__(self, messages: int, max_bytes: int, max_age: float,
+                 epoch: int | None = None, wall_offset: float | None = None) -> None:
+        self.messages = messages
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.epoch = secrets.randbits(32) if epoch is None else epoch
+        self._epoch_text = f"{self.epoch:08x}".encode()
+        #: Unix time minus the entries' clock (``time.monotonic()``): positions carry Unix
+        #: seconds, which other processes can compare.
+        self._wall_offset = time.time() - time.monotonic() if wall_offset is None \
+            else wall_offset
+        #: The last point of the stream: a notification or a break, and its Unix second.
+        self.seq = 0
+        self.digest = 0
+        self.time = int(time.time()) if wall_offset is None else 0
+        #: The seq of the last break (LISTEN established); positions before it cannot resume.
+        self.break_seq = 0
+        self._window: collections.deque[_Digest] = collections.deque(maxlen=positions.WINDOW)
+        self._logs: dict[str, _Log] = {}
+        #: Logs that emptied: channel → complete_after, oldest first, and the floor of those
+        #: forgotten beyond :data:`_FORGOTTEN_CHANNELS`.
+        self._emptied: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._floor = 0
+        #: (seq of a log's first entry, channel): the oldest entry of all is on top. Lazy: a
+        #: pair whose channel's head has moved on is skipped when it surfaces.
+        self._heads: list[tuple[int, str]] = []
+        #: digest → the entry that has it, or a list when several do.
+        self._by_digest: dict[int, Entry | list[Entry]] = {}
+        #: Entries and their bytes (with overhead) kept now.
+        self.entries = 0
+        self.bytes = 0
+
+    # -- positions -----------------------------------------------------------------------------
+
+    @property
+    def position(self) -> str:
+        """The position of the last point of the stream (what a client that just connected has
+        seen, as far as this process can tell)."""
+        return Position(self.epoch, self.seq, self.digest, self.time).text()
+
+    def append(self, channel: str, payload: bytes, arrived: float) -> Entry:
+        """The next notification: its position, its frame, and (if history is on) kept."""
+        self.seq += 1
+        self._window.append(hashlib.blake2b(payload, digest_size=8).digest())
+        digest = int.from_bytes(
+            hashlib.blake2b(b"".join(self._window), digest_size=8).digest(), "big")
+        self.digest = digest
+        self.time = int(arrived + self._wall_offset)
+        position = b"%s.%x.%016x.%08x" % (self._epoch_text, self.seq, digest, self.time)
+        text = positions.delivery(position, payload)
+        frame = frames.text(text)
+        entry = Entry(self.seq, digest, frame, len(frame) - len(payload), arrived)
+        if self.messages:
+            self._keep(channel, entry)
+        return entry
+
+    def mark_break(self, now: float | None = None) -> None:
+        """LISTEN was (re)established: what came before may have been followed by a loss."""
+        self.seq += 1
+        self.break_seq = self.seq
+        self.digest = 0  # Names no notification: found by no other process.
+        self.time = int((time.monotonic() if now is None else now) + self._wall_offset)
+        self._window.clear()
+
+    def resolve(self, position: Position, channels: Collection[str],
+                now: float | None = None) -> int | str:
+        """The seq to replay after, or why not (a reason of :mod:`relay.wire.positions`, or WAIT).
+
+        ``now``: the entries' clock (default ``time.monotonic()``), for positions of other
+        processes too old for any history.
+        """
+        if position.epoch == self.epoch:
+            seq = position.seq
+            if seq > self.seq:
+                return positions.UNKNOWN
+        else:
+            if now is None:
+                now = time.monotonic()
+            if position.time + positions.CLOCK_SKEW < now + self._wall_offset - self.max_age:
+                return positions.EXPIRED  # Older than what any process keeps.
+            found = self._by_digest.get(position.digest)
+            if found is None:
+                return WAIT if position.digest else positions.UNKNOWN
+            if isinstance(found, list):
+                return positions.UNKNOWN  # The same window twice: which one is meant?
+            if abs(found.arrived + self._wall_offset - position.time) > positions.CLOCK_SKEW:
+                return positions.UNKNOWN  # The same payloads again, at another time.
+            seq = found.seq
+        if seq < self.break_seq:
+            return positions.GAP
+        if not self.messages:
+            return positions.EXPIRED if seq < self.seq else seq
+        for channel in channels:
+            if self._complete_after(channel) > seq:
+                return positions.EXPIRED
+        return seq
+
+    def after(self, seq: int, channels: Collection[str]) -> Iterator[Entry]:
+        """The entries of ``channels`` after ``seq``, in stream order."""
+        parts = [log.after(seq) for channel in channels
+                 if (log := self._logs.get(channel)) is not None]
+        parts = [part for part in parts if part]
+        if len(parts) == 1:
+            return iter(parts[0])
+        return heapq.merge(*parts, key=_seq_of)
+
+    def _complete_after(self, channel: str) -> int:
+        log = self._logs.get(channel)
+        if log is not None:
+            return log.complete_after
+        return self._emptied.get(channel, self._floor)
+
+    # -- keeping and dropping -----------------------------------------------------------------
+
+    def _keep(self, channel: str, entry: Entry) -> None:
+        log = self._logs.get(channel)
+        if log is None:
+            log = self._logs[channel] = _Log(self._emptied.pop(channel, self._floor))
+            heapq.heappush(self._heads, (entry.seq, channel))
+        log.entries.append(entry)
+        log.seqs.append(entry.seq)
+        self.entries += 1
+        self.bytes += entry.size
+        found = self._by_digest.get(entry.digest)
+        if found is None:
+            self._by_digest[entry.digest] = entry
+        elif isinstance(found, list):
+            found.append(entry)
+        else:
+            self._by_digest[entry.digest] = [found, entry]
+        if len(log) > self.messages:
+            self._drop(channel, log)
+        while self.bytes > self.max_bytes and self._heads:
+            self._drop_oldest()
+        self.expire(entry.arrived)
+
+    def expire(self, now: float) -> None:
+        """Drop entries older than ``max_age`` seconds at ``now`` (the entries' clock)."""
+        limit = now - self.max_age
+        while self._heads:
+            seq, channel = self._heads[0]
+            log = self._logs.get(channel)
+            if log is None or log.head().seq != seq:
+                heapq.heappop(self._heads)  # Stale: that head is gone.
+                continue
+            if log.head().arrived >= limit:
+                return
+            self._drop(channel, log)
+
+    def _drop_oldest(self) -> None:
+        seq, channel = self._heads[0]
+        log = self._logs.get(channel)
+        if log is None or log.head().seq != seq:
+            heapq.heappop(self._heads)
+            return
+        self._drop(channel, log)
+
+    def _drop(self, channel: str, log: _Log) -> None:
+        entry = log.drop_head()
+        self.entries -= 1
+        self.bytes -= entry.size
+        found = self._by_digest[entry.digest]
+        if isinstance(found, list):
+            found.remove(entry)
+            if len(found) == 1:
+                self._by_digest[entry.digest] = found[0]
+        else:
+            del self._by_digest[entry.digest]
+        if len(log):
+            heapq.heappush(self._heads, (log.head().seq, channel))
+        else:
+            del self._logs[channel]
+            self._emptied[channel] = log.complete_after
+            if len(self._emptied) > _FORGOTTEN_CHANNELS:
+                _, complete_after = self._emptied.popitem(last=False)
+                self._floor = max(self._floor, complete_after)
+        if len(self._heads) > 2 * len(self._logs) + 64:
+            self._heads = [(log.head().seq, name) for name, log in self._logs.items()]
+            heapq.heapify(self._heads)
+
+
+def _seq_of(entry: Entry) -> int:
+    return entry.seq

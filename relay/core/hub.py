@@ -1,0 +1,564 @@
+"""The hub: who receives what, and one frame per notification for all of them.
+
+Theory of operation
+-------------------
+Clients whose deliveries are identical form one *stream*: the same channels and the same
+filters (URL ``filter`` parameters plus the token's ``filters`` claim). A stream is the unit of
+every cost that does not need a client: a notification is parsed once, its channel's distinct
+filter sets are evaluated once (:class:`relay.core.filters.Index`), its frame is built once, and
+each stream that receives it gets the batch's frames joined into one bytes object, offered to
+every plain client of the stream. So the work per notification grows with distinct streams,
+never with clients, and the work per client is one offer per batch.
+
+Compression (permessage-deflate, :mod:`relay.wire.deflate`) is per stream too. A stream's clients
+that agreed to it share one :class:`relay.wire.deflate.Deflater` with context takeover: every
+message is compressed once and the same compressed frames go to all of them, which is sound
+because they all receive exactly the same messages in the same order (a client that cannot
+keep up is closed, never skipped). A client that joins a stream whose compressor has history
+*joins* at the next sync point: until then it receives the plain frames (RSV1 clear, which RFC
+7692 allows per message), and at the sync point the compressor restarts, so nothing after it
+refers back to what the new client never saw. Sync points come at once when no client depends
+on the history (the compressor is fresh, or the stream has no compressed client yet), else at
+most once per ``_SYNC_SPACING``: each restart costs the stream its history. Clients that asked
+for ``server_no_context_takeover``, and every compressed client of a stream beyond
+``compression_streams`` (each compressor holds ~150 KiB), receive each message compressed on
+its own (:func:`relay.wire.deflate.alone`), made once per notification for all of them.
+
+Resumable streams (:mod:`relay.core.history`, :mod:`relay.wire.positions`). With history on, every
+notification gets a position and a *positioned* frame (position, line feed, payload) when it
+arrives, whoever subscribes; clients that asked for positions form streams of their own that
+receive those frames. A client that comes back with a position is admitted in one synchronous
+step: its control event, then the history's frames after its position (filtered as its live
+traffic is), then membership of its stream. No notification can arrive in between, so the
+seam has no gap and no duplicate. A position another relay process issued, that this one has
+not seen yet, parks the client (:meth:`Hub.add` returns True) until the notification arrives
+here or the caller gives up (:meth:`Hub.give_up`: ``unknown``). Each time LISTEN is
+established the history takes a break, and every positioned client is told ``lost``/``gap``.
+
+Rules this module keeps:
+
+- It never awaits a client and never blocks: a slow client is the client's problem, decided
+  by the client's own bound, and everyone else is served in the same pass.
+- Order per stream is PostgreSQL's delivery order, across the stream's channels too.
+- It holds no socket; it knows clients only through :class:`Subscriber`.
+- Its bookkeeping is per batch and per stream, never per subscriber: the counters and the
+  delivery-time histogram cost the fan-out loop one branch per subscriber (did the offer
+  queue?). A batch's delivery time runs from its arrival at the listener to its last write:
+  at the end of the pass when every offer was written at once, otherwise when the last client
+  that queued it has written (or dropped) it (:class:`Pending`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Collection, Iterable, Sequence
+from typing import Protocol
+
+from relay.core import envelope, filters
+from relay.core.filters import Filters
+from relay.core.history import WAIT, Entry, History
+from relay.core.stats import LatencyHistogram
+from relay.wire import deflate, frames, positions
+from relay.wire.positions import Position
+
+#: Seconds between two sync points of a stream whose compressed clients depend on its history:
+#: a client that joins meanwhile receives plain frames for at most this long, and a stream
+#: that clients keep joining loses its compression history at most this often.
+_SYNC_SPACING = 1.0
+
+#: History entries a filtered resume may examine: each is parsed and evaluated (~4 µs for an
+#: Econia fill) in one synchronous step, so this bounds how long one resume holds the relay
+#: (~40 ms). Beyond it the client is told ``expired``. Unfiltered replays only collect frames
+#: (~80 ns each), bounded by the history itself.
+_FILTERED_REPLAY_LIMIT = 10_000
+
+
+class Compression(enum.Enum):
+    """What a client agreed to (:func:`relay.wire.deflate.negotiate`)."""
+
+    OFF = "off"
+    SHARED = "shared"  # permessage-deflate with context takeover: the stream's compressor
+    ALONE = "alone"    # server_no_context_takeover: each message compressed on its own
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a client."""
+
+    def offer(self, frame: bytes) -> bool:
+        """Take bytes to send, without blocking; a full client closes itself.
+
+        True when (part of) the frame was queued: it will be written later, and the client
+        then calls :meth:`Pending.done` on what :meth:`track` gave it.
+        """
+
+    def track(self, pending: Pending) -> None:
+        """Call ``pending.done()`` once what was queued so far is written or dropped."""
+
+    def replay(self, frames: list[bytes]) -> None:
+        """Queue frames the history keeps anyway: they do not count against the queue bound."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Begin the close handshake, after what is already queued."""
+
+
+class Pending:
+    """A batch some subscribers queued: its delivery time is known when the last one wrote."""
+
+    __slots__ = ("_arrived", "_events", "_histogram", "waiting")
+
+    def __init__(self, arrived: float, histogram: LatencyHistogram) -> None:
+        self._arrived = arrived
+        self._histogram = histogram
+        self._events = 0
+        #: Subscribers that have not written their queued copy yet.
+        self.waiting = 0
+
+    def arm(self, events: int) -> None:
+        """The fan-out pass is over: ``events`` notifications wait for :attr:`waiting` writes."""
+        self._events = events
+        if not self.waiting:
+            self._observe()
+
+    def done(self) -> None:
+        self.waiting -= 1
+        if not self.waiting and self._events:
+            self._observe()
+
+    def _observe(self) -> None:
+        self._histogram.observe(time.monotonic() - self._arrived, self._events)
+        self._events = 0
+
+
+class _Stream:
+    """Clients with the same channels and filters: they receive the same messages."""
+
+    __slots__ = ("alone", "channels", "deflater", "filters", "joining", "key", "plain",
+                 "positioned", "shared", "synced_at")
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+        #: ``positioned``: its clients receive each delivery with its position.
+        self.channels, self.filters, self.positioned = key
+        self.plain: set[Subscriber] = set()
+        #: Compressed clients that share :attr:`deflater`'s history (or, without one, get
+        #: each message compressed alone).
+        self.shared: set[Subscriber] = set()
+        #: Compressed clients waiting for the next sync point; they get plain frames until then.
+        self.joining: set[Subscriber] = set()
+        self.alone: set[Subscriber] = set()
+        self.deflater: deflate.Deflater | None = None
+        self.synced_at = -_SYNC_SPACING
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.shared) + len(self.joining) + len(self.alone)
+
+    def discard(self, client: Subscriber) -> None:
+        for group in (self.plain, self.shared, self.joining, self.alone):
+            group.discard(client)
+
+    def clients(self) -> Iterable[Subscriber]:
+        return (*self.plain, *self.shared, *self.joining, *self.alone)
+
+
+#: A stream's identity: its channels, its filters, whether it is positioned.
+_Key = tuple[frozenset[str], Filters, bool]
+
+
+class _Parked:
+    """A client waiting for another relay process's position to arrive here."""
+
+    __slots__ = ("client", "compression", "key", "position")
+
+    def __init__(self, client: Subscriber, key: _Key, compression: Compression,
+                 position: Position) -> None:
+        self.client = client
+        self.key = key
+        self.compression = compression
+        self.position = position
+
+
+class _Channel:
+    """One channel's streams, by filter set, and the index that evaluates those sets."""
+
+    __slots__ = ("index", "streams")
+
+    def __init__(self) -> None:
+        self.streams: dict[Filters, list[_Stream]] = {}
+        self.index = filters.Index()
+
+    def add(self, stream: _Stream) -> None:
+        same = self.streams.setdefault(stream.filters, [])
+        if not same:
+            self.index.add(stream.filters)
+        same.append(stream)
+
+    def remove(self, stream: _Stream) -> None:
+        same = self.streams[stream.filters]
+        same.remove(stream)
+        if not same:
+            del self.streams[stream.filters]
+            self.index.remove(stream.filters)
+
+    def matching(self, payload: bytes, document: object) -> Iterable[_Stream]:
+        streams = self.streams
+        if len(streams) == 1 and filters.NONE in streams:
+            return streams[filters.NONE]  # No filters on this channel: nothing to evaluate.
+        found = self.index.matching(filters.Document(payload, document))
+        return [stream for key in found for stream in streams[key]]
+
+
+class Hub:
+    """Routes notification payloads to the streams, and so the subscribers, that want them."""
+
+    def __init__(self, listen_channel: str, compression_streams: int = 1024,
+                 history: History | None = None) -> None:
+        self._listen_channel = listen_channel
+        self._compression_streams = compression_streams
+        #: None: history is off, and no client may ask for positions.
+        self.history = history
+        self._channels: dict[str, _Channel] = {}
+        self._streams: dict[_Key, _Stream] = {}
+        #: Parked clients, by the digest they wait for, and by client.
+        self._parked: dict[int, list[_Parked]] = {}
+        self._parked_clients: dict[Subscriber, _Parked] = {}
+        #: The seq of the last checkpoint sent (:meth:`checkpoint`).
+        self._checkpoint_seq = 0
+        #: Resumes by outcome (``resumed`` or a reason of :mod:`relay.wire.positions`), and the
+        #: deliveries replayed.
+        self.resumes = dict.fromkeys(("resumed", *positions.LOST_REASONS), 0)
+        self.replayed = 0
+        #: Every client, with its stream (None: a write-only client).
+        self._clients: dict[Subscriber, _Stream | None] = {}
+        self._ping_counter = 0
+        #: Shared compressors alive (at most ``compression_streams``).
+        self.deflaters = 0
+        #: Compressed clients let into their stream's shared frames; compressors restarted for
+        #: them (a join into a fresh compressor costs no restart).
+        self.joins = 0
+        self.restarts = 0
+        #: Notifications routed to at least one subscriber; frames and bytes offered in all.
+        self.routed = 0
+        self.offered = 0
+        self.offered_bytes = 0
+        #: Seconds from a notification's arrival at the listener to its last write.
+        self.delivery_times = LatencyHistogram()
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def filter_sets_full(self, channels: Iterable[str], filter_set: Filters, cap: int) -> bool:
+        """Whether ``filter_set`` would be one distinct filter set too many (more than ``cap``)
+        on one of ``channels``: each is evaluated per notification of its channel."""
+        if not filter_set or not cap:
+            return False
+        for channel in channels:
+            routes = self._channels.get(channel)
+            if routes is not None and filter_set not in routes.streams and \
+                    len(routes.streams) - (filters.NONE in routes.streams) >= cap:
+                return True
+        return False
+
+    def add(self, client: Subscriber, channels: Collection[str],
+            filter_set: Filters = filters.NONE,
+            compression: Compression = Compression.OFF, positioned: bool = False,
+            resume: Position | None = None) -> bool:
+        """Register a connection; it receives the channels given (none: write-only), narrowed
+        by ``filter_set``, compressed as agreed; ``positioned`` (history must be on): with
+        positions, from ``resume`` if given (the missed deliveries first).
+
+        True when the client is parked, waiting for ``resume`` to arrive: the caller calls
+        :meth:`give_up` when it has waited long enough.
+        """
+        if not channels:
+            self._clients[client] = None
+            return False
+        key = (frozenset(channels), filter_set, positioned)
+        history = self.history
+        if not positioned or history is None:
+            self._join(client, key, compression)
+        elif resume is None:
+            client.offer(frames.text(positions.position_event(history.position)))
+            self._join(client, key, compression)
+        else:
+            outcome = history.resolve(resume, key[0])
+            if outcome == WAIT:
+                parked = _Parked(client, key, compression, resume)
+                self._parked.setdefault(resume.digest, []).append(parked)
+                self._parked_clients[client] = parked
+                self._clients[client] = None
+                return True
+            self._admit(client, key, compression, resume, outcome)
+        return False
+
+    def give_up(self, client: Subscriber) -> None:
+        """A parked client has waited long enough: its position is ``unknown`` here."""
+        parked = self._unpark(client)
+        if parked is not None:
+            self._admit(client, parked.key, parked.compression, parked.position,
+                        positions.UNKNOWN)
+
+    def _unpark(self, client: Subscriber) -> _Parked | None:
+        parked = self._parked_clients.pop(client, None)
+        if parked is not None:
+            same = self._parked[parked.position.digest]
+            same.remove(parked)
+            if not same:
+                del self._parked[parked.position.digest]
+        return parked
+
+    def _admit(self, client: Subscriber, key: _Key, compression: Compression,
+               resume: Position, outcome: int | str) -> None:
+        """Tell a returning client the outcome, replay what it missed, then let it in."""
+        history = self.history
+        assert history is not None
+        if not isinstance(outcome, str):
+            channels, filter_set, _ = key
+            replay = _replay(history.after(outcome, channels), filter_set)
+            if replay is None:
+                outcome = positions.EXPIRED
+            else:
+                self.resumes["resumed"] += 1
+                self.replayed += len(replay)
+                client.offer(frames.text(positions.resumed_event(resume.text(), len(replay))))
+                if replay:
+                    client.replay(replay)
+        if isinstance(outcome, str):
+            self.resumes[outcome] += 1
+            client.offer(frames.text(positions.lost_event(outcome, history.position)))
+        self._join(client, key, compression)
+
+    def _join(self, client: Subscriber, key: _Key, compression: Compression) -> None:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream(key)
+            for channel in stream.channels:
+                self._channels.setdefault(channel, _Channel()).add(stream)
+        self._clients[client] = stream
+        if compression is Compression.OFF:
+            stream.plain.add(client)
+        elif compression is Compression.ALONE:
+            stream.alone.add(client)
+        else:
+            if stream.deflater is None and self.deflaters < self._compression_streams:
+                stream.deflater = deflate.Deflater()
+                self.deflaters += 1
+            stream.joining.add(client)
+
+    def remove(self, client: Subscriber) -> None:
+        stream = self._clients.pop(client, None)
+        if stream is None:
+            self._unpark(client)
+            return
+        stream.discard(client)
+        if stream.deflater is not None and not (stream.shared or stream.joining):
+            stream.deflater = None  # Its memory goes with its last compressed client.
+            self.deflaters -= 1
+        if len(stream):
+            return
+        del self._streams[stream.key]
+        for channel in stream.channels:
+            routes = self._channels[channel]
+            routes.remove(stream)
+            if not routes.streams:
+                del self._channels[channel]
+
+    def publish(self, payloads: Sequence[bytes], arrived: float | None = None,
+                local: bool = False) -> None:
+        """Deliver the payloads of one listener wake-up, in order, to their subscribers.
+
+        ``arrived``: when the listener read them (``time.monotonic()``; default: now).
+        ``local``: made by this process, not read from LISTEN (meta events about this process):
+        delivered, but not part of the stream other processes see, so no position of their own
+        (positioned clients get them at the current position) and not kept.
+        """
+        if arrived is None:
+            arrived = time.monotonic()
+        batch: dict[_Stream, list[int]] = {}
+        texts: list[bytes] = []  # Payloads delivered to someone, and their plain frames.
+        framed: list[bytes] = []
+        positioned: list[bytes] = []  # Their positioned frames (when history is on).
+        channels = self._channels
+        listen = self._listen_channel
+        history = None if local else self.history
+        found: list[_Parked] = []
+        for payload in payloads:
+            document = envelope.parse(payload)
+            channel = envelope.channel_of(document, listen)
+            if history is not None:
+                entry = history.append(channel, payload, arrived)
+                if self._parked and entry.digest in self._parked:
+                    found += self._parked[entry.digest]
+            routes = channels.get(channel)
+            if routes is None:
+                continue
+            message = -1
+            for stream in routes.matching(payload, document):
+                if message < 0:
+                    message = len(texts)
+                    texts.append(payload)
+                    framed.append(frames.text(payload))
+                    if history is not None:
+                        positioned.append(entry.frame)
+                    elif self.history is not None:
+                        positioned.append(frames.text(positions.delivery(
+                            self.history.position.encode(), payload)))
+                batch.setdefault(stream, []).append(message)
+        if texts:
+            self._fan_out(batch, texts, framed, positioned, arrived)
+        for parked in found:
+            # After the fan-out, which did not reach them: the replay covers this batch too.
+            # (A digest twice in one batch lists its clients twice: each is admitted once.)
+            if self._unpark(parked.client) is None:
+                continue
+            outcome = self.history.resolve(parked.position, parked.key[0])  # type: ignore[union-attr]
+            self._admit(parked.client, parked.key, parked.compression, parked.position,
+                        positions.UNKNOWN if outcome == WAIT else outcome)
+
+    def _fan_out(self, batch: dict[_Stream, list[int]], texts: list[bytes],
+                 framed: list[bytes], positioned: list[bytes], arrived: float) -> None:
+        alone: dict[int, bytes] = {}  # Messages compressed on their own, once for all.
+        alone_positioned: dict[int, bytes] = {}
+        delivered: list[bytes] = []  # Positioned texts, made when a compressor needs them.
+        pending: Pending | None = None
+        now = time.monotonic()
+        for stream, messages in batch.items():
+            if stream.joining:
+                self._sync(stream, now)
+            receivers = stream.plain | stream.joining if stream.joining else stream.plain
+            parts = positioned if stream.positioned else framed
+            if receivers:
+                pending = self._offer(_join(parts, messages), receivers, len(messages),
+                                      arrived, pending)
+            if not (stream.shared or stream.alone):
+                continue
+            if stream.positioned:
+                if not delivered:
+                    delivered = [frames.payload_of(frame) for frame in positioned]
+                sources, cache = delivered, alone_positioned
+            else:
+                sources, cache = texts, alone
+            if stream.shared:
+                deflater = stream.deflater
+                if deflater is None:
+                    blob = _join(_alone_frames(cache, sources, messages), None)
+                else:
+                    blob = b"".join([frames.compressed_text(deflater.message(sources[m]))
+                                     for m in messages])
+                pending = self._offer(blob, stream.shared, len(messages), arrived, pending)
+            if stream.alone:
+                blob = _join(_alone_frames(cache, sources, messages), None)
+                pending = self._offer(blob, stream.alone, len(messages), arrived, pending)
+        self.routed += len(texts)
+        if pending is None:
+            self.delivery_times.observe(time.monotonic() - arrived, len(texts))
+        else:
+            pending.arm(len(texts))
+
+    def listening(self) -> None:
+        """LISTEN was established (the first time too): what was committed while it was not
+        is lost; every positioned client is told ``lost``/``gap``."""
+        history = self.history
+        if history is None:
+            return
+        history.mark_break()
+        self._to_positioned(frames.text(positions.lost_event(positions.GAP, history.position)))
+
+    def checkpoint(self, now: float | None = None) -> None:
+        """Tell positioned clients where the stream is, if it moved since the last time (a
+        client whose filters match rarely keeps a recent position), and drop aged history."""
+        history = self.history
+        if history is None:
+            return
+        history.expire(time.monotonic() if now is None else now)
+        if history.seq == self._checkpoint_seq:
+            return
+        self._checkpoint_seq = history.seq
+        self._to_positioned(frames.text(positions.position_event(history.position)))
+
+    def _to_positioned(self, frame: bytes) -> None:
+        for stream in self._streams.values():
+            if stream.positioned:
+                for client in stream.clients():
+                    client.offer(frame)
+
+    def _sync(self, stream: _Stream, now: float) -> None:
+        """Let a stream's joining clients in, if this batch may be a sync point."""
+        deflater = stream.deflater
+        if deflater is not None and not deflater.fresh:
+            if stream.shared and now - stream.synced_at < _SYNC_SPACING:
+                return  # Its compressed clients depend on the history: not yet.
+            deflater.restart()
+            self.restarts += 1
+        stream.synced_at = now
+        self.joins += len(stream.joining)
+        stream.shared |= stream.joining
+        stream.joining.clear()
+
+    def _offer(self, blob: bytes, clients: Iterable[Subscriber], messages: int,
+               arrived: float, pending: Pending | None) -> Pending | None:
+        """Offer ``blob`` (``messages`` frames) to ``clients``; the batch's Pending, if any."""
+        offered = 0
+        for client in clients:
+            offered += 1
+            if client.offer(blob):
+                if pending is None:
+                    pending = Pending(arrived, self.delivery_times)
+                pending.waiting += 1
+                client.track(pending)
+        self.offered += messages * offered
+        self.offered_bytes += len(blob) * offered
+        return pending
+
+    def ping_all(self) -> None:
+        """Offer every client the next server ping (payload ``1``, ``2``, … as upstream)."""
+        self._ping_counter += 1
+        frame = frames.ping(str(self._ping_counter).encode())
+        for client in self._clients:
+            client.offer(frame)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in list(self._clients):
+            client.close(code, reason)
+
+
+def _replay(entries: Iterable[Entry], filter_set: Filters) -> list[bytes] | None:
+    """The frames a resume replays; None when a filtered one would examine more than
+    ``_FILTERED_REPLAY_LIMIT`` entries (the client is told ``expired``)."""
+    if not filter_set:
+        return [entry.frame for entry in entries]
+    replay = []
+    for examined, entry in enumerate(entries, 1):
+        if examined > _FILTERED_REPLAY_LIMIT:
+            return None
+        payload = entry.payload
+        if filters.matches(filter_set, filters.Document(payload, envelope.parse(payload))):
+            replay.append(entry.frame)
+    return replay
+
+
+def _join(parts: list[bytes], messages: list[int] | None) -> bytes:
+    """The frames of ``messages`` (all of ``parts`` when None) as one bytes object; a single
+    frame is returned as is, so a one-message batch shares the very frame object."""
+    if messages is not None:
+        if len(messages) == 1:
+            return parts[messages[0]]
+        parts = [parts[m] for m in messages]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _alone_frames(cache: dict[int, bytes], texts: list[bytes], messages: list[int]
+                  ) -> list[bytes]:
+    """The frames of ``messages``, each compressed on its own, made once per batch."""
+    found = []
+    for m in messages:
+        frame = cache.get(m)
+        if frame is None:
+            frame = cache[m] = frames.compressed_text(deflate.alone(texts[m]))
+        found.append(frame)
+    return found

@@ -1,0 +1,128 @@
+"""Several worker processes on one port: start them, pass signals on, answer for them, report.
+
+Theory of operation
+-------------------
+With ``PGWS_WORKERS=W`` (W > 1) the command becomes a small supervisor. It starts W copies of
+itself (``python -m relay``) with ``PGWS_WORKERS=1`` and :data:`WORKER_ENV` set; a worker binds
+the port with SO_REUSEPORT, so the kernel spreads new connections over the workers, and each
+worker has its own LISTEN connection (every notification reaches every worker, which serves
+its own clients). The supervisor forwards SIGTERM/SIGINT (stop) and SIGUSR1 (stats) to every
+worker and waits. If a worker ends on its own (its listener gave up, say), the supervisor stops
+the others and exits with that worker's status (1 when it was 0), so an external supervisor
+sees the failure.
+
+With ``PGWS_ADMIN_PORT`` set, the supervisor serves the admin port for all workers: each worker
+serves ``/ready`` and ``/metrics`` on a Unix socket of its own (:data:`ADMIN_SOCKET_ENV`, in a
+folder only this user can enter), and :class:`relay.ops.admin.WorkersProbe` asks every one of
+them, so that one probe or scrape sees the whole service, not the worker the kernel picked.
+
+Processes, signals and the admin listener only; it never touches a client or the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+
+import trio
+
+from relay.config import Config
+from relay.ops import admin
+
+log = logging.getLogger(__name__)
+
+#: Set in a worker's environment (to its index); asks for SO_REUSEPORT. Internal.
+WORKER_ENV = "PGWS_WORKER_INDEX"
+
+#: Set in a worker's environment when the supervisor serves the admin port: the Unix socket on
+#: which the worker answers the supervisor's questions. Internal.
+ADMIN_SOCKET_ENV = "PGWS_WORKER_ADMIN_SOCKET"
+
+
+def is_worker() -> bool:
+    return WORKER_ENV in os.environ
+
+
+def admin_socket() -> str | None:
+    """This worker's private admin socket, if the supervisor asked for one."""
+    return os.environ.get(ADMIN_SOCKET_ENV) if is_worker() else None
+
+
+def supervise(env: Mapping[str, str], config: Config) -> int:
+    """Run ``config.workers`` worker processes until they end; return the exit status to use."""
+    folder = tempfile.mkdtemp(prefix="pgws-relay-") if config.admin_port is not None else None
+    try:
+        return trio.run(_supervise, env, config, folder)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _supervise(env: Mapping[str, str], config: Config, folder: str | None) -> int:
+    sockets = [os.path.join(folder, f"worker-{index}.sock") for index in range(config.workers)
+               ] if folder is not None else []
+    probe = admin.WorkersProbe(sockets)
+    admin_listeners: list[trio.SocketListener] = []
+    if config.admin_port is not None:
+        try:
+            admin_listeners = await admin.open_admin_listeners(config.admin_host,
+                                                               config.admin_port)
+        except OSError as exc:
+            log.error("cannot open the admin listener (PGWS_ADMIN_HOST %s, PGWS_ADMIN_PORT %s): "
+                      "%s", config.admin_host, config.admin_port, exc)
+            return 1
+        log.info("admin listening on %s for %d workers (/health, /ready, /metrics)",
+                 admin.bound(admin_listeners), config.workers)
+
+    # Signals are caught before the first worker exists, so that a stop arriving during the
+    # start still reaches every worker instead of killing the supervisor alone.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        procs: list[trio.Process] = []
+        for index in range(config.workers):
+            worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index)}
+            if sockets:
+                worker_env[ADMIN_SOCKET_ENV] = sockets[index]
+            procs.append(await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL))
+        stopping = False
+        status = 0
+
+        def stop_all(signum: int) -> None:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signum)
+
+        async def watch(index: int, proc: trio.Process) -> None:
+            nonlocal stopping, status
+            code = await proc.wait()
+            if not stopping:
+                # A worker ended on its own: the service is degraded; end it as a whole.
+                stopping = probe.stopping = True
+                status = code if code > 0 else 1
+                log.error("worker %d ended with status %d; stopping the others", index, code)
+                stop_all(signal.SIGTERM)
+            elif code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
+                status = code if code > 0 else 1
+
+        async def forward() -> None:
+            nonlocal stopping
+            async for signum in signals:
+                if signum != signal.SIGUSR1:
+                    stopping = probe.stopping = True
+                stop_all(signum)  # SIGUSR1: each worker logs its own stats line.
+
+        async with trio.open_nursery() as nursery:
+            if admin_listeners:
+                nursery.start_soon(admin.AdminServer(probe).serve, admin_listeners)
+            nursery.start_soon(forward)
+            async with trio.open_nursery() as waiting:
+                for index, proc in enumerate(procs):
+                    waiting.start_soon(watch, index, proc)
+            nursery.cancel_scope.cancel()
+    return status

@@ -1,0 +1,328 @@
+"""The one LISTEN connection: drain notifications into the hub, prove liveness, recover.
+
+Theory of operation
+-------------------
+One psycopg connection (autocommit) runs ``LISTEN`` on the listen channel and on a heartbeat
+channel private to this process. Then it only waits: ``trio.lowlevel.wait_readable`` on libpq's
+socket, ``consume_input()``, and every pending notification is drained with
+``pgconn.notifies()`` and handed to the hub as one batch. No other statement ever runs on this
+connection: a query would move pending notifications into a buffer this loop does not read.
+
+Liveness: every ``heartbeat_interval`` seconds a heartbeat NOTIFY goes out through the notifier
+pool; if it has not come back over this connection within the timeout, and nothing else came
+either, the connection is declared lost, even if its socket looks fine (a half-open TCP
+connection, a stopped server). Notifications arriving meanwhile prove it alive: a relay whose
+fan-out lags drains a backlog, with its heartbeat queued behind it, and must not drop the
+connection (and everything still queued on it) for being busy.
+
+Recovery: a lost connection is closed and a new one opened at once; while the database stays
+away, attempts repeat every second, so delivery resumes within about a second of the database
+accepting connections again. How long an outage may last is upstream's: the time its
+``PGWS_RETRIES`` attempts with backoff 1, 2, 4 … 32 s would span (:func:`retry_window`; 15 s
+for the default 5). Past that the listener gives up with :class:`ListenerGaveUp`, and the
+process exits with status 1. Clients stay connected throughout. Notifications committed while
+no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
+counted in :attr:`Listener.gaps`, logged with its length when LISTEN is back, and reported to
+``on_gap`` (the meta channel's ``ListenerReconnected`` event). ``on_listening`` hears of every
+time LISTEN is established, the first included: what was committed before is nobody's to
+replay (the history takes a break there).
+
+What the operator sees: :attr:`Listener.status` is None while LISTEN is in place, else one line
+saying why not (the admin listener's ``/ready`` answer); :meth:`Listener.down_seconds` adds up
+the time without LISTEN. A failed attempt is logged when its error differs from the last one;
+the same error again is summed up every ``_REPEAT_LOG_INTERVAL`` seconds, so a database that is
+away writes a few lines, not one a second. An error that waiting cannot cure (the database or
+role does not exist, authentication failed: :func:`is_permanent`) says so and names
+``PGWS_DB_URI``; it is retried all the same, as upstream does, for the configured window.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from math import inf
+from typing import Any
+
+import psycopg
+import trio
+from psycopg import sql
+
+from relay.sources.notifier import Notifier, NotifyFailed
+
+log = logging.getLogger(__name__)
+
+#: Upstream's backoff between failed connection attempts (1, 2, 4, 8, 16, then 32 s); here it
+#: only measures how long an outage may last (:func:`retry_window`).
+_BACKOFF_FIRST = 1.0
+_BACKOFF_CAP = 32.0
+
+#: Seconds between connection attempts while the database is away: short, so that a database
+#: that is back is listened to again within about a second; a refused connection costs little.
+_RETRY_SPACING = 1.0
+
+#: A heartbeat must come back within its period, but never less than this many seconds, so a
+#: busy database is not mistaken for a dead connection.
+_HEARTBEAT_MIN_TIMEOUT = 1.0
+
+#: Seconds between two log lines about the same connection error: an outage of a minute writes
+#: about six lines, and a new error is still logged at once.
+_REPEAT_LOG_INTERVAL = 10.0
+
+#: Parts of libpq/server messages that no retry can cure: the configuration is wrong. (psycopg
+#: gives no SQLSTATE for errors raised while connecting, so the text is all there is.)
+_PERMANENT_ERRORS: tuple[str, ...] = (
+    "does not exist",                 # database "x" / role "x" does not exist (3D000, 28000)
+    "password authentication failed",  # 28P01
+    "authentication failed",           # any other method
+    "no pg_hba.conf entry",            # 28000
+    "password is required",            # libpq: the server asked, the URI has none
+    "permission denied for database",  # 42501: no CONNECT privilege
+    "is not permitted to log in",      # role without LOGIN
+)
+
+
+def is_permanent(message: str) -> bool:
+    """Whether a connection error means a wrong configuration rather than an outage."""
+    lowered = message.lower()
+    return any(part in lowered for part in _PERMANENT_ERRORS)
+
+
+class ListenerGaveUp(Exception):
+    """``retries`` consecutive attempts to (re)connect the listener failed."""
+
+
+class _Lost(Exception):
+    """The LISTEN connection stopped working; the message says how."""
+
+
+def backoff(failures: int) -> float:
+    """Upstream's wait after the given number of consecutive failures (1 → 1 s)."""
+    return min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_CAP)
+
+
+def retry_window(retries: int) -> float:
+    """Seconds an outage may last: the span of upstream's ``retries`` attempts (0 or 1: none)."""
+    return sum(backoff(failures) for failures in range(1, max(retries, 1)))
+
+
+class Listener:
+    """Owns the LISTEN connection for the life of :meth:`run`."""
+
+    def __init__(
+        self,
+        db_uri: str,
+        connect_options: dict[str, Any],
+        listen_channel: str,
+        publish: Callable[[Sequence[bytes], float], None],
+        notifier: Notifier,
+        heartbeat_interval: float,
+        retries: int,
+        on_gap: Callable[[float, float], None] | None = None,
+        on_listening: Callable[[], None] | None = None,
+    ) -> None:
+        self._db_uri = db_uri
+        self._connect_options = connect_options
+        self._listen_channel = listen_channel
+        self._publish = publish
+        self._notifier = notifier
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = max(heartbeat_interval, _HEARTBEAT_MIN_TIMEOUT)
+        self._retries = retries
+        self._window = retry_window(retries)
+        self._on_gap = on_gap
+        self._on_listening = on_listening
+        # Private to this process, so other listeners and clients never see heartbeats.
+        self._heartbeat_channel = f"pgws_heartbeat_{os.getpid()}_{secrets.token_hex(4)}"
+        self._heartbeat_sent = 0
+        self._heartbeat_seen = 0
+        self._heartbeat_due: float | None = None
+        # The pump's current wait, so that a newly due heartbeat can shorten it.
+        self._wait: trio.CancelScope | None = None
+        #: Times LISTEN was re-established after a loss, or after a failed start (each one a
+        #: window in which notifications were lost).
+        self.gaps = 0
+        #: Notifications received on the listen channel.
+        self.received = 0
+        self.ready = trio.Event()
+        #: Why LISTEN is not in place (None while it is): the admin listener's /ready reason.
+        self.status: str | None = "not connected yet"
+        # Seconds without LISTEN in windows that have ended, and when the current one began
+        # (trio clock; None while LISTEN is in place).
+        self._down_total = 0.0
+        self._down_since: float | None = None
+        # The last connection error logged, and when (trio clock), for the repeat rule.
+        self._logged_error: str | None = None
+        self._logged_at = -inf
+        self._unlogged = 0
+
+    def down_seconds(self) -> float:
+        """Seconds since start-up without LISTEN in place, the current window included."""
+        current = 0.0
+        if self._down_since is not None:
+            current = trio.current_time() - self._down_since
+        return self._down_total + current
+
+    def _went_down(self, now: float, why: str) -> None:
+        self.status = why
+        if self._down_since is None:
+            self._down_since = now
+
+    def _came_up(self) -> None:
+        if self._down_since is not None:
+            self._down_total += trio.current_time() - self._down_since
+            self._down_since = None
+        self.status = None
+        self._logged_error = None
+        self._unlogged = 0
+
+    def _log_failure(self, message: str, attempts: int, outage: float) -> None:
+        """Log a failed attempt: a new error at once, the same one every so often."""
+        now = trio.current_time()
+        if message == self._logged_error and now - self._logged_at < _REPEAT_LOG_INTERVAL:
+            self._unlogged += 1
+            return
+        again = f" ({self._unlogged + 1} failed attempts since the last line)" \
+            if message == self._logged_error else ""
+        advice = "; this will not pass by itself: check PGWS_DB_URI" \
+            if is_permanent(message) else ""
+        log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
+                  "PGWS_RETRIES=%d allows)%s: %s%s", attempts, outage, self._window,
+                  self._retries, again, message, advice,
+                  extra={"event": "listener_connect_failed", "attempt": attempts,
+                         "down_seconds": round(outage, 3), "permanent": bool(advice)})
+        self._logged_error = message
+        self._logged_at = now
+        self._unlogged = 0
+
+    async def run(self) -> None:
+        """Listen until cancelled; raise :class:`ListenerGaveUp` when an outage lasts too long."""
+        # When LISTEN stopped being in place (trio clock, wall clock); None while it is.
+        down: tuple[float, float] | None = None
+        attempts = 0
+        self._went_down(trio.current_time(), "not connected yet")
+        while True:
+            started = trio.current_time()
+            try:
+                connection = await trio.to_thread.run_sync(self._connect_and_listen,
+                                                           abandon_on_cancel=True)
+            except psycopg.Error as exc:
+                attempts += 1
+                if down is None:
+                    down = (started, time.time())
+                outage = trio.current_time() - down[0]
+                message = _first_line(exc)
+                self.status = f"database unreachable: {message}"
+                self._log_failure(message, attempts, outage)
+                if started - down[0] + _RETRY_SPACING > self._window:
+                    raise ListenerGaveUp(f"no database connection for {outage:.0f} s "
+                                         f"({attempts} attempts)") from None
+                await trio.sleep_until(started + _RETRY_SPACING)
+                continue
+            attempts = 0
+            if down is None:
+                log.info("listening on channel %r", self._listen_channel)
+            else:
+                self.gaps += 1
+                log.warning("listening on channel %r again after %.1f s without LISTEN (gap %d); "
+                            "notifications committed in between are lost",
+                            self._listen_channel, trio.current_time() - down[0], self.gaps,
+                            extra={"event": "listener_gap", "gaps": self.gaps,
+                                   "gap_seconds": round(trio.current_time() - down[0], 3)})
+                if self._on_gap is not None:
+                    self._on_gap(down[1], time.time())
+                down = None
+            if self._on_listening is not None:
+                self._on_listening()
+            self._came_up()
+            self.ready.set()
+            try:
+                await self._pump(connection)
+            except _Lost as lost:
+                down = (trio.current_time(), time.time())
+                self._went_down(down[0], f"listener reconnecting: {lost}")
+                self.ready = trio.Event()
+                log.error("listener connection lost (%s); reconnecting, clients stay connected",
+                          lost)
+            finally:
+                connection.close()
+
+    def _connect_and_listen(self) -> psycopg.Connection[Any]:
+        connection = psycopg.connect(self._db_uri, autocommit=True, **self._connect_options)
+        try:
+            # One statement for both: notifications arriving while a statement runs would be
+            # read by psycopg into a buffer of its own, which the pump never looks at.
+            connection.execute(sql.SQL("LISTEN {}; LISTEN {}").format(
+                sql.Identifier(self._heartbeat_channel), sql.Identifier(self._listen_channel)))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def _pump(self, connection: psycopg.Connection[Any]) -> None:
+        """Drain notifications until the connection is lost; then raise :class:`_Lost`."""
+        fd = connection.pgconn.socket
+        self._heartbeat_due = None
+        async with trio.open_nursery() as nursery:
+            if self._heartbeat_interval > 0:
+                nursery.start_soon(self._send_heartbeats)
+            try:
+                reason = await self._drain(connection.pgconn, fd)
+            finally:
+                nursery.cancel_scope.cancel()
+                trio.lowlevel.notify_closing(fd)
+        raise _Lost(reason)
+
+    async def _drain(self, pgconn: Any, fd: int) -> str:
+        heartbeat = self._heartbeat_channel.encode()
+        while True:
+            due = self._heartbeat_due
+            with trio.CancelScope(deadline=due if due is not None else inf) as wait:
+                self._wait = wait
+                await trio.lowlevel.wait_readable(fd)
+            self._wait = None
+            try:
+                pgconn.consume_input()
+            except psycopg.Error as exc:
+                return _first_line(exc)
+            arrived = time.monotonic()
+            payloads: list[bytes] = []
+            while (notification := pgconn.notifies()) is not None:
+                if notification.relname == heartbeat:
+                    self._heartbeat_seen = max(self._heartbeat_seen, int(notification.extra))
+                    if self._heartbeat_seen >= self._heartbeat_sent:
+                        self._heartbeat_due = None
+                else:
+                    payloads.append(notification.extra)
+            if payloads:
+                self.received += len(payloads)
+                self._publish(payloads, arrived)
+                if self._heartbeat_due is not None:
+                    # A backlog is draining: the connection is alive, and the heartbeat is
+                    # queued behind what was committed before it. Only silence is a loss;
+                    # dropping a busy connection would lose everything still queued on it.
+                    self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
+            due = self._heartbeat_due
+            if due is not None and trio.current_time() >= due:
+                return f"heartbeat not back within {self._heartbeat_timeout:g} s"
+
+    async def _send_heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self._heartbeat_interval)
+            self._heartbeat_sent += 1
+            if self._heartbeat_due is None:
+                self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
+                if self._wait is not None:
+                    self._wait.deadline = min(self._wait.deadline, self._heartbeat_due)
+            try:
+                await self._notifier.notify(self._heartbeat_channel, str(self._heartbeat_sent))
+            except NotifyFailed as exc:
+                # The pump decides: if the heartbeat cannot come back, the deadline expires.
+                log.warning("heartbeat NOTIFY failed: %s", exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

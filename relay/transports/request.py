@@ -1,0 +1,116 @@
+"""Where a WebSocket request puts its channel and its token.
+
+Theory of operation
+-------------------
+postgres-websockets takes the raw request target, drops the leading ``/`` and splits the rest
+on ``/``: one element is the token (``/TOKEN``); two or more are channel and token
+(``/CHANNEL/TOKEN``, extra elements ignored). Nothing is percent-decoded.
+
+The ``Origin`` header is compared as an origin, not as text (:func:`origin_key`): RFC 6454
+makes scheme and host case-insensitive and a default port the same as none.
+
+This module keeps those rules and adds two ways to pass the token that upstream lacks
+(its issue #84): a ``jwt`` query parameter and an ``Authorization: Bearer`` header. The query
+string is stripped before the path is split, so ``/TOKEN?x=1`` works too. When the token comes
+from the query or the header, the path's first element, if any, is the channel
+(``/chat?jwt=T``).
+
+Every ``filter`` query parameter is collected, percent-decoded and in order, for
+:mod:`relay.core.filters` to parse (an empty one too: it is a mistake to report, not to skip). Other
+query parameters are ignored, as upstream ignores them.
+
+Pure functions only: no validation of the token (that is :mod:`relay.auth.tokens`), no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
+
+from relay.wire.positions import FROM_PARAMETER
+
+#: An origin's serialization (RFC 6454 section 6.2): scheme "://" host [":" port], nothing
+#: else (no path, no user information, no list): anything more is not an origin.
+_ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s,]+)(?::(\d{1,5}))?")
+
+#: Ports that an origin's serialization leaves out, by scheme.
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The requested channel (``None`` when the URL names none), the token text, and the
+    ``filter`` parameters' texts."""
+
+    channel: str | None
+    token: str
+    filters: tuple[str, ...] = ()
+    #: The ``from`` parameter: the position to resume after (:mod:`relay.wire.positions`).
+    position: str | None = None
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (given in lower case), or ``None``."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    value = header(headers, b"authorization")
+    if value is None:
+        return None
+    scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> Target:
+    """Split a raw request target (path and query, as sent) into channel and token."""
+    text = target.decode("utf-8", "replace")
+    path, _, query = text.partition("?")
+    elements = path[1:].split("/") if path.startswith("/") else path.split("/")
+
+    parameters = parse_qsl(query, keep_blank_values=True)
+    filters = tuple(value for key, value in parameters if key == "filter")
+    position = next((value for key, value in parameters if key == FROM_PARAMETER), None)
+    outside = next((value for key, value in parameters if key == "jwt" and value), None)
+    if outside is None:
+        outside = _bearer(headers)
+    if outside is not None:
+        return Target(elements[0] or None, outside, filters, position)
+
+    if len(elements) == 1:
+        return Target(None, elements[0], filters, position)
+    return Target(elements[0], elements[1], filters, position)
+
+
+def subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+    """The subprotocols a WebSocket request offers, in order (every Sec-WebSocket-Protocol
+    header, split on commas, as wsproto splits them)."""
+    return [piece.strip() for key, value in headers if key.lower() == b"sec-websocket-protocol"
+            for piece in value.decode("latin-1").split(",") if piece.strip()]
+
+
+
+def origin_key(value: str) -> str | None:
+    """``value`` as a comparable origin (lower-case scheme and host, no default port), or
+    None when it is not an origin's serialization. ``null`` (an opaque origin) stays ``null``.
+    """
+    if value == "null":
+        return value
+    match = _ORIGIN.fullmatch(value)
+    if match is None:
+        return None
+    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+    if port is not None:
+        number = int(port)
+        if number > 65535:
+            return None
+        if number != _DEFAULT_PORTS.get(scheme):
+            return f"{scheme}://{host}:{number}"
+    return f"{scheme}://{host}"

@@ -1,0 +1,560 @@
+"""Connections: HTTP request, then plain HTTP answer or WebSocket handshake, then a Client.
+
+Theory of operation
+-------------------
+Every accepted TCP (or TLS) connection gets :meth:`Server.handle`. h11 reads the request head
+within ``handshake_timeout``. A request whose ``Upgrade`` header says ``websocket`` goes to the
+WebSocket path; anything else gets a plain HTTP answer (:mod:`relay.transports.static`) and the
+connection
+may carry further requests (keep-alive, at most ``_MAX_REQUESTS_PER_CONNECTION``).
+
+Until a connection is a WebSocket client, every phase has a deadline, kept on the one cancel
+scope of :meth:`Server._accept`: the request (head and any body, which is read and thrown away
+up to ``_MAX_DISCARDED_BODY`` bytes) within ``handshake_timeout`` of its start, keep-alive idle
+within ``handshake_timeout``, and each write of a response (at most ``_FILE_CHUNK`` bytes)
+within ``send_timeout``. So a connection that is not a client costs a bounded time, at most
+one request head, one read and one file chunk of memory, and the socket plus at most one open
+file.
+
+Before any of it, with ``PGWS_MAX_CONNECTIONS_PER_IP`` set, a connection from a network
+(:func:`relay.core.limits.network_of`: an IPv4 address or an IPv6 /64) that already holds that many
+gets a 503 as soon as its request head has arrived, without the head being parsed. A refused
+connection is held at most ``_REFUSED_HEAD_WAIT`` + ``_ADDRESS_FULL_LINGER`` seconds, at most
+``_REFUSED_AT_ONCE`` of them at a time (beyond that they are closed at once), and refusals are
+logged as one summary line per ``_REFUSED_LOG_INTERVAL``: a storm from one address costs a
+bounded number of descriptors and log lines.
+
+The WebSocket path checks, in order: shutting down (503), the Origin allow-list (403), the
+connection limit (503), the token and channel (400 with upstream's exact message as body, see
+:mod:`relay.auth.tokens`), the ``filter`` parameters (400 naming the one that does not parse, see
+:mod:`relay.core.filters`; 503 when they would be one distinct filter set too many on a
+channel), and only then the WebSocket headers (wsproto; 400 or 426). The handshake
+is then answered with 101, with permessage-deflate when the client offered it acceptably and
+``PGWS_COMPRESSION`` is on (:func:`relay.wire.deflate.negotiate`), and the connection becomes a
+:class:`relay.transports.websocket.Client` placed in the hub's stream for its channels and filters.
+
+Protocol rules are asked of :mod:`relay.transports.request`, :mod:`relay.auth.tokens` and
+wsproto; this module only moves bytes and keeps the order of the checks. A token never reaches a
+log line: request targets are not logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from http import HTTPStatus
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.utilities import RemoteProtocolError
+
+from relay import __version__
+from relay.auth import tokens
+from relay.config import Config
+from relay.core import envelope, filters
+from relay.core.filters import Filters
+from relay.core.hub import Compression, Hub
+from relay.core.limits import AddressCount, WriteBucket, network_of
+from relay.core.stats import counters
+from relay.sources.publisher import Publisher
+from relay.transports import request, static
+from relay.transports.websocket import Client, ClientSettings, close_now
+from relay.wire import deflate, positions
+
+log = logging.getLogger(__name__)
+
+#: Largest request head accepted; browsers send well under 8 KiB, and h11 answers 431 beyond.
+_MAX_REQUEST_HEAD = 16384
+_RECEIVE_BYTES = 16384
+#: Bytes of a plain-HTTP request body that are read and thrown away to keep the connection.
+_MAX_DISCARDED_BODY = 65536
+#: Bytes of a static file read and written at a time; each write must finish within
+#: ``send_timeout``, so a client that stops reading holds the file at most that long.
+_FILE_CHUNK = 65536
+#: Plain requests one keep-alive connection may carry (nginx's keepalive_requests default), so
+#: that pipelining cannot keep a connection that never becomes a client forever.
+_MAX_REQUESTS_PER_CONNECTION = 1000
+_SERVER_HEADER = f"pgws-relay/{__version__}".encode()
+_ADDRESS_FULL_BODY = b"Too many connections from this address"
+#: Sent before the request is read, so it cannot come from h11 (which answers requests only).
+_ADDRESS_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nserver: " + _SERVER_HEADER
+                 + b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: "
+                 + str(len(_ADDRESS_FULL_BODY)).encode() + b"\r\nconnection: close\r\n\r\n"
+                 + _ADDRESS_FULL_BODY)
+#: Seconds a refused connection may take to send its request head (at most handshake_timeout):
+#: clients send it at once, and one that does not gets no answer sooner anyway.
+_REFUSED_HEAD_WAIT = 1.0
+#: Seconds the refused connection's request is read and dropped after the 503, so that closing
+#: a socket with unread bytes (which sends a reset) does not destroy the answer in flight.
+_ADDRESS_FULL_LINGER = 1.0
+#: Refused connections waiting for their head or lingering at once; beyond it a refused
+#: connection is closed without an answer, so a storm holds a bounded number of descriptors.
+_REFUSED_AT_ONCE = 64
+#: Seconds between two summary lines of refused connections: a storm is one line per interval.
+_REFUSED_LOG_INTERVAL = 10.0
+#: Seconds a client resuming from another relay process's position waits for that position to
+#: arrive here: relays listening on one database receive each notification within
+#: milliseconds of each other, so longer means this relay never saw it (``unknown``).
+_RESUME_WAIT = 2.0
+
+
+async def _until_head_end(stream: trio.abc.Stream) -> None:
+    """Read until a blank line ends a request head, ``_MAX_REQUEST_HEAD`` bytes, or EOF."""
+    carry = b""  # The last bytes of the previous read: the blank line may span two reads.
+    received = 0
+    while received < _MAX_REQUEST_HEAD:
+        data = await stream.receive_some(_RECEIVE_BYTES)
+        if not data:
+            return
+        received += len(data)
+        window = carry + data
+        if b"\r\n\r\n" in window:
+            return
+        carry = window[-3:]
+
+
+class _Done(Exception):
+    """The connection is finished; close it."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Accepted:
+    """A WebSocket client after its handshake, with what the hub needs to place it."""
+
+    client: Client
+    filters: Filters
+    compression: Compression
+    #: The client offered the resume subprotocol (and history is on); ``resume``: the
+    #: position it comes back with.
+    positioned: bool = False
+    resume: positions.Position | None = None
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "unknown"
+    return f"{host}:{port}"
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _resume_refusal(position: str, positioned: bool, history_on: bool) -> str | None:
+    """Why a ``from`` parameter cannot be taken (the 400 body), or None."""
+    if not history_on:
+        return "Cannot resume: history is off (PGWS_HISTORY_MESSAGES=0)"
+    if not positioned:
+        return f"Resuming needs the {positions.SUBPROTOCOL} subprotocol"
+    if positions.parse_position(position) is None:
+        return "Invalid position"
+    return None
+
+
+def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    value = request.header(headers, b"upgrade")
+    return value is not None and value.strip().lower() == b"websocket"
+
+
+class Server:
+    """Handles connections for the accept loop; knows the hub and the publisher."""
+
+    def __init__(self, config: Config, keys: Sequence[tokens.Key], hub: Hub, publisher: Publisher,
+                 background: trio.Nursery) -> None:
+        self._config = config
+        self._grants = tokens.GrantCache(keys)
+        self._hub = hub
+        self._publisher = publisher
+        self._background = background
+        self._settings = ClientSettings(
+            max_queue_bytes=config.max_queue_bytes, send_timeout=config.send_timeout,
+            close_timeout=config.close_timeout, max_message_size=config.max_message_size,
+            max_client_frames_per_second=config.max_client_frames_per_second,
+            max_client_bytes_per_second=config.max_client_bytes_per_second,
+        )
+        self._shutting_down = False
+        self._addresses = AddressCount(config.max_connections_per_ip)
+        #: Refused connections now held (waiting for their head, or lingering after the 503).
+        self._refused_held = 0
+        #: Refusals since the last summary line; the summary task runs while this can grow.
+        self._refused_unlogged = 0
+        self._refused_logging = False
+        #: Cancel scopes of connections that are not WebSocket clients (yet).
+        self._pending: set[trio.CancelScope] = set()
+
+    def shut_down(self) -> None:
+        """Refuse new WebSocket clients (503) and end connections that are not clients yet."""
+        self._shutting_down = True
+        for scope in self._pending:
+            scope.cancel()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection. Never raises for anything the peer does; closes the stream."""
+        peer = _peer(stream)
+        network = network_of(peer.rsplit(":", 1)[0])
+        if not self._addresses.enter(network):
+            await self._refuse_address(stream, network)
+            return
+        try:
+            accepted = await self._accept(stream, peer)
+            if accepted is None:
+                return
+            client = accepted.client
+            # Inline rather than a helper: this frame lives as long as the connection.
+            grant = client.grant
+            if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
+                             accepted.compression, accepted.positioned, accepted.resume):
+                self._background.start_soon(self._give_up_later, client)
+            del accepted  # Placed: not kept for the connection's life (100,000 of them).
+            # A task per event only when there is one to publish: a storm of connections
+            # would otherwise start (and end) two tasks each for nothing.
+            meta = self._publisher.publishes_meta
+            if meta:
+                self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN,
+                                            grant)
+            try:
+                await client.run()
+            finally:
+                self._hub.remove(client)
+                log.debug("client %s disconnected", peer, extra={"event": "disconnected",
+                                                                 "peer": peer})
+                if meta:
+                    self._background.start_soon(self._publisher.meta,
+                                                envelope.CONNECTION_CLOSE, grant)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
+            pass
+        except Exception:
+            # A bug must cost one connection, never the relay; the peer sees the socket close.
+            log.exception("internal error on the connection from %s", peer)
+        finally:
+            self._addresses.leave(network)
+            await close_now(stream)
+
+    async def _give_up_later(self, client: Client) -> None:
+        """A client waits for its position (issued by another relay process) at most
+        ``_RESUME_WAIT`` seconds; then it is told the position is unknown here."""
+        await trio.sleep(_RESUME_WAIT)
+        self._hub.give_up(client)
+
+    async def _refuse_address(self, stream: trio.abc.Stream, network: str) -> None:
+        counters.refuse("address")
+        self._count_refusal(network)
+        if self._refused_held >= _REFUSED_AT_ONCE:
+            await close_now(stream)
+            return
+        self._refused_held += 1
+        try:
+            # An answer to a request not yet sent breaks clients that race their own send against
+            # the reply (websockets' sync client asserts), so wait for the head, unparsed.
+            with trio.move_on_after(min(_REFUSED_HEAD_WAIT, self._config.handshake_timeout)
+                                    ) as timer:
+                await _until_head_end(stream)
+            if not timer.cancelled_caught:
+                with trio.move_on_after(_ADDRESS_FULL_LINGER):
+                    await stream.send_all(_ADDRESS_FULL)
+                    while await stream.receive_some(_RECEIVE_BYTES):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._refused_held -= 1
+            await close_now(stream)
+
+    def _count_refusal(self, network: str) -> None:
+        """Log the first refusal at once and the rest as one summary line per interval."""
+        if self._refused_logging:
+            self._refused_unlogged += 1
+            return
+        log.info("refusing connections over the per-address cap (%d), first from %s; "
+                 "further refusals are summed up every %g s", self._config.max_connections_per_ip,
+                 network, _REFUSED_LOG_INTERVAL)
+        self._refused_logging = True
+        self._background.start_soon(self._log_refusals)
+
+    async def _log_refusals(self) -> None:
+        try:
+            while True:
+                await trio.sleep(_REFUSED_LOG_INTERVAL)
+                if not self._refused_unlogged:
+                    return
+                log.info("refused %d more connections over the per-address cap in %g s",
+                         self._refused_unlogged, _REFUSED_LOG_INTERVAL)
+                self._refused_unlogged = 0
+        finally:
+            self._refused_logging = False
+
+    async def _accept(self, stream: trio.abc.Stream, peer: str) -> _Accepted | None:
+        """Everything before a WebSocket client exists; the HTTP state dies with this call.
+
+        Resource handling: every phase sets the deadline of one cancel scope, ``phase`` (see
+        the module's opening); a phase that overruns it, or a shutdown, cancels the scope and
+        the connection ends (None). Errors: an HTTP protocol error is answered with h11's
+        status; socket errors propagate to :meth:`handle`.
+        """
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+        with trio.CancelScope() as phase:
+            self._pending.add(phase)
+            try:
+                return await self._until_client(stream, http, phase, peer)
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(stream, http, phase, exc.error_status_hint, str(exc))
+            finally:
+                self._pending.discard(phase)
+        if phase.cancelled_caught and not self._shutting_down:
+            log.debug("connection from %s ended: a deadline passed before it became a client",
+                      peer)
+        return None
+
+    def _within(self, phase: trio.CancelScope, seconds: float) -> None:
+        """The next phase must end within ``seconds`` from now."""
+        phase.deadline = trio.current_time() + seconds
+
+    async def _write(self, stream: trio.abc.Stream, phase: trio.CancelScope, data: bytes) -> None:
+        """One write of a response; it must finish within ``send_timeout``."""
+        self._within(phase, self._config.send_timeout)
+        await stream.send_all(data)
+
+    async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection,
+                            phase: trio.CancelScope, peer: str) -> _Accepted | None:
+        """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
+        if self._shutting_down:
+            return None
+        self._within(phase, self._config.handshake_timeout)
+        req = await self._read_request(stream, http)
+        if req is None:
+            return None
+        if _is_websocket(req.headers):
+            return await self._handshake(stream, http, phase, req, peer)
+        await self._serve_http(stream, http, phase, req, peer)
+        return None
+
+    async def _read_request(self, stream: trio.abc.Stream, http: h11.Connection
+                            ) -> h11.Request | None:
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                http.receive_data(await stream.receive_some(_RECEIVE_BYTES))
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed, or PAUSED after a previous cycle.
+
+    def _response_head(self, http: h11.Connection, status: int,
+                       headers: list[tuple[bytes, bytes]]) -> bytes:
+        return http.send(h11.Response(status_code=status, reason=_reason(status),
+                                      headers=[*headers, (b"server", _SERVER_HEADER)]))
+
+    async def _send(self, stream: trio.abc.Stream, http: h11.Connection,
+                    phase: trio.CancelScope, status: int, headers: list[tuple[bytes, bytes]],
+                    body: bytes = b"", close: bool = False) -> None:
+        """A whole response with an in-memory body, in one write."""
+        if close:
+            headers = [*headers, (b"connection", b"close")]
+        data = self._response_head(http, status, headers)
+        if body:
+            data += http.send(h11.Data(data=body))
+        data += http.send(h11.EndOfMessage())
+        await self._write(stream, phase, data)
+
+    async def _send_error(self, stream: trio.abc.Stream, http: h11.Connection,
+                          phase: trio.CancelScope, status: int, message: str) -> None:
+        body = message.encode()
+        if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 h11.LocalProtocolError):
+            await self._send(stream, http, phase, status,
+                             [(b"content-type", b"text/plain; charset=utf-8"),
+                              (b"content-length", str(len(body)).encode())], body, close=True)
+
+    # -- plain HTTP -------------------------------------------------------------------------
+
+    async def _serve_http(self, stream: trio.abc.Stream, http: h11.Connection,
+                          phase: trio.CancelScope, req: h11.Request, peer: str) -> None:
+        for served in range(1, _MAX_REQUESTS_PER_CONNECTION + 1):
+            # The request's deadline, set when it began: its body must come within it too.
+            request_deadline = phase.deadline
+            reply = static.answer(self._config.root_path, req.method, req.target,
+                                  request.header(req.headers, b"if-none-match"))
+            headers = [*reply.headers, (b"content-length", str(reply.length).encode())]
+            last = served == _MAX_REQUESTS_PER_CONNECTION
+            if req.method == b"HEAD" or reply.file is None:
+                await self._send(stream, http, phase, reply.status, headers,
+                                 b"" if req.method == b"HEAD" else reply.body, close=last)
+            else:
+                if last:
+                    headers.append((b"connection", b"close"))
+                await self._write(stream, phase, self._response_head(http, reply.status,
+                                                                     headers))
+                await self._send_file(stream, http, phase, reply.file, reply.length)
+                await self._write(stream, phase, http.send(h11.EndOfMessage()))
+            log.info("HTTP %s %d from %s", req.method.decode("latin-1"), reply.status, peer)
+            phase.deadline = request_deadline
+            await self._discard_body(stream, http)
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return
+            http.start_next_cycle()
+            # Keep-alive: the next request must begin, and arrive whole, within the timeout.
+            self._within(phase, self._config.handshake_timeout)
+            next_req = await self._read_request(stream, http)
+            if next_req is None:
+                return
+            if _is_websocket(next_req.headers):
+                # A WebSocket upgrade after plain requests on one connection: rare; refuse it
+                # plainly rather than mixing both lives in one handler.
+                await self._send_error(stream, http, phase, 400, "Upgrade on a reused connection")
+                return
+            req = next_req
+
+    async def _send_file(self, stream: trio.abc.Stream, http: h11.Connection,
+                         phase: trio.CancelScope, path: str, length: int) -> None:
+        remaining = length
+        try:
+            handle = await trio.open_file(path, "rb")
+        except OSError as exc:
+            # Gone or locked since static.answer looked: the head is sent, so close is all left.
+            log.warning("cannot open a static file: %s", exc.strerror)
+            raise _Done from None
+        async with handle:
+            while remaining > 0:
+                chunk = await handle.read(min(_FILE_CHUNK, remaining))
+                if not chunk:
+                    raise _Done  # The file shrank under us: the response cannot be completed.
+                remaining -= len(chunk)
+                await self._write(stream, phase, http.send(h11.Data(data=chunk)))
+
+    async def _discard_body(self, stream: trio.abc.Stream, http: h11.Connection) -> None:
+        discarded = 0
+        while http.their_state is h11.SEND_BODY:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                if discarded > _MAX_DISCARDED_BODY:
+                    raise _Done
+                http.receive_data(await stream.receive_some(_RECEIVE_BYTES))
+            elif isinstance(event, h11.Data):
+                discarded += len(event.data)
+
+    # -- WebSocket --------------------------------------------------------------------------
+
+    async def _reject(self, stream: trio.abc.Stream, http: h11.Connection,
+                      phase: trio.CancelScope, status: int, message: str, peer: str,
+                      reason: str) -> None:
+        log.info("rejecting request from %s: %d %s", peer, status, message,
+                 extra={"event": "refused", "peer": peer, "status": status, "reason": reason})
+        counters.refuse(reason)
+        await self._send_error(stream, http, phase, status, message)
+
+    async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
+                         phase: trio.CancelScope, req: h11.Request, peer: str
+                         ) -> _Accepted | None:
+        config = self._config
+        if self._shutting_down:
+            await self._reject(stream, http, phase, 503, "Shutting down", peer,
+                               "shutting_down")
+            return None
+        origin = request.header(req.headers, b"origin")
+        if config.allowed_origins and origin is not None and \
+                request.origin_key(origin.decode("latin-1")) not in config.allowed_origins:
+            await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
+                               "origin")
+            return None
+        if config.max_connections and self._hub.client_count >= config.max_connections:
+            await self._reject(stream, http, phase, 503, "Too many connections", peer,
+                               "capacity")
+            return None
+        target = request.parse_target(req.target, req.headers)
+        try:
+            grant = self._grants.check(target.token, target.channel, time.time())
+        except tokens.AuthError as refused:
+            await self._reject(stream, http, phase, 400, str(refused), peer, "token")
+            return None
+        try:
+            # The URL's filters narrow what the token's claim allows; they never widen it.
+            # Without any, the grant's own set is shared, not copied per connection.
+            filter_set = (grant.filters | filters.parse_all(target.filters) if target.filters
+                          else grant.filters)
+        except filters.FilterError as bad:
+            await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
+            return None
+        if grant.can_read and self._hub.filter_sets_full(grant.channels, filter_set,
+                                                          config.max_filter_sets):
+            await self._reject(stream, http, phase, 503, "Too many distinct filters", peer,
+                               "capacity")
+            return None
+        positioned = self._hub.history is not None and \
+            positions.SUBPROTOCOL in request.subprotocols(req.headers)
+        resume = None
+        if target.position is not None:
+            why = _resume_refusal(target.position, positioned, self._hub.history is not None)
+            if why is not None:
+                await self._reject(stream, http, phase, 400, why, peer, "position")
+                return None
+            resume = positions.parse_position(target.position)
+
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            try:
+                ws.initiate_upgrade_connection(req.headers, req.target)
+            except UnicodeDecodeError:
+                # wsproto decodes Sec-WebSocket-Extensions/-Protocol as ASCII; h11 lets any
+                # byte through. Such a header is as broken as any other bad handshake.
+                raise RemoteProtocolError("Non-ASCII WebSocket extension or protocol header",
+                                          event_hint=None) from None
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            status = getattr(hint, "status_code", 400)
+            log.info("rejecting request from %s: %d %s", peer, status, exc,
+                     extra={"event": "refused", "peer": peer, "status": status,
+                            "reason": "handshake"})
+            counters.refuse("handshake")
+            extra = list(getattr(hint, "headers", []) or [])
+            body = str(exc).encode()
+            await self._send(stream, http, phase, status,
+                             [*extra, (b"content-type", b"text/plain; charset=utf-8"),
+                              (b"content-length", str(len(body)).encode())], body, close=True)
+            return None
+        # h11 holds any bytes the client sent after the request (its first frames).
+        while http.next_event() not in (h11.PAUSED, h11.NEED_DATA):
+            pass
+        received = http.trailing_data[0]
+        if config.send_buffer:
+            # A fixed send buffer turns off the kernel's autotuning (up to tcp_wmem's maximum,
+            # 4 MiB here): what a slow client can hold is then this plus max_queue_bytes.
+            inner = getattr(stream, "transport_stream", stream)
+            inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer)
+        agreement = None
+        if config.compression:
+            agreement = deflate.negotiate(
+                [value for key, value in req.headers if key.lower() == b"sec-websocket-extensions"])
+        headers = [] if agreement is None else [
+            (b"sec-websocket-extensions", agreement.response.encode())]
+        await self._write(stream, phase, ws.send(AcceptConnection(
+            subprotocol=positions.SUBPROTOCOL if positioned else None, extra_headers=headers)))
+        counters.accepted += 1
+        if agreement is None:
+            compression = Compression.OFF
+        elif agreement.server_no_context_takeover:
+            compression = Compression.ALONE
+        else:
+            compression = Compression.SHARED
+        log.debug("client %s connected: mode %r, channels %s, compression %s", peer, grant.mode,
+                  ",".join(grant.channels), compression.value,
+                  extra={"event": "connected", "peer": peer, "mode": grant.mode,
+                         "channels": list(grant.channels), "compression": compression.value})
+        client = Client(stream, grant, self._settings, self._publisher.message, peer, received,
+                        inflate=agreement is not None)
+        if config.max_writes_per_second and grant.can_write:
+            client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
+        return _Accepted(client, filter_set, compression, positioned, resume)

@@ -1,0 +1,580 @@
+"""One WebSocket connection's life after the handshake: its outbox, writer, reader and close.
+
+Theory of operation
+-------------------
+Writing. Everything the server sends to a client (notification frames, pings, pongs) goes
+through :meth:`Client.offer`, and the close frame through the same queue, so bytes never
+interleave. The hub calls :meth:`offer` synchronously. When no writer is at work, ``offer``
+writes straight to the socket without blocking (the fast path, off under TLS); whatever the
+kernel does not take is queued, and a writer task is started. It sends everything queued as one
+buffer, waiting for writability as needed, and ends when the queue is empty, so an idle
+connection has no writer task at all. The slow-consumer rule
+lives here: bytes queued plus bytes in flight may not exceed ``max_queue_bytes``, and a socket
+may not refuse every byte for ``send_timeout`` seconds; a client that breaks either is closed
+with 1013 ``slow consumer``, its queue dropped (a half-sent frame is finished first, so the close
+frame stays well-formed).
+
+Reading. The reader (the connection's own task, and its only one while idle) feeds wsproto's
+frame parser and acts on the frames: pongs for pings, a close reply for a close, a 1002/1007
+close for a protocol violation, client messages assembled under ``max_message_size`` and
+``MAX_FRAGMENTS`` (1009 beyond either) and handed to ``on_message`` for ``w``/``rw`` clients
+(awaited, so a client's writes are back-pressured by the database); read-only clients' messages
+are read the same way and discarded. The ``exp`` claim is a deadline on the reader's wait and
+is checked on every pass, busy or not; then the reader sends close 3001 and keeps reading for
+the reply.
+
+A client's traffic must never starve the others, whatever it sends. Parsing costs ~15 µs of
+this thread per frame, so the reader yields to Trio after every read that did not wait and
+every ``_FRAMES_PER_CHECKPOINT`` frames; and every client has an inbound budget
+(:class:`relay.core.limits.InboundBudget`: frames and bytes per second), beyond which it is closed
+with 1008 and no longer read (as after a protocol error, no close reply is awaited).
+
+Closing. :meth:`close` queues a close frame behind what is queued and gives the whole
+connection ``close_timeout`` seconds to finish: the writer sends the close frame, the reader
+waits for the client's close. If the deadline passes, the TCP connection is aborted (RST), so a
+client that does not read cannot hold the relay's resources.
+
+Rules this file keeps: nothing here touches another client; nothing on the ``offer`` path awaits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from math import inf
+from typing import TYPE_CHECKING, Any
+
+import trio
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+
+from relay.auth.tokens import Grant
+from relay.core.limits import InboundBudget, WriteBucket, within_queue_bound
+from relay.core.stats import counters
+from relay.wire import frames
+from relay.wire.deflate import InboundDeflate
+
+if TYPE_CHECKING:
+    from relay.core.hub import (
+        Pending,  # Only a type: the hub calls into clients, never the reverse.
+    )
+
+log = logging.getLogger(__name__)
+
+#: A stand-in for a cancel scope when there is no deadline; stateless, so shared.
+_NO_DEADLINE = contextlib.nullcontext()
+
+#: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
+_RECEIVE_BYTES = 16384
+
+#: Frames parsed between two yields to Trio: ~0.25 ms of parsing, so a flooding client delays
+#: no other task by more than that per turn (bench/flood.py: 32 frames doubled the delay of a
+#: `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
+_FRAMES_PER_CHECKPOINT = 16
+
+#: Bytes joined into one write when the backlog is long (a replay): large enough that a replay
+#: is a few system calls, small enough that the copy stays cheap and bounded.
+_REPLAY_CHUNK = 262144
+
+#: Fragments one message may have (1009 beyond). Browsers never fragment and libraries cut at
+#: a few KiB, so real messages have a handful; a cap keeps empty fragments, which add nothing
+#: to ``max_message_size``, from growing a message's parts without bound.
+MAX_FRAGMENTS = 4096
+
+#: Bytes one TLS write may take before ``send_timeout`` counts it as a stall: one TLS record.
+#: Progress inside a TLS ``send_all`` cannot be seen, so the backlog goes out a record at a
+#: time and each record must leave within ``send_timeout``, as a plain socket must take a byte.
+_TLS_SEND_BYTES = 16384
+
+#: Close reasons for what :class:`relay.wire.deflate.InboundDeflate` refuses, by close code.
+_INFLATE_FAILURES = {
+    1002: "RSV1 on a control or continuation frame",
+    1007: "compressed data that does not inflate",
+    1009: "message too big",
+}
+
+#: Close codes a peer may not put on the wire (RFC 6455 7.4.1); we answer such a close with 1000.
+_UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
+
+NORMAL = 1000
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+JWT_EXPIRED = 3001
+
+
+class MessageRefused(Exception):
+    """``on_message`` refuses a client message; the connection closes with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+OnMessage = Callable[["Client", str], Awaitable[None]]
+
+
+class Client:
+    """A connected, authorised WebSocket client. Create it, then ``await run()``."""
+
+    __slots__ = (
+        "_backlog",
+        "_closing",
+        "_deadline",
+        "_exempt",
+        "_expiry",
+        "_fd",
+        "_frames",
+        "_nursery",
+        "_on_message",
+        "_partial_head",
+        "_queued",
+        "_settings",
+        "_stream",
+        "_tracked",
+        "_writing",
+        "grant",
+        "peer",
+        "write_bucket",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        grant: Grant,
+        settings: ClientSettings,
+        on_message: OnMessage,
+        peer: str,
+        received: bytes = b"",
+        inflate: bool = False,
+    ) -> None:
+        self._stream = stream
+        # wsproto's frame parser, without its Connection wrapper: the wrapper's only additions
+        # are an event queue (a deque, ~0.8 KiB per connection) and a close state this class
+        # keeps itself. ``received``: bytes the client sent right after its handshake.
+        # ``inflate``: permessage-deflate was agreed, so the client may compress its messages;
+        # they are inflated within max_message_size (a bomb is 1009 before it is inflated).
+        extensions = [InboundDeflate(settings.max_message_size)] if inflate else []
+        self._frames = FrameProtocol(client=False, extensions=extensions)
+        if received:
+            self._frames.receive_bytes(received)
+        self.grant = grant
+        #: The client's write-rate allowance, when a rate limit is configured.
+        self.write_bucket: WriteBucket | None = None
+        self._settings = settings
+        self._on_message = on_message
+        self.peer = peer
+        # The fast path writes to the file descriptor directly; under TLS bytes must go
+        # through the SSL object, so there is no fast path (fd = -1).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._backlog: list[bytes] = []
+        self._queued = 0
+        # Bytes of a replay still queued (at the front): the history holds them anyway, so
+        # they do not count against max_queue_bytes.
+        self._exempt = 0
+        # Batches whose delivery time waits for this client's backlog to be written (the hub's
+        # delivery-time histogram); released with the backlog they came with.
+        self._tracked: list[Pending] = []
+        self._partial_head = False
+        # A writer task exists only while there is something to write: an idle connection
+        # costs one task (its reader), not two.
+        self._writing = False
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+        # The deadline and cancellation of the whole connection; held here until run() opens
+        # the connection's nursery, whose cancel scope then carries them.
+        self._deadline = inf
+        #: When the token's ``exp`` closes the connection (Trio clock); inf: never, or done.
+        self._expiry = inf
+
+    # -- the write side ---------------------------------------------------------------------
+
+    def offer(self, frame: bytes) -> bool:
+        """Send ``frame`` now if the socket takes it, else queue it; never blocks.
+
+        True when the frame (or its rest) was queued for the writer; False when it was written
+        at once or will never be (the client is closing).
+        """
+        if self._closing:
+            return False
+        if self._fd >= 0 and not self._writing and not self._backlog:
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort()
+                return False
+            if sent == len(frame):
+                return False
+            if sent:
+                # The rest of a half-written frame must follow, whatever the bound says.
+                self._partial_head = True
+                self._queue(frame[sent:])
+                if not within_queue_bound(self._queued - self._exempt, 0,
+                                          self._settings.max_queue_bytes):
+                    self._slow("queue over its bound")
+                return not self._closing
+        if not within_queue_bound(self._queued - self._exempt, len(frame),
+                                  self._settings.max_queue_bytes):
+            self._slow("queue over its bound")
+            return False
+        self._queue(frame)
+        return True
+
+    def track(self, pending: Pending) -> None:
+        """Release ``pending`` once what is queued now has been written (or dropped)."""
+        self._tracked.append(pending)
+
+    def replay(self, frames: list[bytes]) -> None:
+        """Queue what a resume replays, behind what is queued; it is written in chunks of
+        ``_REPLAY_CHUNK`` bytes and does not count against ``max_queue_bytes`` (the history
+        holds these bytes anyway; live traffic queued behind them still does)."""
+        if self._closing:
+            return
+        size = sum(map(len, frames))
+        self._backlog.extend(frames)
+        self._queued += size
+        self._exempt += size
+        self._start_writer()
+
+    def _queue(self, frame: bytes) -> None:
+        self._backlog.append(frame)
+        self._queued += len(frame)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if not self._writing and self._backlog and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._writer)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame after what is queued; the connection ends within close_timeout."""
+        if self._closing:
+            return
+        self._queue(frames.close(code, reason))
+        self._closing = True
+        self._set_deadline(trio.current_time() + self._settings.close_timeout)
+
+    def _slow(self, why: str) -> None:
+        if self._closing:
+            return  # Already closing: its deadline bounds what is left.
+        log.warning("closing slow consumer %s (%s, %d bytes queued)", self.peer, why, self._queued,
+                    extra={"event": "slow_consumer", "peer": self.peer,
+                           "queued_bytes": self._queued})
+        counters.slow_closed += 1
+        # Drop what is queued, but keep the rest of a half-written frame so that the close
+        # frame after it is still parsed as a frame.
+        kept = 1 if self._partial_head else 0
+        dropped = sum(map(len, self._backlog[kept:]))
+        counters.bytes_dropped += dropped
+        self._queued -= dropped
+        self._exempt = 0
+        del self._backlog[kept:]
+        self._release(self._tracked)
+        self.close(TRY_AGAIN_LATER, "slow consumer")
+
+    @staticmethod
+    def _release(tracked: list[Pending]) -> None:
+        for pending in tracked:
+            pending.done()
+        tracked.clear()
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._set_deadline(-inf)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = min(self._deadline, deadline)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = self._deadline
+
+    async def _writer(self) -> None:
+        """Send everything queued, one buffer at a time, then end (until more is queued)."""
+        tracked: list[Pending] = []
+        try:
+            while self._backlog:
+                backlog, self._backlog = self._backlog, []
+                tracked, self._tracked = self._tracked, []
+                self._partial_head = False
+                for chunk in _chunks(backlog):  # One frame: the frame itself, no copy.
+                    await self._send(chunk)
+                self._release(tracked)
+        finally:
+            self._writing = False
+            # Cancelled or aborted: what is left will never be written.
+            self._release(tracked)
+            self._release(self._tracked)
+
+    def _written(self, size: int) -> None:
+        """``size`` queued bytes went out; a replay's go first."""
+        self._queued -= size
+        if self._exempt:
+            self._exempt = max(0, self._exempt - size)
+
+    async def _send(self, data: bytes) -> None:
+        if self._fd < 0:
+            await self._send_tls(memoryview(data))
+            return
+        view = memoryview(data)
+        sock = self._stream.socket  # type: ignore[attr-defined]
+        while view:
+            try:
+                sent = os.write(self._fd, view)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort()
+                return
+            if sent:
+                view = view[sent:]
+                self._written(sent)
+                continue
+            with trio.move_on_after(self._settings.send_timeout):
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            # Not one byte taken for send_timeout seconds: a slow consumer. The close frame
+            # would sit behind what is in flight, so the close deadline will abort it.
+            self._slow("socket accepted nothing")
+
+    async def _send_tls(self, view: memoryview) -> None:
+        while view:
+            record = view[:_TLS_SEND_BYTES]
+            with trio.move_on_after(self._settings.send_timeout) as scope:
+                try:
+                    await self._stream.send_all(record)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._abort()
+                    return
+            if scope.cancelled_caught:
+                # A TLS stream whose send was cancelled is broken: no close frame can follow.
+                self._slow("socket accepted nothing")
+                self._abort()
+                return
+            view = view[_TLS_SEND_BYTES:]
+            self._written(len(record))
+
+    # -- the read side ----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        parts: list[Any] = []  # The frames of a message so far: str (text) or bytes (binary).
+        size = 0
+        fragments = 0
+        keep = self.grant.can_write  # Read-only clients' messages are read and thrown away.
+        limit = self._settings.max_message_size
+        decoder = self._frames
+        # Made at the first bytes the client sends, so that an idle connection carries none.
+        budget: InboundBudget | None = None
+        parsed = 0  # Frames since the last yield to Trio.
+        while True:
+            # Frames first: the handshake may have carried some (trailing data).
+            try:
+                for frame in decoder.received_frames():
+                    parsed += 1
+                    if parsed >= _FRAMES_PER_CHECKPOINT:
+                        parsed = 0
+                        await trio.lowlevel.checkpoint()
+                    if budget is None:
+                        budget = self._new_budget()
+                    if not budget.take_frame(trio.current_time()):
+                        self._over_budget("frames")
+                        return
+                    opcode = frame.opcode
+                    if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                        if self._closing:
+                            continue
+                        payload = frame.payload
+                        size += len(payload.encode() if opcode is Opcode.TEXT else payload)
+                        fragments += 1
+                        if size > limit:
+                            self.close(MESSAGE_TOO_BIG, "message too big")
+                            continue
+                        if fragments > MAX_FRAGMENTS:
+                            self.close(MESSAGE_TOO_BIG, "too many fragments")
+                            continue
+                        if keep:
+                            parts.append(payload)
+                        if frame.message_finished:
+                            message, parts, size, fragments = parts, [], 0, 0
+                            if keep:
+                                await self._deliver(_text(message, opcode))
+                    elif opcode is Opcode.PING:
+                        # Through offer(), so a client flooding pings whose pongs it never
+                        # reads meets the same bound as any other slow reader.
+                        self.offer(frames.pong(bytes(frame.payload)))
+                    elif opcode is Opcode.CLOSE:
+                        self._on_close(frame.payload[0])
+                        return
+            except ParseFailed as exc:
+                # wsproto says only "error in extension" for what the inflater refused.
+                why = _INFLATE_FAILURES.get(exc.code, str(exc)) \
+                    if str(exc) == "error in extension" else str(exc)
+                log.info("protocol error from %s: %s", self.peer, why,
+                         extra={"event": "protocol_error", "peer": self.peer})
+                counters.protocol_errors += 1
+                self.close(exc.code, why)
+                return
+            # The wait below is the only place an idle connection sits, so it is kept lean:
+            # no cancel scope unless the token expires, and on a plain socket a bare
+            # wait_readable + os.read rather than the stream's layers (~1 KiB per connection).
+            data = None
+            waited = True
+            with trio.move_on_at(self._expiry) if self._expiry < inf else _NO_DEADLINE:
+                if self._fd < 0:
+                    try:
+                        data = await self._stream.receive_some(_RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                else:
+                    try:
+                        data = os.read(self._fd, _RECEIVE_BYTES)
+                        waited = False
+                    except BlockingIOError:
+                        pass  # Wait outside the handler: it would keep the exception.
+                    except OSError:
+                        data = b""
+                    if data is None:
+                        await trio.lowlevel.wait_readable(self._fd)
+                        continue
+            # Checked on every pass, not only when the wait was cut: a client whose bytes never
+            # let the reader wait must not outlive its token.
+            if self._expiry <= trio.current_time():
+                self._expiry = inf
+                self.close(JWT_EXPIRED, "JWT expired")
+            if data is None:  # The wait was cut by the token's exp.
+                continue
+            if not data:
+                self._abort()
+                return
+            if budget is None:
+                budget = self._new_budget()
+            if not budget.take_bytes(trio.current_time(), len(data)):
+                self._over_budget("bytes")
+                return
+            decoder.receive_bytes(data)
+            if not waited:
+                # The bytes were there without a wait, which is no yield: yield now, so that a
+                # client that keeps its socket full cannot keep every other task from running.
+                parsed = 0
+                await trio.lowlevel.checkpoint()
+
+    def _new_budget(self) -> InboundBudget:
+        settings = self._settings
+        return InboundBudget(settings.max_client_frames_per_second,
+                             settings.max_client_bytes_per_second, settings.max_message_size,
+                             trio.current_time())
+
+    def _over_budget(self, what: str) -> None:
+        """Close a client that sends too fast; its reader then stops reading (no reply is
+        awaited: parsing more of a flood for it would spend what the budget protects)."""
+        if not self._closing:
+            log.info("closing %s: it sends %s faster than its budget (1008)", self.peer, what,
+                     extra={"event": "inbound_limited", "peer": self.peer})
+            counters.inbound_limited += 1
+        self.close(POLICY_VIOLATION, f"too many {what}")
+
+    def _on_close(self, code: int) -> None:
+        if self._closing:
+            return  # The client answered our close: the handshake is complete.
+        self.close(NORMAL if code in _UNSENDABLE_CLOSE_CODES else code, "")
+
+    async def _deliver(self, text: str) -> None:
+        try:
+            await self._on_message(self, text)
+        except MessageRefused as refused:
+            self.close(refused.code, refused.reason)
+
+    # -- the whole life ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; always returns with the socket finished.
+
+        Resource handling: the stream is closed on return, gracefully after a completed close
+        handshake, with a TCP reset otherwise. Errors: socket errors end the connection and are
+        not raised; cancellation from outside is re-raised after the socket is closed.
+        """
+        aborted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.cancel_scope.deadline = self._deadline
+                self._start_writer()  # For anything offered before the connection ran.
+                expires_at = self.grant.expires_at
+                if expires_at is not None:
+                    self._expiry = trio.current_time() + (expires_at - time.time())
+                await self._reader()
+            aborted = nursery.cancel_scope.cancel_called
+        finally:
+            self._nursery = None
+            await self._finish(aborted)
+
+    async def _finish(self, aborted: bool) -> None:
+        if aborted and self._fd >= 0:
+            log.debug("aborting the connection to %s (close handshake not completed)", self.peer)
+            # Abort: a reset tells the peer at once and frees the socket without TIME_WAIT.
+            with contextlib.suppress(OSError):
+                self._stream.socket.setsockopt(  # type: ignore[attr-defined]
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+        await close_now(self._stream)
+
+
+async def close_now(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` without waiting for the peer; never raises. Idempotent.
+
+    A plain socket is closed synchronously: ``trio.aclose_forcefully`` would close it too, but
+    then checkpoints in a cancelled scope, whose raised and caught ``Cancelled`` costs ~0.1 ms,
+    seconds when thousands of connections end at once (bench/faults.py, ``sigterm-silent``).
+    A TLS stream goes through ``aclose_forcefully``, which skips its close_notify.
+    """
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
+def _chunks(backlog: list[bytes]) -> Iterator[bytes]:
+    """The backlog as buffers of about ``_REPLAY_CHUNK`` bytes: a replay of thousands of
+    frames is a few large writes, without one copy of all of it."""
+    start = 0
+    size = 0
+    for end, frame in enumerate(backlog, 1):
+        size += len(frame)
+        if size >= _REPLAY_CHUNK:
+            yield backlog[start] if end - start == 1 else b"".join(backlog[start:end])
+            start, size = end, 0
+    if start < len(backlog):
+        yield backlog[start] if len(backlog) - start == 1 else b"".join(backlog[start:])
+
+
+def _text(parts: list[Any], opcode: Opcode) -> str:
+    """A whole client message as text; binary messages are decoded leniently, as upstream."""
+    if opcode is Opcode.TEXT:
+        return "".join(parts)
+    return b"".join(parts).decode("utf-8", "replace")
+
+
+class ClientSettings:
+    """The per-client limits, shared by all clients (one object, not one per client)."""
+
+    __slots__ = ("close_timeout", "max_client_bytes_per_second", "max_client_frames_per_second",
+                 "max_message_size", "max_queue_bytes", "send_timeout")
+
+    def __init__(
+        self, max_queue_bytes: int, send_timeout: float, close_timeout: float,
+        max_message_size: int, max_client_frames_per_second: float,
+        max_client_bytes_per_second: float,
+    ) -> None:
+        self.max_queue_bytes = max_queue_bytes
+        self.send_timeout = send_timeout
+        self.close_timeout = close_timeout
+        self.max_message_size = max_message_size
+        self.max_client_frames_per_second = max_client_frames_per_second
+        self.max_client_bytes_per_second = max_client_bytes_per_second

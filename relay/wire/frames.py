@@ -1,0 +1,72 @@
+"""WebSocket frames the server sends, built as bytes once (RFC 6455 section 5.2).
+
+Theory of operation
+-------------------
+Server-to-client frames are never masked, so a frame is a fixed function of (opcode, RSV1,
+payload): a 2-, 4- or 10-byte header followed by the payload. That is what lets the hub build a
+notification's frame once and hand the very same bytes object to every subscriber. RSV1 marks a
+message compressed with permessage-deflate (RFC 7692 section 6); its payload is what
+:class:`relay.wire.deflate.Deflater` made of the text, shared in the same way by every compressed
+client of a stream. wsproto parses what clients send; the send side is these few lines because
+wsproto builds frames per connection object, and the point here is one frame for all
+connections.
+
+Pure functions; no sockets.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_FIN = 0x80
+#: RSV1: "this message is compressed" once permessage-deflate is agreed (RFC 7692 6).
+_RSV1 = 0x40
+_OP_TEXT = 0x1
+_OP_CLOSE = 0x8
+_OP_PING = 0x9
+_OP_PONG = 0xA
+
+#: Control frames carry at most 125 payload bytes (RFC 6455 5.5).
+_CONTROL_MAX = 125
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """``opcode`` may carry RSV bits too: it is the first byte without FIN."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((_FIN | opcode, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", _FIN | opcode, 126, size)
+    else:
+        header = struct.pack("!BBQ", _FIN | opcode, 127, size)
+    return header + payload
+
+
+def text(payload: bytes) -> bytes:
+    """A final text frame; ``payload`` must already be UTF-8."""
+    return _frame(_OP_TEXT, payload)
+
+
+def compressed_text(deflated: bytes) -> bytes:
+    """A final text frame with RSV1 set; ``deflated``: the message after RFC 7692 7.2.1."""
+    return _frame(_RSV1 | _OP_TEXT, deflated)
+
+
+def ping(payload: bytes) -> bytes:
+    return _frame(_OP_PING, payload[:_CONTROL_MAX])
+
+
+def pong(payload: bytes) -> bytes:
+    return _frame(_OP_PONG, payload[:_CONTROL_MAX])
+
+
+def close(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit a control frame, on a character boundary."""
+    encoded = reason.encode()[: _CONTROL_MAX - 2].decode("utf-8", "ignore").encode()
+    return _frame(_OP_CLOSE, struct.pack("!H", code) + encoded)
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of a frame built here (its header is 2, 4 or 10 bytes)."""
+    size = frame[1] & 0x7F
+    return frame[2 if size < 126 else 4 if size == 126 else 10:]

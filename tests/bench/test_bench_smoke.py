@@ -1,0 +1,106 @@
+"""The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), a
+short churn run, the replay part of the resume script, and PostgreSQL's bytes per queue entry
+(bench/pglimits.py's cheapest part, on a private cluster). The fuzzer runs in
+tests/test_fuzz.py."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
+    out = tmp_path / "burst.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "burst", "--quick", "--runs", "1",
+         "--servers", "relay,ceiling", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    for name in ("relay", "ceiling"):
+        (sample,) = case["servers"][name]
+        assert sample.get("delivered_share") == 1, sample
+        assert sample["deliveries_per_s"] > 0
+
+
+def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
+    out = tmp_path / "churn.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "churn.py"), "--cycles", "400", "--procs", "2",
+         "--json", str(out)], capture_output=True, text=True, timeout=240,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["tasks"][1] <= data["tasks"][0]
+
+
+def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
+    """The replay part, small (``--quick``): exact, then live. (The other parts are left to
+    ``python bench/resume.py --quick``; what they check is tested end to end in
+    test_e2e_resume.py and test_subscription.py.)"""
+    out = tmp_path / "resume.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "resume.py"), "--quick", "--parts",
+         "replay", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    parts = data["parts"]
+    assert data["complete"]
+    (run,) = parts["replay"]["runs"]
+    assert run["exactly_once_in_order"] and run["live_after_replay"], run
+    assert {row["goal"] for row in data["goals"]} == {"2"}
+
+
+def _no_private_cluster() -> str | None:
+    """Why bench/pgcluster.py cannot make a cluster here, or None."""
+    if os.geteuid() != 0:
+        return "a private PostgreSQL cluster needs root"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres user (Debian's postgresql package)"
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        return "initdb not found under /usr/lib/postgresql (Debian's postgresql package)"
+    return None
+
+
+def test_pglimits_script_measures_queue_entries_and_leaves_no_cluster(tmp_path: Path) -> None:
+    """``--quick --parts entries``: a private cluster, a pinned queue, a few hundred
+    notifications per payload size (seconds). Under CI=true a missing cluster fails it."""
+    missing = _no_private_cluster()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"bench/pglimits.py needs: {missing}")
+        pytest.skip(f"bench/pglimits.py needs: {missing}")
+    out = tmp_path / "pglimits.json"
+    script = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "pglimits.py"), "--quick", "--parts", "entries",
+         "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        stdout, stderr = script.communicate(timeout=120)
+    finally:
+        script.kill()
+        script.wait()
+    assert script.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["quick"] and data["postgres"]["fsync"] == "on"
+    sizes = {row["payload_bytes"]: row for row in data["entry_sizes"]}
+    # 16 bytes + "pglimits\0" + 100 + 1, aligned to 4: 128, so 64 entries fill an 8 KiB page.
+    assert sizes[100]["entry_bytes"] == 128
+    assert sizes[100]["measured_bytes_per_notification"] == 128
+    assert data["summary"] == [] and "stalls" not in data and "fill" not in data
+    leftovers = glob.glob(os.path.join(tempfile.gettempdir(), f"pgws-pg-{script.pid}-*"))
+    assert not leftovers, leftovers

@@ -446,7 +446,7 @@ def throughput_run(pg: Cluster, script: str, k: int, clients: int, seconds: floa
     groups = {"listener processes": listeners.pids if listeners else [],
               "relay process": relay._pids() if relay else []}
     before = listeners.counts() if listeners else []
-    relay_before = relay.core.stats()["notifications"] if relay else 0
+    relay_before = relay.stats()["notifications"] if relay else 0
     producer = Pgbench(pg, script, clients, seconds)
     groups["pgbench"] = [producer.proc.pid]
     try:
@@ -467,7 +467,7 @@ def throughput_run(pg: Cluster, script: str, k: int, clients: int, seconds: floa
         assert relay is not None
         deadline, received = time.monotonic() + SETTLE_S, 0
         while time.monotonic() < deadline:
-            received = relay.core.stats()["notifications"] - relay_before
+            received = relay.stats()["notifications"] - relay_before
             if received >= sent:
                 break
             time.sleep(0.5)

@@ -11,7 +11,7 @@ Exit status: 0 after SIGTERM/SIGINT, 1 when the listener gave up or the port can
 is read then too: a ``PGWS_JWT_SECRET`` with no key that can verify signatures, or an HMAC
 secret shorter than HS256 needs (every token would be refused), is such an error; one too short
 for HS384/HS512 gets a warning. With several workers the supervisor's status is that of the
-first worker that ended on its own (see relay/workers.py). ``token`` exits 0 with the token on
+first worker that ended on its own (see relay/ops/workers.py). ``token`` exits 0 with the token on
 stdout, or 2 with the reason on stderr (one line, or argparse's usage and error).
 
 ``pgws-relay tail URL`` prints a channel's messages, one per line, as they arrive, resuming

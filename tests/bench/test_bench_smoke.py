@@ -1,7 +1,7 @@
 """The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), a
 short churn run, the replay part of the resume script, and PostgreSQL's bytes per queue entry
 (bench/pglimits.py's cheapest part, on a private cluster). The fuzzer runs in
-tests/test_fuzz.py."""
+tests/e2e/test_fuzz.py."""
 
 from __future__ import annotations
 

@@ -84,15 +84,15 @@ def test_chromium_decodes_shared_compressed_streams_with_filters_and_late_joins(
     joined_at = len(sent)
     # Until the stream's next sync point (at most a second after the last) the late client
     # gets plain frames; then it shares the restarted compressor. Go on until it has joined.
-    joins = relay.core.stats()["compression_joins"]
+    joins = relay.stats()["compression_joins"]
     assert joins == len(first)  # The first five joined fresh compressors at once.
 
     def late_has_joined() -> bool:
         send(10)
-        return relay.core.stats()["compression_joins"] > joins
+        return relay.stats()["compression_joins"] > joins
 
     eventually(late_has_joined, what="the late client joined at a sync point")
-    assert relay.core.stats()["compression_restarts"] >= 1
+    assert relay.stats()["compression_restarts"] >= 1
     for _ in range(3):
         send(10)
     fills = [m for m in sent if "fill_event" in m]

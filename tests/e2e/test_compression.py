@@ -365,7 +365,7 @@ def test_a_slow_compressed_client_is_closed_and_its_stream_goes_on(start_relay: 
                 notify(listen, *batch)
                 for text in batch:
                     assert healthy.recv(timeout=10) == text
-                return relay.core.stats()["slow_closed"] == 1
+                return relay.stats()["slow_closed"] == 1
 
             eventually(stalled_is_closed, what="the stalled client closed as slow")
             text = fill(10_000)

@@ -73,7 +73,7 @@ def test_postgres_restart_keeps_clients_and_shows_the_gap(
     with ws(relay, f"/chat/{RW}") as again:  # Writes work again.
         again.send("after")
         assert json.loads(again.recv(timeout=TIMEOUT))["payload"] == "after"
-    stats = relay.core.stats()
+    stats = relay.stats()
     assert (stats["gaps"], stats["writes_failed"]) == (1, 1)
     assert "Traceback" not in relay.log
 
@@ -118,7 +118,7 @@ def test_connections_beyond_the_per_address_cap_get_503(start_relay) -> None:
         assert rejection(relay, f"/c/{READ}") == (503, b"Too many connections from this address")
     with _eventually_connects(relay, f"/c/{READ}"), _eventually_connects(relay, f"/c/{READ}"):
         pass  # Closed connections give their places back.
-    assert relay.core.stats()["rejected"] >= 1
+    assert relay.stats()["rejected"] >= 1
 
 
 def test_over_the_per_address_cap_the_503_answers_a_whole_request_head(start_relay) -> None:
@@ -154,7 +154,7 @@ def test_a_client_writing_too_fast_is_closed_with_1008(start_relay) -> None:
             client.recv(timeout=TIMEOUT)  # The close, not an echo of "second".
     assert info.value.rcvd is not None
     assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, "write rate exceeded")
-    assert relay.core.stats()["rate_limited"] == 1
+    assert relay.stats()["rate_limited"] == 1
 
 
 def test_sigterm_with_1000_clients_closes_each_with_1001_and_exits_0(start_relay) -> None:
@@ -184,7 +184,7 @@ def _close_code(sock: socket.socket, conn: Any) -> int | None:
 def test_connect_disconnect_churn_leaks_nothing(start_relay) -> None:
     relay = start_relay()
     port = relay.port
-    before = eventually(lambda: (stats := relay.core.stats())["db_pool_busy"] == 0 and stats,
+    before = eventually(lambda: (stats := relay.stats())["db_pool_busy"] == 0 and stats,
                         what="no NOTIFY in flight")
     for n in range(1500):
         sock, conn = raw_client(port, f"/c/{READ}")
@@ -197,7 +197,7 @@ def test_connect_disconnect_churn_leaks_nothing(start_relay) -> None:
     after: dict[str, int] = {}
 
     def settled() -> bool:
-        after.update(relay.core.stats())
+        after.update(relay.stats())
         return (after["clients"] == 0 and after["tasks"] == before["tasks"]
                 and after["db_pool_busy"] == 0)
 
@@ -218,7 +218,7 @@ def _closed(sock: socket.socket) -> bool:
 
 def test_slowloris_connections_are_cut_and_starve_no_one(start_relay) -> None:
     relay = start_relay(PGWS_HANDSHAKE_TIMEOUT="1")
-    before = relay.core.stats()
+    before = relay.stats()
     request = (f"GET /c/{READ} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\n").encode()
     silent, dribbling = ([socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
@@ -245,4 +245,4 @@ def test_slowloris_connections_are_cut_and_starve_no_one(start_relay) -> None:
     finally:
         for sock in silent + dribbling:
             sock.close()
-    eventually(lambda: relay.core.stats()["tasks"] == before["tasks"], TIMEOUT, "no task left")
+    eventually(lambda: relay.stats()["tasks"] == before["tasks"], TIMEOUT, "no task left")

@@ -119,7 +119,7 @@ def test_the_claims_filters_cannot_be_widened_by_the_url(relay: RelayProcess) ->
         assert narrowed.recv(timeout=10) == late  # Not `seven` (maker side) nor `eight`.
         # Market 7 and market 8 at once: nothing, ever. Every frame the relay offered went to
         # the other three (2 + 2 + 1), so none went to it.
-        assert relay.core.stats()["frames_offered"] == 5
+        assert relay.stats()["frames_offered"] == 5
         with pytest.raises(TimeoutError):
             widened.recv(timeout=0)
 
@@ -159,7 +159,7 @@ def test_a_bad_filters_claim_refuses_the_token(relay: RelayProcess, claim: Any,
         ws(relay, f"/fill_event/{token({'mode': 'r', 'filters': claim})}")
     assert info.value.response.status_code == 400
     assert info.value.response.body.decode().startswith(message)
-    assert relay.core.stats()["rejected"] == 1
+    assert relay.stats()["rejected"] == 1
 
 
 def test_filters_with_the_token_in_the_query_or_a_bearer_header(relay: RelayProcess) -> None:

@@ -155,7 +155,7 @@ def test_a_client_over_its_frame_budget_is_closed_with_1008(start_relay) -> None
         assert _close_of(sock, conn) == (1008, "too many frames")
         notify(listen, '{"channel":"c"}')
         assert other.recv(timeout=TIMEOUT) == '{"channel":"c"}'
-    assert relay.core.stats()["inbound_limited"] == 1
+    assert relay.stats()["inbound_limited"] == 1
 
 
 def test_a_client_over_its_byte_budget_is_closed_with_1008(start_relay) -> None:
@@ -329,18 +329,18 @@ def _descriptors(stats: dict[str, int]) -> int:
 def test_a_storm_of_silent_connections_over_the_cap_holds_few_descriptors(start_relay) -> None:
     relay = start_relay(PGWS_MAX_CONNECTIONS_PER_IP="1", PGWS_HANDSHAKE_TIMEOUT="10")
     with ws(relay, f"/c/{READ}"):
-        before = relay.core.stats()
+        before = relay.stats()
         socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
                  for _ in range(300)]
         try:
-            during = eventually(lambda: (stats := relay.core.stats())["rejected"] >= 300 and stats,
+            during = eventually(lambda: (stats := relay.stats())["rejected"] >= 300 and stats,
                                 what="300 refusals")
             assert _descriptors(during) - _descriptors(before) <= 64 + 4
         finally:
             for sock in socks:
                 sock.close()
         # Once the storm is over, an over-cap client that sends its request still gets the 503.
-        eventually(lambda: _descriptors(relay.core.stats()) <= _descriptors(before),
+        eventually(lambda: _descriptors(relay.stats()) <= _descriptors(before),
                    what="the storm's sockets closed")
         assert rejection(relay, f"/c/{READ}") == (503, b"Too many connections from this address")
     refusal_lines = [line for line in relay.lines if "per-address cap" in line]
@@ -386,5 +386,5 @@ def test_a_client_reset_in_the_middle_of_a_write_costs_no_one(start_relay) -> No
         doomed.close()
         received = [json.loads(healthy.recv(timeout=TIMEOUT))["n"] for _ in range(49)]
         assert received == list(range(1, 50))
-        eventually(lambda: relay.core.stats()["clients"] == 1, what="the reset client removed")
+        eventually(lambda: relay.stats()["clients"] == 1, what="the reset client removed")
     assert "Traceback" not in relay.log

@@ -1,7 +1,7 @@
 """Resumable streams end to end: the real ``pgws-relay``, the real PostgreSQL, and the
 ``websockets`` package speaking the documented protocol (README, docs/resume.md) by hand.
 
-The trio-websocket client library is tested in tests/test_subscription.py.
+The trio-websocket client library is tested in tests/e2e/test_subscription.py.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def test_resumes_and_the_history_are_in_the_metrics(start_relay) -> None:
     assert metric(port, "pgws_history_entries") == 6  # Three of c, one of d, two markers.
     assert metric(port, "pgws_history_bytes") > 4 * 512
     assert metric(port, "pgws_resumes_total", outcome="gap") == 0
-    assert relay.core.stats()["resumed"] == 1
+    assert relay.stats()["resumed"] == 1
 
 
 def test_a_replay_beyond_the_queue_bound_is_not_a_slow_consumer(start_relay) -> None:

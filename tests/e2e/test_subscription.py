@@ -1,4 +1,4 @@
-"""The client library (relay/subscription.py) against the real relay.
+"""The client library (relay/client/subscription.py) against the real relay.
 
 Connections are cut, frozen and refused for real: by killing and restarting the relay, by a
 TCP proxy in this process that the test can cut or stop forwarding, by tokens that expire.

@@ -1,4 +1,4 @@
-"""Notification filters (relay/filters.py): the text grammar and its errors, every operator,
+"""Notification filters (relay/core/filters.py): the text grammar and its errors, every operator,
 exactness beyond 64 bits, and the Index, against a reference evaluation written apart."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The rate and address limits (relay/limits.py), without sockets or clocks."""
+"""The rate and address limits (relay/core/limits.py), without sockets or clocks."""
 
 from __future__ import annotations
 

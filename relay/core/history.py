@@ -50,10 +50,11 @@ from relay.wire.positions import Position
 
 #: Bytes charged per entry beyond its frame, so that ``max_bytes`` bounds the process's memory:
 #: the objects that hold it (the entry, its frame's object header, the log's slots and seq, the
-#: digest index's slot and ints: 219 bytes measured with tracemalloc in tests/unit/core/test_history.py,
-#: up to ~260 with a log's emptied slots), and what the allocator keeps on top as the history
-#: turns over (a header per frame, free space between blocks: at 320 bytes a full history at
-#: 1,000 channels grew the relay's RSS 1.09× the bound, bench/resume.py).
+#: digest index's slot and ints: 219 bytes measured with tracemalloc in
+#: tests/unit/core/test_history.py, up to ~260 with a log's emptied slots), and what the
+#: allocator keeps on top as the history turns over (a header per frame, free space between
+#: blocks: at 320 bytes a full history at 1,000 channels grew the relay's RSS 1.09× the
+#: bound, bench/resume.py).
 ENTRY_OVERHEAD = 512
 
 #: Channels whose logs emptied are remembered (their ``complete_after``) up to this many; beyond

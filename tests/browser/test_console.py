@@ -9,8 +9,8 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) 
 (the ``test`` extra). Without them the tests are skipped, except under CI (``CI=true``), where
 a missing browser fails them: CI must prove the console works.
 
-``PGWS_CONSOLE_SCREENSHOT=docs/console.png pytest tests/browser/test_console.py`` also saves the page,
-with live messages on it, as that PNG (the picture in docs/console.md).
+``PGWS_CONSOLE_SCREENSHOT=docs/console.png pytest tests/browser/test_console.py`` also saves the
+page, with live messages on it, as that PNG (the picture in docs/console.md).
 """
 
 from __future__ import annotations

@@ -356,7 +356,8 @@ def test_wsproto_client_handshake_with_the_response(extension: PerMessageDeflate
                                                     server_max_window_bits: int) -> None:
     client = WSConnection(ConnectionType.CLIENT)
     request = client.send(Request(host="relay", target="/token", extensions=[extension]))
-    # As relay/transports/server.py does: h11 reads the head, wsproto checks it, we answer extensions.
+    # As relay/transports/server.py does: h11 reads the head, wsproto checks it, we answer
+    # extensions.
     http = h11.Connection(h11.SERVER)
     http.receive_data(request)
     head = http.next_event()
@@ -775,7 +776,8 @@ def test_one_byte_more_fails_1009(chunk: int) -> None:
 
 
 def test_uncompressed_messages_are_not_counted_here() -> None:
-    # Their size is the client reader's to bound (relay/transports/websocket.py), as without compression.
+    # Their size is the client reader's to bound (relay/transports/websocket.py), as without
+    # compression.
     server = _Server(10)
     server.feed(_client_frame(0x82, b"y" * 100))
     assert server.messages == [b"y" * 100]

@@ -120,7 +120,7 @@ def test_a_secret_too_short_for_hs384_or_hs512_starts_with_one_warning(
         assert lines == []
     else:
         (line,) = lines
-        assert line.endswith(" WARNING relay.auth.tokens: PGWS_JWT_SECRET: " + warning)
+        assert line.endswith(" WARNING relay.auth: PGWS_JWT_SECRET: " + warning)
     assert secret not in relay.log
 
 

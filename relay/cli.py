@@ -201,6 +201,8 @@ def _run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         return _report(exc.problems)
     worker = int(os.environ[workers.WORKER_ENV]) if workers.is_worker() else None
+    if worker is not None:
+        workers.die_with_supervisor()
     logs.configure(config.log_level, config.log_format, worker)
     warning = hmac_warning(config.jwt_secret, loaded)
     if warning is not None and worker is None:  # Once per start, not once per worker.
@@ -214,6 +216,11 @@ def _run(argv: Sequence[str]) -> int:
                         workers.admin_socket())
     except KeyboardInterrupt:
         return 0
+    except Exception:
+        # A bug that escaped every containment: one line with the traceback for the operator,
+        # and a status of its own, so a supervisor tells it from a listener that gave up (1).
+        log.critical("internal error; the relay stops", exc_info=True)
+        return workers.CRASHED
 
 
 def _tail_parser() -> argparse.ArgumentParser:

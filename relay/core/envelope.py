@@ -64,14 +64,20 @@ def route(payload: bytes, listen_channel: str) -> str:
 
 
 def _dumps(document: dict[str, Any]) -> bytes:
+    """Compact, sorted UTF-8 JSON; never raises for anything a token's JSON could hold.
+
+    Claims may hold what orjson refuses: integers beyond 64 bits, which the standard library
+    writes exactly with the same output; and lone surrogates (``"\\ud800"``, what
+    ``JSON.stringify`` and ``json.dumps`` write for a user-chosen name cut in half), which no
+    UTF-8 text can carry and which orjson and PostgreSQL's ``json`` refuse to read back, so a
+    listener could not route or parse the envelope: each becomes U+FFFD, as UTF-8 decoders
+    replace what they cannot decode.
+    """
     try:
         return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     except TypeError:
-        # orjson refuses integers beyond 64 bits, which claims may hold; the standard library
-        # writes them exactly, with the same compact, sorted, UTF-8 output.
-        return json.dumps(
-            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
 
 
 def build(channel: str, claims: dict[str, Any], event: str, payload: Any, now: float) -> bytes:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any, NamedTuple, Protocol
@@ -277,6 +278,8 @@ class WorkersProbe:
     def __init__(self, sockets: Sequence[str]) -> None:
         self._sockets = list(sockets)
         self.stopping = False
+        #: Workers that died and were started again (:mod:`relay.ops.workers`).
+        self.restarts = 0
 
     async def _ask_all(self, path: bytes) -> list[tuple[int, bytes] | None]:
         answers: list[tuple[int, bytes] | None] = [None] * len(self._sockets)
@@ -306,7 +309,10 @@ class WorkersProbe:
         texts = [(str(index), answer[1].decode("utf-8", "replace"))
                  for index, answer in enumerate(await self._ask_all(b"/metrics"))
                  if answer is not None and answer[0] == 200]
-        return merge_worker_metrics(texts)
+        return merge_worker_metrics(texts) + (
+            b"# HELP pgws_worker_restarts_total Workers that died and were started again.\n"
+            b"# TYPE pgws_worker_restarts_total counter\n"
+            b"pgws_worker_restarts_total " + str(self.restarts).encode() + b".0\n")
 
 
 async def fetch_unix(socket_path: str, path: bytes) -> tuple[int, bytes]:
@@ -426,7 +432,13 @@ async def open_admin_listeners(host: str, port: int) -> list[trio.SocketListener
 
 
 async def open_unix_listener(path: str) -> trio.SocketListener:
-    """Bind a worker's private admin socket (mode 0600 through the supervisor's 0700 folder)."""
+    """Bind a worker's private admin socket (mode 0600 through the supervisor's 0700 folder).
+
+    A worker started again after its predecessor died finds that one's socket file: nobody
+    else can have made it in the supervisor's private folder, so it is removed first.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         await sock.bind(path)

@@ -7,9 +7,17 @@ itself (``python -m relay``) with ``PGWS_WORKERS=1`` and :data:`WORKER_ENV` set;
 the port with SO_REUSEPORT, so the kernel spreads new connections over the workers, and each
 worker has its own LISTEN connection (every notification reaches every worker, which serves
 its own clients). The supervisor forwards SIGTERM/SIGINT (stop) and SIGUSR1 (stats) to every
-worker and waits. If a worker ends on its own (its listener gave up, say), the supervisor stops
-the others and exits with that worker's status (1 when it was 0), so an external supervisor
-sees the failure.
+worker and waits.
+
+A worker that ends on its own either means it or died. It means it with status 1 (its listener
+gave up: the database is gone past ``PGWS_RETRIES``) or 2 (a configuration error): every other
+worker would meet the same, so the supervisor stops them and exits with that status, and an
+external supervisor sees the failure. Any other end (a signal such as the kernel's OOM kill, or
+:data:`CRASHED` after a bug) costs that worker's clients their connections, not the service: the
+supervisor starts it again, after a pause that doubles from :data:`RESTART_PAUSE` up to
+:data:`RESTART_PAUSE_MAX` while it keeps dying within :data:`RESTART_STABLE` seconds of its start,
+logs each restart and counts it (``pgws_worker_restarts_total`` on the admin port). Its clients
+reconnect to the workers still running, and the client library resumes them.
 
 With ``PGWS_ADMIN_PORT`` set, the supervisor serves the admin port for all workers: each worker
 serves ``/ready`` and ``/metrics`` on a Unix socket of its own (:data:`ADMIN_SOCKET_ENV`, in a
@@ -21,6 +29,8 @@ Processes, signals and the admin listener only; it never touches a client or the
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -45,8 +55,35 @@ WORKER_ENV = "PGWS_WORKER_INDEX"
 ADMIN_SOCKET_ENV = "PGWS_WORKER_ADMIN_SOCKET"
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+#: The status of a worker (or a single process) that stopped on an internal error.
+CRASHED = 70  # EX_SOFTWARE
+
+#: Statuses with which a worker ends the service on purpose (see the module's opening).
+_MEANT = (1, 2)
+
+#: Seconds before a dead worker is started again, doubled (up to the maximum) for each death
+#: within ``RESTART_STABLE`` seconds of its start: a worker that dies at once (a bug at
+#: start-up) is retried every half minute, not in a loop that starves the live ones.
+RESTART_PAUSE = 0.5
+RESTART_PAUSE_MAX = 30.0
+RESTART_STABLE = 60.0
+
+
 def is_worker() -> bool:
     return WORKER_ENV in os.environ
+
+
+def die_with_supervisor() -> None:
+    """Ask the kernel to stop this worker when its supervisor dies (Linux's
+    ``PR_SET_PDEATHSIG``): a supervisor killed with SIGKILL cannot pass the stop on, and
+    orphaned workers would keep the port and the database connections. Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # The supervisor died before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def admin_socket() -> str | None:
@@ -83,13 +120,15 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
     # Signals are caught before the first worker exists, so that a stop arriving during the
     # start still reaches every worker instead of killing the supervisor alone.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
-        procs: list[trio.Process] = []
-        for index in range(config.workers):
+
+        async def start(index: int) -> trio.Process:
             worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index)}
             if sockets:
                 worker_env[ADMIN_SOCKET_ENV] = sockets[index]
-            procs.append(await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL))
+            return await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL)
+
+        procs: list[trio.Process] = [await start(index) for index in range(config.workers)]
         stopping = False
         status = 0
 
@@ -98,17 +137,33 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
                 if proc.returncode is None:
                     proc.send_signal(signum)
 
-        async def watch(index: int, proc: trio.Process) -> None:
+        async def watch(index: int) -> None:
             nonlocal stopping, status
-            code = await proc.wait()
-            if not stopping:
-                # A worker ended on its own: the service is degraded; end it as a whole.
-                stopping = probe.stopping = True
-                status = code if code > 0 else 1
-                log.error("worker %d ended with status %d; stopping the others", index, code)
-                stop_all(signal.SIGTERM)
-            elif code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
-                status = code if code > 0 else 1
+            pause = RESTART_PAUSE
+            while True:
+                started = trio.current_time()
+                code = await procs[index].wait()
+                if stopping:
+                    if code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
+                        status = code if code > 0 else 1
+                    return
+                if code in _MEANT or code == 0:
+                    # It means it: every worker would meet the same; end the service as a whole.
+                    stopping = probe.stopping = True
+                    status = code if code > 0 else 1
+                    log.error("worker %d ended with status %d; stopping the others", index, code)
+                    stop_all(signal.SIGTERM)
+                    return
+                if trio.current_time() - started >= RESTART_STABLE:
+                    pause = RESTART_PAUSE
+                how = f"signal {-code}" if code < 0 else f"status {code}"
+                log.error("worker %d died (%s); starting it again in %g s", index, how, pause)
+                probe.restarts += 1
+                await trio.sleep(pause)
+                pause = min(pause * 2, RESTART_PAUSE_MAX)
+                if stopping:
+                    return
+                procs[index] = await start(index)
 
         async def forward() -> None:
             nonlocal stopping
@@ -122,7 +177,7 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
                 nursery.start_soon(admin.AdminServer(probe).serve, admin_listeners)
             nursery.start_soon(forward)
             async with trio.open_nursery() as waiting:
-                for index, proc in enumerate(procs):
-                    waiting.start_soon(watch, index, proc)
+                for index in range(len(procs)):
+                    waiting.start_soon(watch, index)
             nursery.cancel_scope.cancel()
     return status

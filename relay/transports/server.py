@@ -45,8 +45,9 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import trio
@@ -102,6 +103,15 @@ _REFUSED_LOG_INTERVAL = 10.0
 #: arrive here: relays listening on one database receive each notification within
 #: milliseconds of each other, so longer means this relay never saw it (``unknown``).
 _RESUME_WAIT = 2.0
+
+
+async def _contained(what: str, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run a connection's background task (started in the root nursery, where an exception
+    would stop the relay): a bug in it costs that task, logged, and nothing else."""
+    try:
+        await task(*args)
+    except Exception:
+        log.exception("internal error in %s", what)
 
 
 async def _until_head_end(stream: trio.abc.Stream) -> None:
@@ -216,14 +226,15 @@ class Server:
             grant = client.grant
             if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
                              accepted.compression, accepted.positioned, accepted.resume):
-                self._background.start_soon(self._give_up_later, client)
+                self._background.start_soon(_contained, "a parked resume",
+                                            self._give_up_later, client)
             del accepted  # Placed: not kept for the connection's life (100,000 of them).
             # A task per event only when there is one to publish: a storm of connections
             # would otherwise start (and end) two tasks each for nothing.
             meta = self._publisher.publishes_meta
             if meta:
-                self._background.start_soon(self._publisher.meta, envelope.CONNECTION_OPEN,
-                                            grant)
+                self._background.start_soon(_contained, "a meta event", self._publisher.meta,
+                                            envelope.CONNECTION_OPEN, grant)
             try:
                 await client.run()
             finally:
@@ -231,8 +242,9 @@ class Server:
                 log.debug("client %s disconnected", peer, extra={"event": "disconnected",
                                                                  "peer": peer})
                 if meta:
-                    self._background.start_soon(self._publisher.meta,
-                                                envelope.CONNECTION_CLOSE, grant)
+                    self._background.start_soon(_contained, "a meta event",
+                                                self._publisher.meta, envelope.CONNECTION_CLOSE,
+                                                grant)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
             pass
         except Exception:

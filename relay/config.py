@@ -123,6 +123,8 @@ class Config:
     compression: bool
     compression_streams: int
     max_filter_sets: int
+    max_filter_cost: int
+    max_filter_sets_per_ip: int
     history_messages: int
     history_bytes: int
     history_seconds: float
@@ -328,8 +330,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_ADMIN_PORT", "admin_port", _int_at_least(0, 65535), None,
             "TCP port of the admin listener (unset: no admin listener)"),
     Setting("PGWS_MAX_FILTER_SETS", "max_filter_sets", _int_at_least(0), "1000",
-            "distinct filter sets on one channel at most (each is evaluated per notification, "
-            "~1 µs per filter); a connection that would add one more gets HTTP 503 (0: no "
+            "distinct filter sets on one channel at most, counted apart for sets with a "
+            "token's filters claim and for URL filters alone; a connection that would add one "
+            "more gets HTTP 503 (0: no limit)"),
+    Setting("PGWS_MAX_FILTER_COST", "max_filter_cost", _int_at_least(0), "10000",
+            "what evaluating one channel's distinct filter sets may cost per notification, in "
+            "units of about 0.3 µs (4 per filter plus 1 per path segment; an eq filter the index "
+            "answers is free), counted apart for claim and URL-only sets; a connection that "
+            "would pass it gets HTTP 503 (0: no limit)"),
+    Setting("PGWS_MAX_FILTER_SETS_PER_IP", "max_filter_sets_per_ip", _int_at_least(0), "64",
+            "distinct URL-only filter sets that connections from one client address (IPv6: one "
+            "/64) hold at most, over all channels, per worker; more get HTTP 503 (0: no "
             "limit)"),
     Setting("PGWS_COMPRESSION", "compression", _bool, "True",
             "permessage-deflate with clients that offer it, one compressor per stream of "

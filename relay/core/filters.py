@@ -325,6 +325,31 @@ def parse_all(texts: Iterable[str], *, source: str = "filter") -> Filters:
     return frozenset(parsed)
 
 
+#: The fixed part of a filter's evaluation cost (:func:`cost`), in units of one path segment.
+#: Measured worst cases (1,000 sets of 32 ``neq`` filters that all hold, each on its own path,
+#: the value reached through the exact-number parse): 1.0–1.5 µs per filter at 1 segment,
+#: 2.4–3.1 µs at 8 and 3.3–4.9 µs at 16, about 0.25–0.3 µs per unit at 4 + segments.
+COST_FIXED = 4
+
+
+def cost(one: Filter) -> int:
+    """What evaluating ``one`` against a notification costs, in units (:data:`COST_FIXED`)."""
+    return COST_FIXED + len(one.steps)
+
+
+def set_cost(filters: Filters) -> int:
+    """What a channel pays per notification to evaluate ``filters``, at most: every filter,
+    less one ``eq`` filter (the cheapest), which the :class:`Index` answers with the lookup of
+    its path (:func:`lookup_paths`: counted once per channel, however many sets share it)."""
+    total = sum(map(cost, filters))
+    return total - min((cost(one) for one in filters if one.op == "eq"), default=0)
+
+
+def lookup_paths(filters: Filters) -> set[Steps]:
+    """The paths the :class:`Index` may look up for ``filters``: those of its ``eq`` filters."""
+    return {one.steps for one in filters if one.op == "eq"}
+
+
 def _walk(value: Any, steps: Steps) -> Any:
     """What ``steps`` lead to in ``value``; None when there is nothing there."""
     for key, index in steps:

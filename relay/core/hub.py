@@ -252,18 +252,6 @@ class Hub:
     def stream_count(self) -> int:
         return len(self._streams)
 
-    def filter_sets_full(self, channels: Iterable[str], filter_set: Filters, cap: int) -> bool:
-        """Whether ``filter_set`` would be one distinct filter set too many (more than ``cap``)
-        on one of ``channels``: each is evaluated per notification of its channel."""
-        if not filter_set or not cap:
-            return False
-        for channel in channels:
-            routes = self._channels.get(channel)
-            if routes is not None and filter_set not in routes.streams and \
-                    len(routes.streams) - (filters.NONE in routes.streams) >= cap:
-                return True
-        return False
-
     def add(self, client: Subscriber, channels: Collection[str],
             filter_set: Filters = filters.NONE,
             compression: Compression = Compression.OFF, positioned: bool = False,

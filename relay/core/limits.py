@@ -10,6 +10,9 @@ Theory of operation
 :class:`AddressCount` counts the open connections of each client network
 (:func:`network_of`: an IPv4 address, or an IPv6 /64) against a cap. :func:`within_queue_bound`
 is the slow-consumer rule on a client's outbox (``PGWS_MAX_QUEUE_BYTES``).
+:class:`FilterBudget` holds the distinct filter sets of each channel against caps on their
+number and on what evaluating them costs per notification (``PGWS_MAX_FILTER_SETS``,
+``PGWS_MAX_FILTER_COST``, ``PGWS_MAX_FILTER_SETS_PER_IP``).
 
 They only answer "allowed or not"; what a refusal means on the wire (close 1008, HTTP 503) is
 decided by their callers.
@@ -21,6 +24,10 @@ waiting.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
+
+from relay.core import filters
+from relay.core.filters import Filters, Steps
 
 #: IPv6 addresses are counted per /64: one subscriber line, one host or one cloud instance
 #: usually holds a whole /64, so counting each /128 would let one machine take 2^64 "addresses".
@@ -135,3 +142,126 @@ class AddressCount:
             self._open[network] = count
         else:
             del self._open[network]
+
+
+class _Book:
+    """One channel's pool of distinct filter sets: how often each is held, and what
+    evaluating them all costs per notification (:func:`relay.core.filters.set_cost`)."""
+
+    __slots__ = ("cost", "paths", "sets")
+
+    def __init__(self) -> None:
+        self.sets: dict[Filters, int] = {}
+        self.paths: dict[Steps, int] = {}
+        self.cost = 0
+
+    def added_cost(self, filter_set: Filters) -> int:
+        """What holding a set not held yet adds: its own cost, and the lookups of eq paths
+        this pool does not look up yet."""
+        new_paths = filters.lookup_paths(filter_set).difference(self.paths)
+        return filters.set_cost(filter_set) + sum(filters.COST_FIXED + len(path)
+                                                  for path in new_paths)
+
+    def hold(self, filter_set: Filters, added: int) -> None:
+        count = self.sets.get(filter_set, 0)
+        self.sets[filter_set] = count + 1
+        if count:
+            return
+        self.cost += added
+        for path in filters.lookup_paths(filter_set):
+            self.paths[path] = self.paths.get(path, 0) + 1
+
+    def release(self, filter_set: Filters) -> None:
+        count = self.sets[filter_set] - 1
+        if count:
+            self.sets[filter_set] = count
+            return
+        del self.sets[filter_set]
+        for path in filters.lookup_paths(filter_set):
+            left = self.paths[path] - 1
+            if left:
+                self.paths[path] = left
+            else:
+                del self.paths[path]
+        self.cost -= self.added_cost(filter_set)
+
+
+#: Why :meth:`FilterBudget.hold` refused a set.
+SETS, COST, ADDRESS = "sets", "cost", "address"
+
+
+class FilterBudget:
+    """The distinct filter sets clients hold on each channel, and what evaluating them costs
+    per notification, against caps; checked and held in one synchronous step, so that
+    handshakes arriving together, or clients parked while they resume, cannot pass a cap.
+
+    Each channel has two pools with the same caps: sets that carry a token's ``filters``
+    claim (made by the token's issuer: an authorisation) and sets from URL filters alone
+    (anyone with a read token can make those), so URL sets can never use up the room the
+    claims need. Per client network, at most ``max_sets_per_address`` distinct URL-only sets
+    (over all channels). A cap of 0 is no cap. The empty set costs nothing and is not held.
+    """
+
+    def __init__(self, max_sets: int, max_cost: int, max_sets_per_address: int) -> None:
+        self._max_sets = max_sets
+        self._max_cost = max_cost
+        self._max_per_address = max_sets_per_address
+        self._books: dict[tuple[str, bool], _Book] = {}
+        self._by_address: dict[str, dict[Filters, int]] = {}
+
+    def cost(self, channel: str, claimed: bool) -> int:
+        """What one notification of ``channel`` costs the pool's sets (units of
+        :func:`relay.core.filters.cost`)."""
+        book = self._books.get((channel, claimed))
+        return 0 if book is None else book.cost
+
+    def hold(self, channels: Iterable[str], filter_set: Filters, claimed: bool,
+             network: str) -> str | None:
+        """Hold ``filter_set`` on each of ``channels`` for one client from ``network``; None
+        when held, else why not (:data:`SETS`, :data:`COST` or :data:`ADDRESS`), and nothing
+        is held. Each hold wants one :meth:`release` with the same arguments."""
+        if not filter_set:
+            return None
+        channels = list(dict.fromkeys(channels))
+        if not claimed and self._max_per_address:
+            mine = self._by_address.get(network, {})
+            if filter_set not in mine and len(mine) >= self._max_per_address:
+                return ADDRESS
+        added = []
+        for channel in channels:
+            book = self._books.get((channel, claimed)) or _Book()
+            cost = 0
+            if filter_set not in book.sets:
+                if self._max_sets and len(book.sets) >= self._max_sets:
+                    return SETS
+                cost = book.added_cost(filter_set)
+                if self._max_cost and book.cost + cost > self._max_cost:
+                    return COST
+            added.append((channel, book, cost))
+        for channel, book, cost in added:
+            self._books[channel, claimed] = book
+            book.hold(filter_set, cost)
+        if not claimed:
+            mine = self._by_address.setdefault(network, {})
+            mine[filter_set] = mine.get(filter_set, 0) + 1
+        return None
+
+    def release(self, channels: Iterable[str], filter_set: Filters, claimed: bool,
+                network: str) -> None:
+        """Forget a hold of :meth:`hold`."""
+        if not filter_set:
+            return
+        for channel in dict.fromkeys(channels):
+            book = self._books[channel, claimed]
+            book.release(filter_set)
+            if not book.sets:
+                del self._books[channel, claimed]
+        if not claimed:
+            mine = self._by_address[network]
+            count = mine[filter_set] - 1
+            if count:
+                mine[filter_set] = count
+            else:
+                del mine[filter_set]
+                if not mine:
+                    del self._by_address[network]

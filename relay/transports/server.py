@@ -58,10 +58,10 @@ from wsproto.utilities import RemoteProtocolError
 from relay import __version__
 from relay.auth import tokens
 from relay.config import Config
-from relay.core import envelope, filters
+from relay.core import envelope, filters, limits
 from relay.core.filters import Filters
 from relay.core.hub import Compression, Hub
-from relay.core.limits import AddressCount, WriteBucket, network_of
+from relay.core.limits import AddressCount, FilterBudget, WriteBucket, network_of
 from relay.core.stats import counters
 from relay.sources.publisher import Publisher
 from relay.transports import request, static
@@ -146,6 +146,27 @@ class _Accepted:
     resume: positions.Position | None = None
 
 
+class _Held:
+    """What one connection holds of the relay's shared caps, released when it ends: a
+    connection slot (``PGWS_MAX_CONNECTIONS``) and its filter set on its channels. Caps are
+    checked and held in one synchronous step, before any checkpoint, so handshakes that arrive
+    together, and clients parked while they resume, are all counted."""
+
+    __slots__ = ("channels", "claimed", "filters", "slot")
+
+    def __init__(self) -> None:
+        self.slot = False
+        self.channels: tuple[str, ...] = ()
+        self.filters: Filters = filters.NONE
+        self.claimed = False
+
+
+#: HTTP 503 texts of :class:`relay.core.limits.FilterBudget`'s refusals.
+_FILTER_REFUSALS = {limits.SETS: "Too many distinct filters",
+                    limits.COST: "Too many distinct filters",
+                    limits.ADDRESS: "Too many distinct filters from this address"}
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     inner = getattr(stream, "transport_stream", stream)
     try:
@@ -196,6 +217,10 @@ class Server:
         )
         self._shutting_down = False
         self._addresses = AddressCount(config.max_connections_per_ip)
+        self._filter_budget = FilterBudget(config.max_filter_sets, config.max_filter_cost,
+                                           config.max_filter_sets_per_ip)
+        #: Connections holding a slot of ``PGWS_MAX_CONNECTIONS`` (:class:`_Held`).
+        self._slots = 0
         #: Refused connections now held (waiting for their head, or lingering after the 503).
         self._refused_held = 0
         #: Refusals since the last summary line; the summary task runs while this can grow.
@@ -217,8 +242,9 @@ class Server:
         if not self._addresses.enter(network):
             await self._refuse_address(stream, network)
             return
+        held = _Held()
         try:
-            accepted = await self._accept(stream, peer)
+            accepted = await self._accept(stream, peer, network, held)
             if accepted is None:
                 return
             client = accepted.client
@@ -251,8 +277,14 @@ class Server:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
+            self._release(held, network)
             self._addresses.leave(network)
             await close_now(stream)
+
+    def _release(self, held: _Held, network: str) -> None:
+        if held.slot:
+            self._slots -= 1
+        self._filter_budget.release(held.channels, held.filters, held.claimed, network)
 
     async def _give_up_later(self, client: Client) -> None:
         """A client waits for its position (issued by another relay process) at most
@@ -307,7 +339,8 @@ class Server:
         finally:
             self._refused_logging = False
 
-    async def _accept(self, stream: trio.abc.Stream, peer: str) -> _Accepted | None:
+    async def _accept(self, stream: trio.abc.Stream, peer: str, network: str, held: _Held
+                      ) -> _Accepted | None:
         """Everything before a WebSocket client exists; the HTTP state dies with this call.
 
         Resource handling: every phase sets the deadline of one cancel scope, ``phase`` (see
@@ -319,7 +352,7 @@ class Server:
         with trio.CancelScope() as phase:
             self._pending.add(phase)
             try:
-                return await self._until_client(stream, http, phase, peer)
+                return await self._until_client(stream, http, phase, peer, network, held)
             except h11.RemoteProtocolError as exc:
                 await self._send_error(stream, http, phase, exc.error_status_hint, str(exc))
             finally:
@@ -339,7 +372,8 @@ class Server:
         await stream.send_all(data)
 
     async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection,
-                            phase: trio.CancelScope, peer: str) -> _Accepted | None:
+                            phase: trio.CancelScope, peer: str, network: str, held: _Held
+                            ) -> _Accepted | None:
         """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
         if self._shutting_down:
             return None
@@ -348,7 +382,7 @@ class Server:
         if req is None:
             return None
         if _is_websocket(req.headers):
-            return await self._handshake(stream, http, phase, req, peer)
+            return await self._handshake(stream, http, phase, req, peer, network, held)
         await self._serve_http(stream, http, phase, req, peer)
         return None
 
@@ -469,8 +503,8 @@ class Server:
         await self._send_error(stream, http, phase, status, message)
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
-                         phase: trio.CancelScope, req: h11.Request, peer: str
-                         ) -> _Accepted | None:
+                         phase: trio.CancelScope, req: h11.Request, peer: str, network: str,
+                         held: _Held) -> _Accepted | None:
         config = self._config
         if self._shutting_down:
             await self._reject(stream, http, phase, 503, "Shutting down", peer,
@@ -482,10 +516,12 @@ class Server:
             await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
                                "origin")
             return None
-        if config.max_connections and self._hub.client_count >= config.max_connections:
+        if config.max_connections and self._slots >= config.max_connections:
             await self._reject(stream, http, phase, 503, "Too many connections", peer,
                                "capacity")
             return None
+        self._slots += 1
+        held.slot = True
         target = request.parse_target(req.target, req.headers)
         try:
             grant = self._grants.check(target.token, target.channel, time.time())
@@ -500,11 +536,14 @@ class Server:
         except filters.FilterError as bad:
             await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
             return None
-        if grant.can_read and self._hub.filter_sets_full(grant.channels, filter_set,
-                                                          config.max_filter_sets):
-            await self._reject(stream, http, phase, 503, "Too many distinct filters", peer,
-                               "capacity")
-            return None
+        if grant.can_read:
+            claimed = bool(grant.filters)
+            refused = self._filter_budget.hold(grant.channels, filter_set, claimed, network)
+            if refused is not None:
+                await self._reject(stream, http, phase, 503, _FILTER_REFUSALS[refused], peer,
+                                   "capacity")
+                return None
+            held.channels, held.filters, held.claimed = grant.channels, filter_set, claimed
         positioned = self._hub.history is not None and \
             positions.SUBPROTOCOL in request.subprotocols(req.headers)
         resume = None

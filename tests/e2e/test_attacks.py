@@ -147,3 +147,104 @@ def test_workers_end_with_a_supervisor_killed_outright(start_relay) -> None:
     eventually(lambda: not any(map(_alive, workers)), what="the workers to end")
     with socket.socket() as probe:  # Nothing holds the port any more.
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+# -- caps that raced: connections and filter sets held before any checkpoint ---------------------
+
+def _handshakes_at_once(relay: RelayProcess, paths: list[str],
+                        subprotocol: str | None = None) -> list[int]:
+    """Send every handshake before reading any answer; each one's HTTP status, in order (the
+    sockets stay open until all are read, so the accepted ones are all connected at once)."""
+    socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in paths]
+    extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    for sock, path in zip(socks, paths, strict=True):  # All connected first, then all sent.
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     f"Sec-WebSocket-Version: 13\r\n{extra}\r\n".encode())
+    statuses = []
+    try:
+        for sock in socks:
+            head = b""
+            while b"\r\n" not in head:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                head += data
+            statuses.append(int(head.split(b" ", 2)[1]) if head else 0)
+    finally:
+        for sock in socks:
+            sock.close()
+    return statuses
+
+
+def _filtered(channel: str, n: int, claims: dict | None = None) -> str:
+    return f"/{channel}/{token({'mode': 'r', **(claims or {})})}?filter=payload.n=eq.{n}"
+
+
+def test_handshakes_arriving_together_cannot_pass_the_filter_set_cap(start_relay) -> None:
+    # Before: 41 of 200 simultaneous handshakes were accepted with a cap of 10.
+    relay = start_relay(PGWS_MAX_FILTER_SETS="10", PGWS_MAX_FILTER_SETS_PER_IP="0")
+    statuses = _handshakes_at_once(relay, [_filtered("c", n) for n in range(200)])
+    assert statuses.count(101) == 10 and statuses.count(503) == 190
+    _delivers(relay)
+
+
+def test_handshakes_arriving_together_cannot_pass_the_connection_cap(start_relay) -> None:
+    # Before: 14 accepted with a cap of 10.
+    relay = start_relay(PGWS_MAX_CONNECTIONS="10")
+    statuses = _handshakes_at_once(relay, [f"/c/{token({'mode': 'r'})}"] * 60)
+    assert statuses.count(101) == 10 and statuses.count(503) == 50
+    _delivers(relay)  # The slots came back when those sockets closed.
+
+
+def test_clients_parked_on_a_forged_position_count_against_the_filter_set_cap(
+        start_relay) -> None:
+    # Before: cap 5, 40 sets accepted: a client resuming from a position no relay issued waits
+    # 2 s outside any stream, and its set was not counted until it joined one.
+    relay = start_relay(PGWS_MAX_FILTER_SETS="5", PGWS_MAX_FILTER_SETS_PER_IP="0")
+    forged = f"{'ab' * 4}.1.{'cd' * 8}.{int(__import__('time').time()):08x}"
+    paths = [_filtered("c", n) + f"&from={forged}" for n in range(40)]
+    statuses = _handshakes_at_once(relay, paths, subprotocol="pgws.resume.v1")
+    assert statuses.count(101) == 5 and statuses.count(503) == 35
+
+
+def test_url_filter_sets_cannot_lock_out_a_token_whose_claim_needs_a_set(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_FILTER_SETS="3", PGWS_MAX_FILTER_SETS_PER_IP="0")
+    with contextlib.ExitStack() as stack:
+        # Idle sets that never match (indexed: they cost the relay nothing) fill the URL pool.
+        for n in range(3):
+            stack.enter_context(ws(relay, _filtered("c", 10_000 + n)))
+        assert rejection(relay, _filtered("c", 1)) == (503, b"Too many distinct filters")
+        claims = {"filters": ["payload.user=eq.alice"]}
+        with ws(relay, f"/c/{token({'mode': 'r', **claims})}") as alice:
+            listen = relay.env["PGWS_LISTEN_CHANNEL"]
+            text = json.dumps({"channel": "c", "payload": {"user": "alice"}})
+            notify(listen, text)
+            assert alice.recv(timeout=10) == text
+
+
+def test_one_address_holds_a_bounded_number_of_distinct_url_filter_sets(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_FILTER_SETS_PER_IP="4")
+    with contextlib.ExitStack() as stack:
+        for n in range(4):
+            stack.enter_context(ws(relay, _filtered("c", n)))
+        stack.enter_context(ws(relay, _filtered("c", 0)))  # One it holds already.
+        assert rejection(relay, _filtered("d", 9)) == (
+            503, b"Too many distinct filters from this address")
+        # A claim's set is the issuer's, not the address's: not counted.
+        stack.enter_context(ws(relay, f"/c/{token({'mode': 'r', 'filters': ['n=eq.1']})}"))
+    with ws(relay, _filtered("d", 9)):  # Freed when they closed.
+        pass
+
+
+def test_filter_sets_past_the_cost_cap_are_refused_and_cheap_ones_still_fit(start_relay) -> None:
+    relay = start_relay(PGWS_MAX_FILTER_COST="1000", PGWS_MAX_FILTER_SETS_PER_IP="0")
+    def deep(value: int) -> str:  # 32 × (4 + 16) = 640 units
+        return "&".join(f"filter=payload.{'.'.join(f'k{k}' for k in range(14))}.p{j}=neq.{value}"
+                        for j in range(32))
+
+    with ws(relay, f"/c/{token({'mode': 'r'})}?{deep(0)}"):
+        assert rejection(relay, f"/c/{token({'mode': 'r'})}?{deep(1)}") == (
+            503, b"Too many distinct filters")
+        with ws(relay, f"/c/{token({'mode': 'r'})}?filter=payload.n=eq.5"):
+            pass

@@ -34,6 +34,8 @@ EXPECTED_DEFAULTS = {
     "compression": True,
     "compression_streams": 1024,
     "max_filter_sets": 1000,
+    "max_filter_cost": 10000,
+    "max_filter_sets_per_ip": 64,
     "history_messages": 1000,
     "history_bytes": 134217728,
     "history_seconds": 300.0,

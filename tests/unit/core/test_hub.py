@@ -334,24 +334,6 @@ def test_streams_beyond_the_budget_compress_alone_and_free_their_compressor() ->
     assert hub.stream_count == 0 and hub._channels == {} and hub.deflaters == 0
 
 
-def test_filter_sets_are_capped_per_channel_and_existing_ones_always_fit() -> None:
-    hub = Hub("listen")
-    seven, eight, nine = (filters.parse_all([f"payload.market_id=eq.{n}"]) for n in (7, 8, 9))
-    hub.add(Recorder(), ["fill"])
-    hub.add(Recorder(), ["fill"], seven)
-    hub.add(Recorder(), ["other"], eight)
-    assert not hub.filter_sets_full(["fill"], eight, 2)
-    hub.add(Recorder(), ["fill"], eight)
-    # Two distinct sets on "fill" (no filter is not one): a third is refused, not the first two.
-    assert hub.filter_sets_full(["fill"], nine, 2)
-    assert hub.filter_sets_full(["other", "fill"], nine, 2)
-    assert not hub.filter_sets_full(["fill"], seven, 2)
-    assert not hub.filter_sets_full(["fill"], filters.NONE, 2)
-    assert not hub.filter_sets_full(["other"], nine, 2)
-    assert not hub.filter_sets_full(["fill"], nine, 3)
-    assert not hub.filter_sets_full(["fill"], nine, 0)  # 0: no limit.
-
-
 # -- streams: membership, counters, sync points and delivery times -------------------------------
 
 

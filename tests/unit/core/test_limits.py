@@ -6,8 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.core import filters
 from relay.core.limits import (
+    ADDRESS,
+    COST,
+    SETS,
     AddressCount,
+    FilterBudget,
     InboundBudget,
     TokenBucket,
     WriteBucket,
@@ -118,3 +123,94 @@ def test_the_queue_bound_is_inclusive_and_counts_what_is_queued_plus_the_frame(
         queued: int, adding: int, within: bool) -> None:
     assert within_queue_bound(queued, adding, 65536) is within
     assert within_queue_bound(queued, adding, 0) is (queued + adding == 0)
+
+
+# -- filter sets: how many, and what they cost per notification -----------------------------------
+
+def _set(*texts: str) -> filters.Filters:
+    return filters.parse_all(texts)
+
+
+def test_filter_sets_are_capped_per_channel_and_those_held_always_fit() -> None:
+    budget = FilterBudget(max_sets=2, max_cost=0, max_sets_per_address=0)
+    seven, eight, nine = (_set(f"payload.market_id=eq.{n}") for n in (7, 8, 9))
+    assert budget.hold(["fill"], filters.NONE, False, "a") is None  # Free, never held.
+    assert budget.hold(["fill"], seven, False, "a") is None
+    assert budget.hold(["other"], eight, False, "a") is None
+    assert budget.hold(["fill"], eight, False, "a") is None
+    # Two distinct sets on "fill": a third is refused, not a second client of the first two.
+    assert budget.hold(["fill"], nine, False, "a") == SETS
+    assert budget.hold(["other", "fill"], nine, False, "a") == SETS
+    assert budget.hold(["other"], nine, False, "a") is None  # Refusals held nothing there.
+    assert budget.hold(["fill"], seven, False, "b") is None
+    budget.release(["fill"], seven, False, "a")
+    assert budget.hold(["fill"], nine, False, "a") == SETS  # "b" still holds seven.
+    budget.release(["fill"], seven, False, "b")
+    assert budget.hold(["fill"], nine, False, "a") is None
+    assert FilterBudget(0, 0, 0).hold(["fill"], nine, False, "a") is None  # 0: no limit.
+
+
+def test_claim_sets_have_room_of_their_own_that_url_sets_cannot_use_up() -> None:
+    budget = FilterBudget(max_sets=1, max_cost=0, max_sets_per_address=0)
+    assert budget.hold(["fill"], _set("payload.user=eq.mallory"), False, "a") is None
+    assert budget.hold(["fill"], _set("payload.user=eq.eve"), False, "b") == SETS
+    assert budget.hold(["fill"], _set("payload.user=eq.alice"), True, "b") is None
+    assert budget.hold(["fill"], _set("payload.user=eq.bob"), True, "c") == SETS
+
+
+def test_one_address_holds_a_bounded_number_of_distinct_url_sets() -> None:
+    budget = FilterBudget(max_sets=0, max_cost=0, max_sets_per_address=2)
+    one, two, three = (_set(f"payload.n=eq.{n}") for n in (1, 2, 3))
+    assert budget.hold(["c"], one, False, "10.0.0.1") is None
+    assert budget.hold(["d"], two, False, "10.0.0.1") is None
+    assert budget.hold(["c"], three, False, "10.0.0.1") == ADDRESS
+    assert budget.hold(["e"], one, False, "10.0.0.1") is None  # The same set again.
+    assert budget.hold(["c"], three, False, "10.0.0.2") is None
+    assert budget.hold(["c"], three, True, "10.0.0.1") is None  # Claims are not counted.
+    budget.release(["d"], two, False, "10.0.0.1")
+    assert budget.hold(["c"], three, False, "10.0.0.1") is None
+
+
+def test_the_cost_counts_filters_and_segments_and_an_indexed_eq_filter_once_per_path() -> None:
+    budget = FilterBudget(max_sets=0, max_cost=0, max_sets_per_address=0)
+    four = filters.COST_FIXED
+    deep = _set("payload.a.b.c=gt.1")  # 4 + 4 segments
+    assert budget.hold(["c"], deep, False, "a") is None
+    assert budget.cost("c", False) == four + 4
+    # An eq filter is answered by the index: its set costs the other filters, and its path
+    # one lookup for all the sets that share it.
+    assert budget.hold(["c"], _set("payload.m=eq.1", "payload.x=lt.2"), False, "a") is None
+    assert budget.cost("c", False) == (four + 4) + (four + 2) + (four + 2)
+    assert budget.hold(["c"], _set("payload.m=eq.2", "payload.x=lt.2"), False, "a") is None
+    assert budget.cost("c", False) == (four + 4) + (four + 2) + 2 * (four + 2)
+    assert budget.cost("c", True) == budget.cost("other", False) == 0
+    budget.release(["c"], _set("payload.m=eq.1", "payload.x=lt.2"), False, "a")
+    budget.release(["c"], _set("payload.m=eq.2", "payload.x=lt.2"), False, "a")
+    assert budget.cost("c", False) == four + 4
+    budget.release(["c"], deep, False, "a")
+    assert budget.cost("c", False) == 0
+
+
+def test_a_set_that_would_pass_the_cost_cap_is_refused_and_one_that_fits_exactly_is_not() -> None:
+    one = filters.COST_FIXED + 2  # "payload.x=gt.N"
+    budget = FilterBudget(max_sets=0, max_cost=3 * one, max_sets_per_address=0)
+    assert budget.hold(["c"], _set("payload.x=gt.1", "payload.y=gt.1"), False, "a") is None
+    assert budget.hold(["c"], _set("payload.x=gt.2", "payload.y=gt.2"), False, "a") == COST
+    assert budget.hold(["c"], _set("payload.x=gt.3"), False, "a") is None  # Exactly the cap.
+    assert budget.cost("c", False) == 3 * one
+    # Sets already held cost nothing more, whoever holds them again.
+    assert budget.hold(["c"], _set("payload.x=gt.3"), False, "b") is None
+
+
+def test_the_worst_url_filter_set_fits_the_default_cost_a_few_times_only() -> None:
+    """At the defaults (10,000 units) one read-token holder's deepest 32-filter sets fill the
+    URL pool after a handful: what 1,000 of them cost before (35–158 ms per notification) is
+    now bounded at ~3 ms (docs/filters.md)."""
+    worst = _set(*(".".join(["payload", *(f"k{k}" for k in range(14)), f"p{j}"]) + "=neq.0"
+                   for j in range(32)))
+    assert filters.set_cost(worst) == 32 * (filters.COST_FIXED + 16)
+    budget = FilterBudget(max_sets=1000, max_cost=10_000, max_sets_per_address=0)
+    held = 0
+    while budget.hold(["c"], worst | _set(f"payload.n=neq.{held}"), False, "a") is None:
+        held += 1
+    assert held == 15

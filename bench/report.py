@@ -23,12 +23,12 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.c100k import readme_section as c100k_section
-from bench.fleet import section as fleet_section
-from bench.floor import floors
-from bench.pglimits import section as pglimits_section
-from bench.resume import goal_rows as issue12_rows
-from bench.soak import warmed_up
+from bench.reliability.soak import warmed_up
+from bench.scenarios.c100k import readme_section as c100k_section
+from bench.scenarios.fleet import section as fleet_section
+from bench.scenarios.floor import floors
+from bench.scenarios.pglimits import section as pglimits_section
+from bench.scenarios.resume import goal_rows as issue12_rows
 from relay.core.history import ENTRY_OVERHEAD
 
 HERE = os.path.dirname(os.path.abspath(__file__))

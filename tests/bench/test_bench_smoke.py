@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
     out = tmp_path / "burst.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "burst", "--quick", "--runs", "1",
-         "--servers", "relay,ceiling", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "scenarios" / "throughput.py"), "burst",
+         "--quick", "--runs", "1", "--servers", "relay,ceiling", "--json", str(out)],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -37,8 +37,8 @@ def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
 def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
     out = tmp_path / "churn.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "churn.py"), "--cycles", "400", "--procs", "2",
-         "--json", str(out)], capture_output=True, text=True, timeout=240,
+        [sys.executable, str(ROOT / "bench" / "reliability" / "churn.py"), "--cycles", "400",
+         "--procs", "2", "--json", str(out)], capture_output=True, text=True, timeout=240,
         stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -51,7 +51,7 @@ def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
     test_e2e_resume.py and test_subscription.py.)"""
     out = tmp_path / "resume.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "resume.py"), "--quick", "--parts",
+        [sys.executable, str(ROOT / "bench" / "scenarios" / "resume.py"), "--quick", "--parts",
          "replay", "--json", str(out)],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -86,8 +86,8 @@ def test_pglimits_script_measures_queue_entries_and_leaves_no_cluster(tmp_path: 
         pytest.skip(f"bench/pglimits.py needs: {missing}")
     out = tmp_path / "pglimits.json"
     script = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "pglimits.py"), "--quick", "--parts", "entries",
-         "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "scenarios" / "pglimits.py"), "--quick", "--parts",
+         "entries", "--json", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         stdout, stderr = script.communicate(timeout=120)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fuzz
+from bench.reliability import fuzz
 
 
 def test_raw_socket_fuzz_gets_documented_answers_and_leaks_nothing(start_relay,

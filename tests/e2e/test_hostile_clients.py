@@ -24,7 +24,7 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
-from bench.harness import frame
+from bench.parts.harness import frame
 from relay.transports.websocket import MAX_FRAGMENTS
 from tests.conftest import (
     TIMEOUT,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import Producer, run_fault
-from bench.fleet_hosts import PREFIX, Fleet, fleet
+from bench.parts.fleet_hosts import PREFIX, Fleet, fleet
+from bench.scenarios.fleet import Producer, run_fault
 
 
 def _missing() -> str | None:

@@ -8,7 +8,7 @@ puts a real ``pgws-relay`` in a listener's place): notifying commits/s and notif
 deliveries to 1, 10 and 100 LISTENing connections, what one stalled listener does to the
 queue and to everyone else, the chart of it and bench/README.md's section rendered from the
 JSON (:func:`section`, called by ``bench/report.py``). Never touches the machine's shared cluster:
-everything runs against a private one (:mod:`bench.pgcluster`), removed on any exit.
+everything runs against a private one (:mod:`bench.parts.pgcluster`), removed on any exit.
 
 Theory of operation
 -------------------
@@ -74,13 +74,13 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import Server, commit, free_port, machine
-from bench.pgcluster import Cluster, _bin, remove_stale
+from bench.parts.harness import Server, commit, free_port, machine
+from bench.parts.pgcluster import Cluster, _bin, remove_stale
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+RESULTS = os.path.join(os.path.dirname(HERE), "results")
 #: The one notification channel; the relay LISTENs on it too in its row.
 CHANNEL = "pglimits"
 #: Payload size of every throughput notification: about one Econia event envelope.

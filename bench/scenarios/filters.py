@@ -10,8 +10,8 @@ One channel, ``fill_event``; ``--groups`` (100) filter groups: client i opens
 ``/fill_event/TOKEN?filter=payload.market_id=eq.<g>`` with g = i mod 100 + 1, so every group
 has N/100 clients and the relay evaluates 100 distinct filter sets (all ``eq`` on one path:
 one indexed path). Each run starts a fresh relay, connects the N clients and sends, in
-transactions of 100 (``bench.harness.Producer.send``), Econia ``fill_event`` texts as the
-trigger writes them (:class:`bench.harness.EconiaFeed`):
+transactions of 100 (``bench.parts.harness.Producer.send``), Econia ``fill_event`` texts as the
+trigger writes them (:class:`bench.parts.harness.EconiaFeed`):
 
 1. ``matched``: ``--messages`` notifications whose ``market_id`` is drawn at random from the
    groups' values, so each matches exactly one group. The plan gives each group its count;
@@ -52,9 +52,9 @@ import time
 from collections import Counter
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import (
+from bench.parts.harness import (
     Conn,
     EconiaFeed,
     FrameClients,

@@ -59,16 +59,27 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import Server, free_port, machine, write_json
+from bench.parts.harness import Server, free_port, machine, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 VARIANTS = ("before", "after", "after_scraper")
 #: The case the issue names: burst at N=1,000 (the "burst-before-after" row measures the same).
 CASE = "N=1000 B=100"
-RUN_ARGS = ["bench/run.py", "burst", "--servers", "relay", "--runs", "1", "--cases", CASE]
+RUN_ARGS = ["burst", "--servers", "relay", "--runs", "1", "--cases", CASE]
+#: The throughput script, relative to a checkout: where it is now, and where older checkouts
+#: (such as the ``before`` build) have it.
+THROUGHPUT = ("bench/scenarios/throughput.py", "bench/run.py")
+
+
+def throughput_script(directory: str) -> str:
+    """The throughput script of the checkout ``directory`` (its layout depends on its age)."""
+    for script in THROUGHPUT:
+        if os.path.exists(os.path.join(directory, script)):
+            return script
+    raise SystemExit(f"no throughput script in {directory} (looked for {', '.join(THROUGHPUT)})")
 #: The issue's scraper polls once a second (Prometheus' usual interval is 15–60 s: harsher).
 SCRAPE_INTERVAL = 1.0
 #: A scrape answers in milliseconds; longer means the relay is not up (or is gone).
@@ -179,8 +190,8 @@ def _git(directory: str, *args: str) -> str:
 
 def checkout_info(directory: str) -> dict[str, Any]:
     """The commit of a checkout and which of the files that make the relay differ from it."""
-    dirty = _git(directory, "status", "--porcelain", "--", "relay", "bench/run.py",
-                 "bench/harness.py", "pyproject.toml")
+    dirty = _git(directory, "status", "--porcelain", "--", "relay", throughput_script(directory),
+                 "bench/harness.py", "bench/parts/harness.py", "pyproject.toml")
     return {"dir": directory, "commit": _git(directory, "rev-parse", "--short", "HEAD"),
             "uncommitted": dirty.splitlines()}
 
@@ -204,8 +215,9 @@ def run_once(variant: str, directory: str, python: str, settle_limit: float
     try:
         if scraper:
             scraper.start()
-        proc = subprocess.run([python, *RUN_ARGS, "--json", out], cwd=directory, env=env,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        proc = subprocess.run([python, throughput_script(directory), *RUN_ARGS, "--json", out],
+                              cwd=directory, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT)
         if proc.returncode != 0:
             result["error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
         else:
@@ -356,7 +368,7 @@ def main() -> None:
                    + f" --rounds {args.rounds}"
                    + ("" if args.settle == SETTLE else f" --settle {args.settle:g}")
                    + (f" --json {args.json}" if args.json else ""),
-        "each_run": " ".join(["python", *RUN_ARGS[:-1], f"'{CASE}'"]),
+        "each_run": " ".join(["python", throughput_script(after), *RUN_ARGS[:-1], f"'{CASE}'"]),
         "before": checkout_info(before), "after": checkout_info(after),
         "machine": machine(), "started": started, "load_average_start": load_start,
         "scrape_cost": cost,

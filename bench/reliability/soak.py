@@ -37,9 +37,9 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import (
+from bench.parts.harness import (
     Clients,
     Producer,
     Server,
@@ -53,7 +53,7 @@ from bench.harness import (
     recv_ready,
     token,
 )
-from bench.run import PAYLOAD, burst, connections_for
+from bench.scenarios.throughput import PAYLOAD, burst, connections_for
 
 #: The long-lived clients whose deliveries are counted.
 _CLIENTS = 1000

@@ -32,10 +32,10 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import DB_URI, commit, dumps, frame_length, machine
-from bench.run import PAYLOAD
+from bench.parts.harness import DB_URI, commit, dumps, frame_length, machine
+from bench.scenarios.throughput import PAYLOAD
 
 #: The steady-rate goals of issue 3: (rate per second, clients, p50 goal ms, p99 goal ms).
 STEADY_GOALS = ((100, 1000, 2.0, 10.0), (1000, 1000, None, 25.0), (100, 10000, None, 100.0))

@@ -12,9 +12,9 @@ WebSocket connections; and the workers goal (W=2 against W=1 at 1,000 clients, c
 Theory of operation
 -------------------
 One run (``c100k``) starts ``pgws-relay`` (``python -m relay`` through
-:class:`bench.harness.OwnedServer`) with ``PGWS_WORKERS=W`` (8 by default: 12,500 connections
+:class:`bench.parts.harness.OwnedServer`) with ``PGWS_WORKERS=W`` (8 by default: 12,500 connections
 each when balanced, well under the 20,000 descriptors one process may hold here), then ``P``
-load-client processes (:mod:`bench.loadclient`, 8 × 12,500 by default), each binding its
+load-client processes (:mod:`bench.parts.loadclient`, 8 × 12,500 by default), each binding its
 sockets to a source address of its own in 127.0.0.0/8 so that no address spends more than its
 28,232 ephemeral ports. Then, in order:
 
@@ -45,7 +45,7 @@ the relay closes many of them as slow consumers (``delivered_share`` < 1), which
 W=2 rate meaningless; ``--max-queue-bytes`` raises the bound for these runs.
 
 Every server and client process, and any orphaned worker, is ended on the way out, also on
-Ctrl-C, SIGTERM or SIGHUP (:func:`bench.netns.exit_on_signals`). Host settings are left alone
+Ctrl-C, SIGTERM or SIGHUP (:func:`bench.parts.netns.exit_on_signals`). Host settings are left alone
 unless ``--somaxconn N`` asks for longer listen queues (``net.core.somaxconn`` and
 ``net.ipv4.tcp_max_syn_backlog``), set for the run only and restored on any exit; the results
 record both values. Each measurement records ``os.getloadavg()`` at its start: a run disturbed by
@@ -70,10 +70,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench import netns
-from bench.harness import (
+from bench.parts import netns
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     OwnedServer,
@@ -91,8 +91,8 @@ from bench.harness import (
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-LOADCLIENT = os.path.join(HERE, "loadclient.py")
+RESULTS = os.path.join(os.path.dirname(HERE), "results")
+LOADCLIENT = os.path.join(os.path.dirname(HERE), "parts", "loadclient.py")
 #: Bytes per payload: bench/run.py's size (an Econia fill_event envelope), 344-byte frames.
 PAYLOAD = 340
 #: Notifications per transaction in the burst: the issue's batches of 100.
@@ -218,8 +218,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class LoadClients:
-    """``count`` connections over ``procs`` :mod:`bench.loadclient` processes, process i on the
-    source address 127.<net>.0.(i + 2)."""
+    """``count`` connections over ``procs`` :mod:`bench.parts.loadclient` processes, process i on
+    the source address 127.<net>.0.(i + 2)."""
 
     def __init__(self, port: int, count: int, procs: int, timeout: float, net: int,
                  distinct: bool = False) -> None:
@@ -523,7 +523,7 @@ def _leaves(raw: str) -> tuple[int, list[tuple[str, int]]]:
 def workers_profile(args: argparse.Namespace) -> dict[str, Any]:
     """py-spy on every relay worker during a longer burst (1,000 clients at nice 19), W=1 and
     W=2: where the workers' time goes, and the relay's CPU per 1,000 deliveries."""
-    from bench.run import burst as run_burst
+    from bench.scenarios.throughput import burst as run_burst
 
     out: dict[str, Any] = {"client_nice": args.nice, "messages": 20_000}
     for workers in (1, 2):
@@ -565,7 +565,7 @@ def workers_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def workers_goal(args: argparse.Namespace) -> dict[str, Any]:
     """W=1 and W=2 alternately, bench/run.py's burst at 1,000 clients, clients at nice 19."""
-    from bench.run import burst as run_burst
+    from bench.scenarios.throughput import burst as run_burst
 
     samples: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
     for index in range(args.runs):

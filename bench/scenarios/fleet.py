@@ -5,12 +5,12 @@ again, and what was lost or duplicated (issue 13, part 2).
 
 Theory of operation
 -------------------
-:class:`bench.fleet_hosts.Fleet` builds three relay hosts, a private PostgreSQL, HAProxy and a
+:class:`bench.parts.fleet_hosts.Fleet` builds three relay hosts, a private PostgreSQL, HAProxy and a
 clients' host, each a network namespace of this process. A producer thread here commits one
 notification at a time, ``{"channel": "fleet", "seq": N}``, at ``--rate`` per second for the
 whole run, and notes each commit's time. For each fault, a fresh set of load clients
-(:mod:`bench.fleet_agent`: resuming subscriptions of :mod:`relay.client.subscription`) connects
-through the balancer, which spreads them over the relays; the fault hits the relay holding
+(:mod:`bench.parts.fleet_agent`: resuming subscriptions of :mod:`relay.client.subscription`)
+connects through the balancer, which spreads them over the relays; the fault hits the relay holding
 the most sessions:
 
 ``kill``       SIGKILL of the relay process (the host stays; its sockets are closed by the
@@ -52,10 +52,10 @@ import jwt
 import psycopg
 
 if __package__ in (None, ""):  # Run as a script: make ``bench`` importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
-from bench.netns import exit_on_signals
+from bench.parts.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
+from bench.parts.netns import exit_on_signals
 
 FAULTS = ("kill", "stop", "partition", "database", "reload")
 #: Metrics worth showing the operator after a fault.
@@ -129,7 +129,7 @@ class Producer:
 
 
 class Agent:
-    """One :mod:`bench.fleet_agent` process in the clients' host, and its JSON lines."""
+    """One :mod:`bench.parts.fleet_agent` process in the clients' host, and its JSON lines."""
 
     def __init__(self, hosts: Fleet, clients: int) -> None:
         self.process = subprocess.Popen(

@@ -38,9 +38,9 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import (
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     Server,

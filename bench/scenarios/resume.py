@@ -6,13 +6,13 @@
 
 Theory of operation
 -------------------
-Every part starts real ``pgws-relay`` processes (:class:`bench.harness.OwnedServer`, default
+Every part starts real ``pgws-relay`` processes (:class:`bench.parts.harness.OwnedServer`, default
 settings unless the part says otherwise) on one database and listen channel; the client of
 parts ``reset``, ``alternate`` and ``replay`` is the project's own client library,
 :func:`relay.client.subscription.subscribe`, offering ``pgws.resume.v1`` and resuming by itself.
-Payloads are the harness's 340-byte ``fill_event`` texts (:func:`bench.harness.payload`) whose
+Payloads are the harness's 340-byte ``fill_event`` texts (:func:`bench.parts.harness.payload`) whose
 ``event_idx`` is a sequence number, so the client counts what is lost, duplicated or out of
-order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~630 bytes).
+order; part ``memory`` sends Econia fills (:class:`bench.parts.harness.EconiaFeed`, ~630 bytes).
 
 - ``reset`` (goal 1): a producer process (``python bench/resume.py produce``, one psycopg
   connection) commits ``--rate`` (1,000) notifications/s on one channel for ``--seconds``
@@ -41,7 +41,7 @@ order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~6
   fresh relay each; medians. Then the same position again, resumed by a bare socket (no
   client library): the relay's side of the replay alone (information).
 - ``burst`` (goal 3): bench/run.py's burst at N=1,000 (4,000 notifications, 100 per
-  transaction) through :class:`bench.harness.FrameClients`, against a relay with history on
+  transaction) through :class:`bench.parts.harness.FrameClients`, against a relay with history on
   (defaults) and off (``PGWS_HISTORY_MESSAGES=0``), plain clients (no subprotocol) both;
   ``positioned`` (information): history on, clients offering the subprotocol (each receives
   the position event at connect and every delivery with its position; a checkpoint event
@@ -96,9 +96,9 @@ from typing import Any
 import psycopg
 import trio
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import (
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     Conn,

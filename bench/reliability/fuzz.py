@@ -47,9 +47,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import (
+from bench.parts.harness import (
     SECRET,
     Server,
     commit,

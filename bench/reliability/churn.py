@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.fuzz import pool_at_rest, settled, sockets_open
-from bench.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
+from bench.parts.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
+from bench.reliability.fuzz import pool_at_rest, settled, sockets_open
 
 _WARM_UP = 1000
 #: RSS may end this much above its baseline (the issue's bound).

@@ -1,6 +1,6 @@
-"""Render bench/results/*.json (from ``run.py --json``) into bench/README.md and PNG charts.
+"""Render bench/results/*.json (from the scripts' ``--json``) into bench/README.md and PNG charts.
 
-    python bench/report.py            # reads bench/results/, writes bench/README.md
+    python -m bench.report            # reads bench/results/, writes bench/README.md
 
 Medians of the runs, their spread (min–max), and the ratio of pgws-relay to each peer
 measured in the same invocation.
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from bench.parts.paths import BENCH, RESULTS
 from bench.reliability.soak import warmed_up
 from bench.scenarios.c100k import readme_section as c100k_section
 from bench.scenarios.fleet import section as fleet_section
@@ -31,8 +29,6 @@ from bench.scenarios.pglimits import section as pglimits_section
 from bench.scenarios.resume import goal_rows as issue12_rows
 from relay.core.history import ENTRY_OVERHEAD
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 NAMES = {"relay": "pgws-relay", "websockets": "websockets (Python)", "node": "Node ws + pg",
          "ceiling": "Trio ceiling"}
 COLORS = {"relay": "tab:blue", "websockets": "tab:orange", "node": "tab:green",
@@ -56,12 +52,14 @@ METRICS = {
                                                             "CPU ms / 1,000 deliveries", False)],
 }
 COMMANDS = {
-    "burst": "python bench/run.py burst --runs 3 --json bench/results/burst.json",
-    "steady": "python bench/run.py steady --runs 3 --json bench/results/steady.json",
-    "channels": "python bench/run.py channels --runs 3 --json bench/results/channels.json",
-    "idle": "python bench/run.py idle --runs 3 --json bench/results/idle.json",
-    "slow": "python bench/run.py slow --runs 3 --json bench/results/slow.json",
-    "workers": "python bench/run.py workers --servers relay --runs 3 "
+    "burst": "python -m bench.scenarios.throughput burst --runs 3 --json bench/results/burst.json",
+    "steady": "python -m bench.scenarios.throughput steady --runs 3 "
+              "--json bench/results/steady.json",
+    "channels": "python -m bench.scenarios.throughput channels --runs 3 "
+                "--json bench/results/channels.json",
+    "idle": "python -m bench.scenarios.throughput idle --runs 3 --json bench/results/idle.json",
+    "slow": "python -m bench.scenarios.throughput slow --runs 3 --json bench/results/slow.json",
+    "workers": "python -m bench.scenarios.throughput workers --servers relay --runs 3 "
                "--json bench/results/workers.json",
 }
 
@@ -270,7 +268,8 @@ def goals(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def floor_section(directory: str) -> list[str]:
-    """The steady-rate goals beside this machine's floor (bench/floor.py) and the medians."""
+    """The steady-rate goals beside this machine's floor (bench/scenarios/floor.py) and the
+    medians."""
     path = os.path.join(directory, "floor.json")
     if not os.path.exists(path):
         return []
@@ -278,7 +277,7 @@ def floor_section(directory: str) -> list[str]:
         floor = json.load(handle)
     steady = load(directory).get("steady")
     lines = ["## The machine's latency floor", "",
-             "`python bench/floor.py --json bench/results/floor.json` (run "
+             "`python -m bench.scenarios.floor --json bench/results/floor.json` (run "
              f"{floor['started']}): PostgreSQL's own commit → LISTEN path plus the CPU cost of "
              "one bare 344-byte loopback `write` from Python, times the fan-out (see the "
              "script's docstring). No server fanning out from one thread can go below these here; "
@@ -305,18 +304,21 @@ def floor_section(directory: str) -> list[str]:
 
 
 RELIABILITY_COMMANDS = {
-    "faults": "python bench/faults.py --runs 3 --json bench/results/reliability/faults.json",
-    "fuzz": "python bench/fuzz.py --cases 100000 --procs 4 "
+    "faults": "python -m bench.reliability.faults --runs 3 "
+              "--json bench/results/reliability/faults.json",
+    "fuzz": "python -m bench.reliability.fuzz --cases 100000 --procs 4 "
             "--json bench/results/reliability/fuzz.json",
-    "churn": "python bench/churn.py --cycles 100000 --procs 4 "
+    "churn": "python -m bench.reliability.churn --cycles 100000 --procs 4 "
              "--json bench/results/reliability/churn.json",
-    "slow": "python bench/run.py slow --servers relay --runs 3 "
+    "slow": "python -m bench.scenarios.throughput slow --servers relay --runs 3 "
             "--json bench/results/reliability/slow.json",
-    "soak": "python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json",
-    "flood": "python bench/flood.py --runs 3 --json bench/results/reliability/flood.json",
-    "burst-before-after": "python bench/run.py burst --servers relay --runs 1 "
+    "soak": "python -m bench.reliability.soak --minutes 30 "
+            "--json bench/results/reliability/soak.json",
+    "flood": "python -m bench.reliability.flood --runs 3 "
+             "--json bench/results/reliability/flood.json",
+    "burst-before-after": "python -m bench.scenarios.throughput burst --servers relay --runs 1 "
                           "--cases 'N=1000 B=100', alternated 10 times between two checkouts",
-    "metrics-cost": "python bench/metrics_cost.py --before /tmp/pgws-before --rounds 40 "
+    "metrics-cost": "python -m bench.scenarios.metrics_cost --before /tmp/pgws-before --rounds 40 "
                     "--json bench/results/reliability/metrics-cost.json",
 }
 
@@ -488,7 +490,7 @@ VARIANTS = {"plain": "plain", "deflate": "deflate",
 
 def _issue11(directory: str) -> dict[str, Any]:
     """bench/results/compression.json and filters.json, whichever exist (filters.json is
-    rewritten after every round while bench/filters.py runs: read what is there)."""
+    rewritten after every round while bench/scenarios/filters.py runs: read what is there)."""
     found = {}
     for name in ISSUE11:
         path = os.path.join(directory, f"{name}.json")
@@ -620,7 +622,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
                   "initial windows alone, so flows sit in retransmission back-off and the relay "
                   "closes them as slow consumers (1013) in both variants: that measures the "
                   f"slow-consumer rule, not the link. {capped['case']['clients']:,} flows fill "
-                  "the link without it (`bench/compression.py`'s docstring).", ""]
+                  "the link without it (`bench/scenarios/compression.py`'s docstring).", ""]
     if sizes and small.get("matched_relay_cpu_us_per_notification") \
             and large.get("matched_relay_cpu_us_per_notification"):
         groups = filters.get("groups", 100)
@@ -704,8 +706,8 @@ def _relay_resumes(relays: list[dict[str, float]]) -> str:
 
 
 def issue12_goals(directory: str) -> list[str]:
-    """Issue 12's goals (bench/resume.py's results/resume.json): each figure beside its target,
-    the command that measured them, and the figures behind them."""
+    """Issue 12's goals (bench/scenarios/resume.py's results/resume.json): each figure beside its
+    target, the command that measured them, and the figures behind them."""
     resume = _resume_result(directory)
     if not resume:
         return []
@@ -815,8 +817,8 @@ def issue12_goals(directory: str) -> list[str]:
                 "channels × 1,023 entries, not by `PGWS_HISTORY_BYTES`.")
     notes += [f"- {note}" for note in resume.get("notes", [])]
     return ["## Goals (issue 12): resumable streams", "", head + ". Scripted in "
-            "`bench/resume.py` (its docstring says how each part works); `--parts` runs any of "
-            "reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
+            "`bench/scenarios/resume.py` (its docstring says how each part works); `--parts` runs "
+            "any of reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
 
 
 def issue13_sections(directory: str) -> list[str]:
@@ -948,7 +950,7 @@ def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
 def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
     machine = next(iter(results.values()))["machine"] if results else {}
     lines = ["# Benchmarks", "",
-             "Generated by `python bench/report.py` from `bench/results/*.json`. Every figure is",
+             "Generated by `python -m bench.report` from `bench/results/*.json`. Every figure is",
              "the median of the runs with the spread (min–max) beside it; ratios compare",
              "medians measured in the same invocation (higher is better for pgws-relay).",
              f"Machine: {machine.get('cpus')} cores, {machine.get('platform')}, "
@@ -999,9 +1001,10 @@ def _scaling(result: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     global RESULTS
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="directory of <scenario>.json")
-    parser.add_argument("--out", default=os.path.join(HERE, "README.md"))
+    parser.add_argument("--out", default=os.path.join(BENCH, "README.md"))
     args = parser.parse_args()
     RESULTS = args.results
     preface_path = os.path.join(RESULTS, "PREFACE.md")

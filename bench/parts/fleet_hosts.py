@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.parts import pgcluster
+from bench.parts.paths import DEPLOY, module_command
 
 #: Names of this module's namespaces and folders start with it, then the pid: a leftover of a
 #: killed run is told apart, and removed by :func:`remove_stale`.
@@ -75,7 +76,7 @@ SECRET = "fleetfleetfleetfleetfleetfleetfl"
 #: The relays' listener heartbeat: a cut database link is noticed within two periods.
 HEARTBEAT_MS = 1000
 #: The balancer's configuration: the one operators are given.
-_DEPLOYED = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
+_DEPLOYED = Path(DEPLOY) / "haproxy.cfg"
 #: Seconds to wait for a process or a state the fleet is driven to.
 WAIT = 30.0
 
@@ -116,7 +117,7 @@ def _haproxy_config(relays: int, socket_path: Path) -> str:
     text = re.sub(r"(?m)^\s*server .*\n", "", text)
     if f"check port {ADMIN_PORT} " not in text or f":{BALANCER_PORT}" not in text:
         raise RuntimeError(f"{_DEPLOYED} no longer checks port {ADMIN_PORT} or binds "
-                           f"{BALANCER_PORT}: update bench/fleet_hosts.py with it")
+                           f"{BALANCER_PORT}: update bench/parts/fleet_hosts.py with it")
     return text + "".join(f"    server r{i} {front(i)}:{RELAY_PORT}\n"
                           for i in range(1, relays + 1))
 
@@ -345,7 +346,7 @@ class Fleet:
 
     def client_command(self, *args: str) -> list[str]:
         """The command that runs ``bench.parts.fleet_agent`` with ``args`` in the clients' host."""
-        return [*self.exec_prefix("cl"), sys.executable, "-m", "bench.parts.fleet_agent", *args]
+        return [*self.exec_prefix("cl"), *module_command("bench.parts.fleet_agent", *args)]
 
     def url(self) -> str:
         return f"ws://{BALANCER_ADDRESS}:{BALANCER_PORT}/{CHANNEL}"

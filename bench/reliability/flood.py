@@ -1,6 +1,6 @@
 """Flooding clients against everyone else: how a plain GET and a delivery fare during a flood.
 
-    python bench/flood.py --runs 3 --json bench/results/reliability/flood.json
+    python -m bench.reliability.flood --runs 3 --json bench/results/reliability/flood.json
 
 Theory of operation
 -------------------
@@ -25,17 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import socket
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 import psycopg
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.parts.harness import (
     DB_URI,
@@ -203,7 +199,8 @@ def run_scenario(name: str, seconds: float, flooders: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--flooders", type=int, default=1)

@@ -1,8 +1,8 @@
 """What permessage-deflate saves and costs: bytes per delivery, the burst, a capped link.
 
-    python bench/compression.py --json bench/results/compression.json      # 5 rounds
-    python bench/compression.py --quick                 # smoke version, ~1 minute
-    python bench/compression.py --parts bytes,burst     # without the capped link (no root)
+    python -m bench.scenarios.compression --json bench/results/compression.json   # 5 rounds
+    python -m bench.scenarios.compression --quick                # smoke version, ~1 minute
+    python -m bench.scenarios.compression --parts bytes,burst    # no capped link (no root)
 
 Theory of operation
 -------------------
@@ -29,9 +29,10 @@ Parts (the issue's goals):
   plain; (a) clients of ``/fill_event/TOKEN`` and a ``fill_event`` stream, (b) clients of
   ``/TOKEN`` whose token's ``channels`` claim lists Econia's nine live channels (a token with
   ``channels`` and no channel in the URL subscribes to all of them), the producer sending
-  Econia's mix over them (``bench/run.py``'s ``ECONIA_MIX``). Goal: ≤ 0.40×.
-- ``burst`` (B): run.py's burst shape (1,000 clients of one channel, 4,000 notifications, 100
-  per transaction) with these payloads: deliveries/s, deflate vs plain. Goal: ≥ 0.8×.
+  Econia's mix over them (``ECONIA_MIX`` of ``bench/parts/workloads.py``). Goal: ≤ 0.40×.
+- ``burst`` (B): the throughput scenario's burst shape (1,000 clients of one channel, 4,000
+  notifications, 100 per transaction) with these payloads: deliveries/s, deflate vs plain.
+  Goal: ≥ 0.8×.
 - ``capped`` (C): a burst (200 clients of one channel, 1,000 notifications, 100 per
   transaction) with the clients in a network namespace behind a veth pair whose relay-side
   end is shaped to 200 Mbit/s by tbf (:mod:`bench.parts.netns`, which says why tbf; needs root); the
@@ -69,8 +70,6 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 from bench.parts import netns
 from bench.parts.harness import (
     Conn,
@@ -91,7 +90,7 @@ from bench.parts.harness import (
     wait_for_db,
     write_json,
 )
-from bench.scenarios.throughput import ECONIA_MIX
+from bench.parts.workloads import ECONIA_MIX
 
 PARTS = ("bytes", "burst", "capped")
 #: Econia's nine live channels (econia.md 2.1), as a multi-channel client's token lists them.
@@ -318,7 +317,8 @@ def print_case(entry: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--runs", type=int, default=None,
@@ -359,7 +359,7 @@ def main() -> None:
     head = {
         "what": "permessage-deflate: bytes per delivery, burst, capped link (see the script's "
                 "docstring)",
-        "command": "python bench/compression.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m bench.scenarios.compression " + shlex.join(sys.argv[1:]),
         **git_head(), "relay_source": source, "machine": machine(),
         "started": time.strftime("%F %T"), "rounds": runs, "verify_every": args.verify_every,
         "relay_env": relay_env,

@@ -1,7 +1,7 @@
 """A fleet on one database, with real faults: how long until every affected client receives
 again, and what was lost or duplicated (issue 13, part 2).
 
-    sudo python bench/fleet.py --json bench/results/fleet.json [--runs 3] [--clients 300]
+    sudo python -m bench.scenarios.fleet --json bench/results/fleet.json [--runs 3] [--clients 300]
 
 Theory of operation
 -------------------
@@ -51,11 +51,9 @@ from typing import Any
 import jwt
 import psycopg
 
-if __package__ in (None, ""):  # Run as a script: make ``bench`` importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from bench.parts.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
 from bench.parts.netns import exit_on_signals
+from bench.parts.paths import module_env
 
 FAULTS = ("kill", "stop", "partition", "database", "reload")
 #: Metrics worth showing the operator after a fault.
@@ -133,8 +131,8 @@ class Agent:
 
     def __init__(self, hosts: Fleet, clients: int) -> None:
         self.process = subprocess.Popen(
-            hosts.client_command(hosts.url(), token(), str(clients)), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
+            hosts.client_command(hosts.url(), token(), str(clients)), env=module_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -416,7 +414,8 @@ def _log_text(line: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--relays", type=int, default=3)
     parser.add_argument("--clients", type=int, default=300)
     # 300 clients in one process read 6,000 messages/s at 20/s: well within its core, so
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             producer.stop()
     result = {"benchmark": "fleet", "started": started, "relays": args.relays,
               "clients": args.clients, "rate": args.rate,
-              "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:]),
+              "command": "python -m bench.scenarios.fleet " + " ".join(argv or sys.argv[1:]),
               "summary": summarise(runs), "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

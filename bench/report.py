@@ -1,6 +1,6 @@
-"""Render bench/results/*.json (from the scripts' ``--json``) into bench/README.md and PNG charts.
+"""Render bench/results/*.json (from the scripts' ``--json``) into bench/RESULTS.md and PNG charts.
 
-    python -m bench.report            # reads bench/results/, writes bench/README.md
+    python -m bench.report            # reads bench/results/, writes bench/RESULTS.md
 
 Medians of the runs, their spread (min–max), and the ratio of pgws-relay to each peer
 measured in the same invocation.
@@ -26,7 +26,7 @@ from bench.scenarios.c100k import readme_section as c100k_section
 from bench.scenarios.fleet import section as fleet_section
 from bench.scenarios.floor import floors
 from bench.scenarios.pglimits import section as pglimits_section
-from bench.scenarios.resume import goal_rows as issue12_rows
+from bench.scenarios.resume import goal_rows as resume_goal_rows
 from relay.core.history import ENTRY_OVERHEAD
 
 NAMES = {"relay": "pgws-relay", "websockets": "websockets (Python)", "node": "Node ws + pg",
@@ -226,7 +226,8 @@ def _goal(rows: list[str], goal: str, value: float | None, target: float, higher
 
 
 def goals(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Issue 3's goals, each with its measured figure (medians) and whether it is met."""
+    """The goals against the peers (throughput, latency, memory), each with its measured figure
+    (medians) and whether it is met."""
     rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
     burst = results.get("burst")
     for case in ("N=1000 B=100", "N=10000 B=100", "N=1000 B=1", "N=10000 B=1"):
@@ -350,11 +351,11 @@ def _chart_soak(soak: dict[str, Any]) -> str | None:
 
 
 def reliability_section(directory: str) -> list[str]:
-    """Issue 4's long runs and fault figures, from bench/results/reliability/*.json."""
+    """The long runs and fault figures, from bench/results/reliability/*.json."""
     found = _reliability(directory)
     if not found:
         return []
-    lines = ["## Reliability (issues 4 and 9)", "", "| run | figures | command |",
+    lines = ["## Reliability", "", "| run | figures | command |",
              "|---|---|---|"]
     if "faults" in found:
         cases = found["faults"]["cases"]
@@ -425,7 +426,7 @@ def reliability_section(directory: str) -> list[str]:
     if "burst-before-after" in found:
         runs = found["burst-before-after"]["runs"]
         lines.append(
-            f"| fan-out cost of issue 9's reader checkpoints: burst, 1,000 clients | "
+            f"| fan-out cost of the reader's checkpoints: burst, 1,000 clients | "
             f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
             f"({found['burst-before-after']['before_commit']}), "
             f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
@@ -438,7 +439,7 @@ def reliability_section(directory: str) -> list[str]:
         runs = cost["runs"]
         rates = [rate for name in runs for rate in runs[name]["deliveries_per_s"]]
         lines.append(
-            f"| fan-out cost of issue 10's metrics: burst, 1,000 clients | "
+            f"| fan-out cost of the metrics: burst, 1,000 clients | "
             f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
             f"({cost['before']['commit']}), "
             f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
@@ -472,8 +473,8 @@ def reliability_section(directory: str) -> list[str]:
     return lines
 
 
-ISSUE11 = ("compression", "filters")
-#: Issue 11's goals: compression.py's goal → (measure, target, higher is better, row label).
+FILTERS_AND_COMPRESSION = ("compression", "filters")
+#: The compression goals: compression.py's goal → (measure, target, higher is better, row label).
 COMPRESSION_GOALS = {
     "A(a)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
     "A(b)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
@@ -488,11 +489,11 @@ VARIANTS = {"plain": "plain", "deflate": "deflate",
             "off": "deflate offered, PGWS_COMPRESSION=off"}
 
 
-def _issue11(directory: str) -> dict[str, Any]:
+def _filters_and_compression(directory: str) -> dict[str, Any]:
     """bench/results/compression.json and filters.json, whichever exist (filters.json is
     rewritten after every round while bench/scenarios/filters.py runs: read what is there)."""
     found = {}
-    for name in ISSUE11:
+    for name in FILTERS_AND_COMPRESSION:
         path = os.path.join(directory, f"{name}.json")
         if os.path.exists(path):
             with open(path) as handle:
@@ -546,9 +547,10 @@ def _sizes(filters: dict[str, Any]) -> list[int]:
     return sorted(int(n) for n in filters.get("summary", {}).get("by_clients", {}))
 
 
-def issue11_goals(found: dict[str, Any]) -> list[str]:
-    """Issue 11's goals (compression A–C, filters D), each with its measured figure (ratios of
-    medians from one invocation) and whether it is met, and what D's figures mean."""
+def filters_and_compression_goals(found: dict[str, Any]) -> list[str]:
+    """The filter and compression goals (compression A–C, filters D), each with its measured
+    figure (ratios of medians from one invocation) and whether it is met, and what D's figures
+    mean."""
     compression, filters = found.get("compression"), found.get("filters")
     if not compression and not filters:
         return []
@@ -610,7 +612,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
         rows.append(f"| D: runs in which the relay's LISTEN connection was replaced "
                     f"(notifications lost for every client) | {len(gapped)} of {runs} | none | "
                     + ("met" if not gapped else "missed") + " |")
-    lines = ["## Goals (issue 11): filters and compression", "",
+    lines = ["## Goals: filters and compression", "",
              "Ratios of medians measured in one invocation; the sections "
              "[compression](#compression) and [filters](#filters) below hold the medians, "
              "their spread and the commands.", "", *rows, ""]
@@ -673,7 +675,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
             lines += [f"In {len(gapped)} of {len(filters['runs'])} runs the relay's LISTEN "
                       f"connection was replaced during the run ({where}); "
                       "notifications committed meanwhile are lost for every client alike (see "
-                      "[Reliability](#reliability-issues-4-and-9)), so those runs are left out of "
+                      "[Reliability](#reliability)), so those runs are left out of "
                       "the medians and of the correctness row; their errors are in "
                       "`filters.json`.", ""]
     return lines
@@ -705,8 +707,8 @@ def _relay_resumes(relays: list[dict[str, float]]) -> str:
         + f" and {replayed:,.0f} deliveries replayed")
 
 
-def issue12_goals(directory: str) -> list[str]:
-    """Issue 12's goals (bench/scenarios/resume.py's results/resume.json): each figure beside its
+def resume_goals(directory: str) -> list[str]:
+    """The resume goals (bench/scenarios/resume.py's results/resume.json): each figure beside its
     target, the command that measured them, and the figures behind them."""
     resume = _resume_result(directory)
     if not resume:
@@ -721,7 +723,7 @@ def issue12_goals(directory: str) -> list[str]:
             + ("" if resume.get("complete", True) else " — incomplete"))
     rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
     rows += [f"| {row['goal']}: {row['label']} | {row['measured']} | {row['target']} | "
-             f"{row['status']} |" for row in issue12_rows(parts)]
+             f"{row['status']} |" for row in resume_goal_rows(parts)]
     notes = []
     for name, label in (("reset", "One relay"), ("alternate", "Two relays")):
         part = parts.get(name)
@@ -816,13 +818,14 @@ def issue12_goals(directory: str) -> list[str]:
                 f"the {alone['entries']:,} the history counts. The excess is bounded only by "
                 "channels × 1,023 entries, not by `PGWS_HISTORY_BYTES`.")
     notes += [f"- {note}" for note in resume.get("notes", [])]
-    return ["## Goals (issue 12): resumable streams", "", head + ". Scripted in "
+    return ["## Goals: resumable streams", "", head + ". Scripted in "
             "`bench/scenarios/resume.py` (its docstring says how each part works); `--parts` runs "
             "any of reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
 
 
-def issue13_sections(directory: str) -> list[str]:
-    """Issue 13's sections, each rendered by its own script from its results file."""
+def scale_sections(directory: str) -> list[str]:
+    """The scale sections (a fleet, PostgreSQL's limits, C100k), each rendered by its own script
+    from its results file."""
     lines: list[str] = []
     for name, render_section in (("fleet", fleet_section), ("pglimits", pglimits_section)):
         path = os.path.join(directory, f"{name}.json")
@@ -958,10 +961,10 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
              "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
     if preface:
         lines += [preface, ""]
-    issue11 = _issue11(RESULTS)
-    lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
-              *issue11_goals(issue11), *issue12_goals(RESULTS), *issue13_sections(RESULTS),
-              *reliability_section(RESULTS)]
+    found = _filters_and_compression(RESULTS)
+    lines += ["## Goals: throughput, latency and memory against the peers", "", *goals(results),
+              "", *floor_section(RESULTS), *filters_and_compression_goals(found),
+              *resume_goals(RESULTS), *scale_sections(RESULTS), *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]
@@ -975,10 +978,10 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += _table(result)
         if scenario == "workers":
             lines += _scaling(result)
-    if "compression" in issue11:
-        lines += compression_section(issue11["compression"])
-    if "filters" in issue11:
-        lines += filters_section(issue11["filters"])
+    if "compression" in found:
+        lines += compression_section(found["compression"])
+    if "filters" in found:
+        lines += filters_section(found["filters"])
     return "\n".join(lines) + "\n"
 
 
@@ -1004,7 +1007,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="directory of <scenario>.json")
-    parser.add_argument("--out", default=os.path.join(BENCH, "README.md"))
+    parser.add_argument("--out", default=os.path.join(BENCH, "RESULTS.md"))
     args = parser.parse_args()
     RESULTS = args.results
     preface_path = os.path.join(RESULTS, "PREFACE.md")

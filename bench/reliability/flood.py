@@ -17,7 +17,7 @@ notification every 10 ms (each carrying its send time) and times each delivery. 
 
 It reports per scenario the median and p99 of each latency, their ratios to ``quiet``, the
 bytes the flooders got in and how often they were closed. Figures are medians over ``--runs``.
-Before the reader yielded (issue 9), one flooder held the event loop: ``GET /`` timed out.
+Before the reader yielded to other tasks, one flooder held the event loop: ``GET /`` timed out.
 """
 
 from __future__ import annotations

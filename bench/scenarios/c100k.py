@@ -1,4 +1,4 @@
-"""C100k on one 2-core machine (issue 13, part 1): storm, hold, broadcast and burst to 100,000
+"""C100k on one 2-core machine: storm, hold, broadcast and burst to 100,000
 WebSocket connections; and the workers goal (W=2 against W=1 at 1,000 clients, clients niced).
 
     flock /tmp/machine.lock python -m bench.scenarios.c100k c100k --runs 3 \\
@@ -663,7 +663,7 @@ RELAY_KEYS = (("c100k-after", "pgws-relay, somaxconn 65535"),
 
 
 def section(path: str, workers_pattern: str) -> str:
-    """The goals table of bench/README.md's section "C100k and workers (issue 13)", from the
+    """The goals table of bench/RESULTS.md's section "C100k and workers", from the
     results (medians over the runs of each key; the runs' spread beside them)."""
     with open(path) as handle:
         document = json.load(handle)
@@ -853,11 +853,11 @@ def _profile_finding(path: Path) -> list[str]:
 
 
 def readme_section(directory: Path) -> list[str]:
-    """bench/README.md's section "C100k and workers (issue 13)", from ``directory``'s
+    """bench/RESULTS.md's section "C100k and workers", from ``directory``'s
     c100k.json and workers-nice*.json; redraws the chart."""
     path = directory / "c100k.json"
     chart(str(path), str(directory / "c100k.png"))
-    return ["## C100k and workers (issue 13)", "", _INTRO, "",
+    return ["## C100k and workers", "", _INTRO, "",
             section(str(path), str(directory / "workers-nice*.json")), "",
             "Commands (each under `flock /tmp/machine.lock`; a 100,000 run takes ~90 s, "
             "`--quick` 10,000 connections ~12 s):", "", _COMMANDS, "",

@@ -1,5 +1,5 @@
 """A fleet on one database, with real faults: how long until every affected client receives
-again, and what was lost or duplicated (issue 13, part 2).
+again, and what was lost or duplicated.
 
     sudo python -m bench.scenarios.fleet --json bench/results/fleet.json [--runs 3] [--clients 300]
 
@@ -326,10 +326,10 @@ def _seconds(value: float | None) -> str:
 
 
 def section(result: dict[str, Any], directory: Path) -> list[str]:
-    """bench/README.md's section for ``results/fleet.json`` (in ``directory``): each fault's
+    """bench/RESULTS.md's section for ``results/fleet.json`` (in ``directory``): each fault's
     figures beside the goal, what the operator saw, and the chart."""
     summary = result["summary"]
-    lines = ["## Goals (issue 13): a fleet on one database, with real faults", "",
+    lines = ["## Goals: a fleet on one database, with real faults", "",
              f"`{result['command']}` (run {result['started']}): {result['relays']} relay hosts "
              f"behind HAProxy (`deploy/haproxy.cfg`), a private PostgreSQL, {result['clients']} "
              f"resuming clients (`relay.client.subscription`) made afresh for each fault, "

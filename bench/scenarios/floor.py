@@ -34,7 +34,7 @@ import psycopg
 from bench.parts.harness import DB_URI, commit, dumps, frame_length, machine
 from bench.parts.workloads import PAYLOAD
 
-#: The steady-rate goals of issue 3: (rate per second, clients, p50 goal ms, p99 goal ms).
+#: The steady-rate goals against the peers: (rate per second, clients, p50 goal ms, p99 goal ms).
 STEADY_GOALS = ((100, 1000, 2.0, 10.0), (1000, 1000, None, 25.0), (100, 10000, None, 100.0))
 #: Notifications timed on PostgreSQL's path; enough for a stable p99.
 _PG_SAMPLES = 500

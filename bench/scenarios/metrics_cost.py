@@ -5,7 +5,7 @@
 
 Theory of operation
 -------------------
-This script owns one comparison (issue 10: "metrics cost the hot path nothing measurable").
+This script owns one comparison (the goal: "metrics cost the hot path nothing measurable").
 Each round runs the throughput scenario's ``burst --servers relay --runs 1 --cases
 'N=1000 B=100'`` (1,000 clients on one channel, 4,000 notifications, 100 per commit) once for
 each of three variants:

@@ -1,4 +1,4 @@
-"""Where PostgreSQL becomes the limit (issue 13, part 3): NOTIFY's own ceilings on this machine.
+"""Where PostgreSQL becomes the limit: NOTIFY's own ceilings on this machine.
 
     flock /tmp/machine.lock python -m bench.scenarios.pglimits --json bench/results/pglimits.json
     python -m bench.scenarios.pglimits --quick          # a small smoke run (seconds, not minutes)
@@ -6,7 +6,7 @@
 Owns the measurement of PostgreSQL's LISTEN/NOTIFY path without any relay in the way (one row
 puts a real ``pgws-relay`` in a listener's place): notifying commits/s and notifications/s,
 deliveries to 1, 10 and 100 LISTENing connections, what one stalled listener does to the
-queue and to everyone else, the chart of it and bench/README.md's section rendered from the
+queue and to everyone else, the chart of it and bench/RESULTS.md's section rendered from the
 JSON (:func:`section`, called by ``bench/report.py``). Never touches the machine's shared cluster:
 everything runs against a private one (:mod:`bench.parts.pgcluster`), removed on any exit.
 
@@ -757,7 +757,7 @@ def fill(pg: Cluster, limit_s: float, log: Callable[[str], None]) -> dict[str, A
             "log_lines": log_lines[:40], "samples": samples}
 
 
-# -- bench/README.md's section ---------------------------------------------------------------
+# -- bench/RESULTS.md's section ---------------------------------------------------------------
 
 #: Column groups of the CPU table: (heading, the CpuSplit groups summed into it).
 _CPU_COLUMNS = (
@@ -994,7 +994,7 @@ def _fill_lines(result: dict[str, Any]) -> list[str]:
 
 
 def section(result: dict[str, Any], directory: Path) -> list[str]:
-    """bench/README.md's section for ``results/pglimits.json`` (in ``directory``): throughput
+    """bench/RESULTS.md's section for ``results/pglimits.json`` (in ``directory``): throughput
     and its CPU split, the stalled listener, bytes per entry, the full queue, the run's notes
     and the chart (drawn again into ``directory``)."""
     postgres = result.get("postgres", {})
@@ -1002,7 +1002,7 @@ def section(result: dict[str, Any], directory: Path) -> list[str]:
     command = ("python -m bench.scenarios.pglimits --quick" if result.get("quick")
                else "flock /tmp/machine.lock python -m bench.scenarios.pglimits --json "
                     "bench/results/pglimits.json")
-    lines = ["## PostgreSQL's limits (issue 13)", "",
+    lines = ["## PostgreSQL's limits", "",
              f"`{command}` (run {result['started']}, commit {result['commit']}, "
              f"{result['runs']} runs): PostgreSQL {version} alone in a private cluster, with "
              f"its durability defaults (`fsync={postgres.get('fsync', '?')}`, "

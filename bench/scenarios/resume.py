@@ -1,4 +1,4 @@
-"""Resumable streams (issue 12): lossless reconnects, replay speed, fan-out cost, history memory.
+"""Resumable streams: lossless reconnects, replay speed, fan-out cost, history memory.
 
     python -m bench.scenarios.resume --json bench/results/resume.json
     python -m bench.scenarios.resume --quick               # smoke version, well under a minute
@@ -1038,7 +1038,7 @@ def _mib(value: float) -> str:
 
 
 def goal_rows(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 12's goals: each figure, its target, and whether it is met."""
+    """The resume goals: each figure, its target, and whether it is met."""
     rows: list[dict[str, Any]] = []
     for name, label in (("reset", "1 relay"), ("alternate", "2 relays, alternating")):
         part = parts.get(name)
@@ -1215,8 +1215,8 @@ def main() -> None:
     relay_env = dict(item.split("=", 1) for item in args.relay_env)
     source = relay_source()
     print(f"relay imported from {source}", flush=True)
-    head = {"what": "issue 12: resets, cross-relay resume, replay speed, burst with history, "
-                    "history memory (see the script's docstring)",
+    head = {"what": "resumable streams: resets, cross-relay resume, replay speed, burst with "
+                    "history, history memory (see the script's docstring)",
             "command": "python -m bench.scenarios.resume " + shlex.join(sys.argv[1:]),
             **git_head(), "relay_source": source, "machine": machine(),
             "started": time.strftime("%F %T"), "relay_env": relay_env,

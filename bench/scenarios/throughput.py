@@ -4,7 +4,7 @@
     python -m bench.scenarios.throughput steady --json bench/results/steady.json
     python -m bench.scenarios.throughput all --quick    # the smallest of everything (smoke test)
 
-Scenarios (issue 3): ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
+Scenarios: ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
 ``steady`` (latency from commit to receipt at a fixed rate), ``channels`` (clients spread over
 many channels; Econia's channel mix), ``idle`` (RSS per idle connection), ``slow`` (10% of
 clients stop reading), ``workers`` (pgws-relay's burst with 1 and 2 worker processes).

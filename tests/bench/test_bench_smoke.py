@@ -1,7 +1,7 @@
 """The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), a
-short churn run, the replay part of the resume script, and PostgreSQL's bytes per queue entry
-(bench/scenarios/pglimits.py's cheapest part, on a private cluster). The fuzzer runs in
-tests/e2e/test_fuzz.py."""
+short churn run, the replay part of the resume script, the hub's micro-benchmark at a tiny size,
+and PostgreSQL's bytes per queue entry (bench/scenarios/pglimits.py's cheapest part, on a
+private cluster). The fuzzer runs in tests/e2e/test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -61,6 +61,26 @@ def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
     (run,) = parts["replay"]["runs"]
     assert run["exactly_once_in_order"] and run["live_after_replay"], run
     assert {row["goal"] for row in data["goals"]} == {"2"}
+
+
+def test_hub_micro_benchmark_runs_and_reports_every_case(tmp_path: Path) -> None:
+    """``python -m bench.micro.hub`` at a tiny size (well under 2 s): a figure for each case,
+    and the deliveries the hub counted. Numbers only; no timing is asserted."""
+    out = tmp_path / "micro-hub.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.micro.hub", "--clients", "20", "--batch", "10",
+         "--repeats", "3", "--json", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["commit"] and data["command"].startswith("python -m bench.micro.hub")
+    cases = {row["case"]: row for row in data["cases"]}
+    assert set(cases) == {"plain", "filtered", "history", "positioned"}
+    for row in cases.values():
+        assert row["us_per_notification"] > 0 and row["ns_per_delivery"] > 0, row
+    # 20 clients × 10 notifications; the filtered case's 10 markets give each a tenth.
+    assert cases["plain"]["deliveries_per_batch"] == 200
+    assert cases["filtered"]["deliveries_per_batch"] == 20
 
 
 def _no_private_cluster() -> str | None:

@@ -1,6 +1,6 @@
-"""Render bench/results/*.json (from ``run.py --json``) into bench/README.md and PNG charts.
+"""Render bench/results/*.json (from the scripts' ``--json``) into bench/RESULTS.md and PNG charts.
 
-    python bench/report.py            # reads bench/results/, writes bench/README.md
+    python -m bench.report            # reads bench/results/, writes bench/RESULTS.md
 
 Medians of the runs, their spread (min–max), and the ratio of pgws-relay to each peer
 measured in the same invocation.
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.c100k import readme_section as c100k_section
-from bench.fleet import section as fleet_section
-from bench.floor import floors
-from bench.pglimits import section as pglimits_section
-from bench.resume import goal_rows as issue12_rows
-from bench.soak import warmed_up
+from bench.parts.paths import BENCH, RESULTS
+from bench.reliability.soak import warmed_up
+from bench.scenarios.c100k import readme_section as c100k_section
+from bench.scenarios.fleet import section as fleet_section
+from bench.scenarios.floor import floors
+from bench.scenarios.pglimits import section as pglimits_section
+from bench.scenarios.resume import goal_rows as resume_goal_rows
 from relay.core.history import ENTRY_OVERHEAD
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 NAMES = {"relay": "pgws-relay", "websockets": "websockets (Python)", "node": "Node ws + pg",
          "ceiling": "Trio ceiling"}
 COLORS = {"relay": "tab:blue", "websockets": "tab:orange", "node": "tab:green",
@@ -56,12 +52,14 @@ METRICS = {
                                                             "CPU ms / 1,000 deliveries", False)],
 }
 COMMANDS = {
-    "burst": "python bench/run.py burst --runs 3 --json bench/results/burst.json",
-    "steady": "python bench/run.py steady --runs 3 --json bench/results/steady.json",
-    "channels": "python bench/run.py channels --runs 3 --json bench/results/channels.json",
-    "idle": "python bench/run.py idle --runs 3 --json bench/results/idle.json",
-    "slow": "python bench/run.py slow --runs 3 --json bench/results/slow.json",
-    "workers": "python bench/run.py workers --servers relay --runs 3 "
+    "burst": "python -m bench.scenarios.throughput burst --runs 3 --json bench/results/burst.json",
+    "steady": "python -m bench.scenarios.throughput steady --runs 3 "
+              "--json bench/results/steady.json",
+    "channels": "python -m bench.scenarios.throughput channels --runs 3 "
+                "--json bench/results/channels.json",
+    "idle": "python -m bench.scenarios.throughput idle --runs 3 --json bench/results/idle.json",
+    "slow": "python -m bench.scenarios.throughput slow --runs 3 --json bench/results/slow.json",
+    "workers": "python -m bench.scenarios.throughput workers --servers relay --runs 3 "
                "--json bench/results/workers.json",
 }
 
@@ -228,7 +226,8 @@ def _goal(rows: list[str], goal: str, value: float | None, target: float, higher
 
 
 def goals(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Issue 3's goals, each with its measured figure (medians) and whether it is met."""
+    """The goals against the peers (throughput, latency, memory), each with its measured figure
+    (medians) and whether it is met."""
     rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
     burst = results.get("burst")
     for case in ("N=1000 B=100", "N=10000 B=100", "N=1000 B=1", "N=10000 B=1"):
@@ -270,7 +269,8 @@ def goals(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def floor_section(directory: str) -> list[str]:
-    """The steady-rate goals beside this machine's floor (bench/floor.py) and the medians."""
+    """The steady-rate goals beside this machine's floor (bench/scenarios/floor.py) and the
+    medians."""
     path = os.path.join(directory, "floor.json")
     if not os.path.exists(path):
         return []
@@ -278,7 +278,7 @@ def floor_section(directory: str) -> list[str]:
         floor = json.load(handle)
     steady = load(directory).get("steady")
     lines = ["## The machine's latency floor", "",
-             "`python bench/floor.py --json bench/results/floor.json` (run "
+             "`python -m bench.scenarios.floor --json bench/results/floor.json` (run "
              f"{floor['started']}): PostgreSQL's own commit → LISTEN path plus the CPU cost of "
              "one bare 344-byte loopback `write` from Python, times the fan-out (see the "
              "script's docstring). No server fanning out from one thread can go below these here; "
@@ -305,18 +305,21 @@ def floor_section(directory: str) -> list[str]:
 
 
 RELIABILITY_COMMANDS = {
-    "faults": "python bench/faults.py --runs 3 --json bench/results/reliability/faults.json",
-    "fuzz": "python bench/fuzz.py --cases 100000 --procs 4 "
+    "faults": "python -m bench.reliability.faults --runs 3 "
+              "--json bench/results/reliability/faults.json",
+    "fuzz": "python -m bench.reliability.fuzz --cases 100000 --procs 4 "
             "--json bench/results/reliability/fuzz.json",
-    "churn": "python bench/churn.py --cycles 100000 --procs 4 "
+    "churn": "python -m bench.reliability.churn --cycles 100000 --procs 4 "
              "--json bench/results/reliability/churn.json",
-    "slow": "python bench/run.py slow --servers relay --runs 3 "
+    "slow": "python -m bench.scenarios.throughput slow --servers relay --runs 3 "
             "--json bench/results/reliability/slow.json",
-    "soak": "python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json",
-    "flood": "python bench/flood.py --runs 3 --json bench/results/reliability/flood.json",
-    "burst-before-after": "python bench/run.py burst --servers relay --runs 1 "
+    "soak": "python -m bench.reliability.soak --minutes 30 "
+            "--json bench/results/reliability/soak.json",
+    "flood": "python -m bench.reliability.flood --runs 3 "
+             "--json bench/results/reliability/flood.json",
+    "burst-before-after": "python -m bench.scenarios.throughput burst --servers relay --runs 1 "
                           "--cases 'N=1000 B=100', alternated 10 times between two checkouts",
-    "metrics-cost": "python bench/metrics_cost.py --before /tmp/pgws-before --rounds 40 "
+    "metrics-cost": "python -m bench.scenarios.metrics_cost --before /tmp/pgws-before --rounds 40 "
                     "--json bench/results/reliability/metrics-cost.json",
 }
 
@@ -348,11 +351,11 @@ def _chart_soak(soak: dict[str, Any]) -> str | None:
 
 
 def reliability_section(directory: str) -> list[str]:
-    """Issue 4's long runs and fault figures, from bench/results/reliability/*.json."""
+    """The long runs and fault figures, from bench/results/reliability/*.json."""
     found = _reliability(directory)
     if not found:
         return []
-    lines = ["## Reliability (issues 4 and 9)", "", "| run | figures | command |",
+    lines = ["## Reliability", "", "| run | figures | command |",
              "|---|---|---|"]
     if "faults" in found:
         cases = found["faults"]["cases"]
@@ -423,7 +426,7 @@ def reliability_section(directory: str) -> list[str]:
     if "burst-before-after" in found:
         runs = found["burst-before-after"]["runs"]
         lines.append(
-            f"| fan-out cost of issue 9's reader checkpoints: burst, 1,000 clients | "
+            f"| fan-out cost of the reader's checkpoints: burst, 1,000 clients | "
             f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
             f"({found['burst-before-after']['before_commit']}), "
             f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
@@ -436,7 +439,7 @@ def reliability_section(directory: str) -> list[str]:
         runs = cost["runs"]
         rates = [rate for name in runs for rate in runs[name]["deliveries_per_s"]]
         lines.append(
-            f"| fan-out cost of issue 10's metrics: burst, 1,000 clients | "
+            f"| fan-out cost of the metrics: burst, 1,000 clients | "
             f"{runs['before']['median_deliveries_per_s'] / 1e6:.2f} M deliveries/s before "
             f"({cost['before']['commit']}), "
             f"{runs['after']['median_deliveries_per_s'] / 1e6:.2f} M after "
@@ -470,8 +473,8 @@ def reliability_section(directory: str) -> list[str]:
     return lines
 
 
-ISSUE11 = ("compression", "filters")
-#: Issue 11's goals: compression.py's goal → (measure, target, higher is better, row label).
+FILTERS_AND_COMPRESSION = ("compression", "filters")
+#: The compression goals: compression.py's goal → (measure, target, higher is better, row label).
 COMPRESSION_GOALS = {
     "A(a)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
     "A(b)": ("bytes_per_delivery", 0.40, False, "bytes per delivery, deflate / plain"),
@@ -486,11 +489,11 @@ VARIANTS = {"plain": "plain", "deflate": "deflate",
             "off": "deflate offered, PGWS_COMPRESSION=off"}
 
 
-def _issue11(directory: str) -> dict[str, Any]:
+def _filters_and_compression(directory: str) -> dict[str, Any]:
     """bench/results/compression.json and filters.json, whichever exist (filters.json is
-    rewritten after every round while bench/filters.py runs: read what is there)."""
+    rewritten after every round while bench/scenarios/filters.py runs: read what is there)."""
     found = {}
-    for name in ISSUE11:
+    for name in FILTERS_AND_COMPRESSION:
         path = os.path.join(directory, f"{name}.json")
         if os.path.exists(path):
             with open(path) as handle:
@@ -544,9 +547,10 @@ def _sizes(filters: dict[str, Any]) -> list[int]:
     return sorted(int(n) for n in filters.get("summary", {}).get("by_clients", {}))
 
 
-def issue11_goals(found: dict[str, Any]) -> list[str]:
-    """Issue 11's goals (compression A–C, filters D), each with its measured figure (ratios of
-    medians from one invocation) and whether it is met, and what D's figures mean."""
+def filters_and_compression_goals(found: dict[str, Any]) -> list[str]:
+    """The filter and compression goals (compression A–C, filters D), each with its measured
+    figure (ratios of medians from one invocation) and whether it is met, and what D's figures
+    mean."""
     compression, filters = found.get("compression"), found.get("filters")
     if not compression and not filters:
         return []
@@ -608,7 +612,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
         rows.append(f"| D: runs in which the relay's LISTEN connection was replaced "
                     f"(notifications lost for every client) | {len(gapped)} of {runs} | none | "
                     + ("met" if not gapped else "missed") + " |")
-    lines = ["## Goals (issue 11): filters and compression", "",
+    lines = ["## Goals: filters and compression", "",
              "Ratios of medians measured in one invocation; the sections "
              "[compression](#compression) and [filters](#filters) below hold the medians, "
              "their spread and the commands.", "", *rows, ""]
@@ -620,7 +624,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
                   "initial windows alone, so flows sit in retransmission back-off and the relay "
                   "closes them as slow consumers (1013) in both variants: that measures the "
                   f"slow-consumer rule, not the link. {capped['case']['clients']:,} flows fill "
-                  "the link without it (`bench/compression.py`'s docstring).", ""]
+                  "the link without it (`bench/scenarios/compression.py`'s docstring).", ""]
     if sizes and small.get("matched_relay_cpu_us_per_notification") \
             and large.get("matched_relay_cpu_us_per_notification"):
         groups = filters.get("groups", 100)
@@ -671,7 +675,7 @@ def issue11_goals(found: dict[str, Any]) -> list[str]:
             lines += [f"In {len(gapped)} of {len(filters['runs'])} runs the relay's LISTEN "
                       f"connection was replaced during the run ({where}); "
                       "notifications committed meanwhile are lost for every client alike (see "
-                      "[Reliability](#reliability-issues-4-and-9)), so those runs are left out of "
+                      "[Reliability](#reliability)), so those runs are left out of "
                       "the medians and of the correctness row; their errors are in "
                       "`filters.json`.", ""]
     return lines
@@ -703,9 +707,9 @@ def _relay_resumes(relays: list[dict[str, float]]) -> str:
         + f" and {replayed:,.0f} deliveries replayed")
 
 
-def issue12_goals(directory: str) -> list[str]:
-    """Issue 12's goals (bench/resume.py's results/resume.json): each figure beside its target,
-    the command that measured them, and the figures behind them."""
+def resume_goals(directory: str) -> list[str]:
+    """The resume goals (bench/scenarios/resume.py's results/resume.json): each figure beside its
+    target, the command that measured them, and the figures behind them."""
     resume = _resume_result(directory)
     if not resume:
         return []
@@ -719,7 +723,7 @@ def issue12_goals(directory: str) -> list[str]:
             + ("" if resume.get("complete", True) else " — incomplete"))
     rows = ["| goal | measured | target | status |", "|---|---|---|---|"]
     rows += [f"| {row['goal']}: {row['label']} | {row['measured']} | {row['target']} | "
-             f"{row['status']} |" for row in issue12_rows(parts)]
+             f"{row['status']} |" for row in resume_goal_rows(parts)]
     notes = []
     for name, label in (("reset", "One relay"), ("alternate", "Two relays")):
         part = parts.get(name)
@@ -814,13 +818,14 @@ def issue12_goals(directory: str) -> list[str]:
                 f"the {alone['entries']:,} the history counts. The excess is bounded only by "
                 "channels × 1,023 entries, not by `PGWS_HISTORY_BYTES`.")
     notes += [f"- {note}" for note in resume.get("notes", [])]
-    return ["## Goals (issue 12): resumable streams", "", head + ". Scripted in "
-            "`bench/resume.py` (its docstring says how each part works); `--parts` runs any of "
-            "reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
+    return ["## Goals: resumable streams", "", head + ". Scripted in "
+            "`bench/scenarios/resume.py` (its docstring says how each part works); `--parts` runs "
+            "any of reset, alternate, replay, burst, memory alone.", "", *rows, "", *notes, ""]
 
 
-def issue13_sections(directory: str) -> list[str]:
-    """Issue 13's sections, each rendered by its own script from its results file."""
+def scale_sections(directory: str) -> list[str]:
+    """The scale sections (a fleet, PostgreSQL's limits, C100k), each rendered by its own script
+    from its results file."""
     lines: list[str] = []
     for name, render_section in (("fleet", fleet_section), ("pglimits", pglimits_section)):
         path = os.path.join(directory, f"{name}.json")
@@ -948,7 +953,7 @@ def load(directory: str = RESULTS) -> dict[str, dict[str, Any]]:
 def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
     machine = next(iter(results.values()))["machine"] if results else {}
     lines = ["# Benchmarks", "",
-             "Generated by `python bench/report.py` from `bench/results/*.json`. Every figure is",
+             "Generated by `python -m bench.report` from `bench/results/*.json`. Every figure is",
              "the median of the runs with the spread (min–max) beside it; ratios compare",
              "medians measured in the same invocation (higher is better for pgws-relay).",
              f"Machine: {machine.get('cpus')} cores, {machine.get('platform')}, "
@@ -956,10 +961,10 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
              "it, over loopback. Set up once with `bash bench/setup.sh`.", ""]
     if preface:
         lines += [preface, ""]
-    issue11 = _issue11(RESULTS)
-    lines += ["## Goals (issue 3)", "", *goals(results), "", *floor_section(RESULTS),
-              *issue11_goals(issue11), *issue12_goals(RESULTS), *issue13_sections(RESULTS),
-              *reliability_section(RESULTS)]
+    found = _filters_and_compression(RESULTS)
+    lines += ["## Goals: throughput, latency and memory against the peers", "", *goals(results),
+              "", *floor_section(RESULTS), *filters_and_compression_goals(found),
+              *resume_goals(RESULTS), *scale_sections(RESULTS), *reliability_section(RESULTS)]
     charts = [_chart_burst(results["burst"]) if "burst" in results else None,
               _chart_latency(results["steady"]) if "steady" in results else None,
               _chart_rss(results.get("burst"), results.get("idle"))]
@@ -973,10 +978,10 @@ def render(results: dict[str, dict[str, Any]], preface: str = "") -> str:
         lines += _table(result)
         if scenario == "workers":
             lines += _scaling(result)
-    if "compression" in issue11:
-        lines += compression_section(issue11["compression"])
-    if "filters" in issue11:
-        lines += filters_section(issue11["filters"])
+    if "compression" in found:
+        lines += compression_section(found["compression"])
+    if "filters" in found:
+        lines += filters_section(found["filters"])
     return "\n".join(lines) + "\n"
 
 
@@ -999,9 +1004,10 @@ def _scaling(result: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     global RESULTS
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=RESULTS, help="directory of <scenario>.json")
-    parser.add_argument("--out", default=os.path.join(HERE, "README.md"))
+    parser.add_argument("--out", default=os.path.join(BENCH, "RESULTS.md"))
     args = parser.parse_args()
     RESULTS = args.results
     preface_path = os.path.join(RESULTS, "PREFACE.md")

@@ -8,4 +8,4 @@ if ! command -v node >/dev/null 2>&1; then
   echo "node is not installed: apt-get install -y nodejs npm (the Node peer needs it)" >&2
   exit 1
 fi
-(cd bench/peers/node && npm ci --no-audit --no-fund --loglevel=error)
+(cd bench/parts/peers/node && npm ci --no-audit --no-fund --loglevel=error)

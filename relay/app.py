@@ -58,13 +58,13 @@ _GC_THRESHOLD = 50_000
 #: restart (every client reconnecting at once) should queue, not be refused. The kernel caps
 #: it at ``net.core.somaxconn`` (4096 by default): asking for the most a queue can hold lets an
 #: operator who raises that sysctl get the longer queue (100,000 clients connecting at once
-#: overflowed 8 queues of 4,096 and were refused or timed out: bench/c100k.py).
+#: overflowed 8 queues of 4,096 and were refused or timed out: bench/scenarios/c100k.py).
 _LISTEN_BACKLOG = 65535
 
 #: Seconds of ``shutdown_timeout`` kept back per client for tearing down those that never
 #: answer the close (cancelling and closing one took ~0.25 ms on a 2-core machine, see
-#: ``bench/faults.py`` ``sigterm-silent``), so that the timeout bounds the whole stop, not
-#: only the wait. At most half the timeout is kept back: clients deserve time to answer.
+#: ``bench/reliability/faults.py`` ``sigterm-silent``), so that the timeout bounds the whole stop,
+#: not only the wait. At most half the timeout is kept back: clients deserve time to answer.
 _TEARDOWN_PER_CLIENT = 0.0005
 
 #: Seconds between position checkpoints to positioned clients (and history age checks): a

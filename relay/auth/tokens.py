@@ -484,8 +484,8 @@ def check(token: str, requested: str | None, keys: Sequence[Key], now: float) ->
 #: Distinct (token, channel) pairs whose grant :class:`GrantCache` keeps. Many clients present
 #: the same token (a feed's one public read token, as Econia's): its signature is checked and
 #: its claims parsed once instead of per connection, which saved ~12 % of a handshake's CPU in
-#: a 100,000-client storm (bench/c100k.py), and its clients share one grant in memory. When
-#: full, the cache is emptied whole: a storm of distinct tokens costs one verification each,
+#: a 100,000-client storm (bench/scenarios/c100k.py), and its clients share one grant in memory.
+#: When full, the cache is emptied whole: a storm of distinct tokens costs one verification each,
 #: as without a cache.
 GRANT_CACHE_SIZE = 4096
 

@@ -54,7 +54,7 @@ from relay.wire.positions import Position
 #: tests/unit/core/test_history.py, up to ~260 with a log's emptied slots), and what the
 #: allocator keeps on top as the history turns over (a header per frame, free space between
 #: blocks: at 320 bytes a full history at 1,000 channels grew the relay's RSS 1.09× the
-#: bound, bench/resume.py).
+#: bound, bench/scenarios/resume.py).
 ENTRY_OVERHEAD = 512
 
 #: Channels whose logs emptied are remembered (their ``complete_after``) up to this many; beyond

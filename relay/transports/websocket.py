@@ -72,8 +72,8 @@ _NO_DEADLINE = contextlib.nullcontext()
 _RECEIVE_BYTES = 16384
 
 #: Frames parsed between two yields to Trio: ~0.25 ms of parsing, so a flooding client delays
-#: no other task by more than that per turn (bench/flood.py: 32 frames doubled the delay of a
-#: `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
+#: no other task by more than that per turn (bench/reliability/flood.py: 32 frames doubled the delay
+#: of a `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
 _FRAMES_PER_CHECKPOINT = 16
 
 #: Bytes joined into one write when the backlog is long (a replay): large enough that a replay
@@ -531,7 +531,8 @@ async def close_now(stream: trio.abc.Stream) -> None:
 
     A plain socket is closed synchronously: ``trio.aclose_forcefully`` would close it too, but
     then checkpoints in a cancelled scope, whose raised and caught ``Cancelled`` costs ~0.1 ms,
-    seconds when thousands of connections end at once (bench/faults.py, ``sigterm-silent``).
+    seconds when thousands of connections end at once (bench/reliability/faults.py,
+    ``sigterm-silent``).
     A TLS stream goes through ``aclose_forcefully``, which skips its close_notify.
     """
     if isinstance(stream, trio.SocketStream):

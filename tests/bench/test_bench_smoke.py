@@ -1,7 +1,7 @@
 """The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), a
-short churn run, the replay part of the resume script, and PostgreSQL's bytes per queue entry
-(bench/pglimits.py's cheapest part, on a private cluster). The fuzzer runs in
-tests/e2e/test_fuzz.py."""
+short churn run, the replay part of the resume script, the hub's micro-benchmark at a tiny size,
+and PostgreSQL's bytes per queue entry (bench/scenarios/pglimits.py's cheapest part, on a
+private cluster). The fuzzer runs in tests/e2e/test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
     out = tmp_path / "burst.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "burst", "--quick", "--runs", "1",
-         "--servers", "relay,ceiling", "--json", str(out)],
+        [sys.executable, "-m", "bench.scenarios.throughput", "burst", "--quick", "--runs", "1",
+         "--servers", "relay,ceiling", "--json", str(out)], cwd=ROOT,
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -37,8 +37,8 @@ def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
 def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
     out = tmp_path / "churn.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "churn.py"), "--cycles", "400", "--procs", "2",
-         "--json", str(out)], capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "bench.reliability.churn", "--cycles", "400", "--procs", "2",
+         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
         stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -47,12 +47,12 @@ def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
 
 def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
     """The replay part, small (``--quick``): exact, then live. (The other parts are left to
-    ``python bench/resume.py --quick``; what they check is tested end to end in
+    ``python -m bench.scenarios.resume --quick``; what they check is tested end to end in
     test_e2e_resume.py and test_subscription.py.)"""
     out = tmp_path / "resume.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "resume.py"), "--quick", "--parts",
-         "replay", "--json", str(out)],
+        [sys.executable, "-m", "bench.scenarios.resume", "--quick", "--parts", "replay",
+         "--json", str(out)], cwd=ROOT,
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -63,8 +63,28 @@ def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
     assert {row["goal"] for row in data["goals"]} == {"2"}
 
 
+def test_hub_micro_benchmark_runs_and_reports_every_case(tmp_path: Path) -> None:
+    """``python -m bench.micro.hub`` at a tiny size (well under 2 s): a figure for each case,
+    and the deliveries the hub counted. Numbers only; no timing is asserted."""
+    out = tmp_path / "micro-hub.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.micro.hub", "--clients", "20", "--batch", "10",
+         "--repeats", "3", "--json", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["commit"] and data["command"].startswith("python -m bench.micro.hub")
+    cases = {row["case"]: row for row in data["cases"]}
+    assert set(cases) == {"plain", "filtered", "history", "positioned"}
+    for row in cases.values():
+        assert row["us_per_notification"] > 0 and row["ns_per_delivery"] > 0, row
+    # 20 clients × 10 notifications; the filtered case's 10 markets give each a tenth.
+    assert cases["plain"]["deliveries_per_batch"] == 200
+    assert cases["filtered"]["deliveries_per_batch"] == 20
+
+
 def _no_private_cluster() -> str | None:
-    """Why bench/pgcluster.py cannot make a cluster here, or None."""
+    """Why bench/parts/pgcluster.py cannot make a cluster here, or None."""
     if os.geteuid() != 0:
         return "a private PostgreSQL cluster needs root"
     try:
@@ -82,12 +102,12 @@ def test_pglimits_script_measures_queue_entries_and_leaves_no_cluster(tmp_path: 
     missing = _no_private_cluster()
     if missing:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"bench/pglimits.py needs: {missing}")
-        pytest.skip(f"bench/pglimits.py needs: {missing}")
+            pytest.fail(f"bench/scenarios/pglimits.py needs: {missing}")
+        pytest.skip(f"bench/scenarios/pglimits.py needs: {missing}")
     out = tmp_path / "pglimits.json"
     script = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "pglimits.py"), "--quick", "--parts", "entries",
-         "--json", str(out)],
+        [sys.executable, "-m", "bench.scenarios.pglimits", "--quick", "--parts", "entries",
+         "--json", str(out)], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         stdout, stderr = script.communicate(timeout=120)

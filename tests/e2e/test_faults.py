@@ -2,7 +2,8 @@
 
 The real ``pgws-relay`` command against the real PostgreSQL, which some tests stop and start
 (``pg_ctlcluster``; with no local cluster to drive they fail under ``CI=true`` and are skipped
-elsewhere). Figures such as how soon delivery resumes are measured by ``bench/faults.py``; these
+elsewhere). Figures such as how soon delivery resumes are measured by
+``bench/reliability/faults.py``; these
 tests prove the behaviour.
 """
 

@@ -1,15 +1,16 @@
-"""The raw-socket fuzzer (``bench/fuzz.py``) at a CI-sized count, against the real command.
+"""The raw-socket fuzzer (``bench/reliability/fuzz.py``) at a CI-sized count, against the real
+command.
 
 Every case must get one of its family's documented answers (HTTP status or close code), a
 normal client must keep making round trips, and no task or file descriptor may be left over.
-``python bench/fuzz.py`` runs the same at 100,000 cases.
+``python -m bench.reliability.fuzz`` runs the same at 100,000 cases.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fuzz
+from bench.reliability import fuzz
 
 
 def test_raw_socket_fuzz_gets_documented_answers_and_leaks_nothing(start_relay,

@@ -4,7 +4,7 @@ A flood of cheap frames, empty fragments without end, bodies that never come, re
 read, pipelining without end, a slow TLS reader, a storm of connections from one address. Each
 test reproduces the attack over real sockets and asserts the bounded outcome; on the code
 before the fixes each of them failed (the relay froze, held the connection, or dropped the
-reader). How fast the others are served meanwhile is measured by ``bench/flood.py``.
+reader). How fast the others are served meanwhile is measured by ``bench/reliability/flood.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
-from bench.harness import frame
+from bench.parts.harness import frame
 from relay.transports.websocket import MAX_FRAGMENTS
 from tests.conftest import (
     TIMEOUT,

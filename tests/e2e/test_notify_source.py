@@ -106,7 +106,8 @@ def test_an_outage_may_last_as_long_as_upstreams_attempts_span() -> None:
 async def test_a_backlog_longer_than_the_heartbeat_timeout_is_not_a_lost_connection() -> None:
     """A relay whose fan-out is slower than the notifications arriving drains a backlog, and
     its heartbeat waits behind it; that is a busy connection, not a dead one. Declaring it lost
-    would drop every notification still queued on it (bench/filters.py found this at 10,000
+    would drop every notification still queued on it (bench/scenarios/filters.py found this at
+    10,000
     clients)."""
     listen = unique_channel()
     received: list[bytes] = []

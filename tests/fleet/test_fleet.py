@@ -1,8 +1,8 @@
 """A small fleet (two relay hosts behind HAProxy, a private PostgreSQL, network namespaces made
 by the test) loses nothing when a relay host dies, and leaves nothing behind.
 
-The larger version, with every fault, is ``bench/fleet.py``. Needs root, ``ip``, ``haproxy``
-and ``curl``; under CI=true a missing one fails the tests instead of skipping them.
+The larger version, with every fault, is ``bench/scenarios/fleet.py``. Needs root, ``ip``,
+``haproxy`` and ``curl``; under CI=true a missing one fails the tests instead of skipping them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import Producer, run_fault
-from bench.fleet_hosts import PREFIX, Fleet, fleet
+from bench.parts.fleet_hosts import PREFIX, Fleet, fleet
+from bench.scenarios.fleet import Producer, run_fault
 
 
 def _missing() -> str | None:

@@ -1,8 +1,8 @@
 """Server-side filters: the relay's CPU per notification at 1,000 and 10,000 clients in the same
 100 filter groups, and whether every client gets exactly what its filter matches.
 
-    python bench/filters.py --runs 3 --json bench/results/filters.json
-    python bench/filters.py --quick            # smoke version (200 and 2,000 clients)
+    python -m bench.scenarios.filters --runs 3 --json bench/results/filters.json
+    python -m bench.scenarios.filters --quick            # smoke version (200 and 2,000 clients)
 
 Theory of operation
 -------------------
@@ -10,8 +10,8 @@ One channel, ``fill_event``; ``--groups`` (100) filter groups: client i opens
 ``/fill_event/TOKEN?filter=payload.market_id=eq.<g>`` with g = i mod 100 + 1, so every group
 has N/100 clients and the relay evaluates 100 distinct filter sets (all ``eq`` on one path:
 one indexed path). Each run starts a fresh relay, connects the N clients and sends, in
-transactions of 100 (``bench.harness.Producer.send``), Econia ``fill_event`` texts as the
-trigger writes them (:class:`bench.harness.EconiaFeed`):
+transactions of 100 (``bench.parts.harness.Producer.send``), Econia ``fill_event`` texts as the
+trigger writes them (:class:`bench.parts.harness.EconiaFeed`):
 
 1. ``matched``: ``--messages`` notifications whose ``market_id`` is drawn at random from the
    groups' values, so each matches exactly one group. The plan gives each group its count;
@@ -52,9 +52,7 @@ import time
 from collections import Counter
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     Conn,
     EconiaFeed,
     FrameClients,
@@ -286,7 +284,8 @@ def _fmt(value: float | None, digits: str = ",.1f") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=None,
                         help="rounds (each runs every client count once); default 3, --quick 1")
     parser.add_argument("--quick", action="store_true", help="200 and 2,000 clients, one round")
@@ -343,7 +342,7 @@ def main() -> None:
                 f"on one channel in {args.groups} filter groups (payload.market_id=eq.<g>); "
                 "matched notifications (each matches one group) and notifications matching no "
                 "group; every client checked for exactly its matches",
-        "command": "python bench/filters.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m bench.scenarios.filters " + shlex.join(sys.argv[1:]),
         **git_head(), "relay_source": source, "machine": machine(),
         "started": time.strftime("%F %T"), "rounds": runs, "groups": args.groups,
         "messages": {"matched": matched, "nomatch": nomatch + 1}, "probe": found,

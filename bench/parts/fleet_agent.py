@@ -1,8 +1,9 @@
 """The fleet's load clients: N resuming subscriptions (:mod:`relay.client.subscription`) in one
 process,
-run inside the clients' namespace of a :class:`bench.fleet_hosts.Fleet`, driven over stdin/stdout.
+run inside the clients' namespace of a :class:`bench.parts.fleet_hosts.Fleet`, driven over
+stdin/stdout.
 
-    python -m bench.fleet_agent URL TOKEN CLIENTS
+    python -m bench.parts.fleet_agent URL TOKEN CLIENTS
 
 Theory of operation
 -------------------

@@ -1,6 +1,6 @@
 """Fault figures: how soon delivery resumes after database faults, and shutdown under load.
 
-    python bench/faults.py --runs 3 --json bench/results/faults.json
+    python -m bench.reliability.faults --runs 3 --json bench/results/faults.json
 
 Needs a local PostgreSQL cluster it may stop and start (``pg_ctlcluster``), like the tests in
 ``tests/test_faults.py`` that prove the behaviour; this script measures it. Cases:
@@ -30,7 +30,6 @@ import selectors
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,9 +37,7 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     Server,
@@ -205,7 +202,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", help="write the results to this file")

@@ -1,14 +1,14 @@
-"""Where PostgreSQL becomes the limit (issue 13, part 3): NOTIFY's own ceilings on this machine.
+"""Where PostgreSQL becomes the limit: NOTIFY's own ceilings on this machine.
 
-    flock /tmp/machine.lock python bench/pglimits.py --json bench/results/pglimits.json
-    python bench/pglimits.py --quick          # a small smoke run (seconds, not minutes)
+    flock /tmp/machine.lock python -m bench.scenarios.pglimits --json bench/results/pglimits.json
+    python -m bench.scenarios.pglimits --quick          # a small smoke run (seconds, not minutes)
 
 Owns the measurement of PostgreSQL's LISTEN/NOTIFY path without any relay in the way (one row
 puts a real ``pgws-relay`` in a listener's place): notifying commits/s and notifications/s,
 deliveries to 1, 10 and 100 LISTENing connections, what one stalled listener does to the
-queue and to everyone else, the chart of it and bench/README.md's section rendered from the
+queue and to everyone else, the chart of it and bench/RESULTS.md's section rendered from the
 JSON (:func:`section`, called by ``bench/report.py``). Never touches the machine's shared cluster:
-everything runs against a private one (:mod:`bench.pgcluster`), removed on any exit.
+everything runs against a private one (:mod:`bench.parts.pgcluster`), removed on any exit.
 
 Theory of operation
 -------------------
@@ -62,7 +62,6 @@ import selectors
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -74,13 +73,9 @@ from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.parts.harness import Server, commit, free_port, machine
+from bench.parts.pgcluster import Cluster, _bin, remove_stale
 
-from bench.harness import Server, commit, free_port, machine
-from bench.pgcluster import Cluster, _bin, remove_stale
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 #: The one notification channel; the relay LISTENs on it too in its row.
 CHANNEL = "pglimits"
 #: Payload size of every throughput notification: about one Econia event envelope.
@@ -762,7 +757,7 @@ def fill(pg: Cluster, limit_s: float, log: Callable[[str], None]) -> dict[str, A
             "log_lines": log_lines[:40], "samples": samples}
 
 
-# -- bench/README.md's section ---------------------------------------------------------------
+# -- bench/RESULTS.md's section ---------------------------------------------------------------
 
 #: Column groups of the CPU table: (heading, the CpuSplit groups summed into it).
 _CPU_COLUMNS = (
@@ -999,15 +994,15 @@ def _fill_lines(result: dict[str, Any]) -> list[str]:
 
 
 def section(result: dict[str, Any], directory: Path) -> list[str]:
-    """bench/README.md's section for ``results/pglimits.json`` (in ``directory``): throughput
+    """bench/RESULTS.md's section for ``results/pglimits.json`` (in ``directory``): throughput
     and its CPU split, the stalled listener, bytes per entry, the full queue, the run's notes
     and the chart (drawn again into ``directory``)."""
     postgres = result.get("postgres", {})
     version = postgres.get("server_version", "?").split(" ")[0]
-    command = ("python bench/pglimits.py --quick" if result.get("quick")
-               else "flock /tmp/machine.lock python bench/pglimits.py --json "
+    command = ("python -m bench.scenarios.pglimits --quick" if result.get("quick")
+               else "flock /tmp/machine.lock python -m bench.scenarios.pglimits --json "
                     "bench/results/pglimits.json")
-    lines = ["## PostgreSQL's limits (issue 13)", "",
+    lines = ["## PostgreSQL's limits", "",
              f"`{command}` (run {result['started']}, commit {result['commit']}, "
              f"{result['runs']} runs): PostgreSQL {version} alone in a private cluster, with "
              f"its durability defaults (`fsync={postgres.get('fsync', '?')}`, "
@@ -1101,7 +1096,8 @@ def settings(pg: Cluster) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--chart", help="the PNG (default: beside --json, pglimits.png)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")

@@ -1,8 +1,8 @@
 """What permessage-deflate saves and costs: bytes per delivery, the burst, a capped link.
 
-    python bench/compression.py --json bench/results/compression.json      # 5 rounds
-    python bench/compression.py --quick                 # smoke version, ~1 minute
-    python bench/compression.py --parts bytes,burst     # without the capped link (no root)
+    python -m bench.scenarios.compression --json bench/results/compression.json   # 5 rounds
+    python -m bench.scenarios.compression --quick                # smoke version, ~1 minute
+    python -m bench.scenarios.compression --parts bytes,burst    # no capped link (no root)
 
 Theory of operation
 -------------------
@@ -14,7 +14,7 @@ compares variants of the same clients receiving the *same* notification texts:
 - ``off`` (part ``bytes`` only): they offer it, and the relay runs with
   ``PGWS_COMPRESSION=off``, so it must answer without it (bytes as ``plain``).
 
-Payloads are Econia notifications as the triggers write them (:class:`bench.harness.
+Payloads are Econia notifications as the triggers write them (:class:`bench.parts.harness.
 EconiaFeed`, checked byte for byte against PostgreSQL's ``json_build_object`` at start-up):
 ``fill_event`` texts of ~630 bytes with random 64-hex addresses (80 % fresh, 20 % from a pool
 of 64: most addresses never repeat, a pessimistic case for compression), random u128 order
@@ -29,12 +29,13 @@ Parts (the issue's goals):
   plain; (a) clients of ``/fill_event/TOKEN`` and a ``fill_event`` stream, (b) clients of
   ``/TOKEN`` whose token's ``channels`` claim lists Econia's nine live channels (a token with
   ``channels`` and no channel in the URL subscribes to all of them), the producer sending
-  Econia's mix over them (``bench/run.py``'s ``ECONIA_MIX``). Goal: ≤ 0.40×.
-- ``burst`` (B): run.py's burst shape (1,000 clients of one channel, 4,000 notifications, 100
-  per transaction) with these payloads: deliveries/s, deflate vs plain. Goal: ≥ 0.8×.
+  Econia's mix over them (``ECONIA_MIX`` of ``bench/parts/workloads.py``). Goal: ≤ 0.40×.
+- ``burst`` (B): the throughput scenario's burst shape (1,000 clients of one channel, 4,000
+  notifications, 100 per transaction) with these payloads: deliveries/s, deflate vs plain.
+  Goal: ≥ 0.8×.
 - ``capped`` (C): a burst (200 clients of one channel, 1,000 notifications, 100 per
   transaction) with the clients in a network namespace behind a veth pair whose relay-side
-  end is shaped to 200 Mbit/s by tbf (:mod:`bench.netns`, which says why tbf; needs root); the
+  end is shaped to 200 Mbit/s by tbf (:mod:`bench.parts.netns`, which says why tbf; needs root); the
   relay stays in the host namespace, where PostgreSQL is, and listens on the veth's address.
   Goal: deliveries/s with deflate ≥ 2× plain. Why 200 clients and not 1,000: each client's
   backlog must stay under ``PGWS_MAX_QUEUE_BYTES`` (1 MiB; 1,000 × 635 B here), and 1,000 TCP
@@ -44,7 +45,7 @@ Parts (the issue's goals):
   variants. That measures the slow-consumer rule, not the link; 200 flows fill the link
   (~190 Mbit/s of payload) without it.
 
-Load clients (:class:`bench.harness.FrameClients`) parse every frame header (compressed
+Load clients (:class:`bench.parts.harness.FrameClients`) parse every frame header (compressed
 frames have varying lengths) with a small C routine, so they stay cheap; only one connection
 in ``--verify-every`` (50) inflates every message (one ``zlib.decompressobj(-15)`` per
 connection, context takeover, ``00 00 ff ff`` appended) and checks it: per channel, the count
@@ -69,10 +70,8 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import netns
-from bench.harness import (
+from bench.parts import netns
+from bench.parts.harness import (
     Conn,
     EconiaFeed,
     FrameClients,
@@ -91,7 +90,7 @@ from bench.harness import (
     wait_for_db,
     write_json,
 )
-from bench.run import ECONIA_MIX
+from bench.parts.workloads import ECONIA_MIX
 
 PARTS = ("bytes", "burst", "capped")
 #: Econia's nine live channels (econia.md 2.1), as a multi-channel client's token lists them.
@@ -318,7 +317,8 @@ def print_case(entry: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--runs", type=int, default=None,
@@ -359,7 +359,7 @@ def main() -> None:
     head = {
         "what": "permessage-deflate: bytes per delivery, burst, capped link (see the script's "
                 "docstring)",
-        "command": "python bench/compression.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m bench.scenarios.compression " + shlex.join(sys.argv[1:]),
         **git_head(), "relay_source": source, "machine": machine(),
         "started": time.strftime("%F %T"), "rounds": runs, "verify_every": args.verify_every,
         "relay_env": relay_env,

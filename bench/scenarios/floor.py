@@ -1,6 +1,6 @@
 """The machine's floor under the steady-rate latency goals, measured without any relay.
 
-    python bench/floor.py [--json bench/results/floor.json]
+    python -m bench.scenarios.floor [--json bench/results/floor.json]
 
 Two figures bound what any single-process relay can reach here:
 
@@ -25,19 +25,16 @@ import os
 import selectors
 import socket
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.parts.harness import DB_URI, commit, dumps, frame_length, machine
+from bench.parts.workloads import PAYLOAD
 
-from bench.harness import DB_URI, commit, dumps, frame_length, machine
-from bench.run import PAYLOAD
-
-#: The steady-rate goals of issue 3: (rate per second, clients, p50 goal ms, p99 goal ms).
+#: The steady-rate goals against the peers: (rate per second, clients, p50 goal ms, p99 goal ms).
 STEADY_GOALS = ((100, 1000, 2.0, 10.0), (1000, 1000, None, 25.0), (100, 10000, None, 100.0))
 #: Notifications timed on PostgreSQL's path; enough for a stable p99.
 _PG_SAMPLES = 500
@@ -133,7 +130,8 @@ def floors(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()

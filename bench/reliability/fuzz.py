@@ -1,6 +1,7 @@
 """A raw-socket fuzzer for the relay's HTTP handshake and WebSocket frames.
 
-    python bench/fuzz.py --cases 100000 --procs 4 --json bench/results/reliability/fuzz.json
+    python -m bench.reliability.fuzz --cases 100000 --procs 4 \
+        --json bench/results/reliability/fuzz.json
 
 Theory of operation
 -------------------
@@ -25,7 +26,7 @@ relay's ``stats:`` line must show that client alone, and the same tasks and open
 descriptors (other than the NOTIFY pool's, which grows on demand) as before the first case.
 The relay must still be running.
 
-``tests/test_fuzz.py`` runs a few hundred cases in CI; this script runs 100,000 for the report.
+``tests/e2e/test_fuzz.py`` runs a few hundred cases in CI; this script runs 100,000 for the report.
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     SECRET,
     Server,
     commit,
@@ -60,6 +59,7 @@ from bench.harness import (
     machine,
     token,
 )
+from bench.parts.leaks import Relay, pool_at_rest, settled, sockets_open
 from relay.transports.websocket import MAX_FRAGMENTS
 
 #: The relay under fuzzing refuses client messages above this many bytes (1009).
@@ -454,15 +454,6 @@ def _worker(port: int, first: int, count: int, seed: int, results: Any) -> None:
     results.put({"tally": dict(tally), "failures": failures})
 
 
-class Relay(Protocol):
-    """What the fuzzer needs of a running relay (bench's Server, the tests' RelayProcess)."""
-
-    port: int
-    proc: Any
-
-    def stats(self) -> dict[str, int]: ...
-
-
 def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
          check_every: int = 1000) -> dict[str, Any]:
     """Run ``cases`` cases against a running relay; what happened, and whether all was well."""
@@ -505,33 +496,9 @@ def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
             "tally": dict(sorted(tally.items()))}
 
 
-def sockets_open(stats: dict[str, int]) -> int:
-    """Open descriptors other than the NOTIFY pool's, which grows on demand (not a leak).
-
-    Exact only when :func:`pool_at_rest` holds: a NOTIFY in flight holds a connection that is
-    open but not idle (the client can see its echo before the pool takes the connection back).
-    """
-    return stats["fds"] - stats["db_pool_idle"]
-
-
-def pool_at_rest(stats: dict[str, int]) -> bool:
-    """No NOTIFY in flight, so :func:`sockets_open` counts every pool connection."""
-    return stats["db_pool_busy"] == 0
-
-
-def settled(server: Relay, condition: Callable[[dict[str, int]], bool],
-             timeout: float = 30.0) -> dict[str, int]:
-    """The relay's stats once ``condition`` holds (or the last ones after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = server.stats()
-        if condition(stats) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)

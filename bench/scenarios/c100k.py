@@ -1,20 +1,21 @@
-"""C100k on one 2-core machine (issue 13, part 1): storm, hold, broadcast and burst to 100,000
+"""C100k on one 2-core machine: storm, hold, broadcast and burst to 100,000
 WebSocket connections; and the workers goal (W=2 against W=1 at 1,000 clients, clients niced).
 
-    flock /tmp/machine.lock python bench/c100k.py c100k --runs 3 --json bench/results/c100k.json
-    flock /tmp/machine.lock python bench/c100k.py c100k --quick          # 10,000, for development
-    flock /tmp/machine.lock python bench/c100k.py peers --json bench/results/c100k.json
-    flock /tmp/machine.lock python bench/c100k.py workers --runs 7 \\
+    flock /tmp/machine.lock python -m bench.scenarios.c100k c100k --runs 3 \\
+        --json bench/results/c100k.json
+    flock /tmp/machine.lock python -m bench.scenarios.c100k c100k --quick  # 10,000, for development
+    flock /tmp/machine.lock python -m bench.scenarios.c100k peers --json bench/results/c100k.json
+    flock /tmp/machine.lock python -m bench.scenarios.c100k workers --runs 7 \\
         --json bench/results/workers-nice.json
-    python bench/c100k.py chart                                          # c100k.json → c100k.png
-    python bench/c100k.py section              # the goals table of bench/README.md's section
+    python -m bench.scenarios.c100k chart                                   # c100k.json → c100k.png
+    python -m bench.scenarios.c100k section     # the goals table of bench/RESULTS.md's section
 
 Theory of operation
 -------------------
 One run (``c100k``) starts ``pgws-relay`` (``python -m relay`` through
-:class:`bench.harness.OwnedServer`) with ``PGWS_WORKERS=W`` (8 by default: 12,500 connections
+:class:`bench.parts.harness.OwnedServer`) with ``PGWS_WORKERS=W`` (8 by default: 12,500 connections
 each when balanced, well under the 20,000 descriptors one process may hold here), then ``P``
-load-client processes (:mod:`bench.loadclient`, 8 × 12,500 by default), each binding its
+load-client processes (:mod:`bench.parts.loadclient`, 8 × 12,500 by default), each binding its
 sockets to a source address of its own in 127.0.0.0/8 so that no address spends more than its
 28,232 ephemeral ports. Then, in order:
 
@@ -37,7 +38,7 @@ sockets to a source address of its own in 127.0.0.0/8 so that no address spends 
 20,000-descriptor limit): first ``--peer-over`` (25,000) connections to see where and how each
 fails, then the whole sequence at ``--peer-held`` (19,000) connections.
 
-``workers`` alternates W=1 and W=2 runs of ``bench/run.py``'s burst (1,000 clients, 4,000
+``workers`` alternates W=1 and W=2 runs of the throughput scenario's burst (1,000 clients, 4,000
 notifications in transactions of 100, 2 client processes) with the client processes at
 ``nice 19``, so the figure shows the relay's scaling and not the clients' share of the cores.
 Niced clients fall behind two busy workers: with the default 1 MiB ``PGWS_MAX_QUEUE_BYTES``
@@ -45,7 +46,7 @@ the relay closes many of them as slow consumers (``delivered_share`` < 1), which
 W=2 rate meaningless; ``--max-queue-bytes`` raises the bound for these runs.
 
 Every server and client process, and any orphaned worker, is ended on the way out, also on
-Ctrl-C, SIGTERM or SIGHUP (:func:`bench.netns.exit_on_signals`). Host settings are left alone
+Ctrl-C, SIGTERM or SIGHUP (:func:`bench.parts.netns.exit_on_signals`). Host settings are left alone
 unless ``--somaxconn N`` asks for longer listen queues (``net.core.somaxconn`` and
 ``net.ipv4.tcp_max_syn_backlog``), set for the run only and restored on any exit; the results
 record both values. Each measurement records ``os.getloadavg()`` at its start: a run disturbed by
@@ -70,10 +71,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import netns
-from bench.harness import (
+from bench.parts import netns
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     OwnedServer,
@@ -89,11 +88,10 @@ from bench.harness import (
     token,
     write_json,
 )
+from bench.parts.paths import RESULTS, module_command, module_env
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-LOADCLIENT = os.path.join(HERE, "loadclient.py")
-#: Bytes per payload: bench/run.py's size (an Econia fill_event envelope), 344-byte frames.
+#: Bytes per payload: the throughput scenario's size (an Econia fill_event envelope), 344-byte
+#: frames.
 PAYLOAD = 340
 #: Notifications per transaction in the burst: the issue's batches of 100.
 BATCH = 100
@@ -218,8 +216,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class LoadClients:
-    """``count`` connections over ``procs`` :mod:`bench.loadclient` processes, process i on the
-    source address 127.<net>.0.(i + 2)."""
+    """``count`` connections over ``procs`` :mod:`bench.parts.loadclient` processes, process i on
+    the source address 127.<net>.0.(i + 2)."""
 
     def __init__(self, port: int, count: int, procs: int, timeout: float, net: int,
                  distinct: bool = False) -> None:
@@ -240,9 +238,9 @@ class LoadClients:
                                                  delete=False) as handle:
                     json.dump(spec, handle)
                 self._specs.append(handle.name)
-                proc = subprocess.Popen([sys.executable, LOADCLIENT, handle.name],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+                proc = subprocess.Popen(module_command("bench.parts.loadclient", handle.name),
+                                        env=module_env(), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 self._procs.append(proc)
                 threading.Thread(target=self._read, args=(number, proc), daemon=True).start()
             self.gather("ready", 60)
@@ -523,7 +521,7 @@ def _leaves(raw: str) -> tuple[int, list[tuple[str, int]]]:
 def workers_profile(args: argparse.Namespace) -> dict[str, Any]:
     """py-spy on every relay worker during a longer burst (1,000 clients at nice 19), W=1 and
     W=2: where the workers' time goes, and the relay's CPU per 1,000 deliveries."""
-    from bench.run import burst as run_burst
+    from bench.parts.workloads import burst as run_burst
 
     out: dict[str, Any] = {"client_nice": args.nice, "messages": 20_000}
     for workers in (1, 2):
@@ -564,8 +562,9 @@ def workers_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def workers_goal(args: argparse.Namespace) -> dict[str, Any]:
-    """W=1 and W=2 alternately, bench/run.py's burst at 1,000 clients, clients at nice 19."""
-    from bench.run import burst as run_burst
+    """W=1 and W=2 alternately, the throughput scenario's burst at 1,000 clients, clients at
+    nice 19."""
+    from bench.parts.workloads import burst as run_burst
 
     samples: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
     for index in range(args.runs):
@@ -664,7 +663,7 @@ RELAY_KEYS = (("c100k-after", "pgws-relay, somaxconn 65535"),
 
 
 def section(path: str, workers_pattern: str) -> str:
-    """The goals table of bench/README.md's section "C100k and workers (issue 13)", from the
+    """The goals table of bench/RESULTS.md's section "C100k and workers", from the
     results (medians over the runs of each key; the runs' spread beside them)."""
     with open(path) as handle:
         document = json.load(handle)
@@ -754,36 +753,35 @@ def section(path: str, workers_pattern: str) -> str:
 
 
 _INTRO = (
-    "`bench/c100k.py` (load clients: `bench/loadclient.py`, one epoll per process, no task or "
-    "object per connection). The relay runs with `PGWS_WORKERS=8` (12,500 connections each when "
-    "balanced; one process may hold 20,000 descriptors here). 8 load-client processes × 12,500 "
-    "connections, each process bound to its own source address 127.N.0.(2–9) with "
-    "`IP_BIND_ADDRESS_NO_PORT`, so no address spends more than 12,500 of its 28,232 ephemeral "
-    "ports. Every client presents the same token, as the clients of a public feed do (Econia's "
-    "frontends share one read token). Phases per run: (a) storm: every process starts "
+    "`bench/scenarios/c100k.py` (load clients: `bench/parts/loadclient.py`, one epoll per "
+    "process, no task or object per connection). The relay runs with `PGWS_WORKERS=8` (12,500 "
+    "connections each when balanced; one process may hold 20,000 descriptors here). 8 load-client "
+    "processes × 12,500 connections, each process bound to its own source address 127.N.0.(2–9) "
+    "with `IP_BIND_ADDRESS_NO_PORT`, so no address spends more than 12,500 of its 28,232 "
+    "ephemeral ports. Every client presents the same token, as the clients of a public feed do "
+    "(Econia's frontends share one read token). Phases per run: (a) storm: every process starts "
     "connecting at one wall-clock instant, as fast as its loop issues connects; a connection is "
     "*refused* (ECONNREFUSED, or a reset/EOF before the answer), *timed out* (no 101 within the "
     "client's own 60 s, counted from its connect), or gets another status; (b) hold: VmRSS (and "
-    "PSS) of the supervisor and every worker before the storm and with every connection held, "
-    "and each worker's connections; (c) one notification in one commit → time from the "
-    "commit's return to the last client's receipt (`time.time()` in every process); (d) 300 "
-    "notifications in transactions of 100 → deliveries/s. Payloads 340 B (344-byte frames). "
-    "`--somaxconn` sets `net.core.somaxconn` and `net.ipv4.tcp_max_syn_backlog` for the run "
-    "only and restores them.")
+    "PSS) of the supervisor and every worker before the storm and with every connection held, and "
+    "each worker's connections; (c) one notification in one commit → time from the commit's "
+    "return to the last client's receipt (`time.time()` in every process); (d) 300 notifications "
+    "in transactions of 100 → deliveries/s. Payloads 340 B (344-byte frames). `--somaxconn` sets "
+    "`net.core.somaxconn` and `net.ipv4.tcp_max_syn_backlog` for the run only and restores them.")
 
 _COMMANDS = "\n".join([
     "```sh",
-    "python bench/c100k.py c100k --runs 3 --somaxconn 65535 --key c100k-after "
+    "python -m bench.scenarios.c100k c100k --runs 3 --somaxconn 65535 --key c100k-after "
     "--json bench/results/c100k.json",
-    "python bench/c100k.py c100k --runs 1 --somaxconn 65535 --distinct-tokens "
+    "python -m bench.scenarios.c100k c100k --runs 1 --somaxconn 65535 --distinct-tokens "
     "--key c100k-after-distinct --json bench/results/c100k.json",
-    "python bench/c100k.py c100k --runs 1 --key c100k-after-defaults "
+    "python -m bench.scenarios.c100k c100k --runs 1 --key c100k-after-defaults "
     "--json bench/results/c100k.json",
-    "python bench/c100k.py peers --json bench/results/c100k.json",
-    "python bench/c100k.py workers --runs 5 --json bench/results/workers-nice.json",
-    "python bench/c100k.py workers --runs 5 --max-queue-bytes 67108864 "
+    "python -m bench.scenarios.c100k peers --json bench/results/c100k.json",
+    "python -m bench.scenarios.c100k workers --runs 5 --json bench/results/workers-nice.json",
+    "python -m bench.scenarios.c100k workers --runs 5 --max-queue-bytes 67108864 "
     "--json bench/results/workers-nice-bigqueue.json",
-    "python bench/c100k.py chart     # results/c100k.png (bench/report.py draws it too)",
+    "python -m bench.scenarios.c100k chart     # results/c100k.png (bench/report.py draws it too)",
     "```"])
 
 _FINDINGS = [
@@ -837,7 +835,7 @@ def _profile_finding(path: Path) -> list[str]:
         return " and ".join(f"{share:.0%}" for share in shares)
 
     return [
-        f"- **The workers' profile** (`python bench/c100k.py profile --json "
+        f"- **The workers' profile** (`python -m bench.scenarios.c100k profile --json "
         f"bench/results/workers-profile.json`: py-spy on every worker during a burst of "
         f"{profile['messages']:,} to 1,000 clients at nice {profile['client_nice']}): one "
         f"worker delivered {one['deliveries_per_s'] / 1e6:.2f} M/s for "
@@ -855,11 +853,11 @@ def _profile_finding(path: Path) -> list[str]:
 
 
 def readme_section(directory: Path) -> list[str]:
-    """bench/README.md's section "C100k and workers (issue 13)", from ``directory``'s
+    """bench/RESULTS.md's section "C100k and workers", from ``directory``'s
     c100k.json and workers-nice*.json; redraws the chart."""
     path = directory / "c100k.json"
     chart(str(path), str(directory / "c100k.png"))
-    return ["## C100k and workers (issue 13)", "", _INTRO, "",
+    return ["## C100k and workers", "", _INTRO, "",
             section(str(path), str(directory / "workers-nice*.json")), "",
             "Commands (each under `flock /tmp/machine.lock`; a 100,000 run takes ~90 s, "
             "`--quick` 10,000 connections ~12 s):", "", _COMMANDS, "",
@@ -868,7 +866,8 @@ def readme_section(directory: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["c100k", "peers", "workers", "profile", "chart",
                                          "section"])
     parser.add_argument("--connections", type=int, default=100_000)

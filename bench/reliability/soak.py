@@ -1,6 +1,6 @@
 """Soak: pgws-relay at half its measured capacity for a long time, clients joining and leaving.
 
-    python bench/soak.py --minutes 30 --json bench/results/reliability/soak.json
+    python -m bench.reliability.soak --minutes 30 --json bench/results/reliability/soak.json
 
 Theory of operation
 -------------------
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing as mp
-import os
 import queue
 import random
 import selectors
@@ -37,9 +36,7 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     Clients,
     Producer,
     Server,
@@ -53,7 +50,7 @@ from bench.harness import (
     recv_ready,
     token,
 )
-from bench.run import PAYLOAD, burst, connections_for
+from bench.parts.workloads import PAYLOAD, burst, connections_for
 
 #: The long-lived clients whose deliveries are counted.
 _CLIENTS = 1000
@@ -149,7 +146,8 @@ def warmed_up(samples: list[dict[str, Any]], minutes: float) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--churners", type=int, default=100)
     parser.add_argument("--churn-per-s", type=float, default=20.0)

@@ -1,6 +1,6 @@
 """Flooding clients against everyone else: how a plain GET and a delivery fare during a flood.
 
-    python bench/flood.py --runs 3 --json bench/results/reliability/flood.json
+    python -m bench.reliability.flood --runs 3 --json bench/results/reliability/flood.json
 
 Theory of operation
 -------------------
@@ -17,7 +17,7 @@ notification every 10 ms (each carrying its send time) and times each delivery. 
 
 It reports per scenario the median and p99 of each latency, their ratios to ``quiet``, the
 bytes the flooders got in and how often they were closed. Figures are medians over ``--runs``.
-Before the reader yielded (issue 9), one flooder held the event loop: ``GET /`` timed out.
+Before the reader yielded to other tasks, one flooder held the event loop: ``GET /`` timed out.
 """
 
 from __future__ import annotations
@@ -25,19 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import socket
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 import psycopg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     Server,
@@ -203,7 +199,8 @@ def run_scenario(name: str, seconds: float, flooders: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--flooders", type=int, default=1)

@@ -1,10 +1,10 @@
 """Run a benchmark scenario against pgws-relay and its peers, side by side; print a table.
 
-    python bench/run.py burst --servers relay,websockets,node,ceiling --runs 3
-    python bench/run.py steady --json bench/results/steady.json
-    python bench/run.py all --quick          # the smallest of everything (CI smoke test)
+    python -m bench.scenarios.throughput burst --servers relay,websockets,node,ceiling --runs 3
+    python -m bench.scenarios.throughput steady --json bench/results/steady.json
+    python -m bench.scenarios.throughput all --quick    # the smallest of everything (smoke test)
 
-Scenarios (issue 3): ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
+Scenarios: ``burst`` (deliveries/s and CPU per 1,000 deliveries at N clients),
 ``steady`` (latency from commit to receipt at a fixed rate), ``channels`` (clients spread over
 many channels; Econia's channel mix), ``idle`` (RSS per idle connection), ``slow`` (10% of
 clients stop reading), ``workers`` (pgws-relay's burst with 1 and 2 worker processes).
@@ -19,14 +19,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     SERVERS,
     Clients,
     Producer,
@@ -35,29 +32,8 @@ from bench.harness import (
     commit,
     free_port,
     machine,
-    token,
 )
-
-#: Bytes per payload: an Econia fill_event envelope, padded to one size for every channel.
-PAYLOAD = 340
-#: Econia's mix: per matched trade about 2 fill_event + 2 updated_limit_order, plus the rest.
-ECONIA_MIX = (["fill_event"] * 4 + ["updated_limit_order"] * 4 + ["place_limit_order_event"] * 2
-              + ["place_market_order_event", "change_order_size_event", "cancel_order_event",
-                 "place_swap_order_event", "market_registration_event",
-                 "recognized_market_event"])
-
-
-def connections_for(channels: list[str], clients: int, roles: Callable[[int], str],
-                 messages: int | None) -> list[tuple[str, str, int | None]]:
-    """Client i reads channel i mod len(channels) and expects that channel's share of
-    ``messages`` sent round-robin over ``channels`` (None: read until stopped)."""
-    read = token({"mode": "r"})
-    share: dict[str, int] = {}
-    for n in range(messages or 0):
-        share[channels[n % len(channels)]] = share.get(channels[n % len(channels)], 0) + 1
-    return [(f"/{channels[i % len(channels)]}/{read}", roles(i),
-             share.get(channels[i % len(channels)], 0) if messages is not None else None)
-            for i in range(clients)]
+from bench.parts.workloads import ECONIA_MIX, PAYLOAD, burst, burst_through, connections_for
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -65,40 +41,6 @@ def _percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _burst_through(server: Server, conns: list[tuple[str, str, int | None]],
-                   channels: list[str], messages: int, batch: int, procs: int,
-                   nice: int = 0) -> dict[str, Any]:
-    """Send ``messages`` in transactions of ``batch`` to these connections; what came back.
-    ``nice``: the client processes' niceness (bench/c100k.py's workers goal uses 19)."""
-    pool = Clients(server.port, conns, PAYLOAD, procs=procs, nice=nice)
-    producer = Producer()
-    try:
-        cpu = server.cpu_seconds()
-        pool.start()
-        start = time.time()
-        producer.burst(channels, messages, batch, PAYLOAD)
-        outcomes = pool.results()
-        cpu = server.cpu_seconds() - cpu
-    finally:
-        producer.close()
-        pool.close()
-    received = sum(o["received"] for o in outcomes)
-    return {"received": received, "seconds": max(o["last"] for o in outcomes) - start,
-            "cpu_ms_per_1000": 1e6 * cpu / max(received, 1),
-            "stalled_closed": sum(o["stalled_closed"] for o in outcomes)}
-
-
-def burst(server: Server, clients: int, messages: int, batch: int, procs: int, nice: int = 0
-          ) -> dict[str, Any]:
-    channels = ["fill_event"]
-    conns = connections_for(channels, clients, lambda i: "count", messages)
-    run = _burst_through(server, conns, channels, messages, batch, procs, nice)
-    return {"deliveries_per_s": run["received"] / run["seconds"],
-            "delivered_share": run["received"] / (clients * messages),
-            "cpu_ms_per_1000": run["cpu_ms_per_1000"], "seconds": run["seconds"],
-            "peak_rss_kib": server.memory_kib("VmHWM")}
 
 
 def steady(server: Server, clients: int, rate: float, seconds: float, procs: int
@@ -133,7 +75,7 @@ def channels_case(server: Server, clients: int, spread: list[str], messages: int
                   procs: int) -> dict[str, Any]:
     conns = connections_for(spread, clients, lambda i: "count", messages)
     expected = sum(count or 0 for _, _, count in conns)
-    run = _burst_through(server, conns, spread, messages, batch, procs)
+    run = burst_through(server, conns, spread, messages, batch, procs)
     return {"deliveries_per_s": run["received"] / run["seconds"],
             "delivered_share": run["received"] / expected,
             "cpu_ms_per_1000": run["cpu_ms_per_1000"]}
@@ -163,7 +105,7 @@ def slow(server: Server, clients: int, messages: int, batch: int, stalled_share:
     conns = connections_for(channels, clients, roles, messages)
     healthy = sum(1 for _, role, _ in conns if role != "stall")
     with QueueUsage() as queue:
-        run = _burst_through(server, conns, channels, messages, batch, procs)
+        run = burst_through(server, conns, channels, messages, batch, procs)
     return {"healthy_deliveries_per_s": run["received"] / run["seconds"],
             # The issue's measure: each healthy client's throughput, so that the same clients
             # are compared with and without stalls (the total also drops by the 10% stalled).
@@ -281,7 +223,8 @@ def _print_line(scenario: str, label: str, name: str, samples: list[dict[str, An
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=[*HEADLINE, "all"])
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"comma-separated, from {', '.join(SERVERS)}")

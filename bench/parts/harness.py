@@ -10,7 +10,7 @@ Everything runs on this machine and talks over loopback only. Every wait is boun
   or stalls (never reads).
 - :class:`Producer` sends NOTIFYs through PostgreSQL, in bursts of transactions or at a rate.
 - :class:`FrameClients` (for ``compression.py`` and ``filters.py``): client *subprocesses*
-  (``python bench/harness.py frame-client SPEC``, optionally behind a command prefix such as
+  (``python -m bench.parts.harness frame-client SPEC``, optionally behind a command prefix such as
   ``ip netns exec NS``) that parse each frame's header, so frames may have any length and may
   be permessage-deflate compressed; they count frames and bytes, and on chosen connections
   inflate every message and check it (:class:`Conn`). :class:`EconiaFeed` makes notification
@@ -46,6 +46,8 @@ from typing import Any
 
 import jwt
 import psycopg
+
+from bench.parts.paths import module_command, module_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DB_URI = os.environ.get("PGWS_BENCH_DB_URI", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -122,18 +124,18 @@ class Server:
             command, env = _relay_command(port, extra)
             ready = "listening on channel"
         elif name == "websockets":
-            command, env = [sys.executable, os.path.join(HERE, "peers", "websockets_relay.py")], \
-                _peer_env(port)
+            command, env = module_command("bench.parts.peers.websockets_relay"), \
+                module_env(_peer_env(port))
             ready = "READY"
         elif name == "node":
             node_dir = os.path.join(HERE, "peers", "node")
             if not os.path.isdir(os.path.join(node_dir, "node_modules")):
-                raise RuntimeError("the Node peer is not installed: run bench/setup.sh")
+                raise RuntimeError("the Node peer is not installed: run bash bench/setup.sh")
             command, env = ["node", os.path.join(node_dir, "relay.js")], _peer_env(port)
             ready = "READY"
         elif name == "ceiling":
-            command, env = [sys.executable, os.path.join(HERE, "peers", "trio_ceiling.py")], \
-                _peer_env(port)
+            command, env = module_command("bench.parts.peers.trio_ceiling"), \
+                module_env(_peer_env(port))
             ready = "READY"
         else:
             raise ValueError(f"unknown server {name!r}; known: {', '.join(SERVERS)}")
@@ -1262,7 +1264,7 @@ def end_client_processes(procs: Sequence[subprocess.Popen[str]], specs: Sequence
 class FrameClients:
     """``connections`` spread round-robin over ``procs`` frame-client processes.
 
-    Each process is ``[*prefix, python, bench/harness.py, frame-client, SPEC]``: with a prefix
+    Each process is ``[*prefix, python, bench/parts/harness.py, frame-client, SPEC]``: with a prefix
     such as ``["ip", "netns", "exec", NS]`` the clients run in another network namespace.
     Commands go to each process's stdin, reports come back on its stdout; every wait is
     bounded, and :meth:`close` (also on leaving a ``with`` block) ends the processes.
@@ -1290,8 +1292,9 @@ class FrameClients:
                                                  delete=False) as handle:
                     json.dump(spec, handle)
                 self._specs.append(handle.name)
-                proc = subprocess.Popen([*prefix, sys.executable, HARNESS, "frame-client",
-                                         handle.name], stdin=subprocess.PIPE,
+                proc = subprocess.Popen([*prefix, *module_command("bench.parts.harness",
+                                                                  "frame-client", handle.name)],
+                                        env=module_env(), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
                 self._procs.append(proc)
@@ -1483,12 +1486,6 @@ def wait_for_db(timeout: float = 60.0) -> bool:
             time.sleep(1.0)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "frame-client":
-        sys.exit(frame_client_main(sys.argv[2]))
-    sys.exit("usage: harness.py frame-client SPEC.json (started by FrameClients)")
-
-
 def write_json(path: str, document: dict[str, Any]) -> None:
     """Write ``document`` to ``path`` whole or not at all (a run cut short leaves the last)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1496,3 +1493,10 @@ def write_json(path: str, document: dict[str, Any]) -> None:
         json.dump(document, handle, indent=1)
         handle.write("\n")
     os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "frame-client":
+        sys.exit(frame_client_main(sys.argv[2]))
+    sys.exit("usage: python -m bench.parts.harness frame-client SPEC.json "
+             "(started by FrameClients)")

@@ -4,7 +4,7 @@ The ``websockets`` asyncio server with its ``broadcast()``, psycopg's async conn
 LISTEN, PyJWT for the token; ``/TOKEN`` and ``/CHANNEL/TOKEN`` URLs; payloads forwarded
 verbatim, routed by their ``channel`` key. A benchmark peer, not part of the product.
 
-    PORT=3001 DB_URI=... SECRET=... LISTEN_CHANNEL=... python bench/peers/websockets_relay.py
+    PORT=3001 DB_URI=... SECRET=... LISTEN_CHANNEL=... python -m bench.parts.peers.websockets_relay
 """
 
 import asyncio

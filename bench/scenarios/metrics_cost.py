@@ -1,21 +1,23 @@
 """What the metrics cost the fan-out: the burst with and without them, and with a scraper.
 
-    python bench/metrics_cost.py --before /tmp/pgws-before --rounds 10 \\
+    python -m bench.scenarios.metrics_cost --before /tmp/pgws-before --rounds 10 \\
         --json bench/results/reliability/metrics-cost.json
 
 Theory of operation
 -------------------
-This script owns one comparison (issue 10: "metrics cost the hot path nothing measurable").
-Each round runs ``bench/run.py burst --servers relay --runs 1 --cases 'N=1000 B=100'`` (1,000
-clients on one channel, 4,000 notifications, 100 per commit) once for each of three variants:
+This script owns one comparison (the goal: "metrics cost the hot path nothing measurable").
+Each round runs the throughput scenario's ``burst --servers relay --runs 1 --cases
+'N=1000 B=100'`` (1,000 clients on one channel, 4,000 notifications, 100 per commit) once for
+each of three variants:
 
 - ``before``: the build without metrics, from the checkout given as ``--before`` (its own
-  ``bench/run.py`` and its own ``.venv``, run with that checkout as the working directory);
+  throughput script, ``bench/run.py`` in that older layout, and its own ``.venv``, run with that
+  checkout as the working directory);
 - ``after``: this checkout (or ``--after``), no admin port;
 - ``after_scraper``: the same with ``PGWS_ADMIN_PORT`` set to a free port, while a thread here
   GETs ``http://127.0.0.1:PORT/metrics`` every :data:`SCRAPE_INTERVAL` seconds for as long as
-  ``run.py`` runs. Scrapes that fail before the relay is up are expected and counted apart;
-  a run with no successful scrape is flagged (``scrape_ok`` false), since it measured nothing
+  the throughput script runs. Scrapes that fail before the relay is up are expected and counted
+  apart; a run with no successful scrape is flagged (``scrape_ok`` false), since it measured nothing
   of the scraper.
 
 The order of the three is rotated by one each round, so that each variant runs first, second
@@ -28,9 +30,9 @@ It reports, per variant, deliveries/s and the relay's CPU per 1,000 deliveries o
 their medians and min–max, the ratios of the medians to ``before``, and the median of the
 per-round ratios (each round's variants ran within a minute of each other). It also records
 the load average before each run and, per run, the CPU the whole machine spent beside what
-``run.py`` and its children spent, to show how shared the machine was; the same figures over
-the quiet runs alone (``quiet``: the rest of the machine under :data:`QUIET_OTHERS_CPU`) are
-given apart, the same filter for every variant.
+the throughput script and its children spent, to show how shared the machine was; the same
+figures over the quiet runs alone (``quiet``: the rest of the machine under
+:data:`QUIET_OTHERS_CPU`) are given apart, the same filter for every variant.
 
 Setting up the ``before`` checkout (the build without metrics, 723a29c), outside this one:
 
@@ -59,21 +61,32 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.parts.harness import Server, free_port, machine, write_json
+from bench.parts.paths import ROOT
 
-from bench.harness import Server, free_port, machine, write_json
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 VARIANTS = ("before", "after", "after_scraper")
 #: The case the issue names: burst at N=1,000 (the "burst-before-after" row measures the same).
 CASE = "N=1000 B=100"
-RUN_ARGS = ["bench/run.py", "burst", "--servers", "relay", "--runs", "1", "--cases", CASE]
+RUN_ARGS = ["burst", "--servers", "relay", "--runs", "1", "--cases", CASE]
+#: The throughput script, relative to a checkout, and how to run it there: a module where it is
+#: now, a file where older checkouts (such as the ``before`` build) have it.
+THROUGHPUT = (("bench/scenarios/throughput.py", ["-m", "bench.scenarios.throughput"]),
+              ("bench/scenarios/throughput.py", ["bench/scenarios/throughput.py"]))
+
+
+def throughput_script(directory: str) -> tuple[str, list[str]]:
+    """The throughput script of the checkout ``directory`` (its layout depends on its age) and
+    the arguments that run it with that checkout as the working directory."""
+    for script, command in THROUGHPUT:
+        if os.path.exists(os.path.join(directory, script)):
+            return script, command
+    raise SystemExit(f"no throughput script in {directory} (looked for "
+                     f"{', '.join(script for script, _ in THROUGHPUT)})")
 #: The issue's scraper polls once a second (Prometheus' usual interval is 15–60 s: harsher).
 SCRAPE_INTERVAL = 1.0
 #: A scrape answers in milliseconds; longer means the relay is not up (or is gone).
 SCRAPE_TIMEOUT = 2.0
-#: One run.py invocation takes ~10 s here; this bounds a hung one.
+#: One throughput run takes ~10 s here; this bounds a hung one.
 RUN_TIMEOUT = 300.0
 #: The counter a scrape reads to tell whether it landed during the burst (0 < value < total).
 FRAMES = re.compile(rb"^pgws_frames_written_total (\S+)$", re.MULTILINE)
@@ -103,7 +116,7 @@ class Scraper:
     #: Successful scrapes that saw 0 < pgws_frames_written_total < the final count.
     frames_seen: list[float] = field(default_factory=list)
     #: (seconds since start, error) of each failed scrape: refusals before the relay is up
-    #: and after run.py has stopped it are expected; timeouts while it runs are not.
+    #: and after the throughput script has stopped it are expected; timeouts while it runs are not.
     errors: list[tuple[float, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -179,15 +192,15 @@ def _git(directory: str, *args: str) -> str:
 
 def checkout_info(directory: str) -> dict[str, Any]:
     """The commit of a checkout and which of the files that make the relay differ from it."""
-    dirty = _git(directory, "status", "--porcelain", "--", "relay", "bench/run.py",
-                 "bench/harness.py", "pyproject.toml")
+    dirty = _git(directory, "status", "--porcelain", "--", "relay", throughput_script(directory)[0],
+                 "bench/parts/harness.py", "bench/parts/harness.py", "pyproject.toml")
     return {"dir": directory, "commit": _git(directory, "rev-parse", "--short", "HEAD"),
             "uncommitted": dirty.splitlines()}
 
 
 def run_once(variant: str, directory: str, python: str, settle_limit: float
              ) -> dict[str, Any]:
-    """One ``run.py`` burst of this variant; its figures, or its error."""
+    """One throughput burst of this variant; its figures, or its error."""
     waited, settled = settle(settle_limit) if settle_limit > 0 else (0.0, False)
     env = {key: value for key, value in os.environ.items() if key not in ADMIN_ENV}
     scraper = None
@@ -204,8 +217,9 @@ def run_once(variant: str, directory: str, python: str, settle_limit: float
     try:
         if scraper:
             scraper.start()
-        proc = subprocess.run([python, *RUN_ARGS, "--json", out], cwd=directory, env=env,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        proc = subprocess.run([python, *throughput_script(directory)[1], *RUN_ARGS, "--json", out],
+                              cwd=directory, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT)
         if proc.returncode != 0:
             result["error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
         else:
@@ -222,7 +236,7 @@ def run_once(variant: str, directory: str, python: str, settle_limit: float
                     result["error"] = (f"delivered {sample['delivered_share']:.1%} of the "
                                        "burst: not a measurement of the fan-out")
     except subprocess.TimeoutExpired:
-        result["error"] = f"run.py did not finish within {RUN_TIMEOUT:g} s"
+        result["error"] = f"the throughput script did not finish within {RUN_TIMEOUT:g} s"
     finally:
         if scraper:
             result.update(scraper.stop())
@@ -317,7 +331,8 @@ def scrape_cost(scrapes: int = SCRAPE_COST_SCRAPES) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True,
                         help="checkout of the build without metrics, with its own .venv")
     parser.add_argument("--after", default=ROOT,
@@ -351,18 +366,19 @@ def main() -> None:
                 "without metrics (before), with them and no admin port (after), and with the "
                 f"admin port scraped every {SCRAPE_INTERVAL:g} s (after_scraper); one run each "
                 f"per round, order rotated each round, {args.rounds} rounds",
-        "command": "python bench/metrics_cost.py --before " + args.before
+        "command": "python -m bench.scenarios.metrics_cost --before " + args.before
                    + ("" if after == ROOT else f" --after {args.after}")
                    + f" --rounds {args.rounds}"
                    + ("" if args.settle == SETTLE else f" --settle {args.settle:g}")
                    + (f" --json {args.json}" if args.json else ""),
-        "each_run": " ".join(["python", *RUN_ARGS[:-1], f"'{CASE}'"]),
+        "each_run": " ".join(["python", *throughput_script(after)[1], *RUN_ARGS[:-1],
+                              f"'{CASE}'"]),
         "before": checkout_info(before), "after": checkout_info(after),
         "machine": machine(), "started": started, "load_average_start": load_start,
         "scrape_cost": cost,
         "notes": [
-            "others_cpu_s: CPU the whole machine spent during a run beyond run.py and its "
-            "children; PostgreSQL's work for the burst is in it for every variant alike, "
+            "others_cpu_s: CPU the whole machine spent during a run beyond the throughput script "
+            "and its children; PostgreSQL's work for the burst is in it for every variant alike, "
             "anything well above the usual is someone else's load.",
             "scrape_cost: this checkout's relay, idle, scraped "
             f"{cost['scrapes']} times in a row; its CPU per scrape less its idle CPU.",

@@ -1,7 +1,7 @@
-"""One cheap load-client process for ``bench/c100k.py``: thousands of WebSocket connections
+"""One cheap load-client process for the c100k scenario: thousands of WebSocket connections
 from one source address, on one epoll, without a task or an object per connection.
 
-    python bench/loadclient.py SPEC.json      (started by bench/c100k.py; commands on stdin)
+    python -m bench.parts.loadclient SPEC.json  (started by bench.scenarios.c100k; stdin: commands)
 
 Theory of operation
 -------------------
@@ -309,5 +309,6 @@ def main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: loadclient.py SPEC.json (started by bench/c100k.py)")
+        sys.exit("usage: python -m bench.parts.loadclient SPEC.json "
+                 "(started by bench.scenarios.c100k)")
     sys.exit(main(sys.argv[1]))

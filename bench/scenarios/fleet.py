@@ -1,16 +1,16 @@
 """A fleet on one database, with real faults: how long until every affected client receives
-again, and what was lost or duplicated (issue 13, part 2).
+again, and what was lost or duplicated.
 
-    sudo python bench/fleet.py --json bench/results/fleet.json [--runs 3] [--clients 300]
+    sudo python -m bench.scenarios.fleet --json bench/results/fleet.json [--runs 3] [--clients 300]
 
 Theory of operation
 -------------------
-:class:`bench.fleet_hosts.Fleet` builds three relay hosts, a private PostgreSQL, HAProxy and a
+:class:`bench.parts.fleet_hosts.Fleet` builds three relay hosts, a private PostgreSQL, HAProxy and a
 clients' host, each a network namespace of this process. A producer thread here commits one
 notification at a time, ``{"channel": "fleet", "seq": N}``, at ``--rate`` per second for the
 whole run, and notes each commit's time. For each fault, a fresh set of load clients
-(:mod:`bench.fleet_agent`: resuming subscriptions of :mod:`relay.client.subscription`) connects
-through the balancer, which spreads them over the relays; the fault hits the relay holding
+(:mod:`bench.parts.fleet_agent`: resuming subscriptions of :mod:`relay.client.subscription`)
+connects through the balancer, which spreads them over the relays; the fault hits the relay holding
 the most sessions:
 
 ``kill``       SIGKILL of the relay process (the host stays; its sockets are closed by the
@@ -51,11 +51,9 @@ from typing import Any
 import jwt
 import psycopg
 
-if __package__ in (None, ""):  # Run as a script: make ``bench`` importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
-from bench.netns import exit_on_signals
+from bench.parts.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet, fleet
+from bench.parts.netns import exit_on_signals
+from bench.parts.paths import module_env
 
 FAULTS = ("kill", "stop", "partition", "database", "reload")
 #: Metrics worth showing the operator after a fault.
@@ -129,12 +127,12 @@ class Producer:
 
 
 class Agent:
-    """One :mod:`bench.fleet_agent` process in the clients' host, and its JSON lines."""
+    """One :mod:`bench.parts.fleet_agent` process in the clients' host, and its JSON lines."""
 
     def __init__(self, hosts: Fleet, clients: int) -> None:
         self.process = subprocess.Popen(
-            hosts.client_command(hosts.url(), token(), str(clients)), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
+            hosts.client_command(hosts.url(), token(), str(clients)), env=module_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -328,10 +326,10 @@ def _seconds(value: float | None) -> str:
 
 
 def section(result: dict[str, Any], directory: Path) -> list[str]:
-    """bench/README.md's section for ``results/fleet.json`` (in ``directory``): each fault's
+    """bench/RESULTS.md's section for ``results/fleet.json`` (in ``directory``): each fault's
     figures beside the goal, what the operator saw, and the chart."""
     summary = result["summary"]
-    lines = ["## Goals (issue 13): a fleet on one database, with real faults", "",
+    lines = ["## Goals: a fleet on one database, with real faults", "",
              f"`{result['command']}` (run {result['started']}): {result['relays']} relay hosts "
              f"behind HAProxy (`deploy/haproxy.cfg`), a private PostgreSQL, {result['clients']} "
              f"resuming clients (`relay.client.subscription`) made afresh for each fault, "
@@ -416,7 +414,8 @@ def _log_text(line: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--relays", type=int, default=3)
     parser.add_argument("--clients", type=int, default=300)
     # 300 clients in one process read 6,000 messages/s at 20/s: well within its core, so
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             producer.stop()
     result = {"benchmark": "fleet", "started": started, "relays": args.relays,
               "clients": args.clients, "rate": args.rate,
-              "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:]),
+              "command": "python -m bench.scenarios.fleet " + " ".join(argv or sys.argv[1:]),
               "summary": summarise(runs), "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

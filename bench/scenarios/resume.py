@@ -1,20 +1,20 @@
-"""Resumable streams (issue 12): lossless reconnects, replay speed, fan-out cost, history memory.
+"""Resumable streams: lossless reconnects, replay speed, fan-out cost, history memory.
 
-    python bench/resume.py --json bench/results/resume.json
-    python bench/resume.py --quick                    # smoke version, well under a minute
-    python bench/resume.py --parts replay,burst       # of reset,alternate,replay,burst,memory
+    python -m bench.scenarios.resume --json bench/results/resume.json
+    python -m bench.scenarios.resume --quick               # smoke version, well under a minute
+    python -m bench.scenarios.resume --parts replay,burst  # of reset,alternate,replay,burst,memory
 
 Theory of operation
 -------------------
-Every part starts real ``pgws-relay`` processes (:class:`bench.harness.OwnedServer`, default
+Every part starts real ``pgws-relay`` processes (:class:`bench.parts.harness.OwnedServer`, default
 settings unless the part says otherwise) on one database and listen channel; the client of
 parts ``reset``, ``alternate`` and ``replay`` is the project's own client library,
 :func:`relay.client.subscription.subscribe`, offering ``pgws.resume.v1`` and resuming by itself.
-Payloads are the harness's 340-byte ``fill_event`` texts (:func:`bench.harness.payload`) whose
+Payloads are the harness's 340-byte ``fill_event`` texts (:func:`bench.parts.harness.payload`) whose
 ``event_idx`` is a sequence number, so the client counts what is lost, duplicated or out of
-order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~630 bytes).
+order; part ``memory`` sends Econia fills (:class:`bench.parts.harness.EconiaFeed`, ~630 bytes).
 
-- ``reset`` (goal 1): a producer process (``python bench/resume.py produce``, one psycopg
+- ``reset`` (goal 1): a producer process (``python -m bench.scenarios.resume produce``, one psycopg
   connection) commits ``--rate`` (1,000) notifications/s on one channel for ``--seconds``
   (60), ``--batch`` (10) per transaction, each transaction due at start + k × batch / rate
   (paced against the clock, not by sleeping a fixed interval). The client connects through
@@ -40,8 +40,8 @@ order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~6
   less than the production time (10,000 at 10,000/s: 1.0 s). ``--replay-runs`` (5) runs, a
   fresh relay each; medians. Then the same position again, resumed by a bare socket (no
   client library): the relay's side of the replay alone (information).
-- ``burst`` (goal 3): bench/run.py's burst at N=1,000 (4,000 notifications, 100 per
-  transaction) through :class:`bench.harness.FrameClients`, against a relay with history on
+- ``burst`` (goal 3): bench/scenarios/throughput.py's burst at N=1,000 (4,000 notifications, 100 per
+  transaction) through :class:`bench.parts.harness.FrameClients`, against a relay with history on
   (defaults) and off (``PGWS_HISTORY_MESSAGES=0``), plain clients (no subprotocol) both;
   ``positioned`` (information): history on, clients offering the subprotocol (each receives
   the position event at connect and every delivery with its position; a checkpoint event
@@ -57,7 +57,7 @@ order; part ``memory`` sends Econia fills (:class:`bench.harness.EconiaFeed`, ~6
   whether its history is at the bound (when /metrics has it; else the figure below does). The
   same texts fed to
   :class:`relay.core.history.History` in a subprocess (same seed, same sequence numbers:
-  ``python bench/resume.py history-alone``) give the second figure: the structure's own
+  ``python -m bench.scenarios.resume history-alone``) give the second figure: the structure's own
   memory under tracemalloc, against its accounting and the bound.
 
 This machine is shared (other sessions run test suites on its 2 cores). Each run records the
@@ -96,9 +96,7 @@ from typing import Any
 import psycopg
 import trio
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.harness import (
+from bench.parts.harness import (
     DB_URI,
     LISTEN,
     Conn,
@@ -120,13 +118,14 @@ from bench.harness import (
     write_json,
     ws_open,
 )
+from bench.parts.paths import module_command, module_env
 from relay.client.subscription import Lost, Message, subscribe
 from relay.core.history import ENTRY_OVERHEAD, History
 from relay.wire import positions
 
 PARTS = ("reset", "alternate", "replay", "burst", "memory")
 CHANNEL = "fill_event"
-SIZE = 340  # bytes per payload in parts reset, alternate, replay, burst (bench/run.py's)
+SIZE = 340  # bytes per payload in parts reset, alternate, replay, burst (the throughput burst's)
 _SEQ = re.compile(r'"event_idx":(\d+)')
 #: Goal 3: deliveries/s with history on / off.
 BURST_GOAL = 0.9
@@ -168,8 +167,8 @@ def paced_send(db: psycopg.Connection[Any], listen: str, first: int, count: int,
 
 
 def produce_main(listen: str) -> int:
-    """``python bench/resume.py produce LISTEN``: one JSON send spec per stdin line, one JSON
-    result per stdout line (:func:`paced_send`), until stdin closes."""
+    """``python -m bench.scenarios.resume produce LISTEN``: one JSON send spec per stdin line, one
+    JSON result per stdout line (:func:`paced_send`), until stdin closes."""
     with psycopg.connect(DB_URI, autocommit=False) as db:
         print("ready", flush=True)
         for line in sys.stdin:
@@ -182,9 +181,9 @@ class ProducerProcess:
     """The producer in a process of its own, so that this process's work cannot delay it."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "produce",
-                                      LISTEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(module_command("bench.scenarios.resume", "produce", LISTEN),
+                                     env=module_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             self.close()
@@ -906,7 +905,7 @@ def memory_texts(seed: int, channels: int, total: int, chunk: int = 10_000
 
 
 def history_alone_main(spec_json: str) -> int:
-    """``python bench/resume.py history-alone SPEC``: the same texts into
+    """``python -m bench.scenarios.resume history-alone SPEC``: the same texts into
     :class:`relay.core.history.History` under tracemalloc; prints one JSON result."""
     spec = json.loads(spec_json)
     chunks = memory_texts(spec["seed"], spec["channels"], spec["total"])
@@ -1004,8 +1003,9 @@ def memory_part(args: argparse.Namespace, relay_env: dict[str, str]) -> dict[str
     finally:
         producer.close()
         server.stop()
-    alone = subprocess.run([sys.executable, os.path.abspath(__file__), "history-alone",
-                            json.dumps(spec)], capture_output=True, text=True, timeout=1800)
+    alone = subprocess.run(module_command("bench.scenarios.resume", "history-alone",
+                                          json.dumps(spec)),
+                           env=module_env(), capture_output=True, text=True, timeout=1800)
     if alone.returncode != 0:
         result["error"] = f"history-alone failed: {alone.stderr[-500:]}"
         return result
@@ -1038,7 +1038,7 @@ def _mib(value: float) -> str:
 
 
 def goal_rows(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 12's goals: each figure, its target, and whether it is met."""
+    """The resume goals: each figure, its target, and whether it is met."""
     rows: list[dict[str, Any]] = []
     for name, label in (("reset", "1 relay"), ("alternate", "2 relays, alternating")):
         part = parts.get(name)
@@ -1159,7 +1159,8 @@ def _short(value: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="small and short (smoke test)")
@@ -1214,9 +1215,9 @@ def main() -> None:
     relay_env = dict(item.split("=", 1) for item in args.relay_env)
     source = relay_source()
     print(f"relay imported from {source}", flush=True)
-    head = {"what": "issue 12: resets, cross-relay resume, replay speed, burst with history, "
-                    "history memory (see the script's docstring)",
-            "command": "python bench/resume.py " + shlex.join(sys.argv[1:]),
+    head = {"what": "resumable streams: resets, cross-relay resume, replay speed, burst with "
+                    "history, history memory (see the script's docstring)",
+            "command": "python -m bench.scenarios.resume " + shlex.join(sys.argv[1:]),
             **git_head(), "relay_source": source, "machine": machine(),
             "started": time.strftime("%F %T"), "relay_env": relay_env,
             "load_average_start": [round(x, 2) for x in os.getloadavg()],

@@ -14,9 +14,9 @@ meet::
     cl ──edge 10.233.0.0/30── lb ──front 10.233.1.0/24── r1 r2 r3 ──back 10.233.2.0/24── db
 
 ``cl`` holds the load clients, ``lb`` HAProxy (Debian's package), ``rN`` one ``pgws-relay``
-each, ``db`` a private PostgreSQL cluster (:mod:`bench.pgcluster`). The front and back networks
-are two bridges in a switch namespace ``sw``; each host's cable is a veth pair with one end in
-the host (named ``front``/``back``/``edge`` there) and one on a bridge (``f-rN``, ``b-rN``).
+each, ``db`` a private PostgreSQL cluster (:mod:`bench.parts.pgcluster`). The front and back
+networks are two bridges in a switch namespace ``sw``; each host's cable is a veth pair with one
+end in the host (named ``front``/``back``/``edge`` there) and one on a bridge (``f-rN``, ``b-rN``).
 A fault is what happens to real hosts: :meth:`Fleet.kill` (SIGKILL), :meth:`Fleet.link` (the
 switch's end of a cable down: packets vanish, nobody is told), :meth:`Fleet.reload` (HAProxy's
 master-worker reload, SIGUSR2).
@@ -54,7 +54,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench import pgcluster
+from bench.parts import pgcluster
+from bench.parts.paths import DEPLOY, module_command
 
 #: Names of this module's namespaces and folders start with it, then the pid: a leftover of a
 #: killed run is told apart, and removed by :func:`remove_stale`.
@@ -75,7 +76,7 @@ SECRET = "fleetfleetfleetfleetfleetfleetfl"
 #: The relays' listener heartbeat: a cut database link is noticed within two periods.
 HEARTBEAT_MS = 1000
 #: The balancer's configuration: the one operators are given.
-_DEPLOYED = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+_DEPLOYED = Path(DEPLOY) / "haproxy.cfg"
 #: Seconds to wait for a process or a state the fleet is driven to.
 WAIT = 30.0
 
@@ -116,7 +117,7 @@ def _haproxy_config(relays: int, socket_path: Path) -> str:
     text = re.sub(r"(?m)^\s*server .*\n", "", text)
     if f"check port {ADMIN_PORT} " not in text or f":{BALANCER_PORT}" not in text:
         raise RuntimeError(f"{_DEPLOYED} no longer checks port {ADMIN_PORT} or binds "
-                           f"{BALANCER_PORT}: update bench/fleet_hosts.py with it")
+                           f"{BALANCER_PORT}: update bench/parts/fleet_hosts.py with it")
     return text + "".join(f"    server r{i} {front(i)}:{RELAY_PORT}\n"
                           for i in range(1, relays + 1))
 
@@ -344,8 +345,8 @@ class Fleet:
         self.processes["lb"].send_signal(signal.SIGUSR2)
 
     def client_command(self, *args: str) -> list[str]:
-        """The command that runs ``bench.fleet_agent`` with ``args`` in the clients' host."""
-        return [*self.exec_prefix("cl"), sys.executable, "-m", "bench.fleet_agent", *args]
+        """The command that runs ``bench.parts.fleet_agent`` with ``args`` in the clients' host."""
+        return [*self.exec_prefix("cl"), *module_command("bench.parts.fleet_agent", *args)]
 
     def url(self) -> str:
         return f"ws://{BALANCER_ADDRESS}:{BALANCER_PORT}/{CHANNEL}"

@@ -1,6 +1,6 @@
 """Connect/disconnect churn: 100,000 WebSocket connections opened and closed, nothing kept.
 
-    python bench/churn.py --cycles 100000 --procs 4 --json bench/results/churn.json
+    python -m bench.reliability.churn --cycles 100000 --procs 4 --json bench/results/churn.json
 
 Each cycle opens a connection, completes the handshake and leaves in one of four ways, in
 turn: a clean close handshake, a close frame without waiting, a TCP reset, or a plain close
@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing as mp
-import os
 import socket
 import struct
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.fuzz import pool_at_rest, settled, sockets_open
-from bench.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
+from bench.parts.harness import Server, commit, dumps, frame, free_port, handshake, machine, token
+from bench.parts.leaks import pool_at_rest, settled, sockets_open
 
 _WARM_UP = 1000
 #: RSS may end this much above its baseline (the issue's bound).
@@ -76,7 +73,8 @@ def _run(port: int, cycles: int, procs: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=100_000)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--json", help="write the results to this file")

@@ -62,6 +62,7 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.core.hub import Hub
+from relay.core.limits import AddressCount, network_of
 from relay.core.stats import REFUSAL_REASONS, counters
 from relay.sources.notifier import Notifier
 from relay.sources.notify import Listener
@@ -71,12 +72,23 @@ log = logging.getLogger(__name__)
 #: Bytes of request head an admin client may send: a probe's GET is a few hundred.
 _MAX_HEAD = 8192
 
-#: Seconds an admin connection has to send its request, and then to take the answer: probes
-#: time out after a few seconds themselves; a stalled one must not hold a slot longer.
+#: Seconds an admin connection has to send its request head: a probe or a scraper sends it
+#: with the connection, so longer is a client holding a slot.
+_HEAD_TIMEOUT = 2.0
+
+#: Seconds an admin connection has in all, its answer included (a scrape of many workers
+#: takes up to WORKER_TIMEOUT): probes time out after a few seconds themselves.
 _REQUEST_TIMEOUT = 10.0
 
-#: Admin connections served at once; a scraper and a few probes need a handful.
+#: Admin connections served at once; a scraper and a few probes need a handful. When all are
+#: taken, the one that has waited longest for its request head is closed for the newcomer:
+#: probes send their head at once, so idle connections (64 of them once starved /health and
+#: /ready, and so HAProxy and Kubernetes restarted healthy relays) cannot keep one out.
 _MAX_CONNECTIONS = 64
+
+#: Admin connections one client address (IPv6: one /64) may hold over TCP: a probe, a scraper
+#: and a person with curl. The supervisor's Unix sockets to its workers are not counted.
+_MAX_PER_ADDRESS = 8
 
 #: Seconds the supervisor waits for one worker's answer: a worker busy for longer than this
 #: is reported as not answering rather than delaying the whole probe.
@@ -343,12 +355,36 @@ async def fetch_unix(socket_path: str, path: bytes) -> tuple[int, bytes]:
 # -- the listener ---------------------------------------------------------------------------
 
 
+class _Slot:
+    """One admin connection: its cancel scope, and whether a newcomer took its slot."""
+
+    __slots__ = ("evicted", "scope")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.evicted = False
+
+
+def _network(stream: trio.abc.Stream) -> str | None:
+    """The client network of a TCP admin connection (None: a Unix socket, or unknown)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family not in (trio.socket.AF_INET, trio.socket.AF_INET6):
+        return None
+    try:
+        return network_of(sock.getpeername()[0])
+    except OSError:
+        return None
+
+
 class AdminServer:
     """Serves :class:`Probe` answers on the given listeners until cancelled."""
 
     def __init__(self, probe: Probe) -> None:
         self._probe = probe
         self._open = 0
+        #: Connections still waiting for their request head, oldest first.
+        self._waiting: dict[_Slot, None] = {}
+        self._addresses = AddressCount(_MAX_PER_ADDRESS)
 
     async def serve(self, listeners: Sequence[trio.abc.Listener[Any]],
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -356,28 +392,46 @@ class AdminServer:
         await trio.serve_listeners(self._handle, list(listeners), task_status=task_status)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        if self._open >= _MAX_CONNECTIONS:
+        network = _network(stream)
+        if self._open >= _MAX_CONNECTIONS and self._waiting:
+            oldest = next(iter(self._waiting))  # Its slot passes to this one at once.
+            del self._waiting[oldest]
+            oldest.evicted = True
+            oldest.scope.cancel()
+            self._open -= 1
+        if self._open >= _MAX_CONNECTIONS or (
+                network is not None and not self._addresses.enter(network)):
             await trio.aclose_forcefully(stream)
             return
         self._open += 1
+        slot = _Slot(trio.CancelScope(deadline=trio.current_time() + _REQUEST_TIMEOUT))
+        self._waiting[slot] = None
         try:
-            with trio.move_on_after(_REQUEST_TIMEOUT):
-                await self._answer(stream)
+            with slot.scope:
+                await self._answer(stream, slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("internal error on an admin connection")
         finally:
-            self._open -= 1
+            self._waiting.pop(slot, None)
+            if not slot.evicted:
+                self._open -= 1
+            if network is not None:
+                self._addresses.leave(network)
             await trio.aclose_forcefully(stream)
 
-    async def _answer(self, stream: trio.abc.Stream) -> None:
+    async def _answer(self, stream: trio.abc.Stream, slot: _Slot) -> None:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         try:
-            request = await _read_request(stream, http)
+            with trio.fail_after(_HEAD_TIMEOUT):
+                request = await _read_request(stream, http)
         except h11.RemoteProtocolError as exc:
             await _respond(stream, http, exc.error_status_hint, _TEXT, b"bad request\n")
             return
+        except trio.TooSlowError:
+            return
+        self._waiting.pop(slot, None)  # It has asked: no longer the one to close for another.
         if request is None:
             return
         status, content_type, body = await self._route(request)

@@ -18,6 +18,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import RelayProcess, eventually, notify, token
+from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
 
 
@@ -248,3 +249,56 @@ def test_filter_sets_past_the_cost_cap_are_refused_and_cheap_ones_still_fit(star
             503, b"Too many distinct filters")
         with ws(relay, f"/c/{token({'mode': 'r'})}?filter=payload.n=eq.5"):
             pass
+
+
+# -- the admin listener ---------------------------------------------------------------------------
+
+def test_idle_connections_from_many_addresses_cannot_starve_the_probes(start_relay) -> None:
+    # Before: 64 idle connections made /health and /ready time out, so a balancer or a liveness
+    # probe took a healthy relay out.
+    relay = start_relay(PGWS_ADMIN_PORT="0")
+    port = admin_port(relay)
+    idle = []
+    try:
+        for n in range(100):  # 100 addresses, 127.0.1.1 … : past the per-address cap.
+            sock = socket.socket()
+            sock.bind((f"127.0.1.{n + 1}", 0))
+            sock.connect(("127.0.0.1", port))
+            idle.append(sock)
+        for path in ("/health", "/ready"):
+            assert get(port, path)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _ask(sock: socket.socket, path: bytes = b"/health") -> bytes:
+    """Send one request on an open admin connection; the answer's status line, or b"" when the
+    connection was closed without one."""
+    sock.settimeout(10)
+    try:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+    return answer.split(b"\r\n", 1)[0] if b"\r\n" in answer else b""
+
+
+def test_one_address_holds_a_handful_of_admin_connections(start_relay) -> None:
+    relay = start_relay(PGWS_ADMIN_PORT="0")
+    port = admin_port(relay)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(12)]
+    try:
+        for sock in held[8:]:  # Over the cap: closed before any request (before: held 10 s).
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+        assert [_ask(sock) for sock in held[:8]] == [b"HTTP/1.1 200 OK"] * 8
+    finally:
+        for sock in held:
+            sock.close()
+    assert get(port, "/health")[0] == 200

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.core.history import ENTRY_OVERHEAD, WAIT, History
+from relay.core.history import ENTRY_OVERHEAD, WAIT, History, _name_size
 from relay.wire import frames, positions
 from relay.wire.positions import Position
 
@@ -25,6 +25,11 @@ def _payload(channel: str, n: int) -> bytes:
 def _history(messages: int = 100, max_bytes: int = 1 << 20, max_age: float = 60) -> History:
     """A history whose clock is Unix time itself (entries arrive at 0.0 unless told)."""
     return History(messages, max_bytes, max_age, wall_offset=0.0)
+
+
+def _names(*channels: str) -> int:
+    """What the history charges for keeping these channels' names."""
+    return sum(map(_name_size, channels))
 
 
 def _feed(history: History, items: list[tuple[str, int]], arrived: float = 0.0) -> list[str]:
@@ -145,9 +150,9 @@ def test_the_byte_bound_counts_overhead_and_drops_the_oldest_of_all() -> None:
     payload_size = len(_payload("a", 10))
     entry_size = len(_history(1).append("a", _payload("a", 10), 0).frame) \
         + ENTRY_OVERHEAD
-    history = _history(max_bytes=5 * entry_size)
+    history = _history(max_bytes=5 * entry_size + _names("a", "b", "c"))
     marks = _feed(history, [("a", 10), ("b", 11), ("a", 12), ("b", 13), ("a", 14)])
-    assert history.entries == 5 and history.bytes == 5 * entry_size
+    assert history.entries == 5 and history.bytes == 5 * entry_size + _names("a", "b")
     _feed(history, [("c", 15)])
     assert history.entries == 5 and history.bytes <= history.max_bytes
     assert payload_size < entry_size
@@ -292,7 +297,8 @@ def test_entry_overhead_covers_what_an_entry_really_costs() -> None:
         tracemalloc.stop()
     per_entry = (after - before - frame_bytes) / len(payloads)
     assert 0 < per_entry <= ENTRY_OVERHEAD
-    assert history.bytes == frame_bytes + len(payloads) * ENTRY_OVERHEAD
+    assert history.bytes == frame_bytes + len(payloads) * ENTRY_OVERHEAD \
+        + _names(*{payload[13:18].decode() for payload in payloads})
 
 
 _items = st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3)), max_size=60)
@@ -307,7 +313,8 @@ def test_resume_is_exact_or_says_expired_and_never_silently_loses(
         start: int, channels: set[str]) -> None:
     entry_size = len(frames.text(b"00000000.1.0000000000000000.00000000\n" + _payload("a", 0))) \
         + ENTRY_OVERHEAD
-    history = History(messages, entries_fit * entry_size + 64, max_age, wall_offset=0.0)
+    history = History(messages, entries_fit * entry_size + _names("a", "b", "c") + 64, max_age,
+                      wall_offset=0.0)
     model: list[tuple[int, str, int]] = []  # (seq, channel, n) of every notification
     clock = 0.0
     marks = [history.position]
@@ -408,7 +415,7 @@ def test_a_log_cut_by_the_count_still_ages_out() -> None:
     _feed(history, [("a", 1), ("a", 2), ("a", 3)], arrived=0.0)
     assert history.entries == 2
     history.expire(100.0)
-    assert (history.entries, history.bytes) == (0, 0)
+    assert (history.entries, history.bytes) == (0, _names("a"))  # Its name is remembered.
 
 
 def test_the_byte_bound_drops_the_oldest_of_all_even_several_for_one_append() -> None:
@@ -417,7 +424,7 @@ def test_the_byte_bound_drops_the_oldest_of_all_even_several_for_one_append() ->
 
     big = json.dumps({"channel": "c", "n": 4, "pad": "z" * 2000}).encode()
     small = size(_payload("a", 1))
-    history = _history(max_bytes=small + size(big))
+    history = _history(max_bytes=small + size(big) + _names("a", "b", "c"))
     marks = _feed(history, [("a", 1), ("b", 2), ("a", 3)])
     history.append("c", big, 0.0)  # a:1 and b:2 go, the two oldest.
     assert history.entries == 2
@@ -497,3 +504,22 @@ def test_the_byte_bound_holds_for_the_memory_of_many_busy_channels() -> None:
     assert history.bytes > history.max_bytes - 1024  # The bound was reached.
     # The digest window, the heads heap and the dict of logs come on top: a few KiB.
     assert held <= history.max_bytes + 16 * 1024, (held, history.bytes)
+
+
+def test_forgotten_channel_names_are_charged_against_the_byte_bound() -> None:
+    """Before, 10,000 emptied channels of ~8 KB names were remembered outside the bound: 78 MiB
+    held for a 1 MiB bound. Now a name is charged from its first entry until it is forgotten,
+    and the oldest forgotten go first when entries alone cannot make room."""
+    bound = 1 << 20
+    history = History(1, bound, 1.0, wall_offset=0.0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(2_000):  # Each name made anew, as parsing a payload makes it.
+            history.append(f"{n:08d}" + "x" * 8_000, b"{}", float(n))  # Ages the last out.
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert history.bytes <= bound
+    assert held <= 1.25 * bound

@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import TextIO
 
 import trio
 
@@ -290,9 +292,10 @@ async def _follow(args: argparse.Namespace, token: str | None) -> int:
                               f"missing; going on after {event.position or 'now'}",
                               file=sys.stderr, flush=True)
                     elif args.positions:
-                        print(f"{event.position or '-'}\t{event.payload}", flush=True)
+                        print(f"{event.position or '-'}\t{_safe(event.payload, sys.stdout)}",
+                              flush=True)
                     else:
-                        print(event.payload, flush=True)
+                        print(_safe(event.payload, sys.stdout), flush=True)
         except subscription.Refused as exc:
             print(f"pgws-relay tail: refused: {_one_line(str(exc))}", file=sys.stderr)
             status = 1
@@ -320,7 +323,20 @@ async def _follow(args: argparse.Namespace, token: str | None) -> int:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return _safe(" ".join(text.split()), sys.stderr)
+
+
+#: Control characters (C0 but tab, DEL, C1): a terminal would obey them (escape sequences can
+#: retitle a window, move the cursor, hide text), so a relay's text shown on one escapes them.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str, stream: TextIO) -> str:
+    """``text`` as it may be shown on ``stream``: control characters as ``\\xNN`` on a
+    terminal, untouched elsewhere (a pipe gets the payload exactly)."""
+    if not stream.isatty():
+        return text
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,6 +62,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -70,6 +71,7 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto.utilities import ProtocolError as WsprotoError
 
 from relay.wire import positions
 
@@ -248,6 +250,11 @@ class _Connection:
         self.blocked_since_ping = False
 
 
+#: Bytes of the answer to the opening handshake read at most (a refusal's head and body): a
+#: relay's is well under 1 KiB; anything larger ends the attempt instead of filling memory.
+MAX_HANDSHAKE_ANSWER = 65536
+
+
 class _HandshakeGuard(trio.abc.Stream):
     """A stream that turns a connection closed or reset during the opening handshake into an
     error.
@@ -260,6 +267,9 @@ class _HandshakeGuard(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.opened = False
+        #: Bytes received before the handshake ended: an answer larger than a relay's
+        #: (headers and a one-line refusal) is a hostile or broken server, not one to buffer.
+        self.received = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -279,8 +289,13 @@ class _HandshakeGuard(trio.abc.Stream):
             if self.opened:
                 raise
             raise HandshakeError("connection reset during the handshake") from error
-        if not data and not self.opened:
-            raise HandshakeError("connection closed during the handshake")
+        if not self.opened:
+            if not data:
+                raise HandshakeError("connection closed during the handshake")
+            self.received += len(data)
+            if self.received > MAX_HANDSHAKE_ANSWER:
+                raise HandshakeError(f"an answer to the handshake over {MAX_HANDSHAKE_ANSWER} "
+                                     "bytes")
         return data
 
     async def aclose(self) -> None:
@@ -454,6 +469,10 @@ class Subscription:
                 self._refused(error, position)
             if isinstance(error, (OSError, HandshakeError, trio.BrokenResourceError)):
                 raise _Retry(_describe(error)) from None
+            if isinstance(error, (h11.ProtocolError, WsprotoError)):
+                # A server that broke the protocol (a wrong accept key, a bad frame): trio-
+                # websocket lets h11's and wsproto's errors out; they are no bug of ours.
+                raise _Retry(f"the server broke the protocol: {error}") from None
             raise error from None
         finally:
             if guard is not None:

@@ -137,12 +137,20 @@ class ProtocolError(ValueError):
     """A message that is neither a delivery nor a control event of this protocol."""
 
 
+#: Characters of a control event a client reads at most: the relay's are under 200, and a
+#: hostile server's must cost the client no parse of a megabyte (nor a recursion of its depth).
+MAX_CONTROL_LENGTH = 1024
+
+
 def read(message: str) -> Delivery | Control:
-    """One message from the relay, under the subprotocol."""
+    """One message from the relay, under the subprotocol. Raises :class:`ProtocolError` (and
+    nothing else) for anything else, however deep or long."""
     if message.startswith("{"):
+        if len(message) > MAX_CONTROL_LENGTH:
+            raise ProtocolError(f"a control event of {len(message)} characters")
         try:
             fields: Any = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError("a control event that is not JSON") from None
         if not isinstance(fields, dict) or fields.get("event") not in (
                 "position", "resumed", "lost") or not _is_position(fields.get("position")):

@@ -7,17 +7,25 @@ in docs/security.md.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
+import pty
+import re
 import signal
 import socket
+import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
+import trio
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import RelayProcess, eventually, notify, token
+from relay.wire import frames, positions
+from tests.conftest import RELAY, RelayProcess, eventually, notify, token
 from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
 
@@ -302,3 +310,155 @@ def test_one_address_holds_a_handful_of_admin_connections(start_relay) -> None:
         for sock in held:
             sock.close()
     assert get(port, "/health")[0] == 200
+
+
+# -- the client library and `tail` against a hostile server -------------------------------------
+
+class _HostileServer:
+    """A server that answers every connection as ``mode`` says: ``deep`` (a resume
+    handshake, then a control event nested past the recursion limit), ``escapes`` (a delivery
+    whose payload is terminal escape sequences), ``wrong-accept`` (a 101 whose accept key is
+    wrong) or ``endless`` (a 400 whose body never ends)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sent = 0
+        self.connections = 0
+        #: Set when the first connection has been answered and closed.
+        self.answered = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # Closed: the test is over.
+            with conn, contextlib.suppress(OSError):
+                self._answer(conn)
+            self.connections += 1
+            self.answered.set()
+
+    def _answer(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(4096)
+            if not data:
+                return
+            head += data
+        if self.mode == "endless":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 1000000000\r\n\r\n")
+            chunk = b"x" * 16384
+            with contextlib.suppress(OSError):
+                while self.sent < 1_000_000_000:
+                    conn.sendall(chunk)
+                    self.sent += len(chunk)
+            return
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head).group(1)
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        if self.mode == "wrong-accept":
+            accept = base64.b64encode(b"not the digest of the key")
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept +
+                     b"\r\nSec-WebSocket-Protocol: pgws.resume.v1\r\n\r\n")
+        position = "0102abcd.1.fedcba9876543210.675a1b2c"
+        if self.mode == "deep":
+            conn.sendall(frames.text(b'{"event":' + b"[" * 1000))
+        else:
+            conn.sendall(frames.text(positions.position_event(position)))
+            conn.sendall(frames.text(f"{position}\n\x1b]0;owned\x07\x1b[2J".encode()))
+            conn.sendall(frames.text(positions.lost_event("unknown", position)))
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            while conn.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _tail(port: int, *, stdout: int | None = None) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PGWS_")}
+    return subprocess.Popen([RELAY, "tail", f"ws://127.0.0.1:{port}/c"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=stdout or subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_control_event_nested_past_the_recursion_limit_ends_tail_with_one_line() -> None:
+    # Before: RecursionError escaped the library, and tail died with a traceback.
+    server = _HostileServer("deep")
+    try:
+        tail = _tail(server.port)
+        out, err = tail.communicate(timeout=30)
+    finally:
+        server.close()
+    assert tail.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "pgws-relay tail: the relay sent a control event that is not JSON")
+    assert "Traceback" not in err
+
+
+def test_tail_shows_escape_sequences_on_a_terminal_as_text() -> None:
+    # Before: the payload's escapes reached the terminal raw (a new window title, a cleared
+    # screen); a pipe still gets the payload exactly.
+    server = _HostileServer("escapes")
+    controller, terminal = pty.openpty()
+    try:
+        tail = _tail(server.port, stdout=terminal)
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once tail is gone.
+            while b"owned" not in shown or b"\n" not in shown.split(b"owned", 1)[1]:
+                data = os.read(controller, 4096)
+                if not data:
+                    break
+                shown += data
+        tail.send_signal(signal.SIGTERM)
+        tail.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        server.close()
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert b"\\x1b]0;owned\\x07\\x1b[2J" in shown
+    piped = _HostileServer("escapes")
+    try:
+        tail = _tail(piped.port)
+        line = tail.stdout.readline()
+        tail.send_signal(signal.SIGTERM)
+        tail.communicate(timeout=30)
+    finally:
+        piped.close()
+    assert line == "\x1b]0;owned\x07\x1b[2J\n"
+
+
+async def test_a_refusal_whose_body_never_ends_is_not_read_past_a_bound() -> None:
+    # Before: the library read the body for the whole connect timeout (10 s), into memory.
+    from relay.client.subscription import MAX_HANDSHAKE_ANSWER, subscribe
+
+    server = _HostileServer("endless")
+    try:
+        async with subscribe(f"ws://127.0.0.1:{server.port}/c", backoff_min=60,
+                             backoff_max=60):
+            assert await trio.to_thread.run_sync(server.answered.wait, 30)
+    finally:
+        server.close()
+    assert 0 < server.sent < MAX_HANDSHAKE_ANSWER + 8 * 1024 * 1024
+
+
+async def test_a_server_that_breaks_the_handshake_is_retried_not_raised() -> None:
+    # Before: h11's LocalProtocolError escaped the library (tail: a traceback).
+    from relay.client.subscription import subscribe
+
+    server = _HostileServer("wrong-accept")
+    try:
+        async with subscribe(f"ws://127.0.0.1:{server.port}/c", backoff_min=0.01,
+                             backoff_max=0.02):
+            await trio.to_thread.run_sync(
+                lambda: eventually(lambda: server.connections >= 3, what="three attempts"))
+    finally:
+        server.close()

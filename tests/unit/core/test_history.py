@@ -523,3 +523,11 @@ def test_forgotten_channel_names_are_charged_against_the_byte_bound() -> None:
         tracemalloc.stop()
     assert history.bytes <= bound
     assert held <= 1.25 * bound
+
+
+def test_a_control_event_too_deep_or_too_long_is_a_protocol_error_and_nothing_else() -> None:
+    deep = '{"event":' + "[" * (positions.MAX_CONTROL_LENGTH - 10)
+    assert len(deep) <= positions.MAX_CONTROL_LENGTH
+    for message in (deep, "{" + " " * positions.MAX_CONTROL_LENGTH + "}"):
+        with pytest.raises(positions.ProtocolError):
+            positions.read(message)

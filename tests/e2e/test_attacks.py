@@ -394,7 +394,7 @@ def test_a_control_event_nested_past_the_recursion_limit_ends_tail_with_one_line
     server = _HostileServer("deep")
     try:
         tail = _tail(server.port)
-        out, err = tail.communicate(timeout=30)
+        _, err = tail.communicate(timeout=30)
     finally:
         server.close()
     assert tail.returncode == 1

@@ -134,7 +134,15 @@ def _listing(real_root: str, directory: str, names: list[str]) -> Reply:
         f"{html.escape(_display(name))}</a></li>" for name in sorted(shown))
     body = (f"<!DOCTYPE html><html><head><title>{title}</title></head>"
             f"<body><h1>{title}</h1><ul>{items}</ul></body></html>").encode()
-    return Reply(200, [(b"content-type", b"text/html; charset=utf-8")], body, length=len(body))
+    return Reply(200, [(b"content-type", b"text/html; charset=utf-8"), *_FRAMING], body,
+                 length=len(body))
+
+
+#: Sent with every file and listing: no other site may frame a page the relay serves (the
+#: console holds a token and sends messages: a framing site could trick a user into clicks,
+#: and a page's own <meta> CSP cannot say frame-ancestors), and no browser guesses a type.
+_FRAMING = ((b"content-security-policy", b"frame-ancestors 'none'"),
+            (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"))
 
 
 def _serve(real_root: str, names: list[str], if_none_match: bytes | None) -> Reply:
@@ -159,7 +167,7 @@ def _serve(real_root: str, names: list[str], if_none_match: bytes | None) -> Rep
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if content_type.startswith("text/"):
         content_type += "; charset=utf-8"
-    headers = [(b"content-type", content_type.encode()), (b"etag", etag)]
+    headers = [(b"content-type", content_type.encode()), (b"etag", etag), *_FRAMING]
     if if_none_match is not None and etag in (tag.strip() for tag in if_none_match.split(b",")):
         return Reply(304, headers)
     return Reply(200, headers, file=path, length=info.st_size)

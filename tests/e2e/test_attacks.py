@@ -462,3 +462,17 @@ async def test_a_server_that_breaks_the_handshake_is_retried_not_raised() -> Non
                 lambda: eventually(lambda: server.connections >= 3, what="three attempts"))
     finally:
         server.close()
+
+
+# -- the console ----------------------------------------------------------------------------------
+
+def test_no_other_site_can_frame_the_console(start_relay) -> None:
+    from relay.console import DIRECTORY
+
+    relay = start_relay(PGWS_ROOT_PATH=str(DIRECTORY))
+    for path in ("/", "/console.js"):
+        with urllib.request.urlopen(relay.url(path, "http"), timeout=10) as answer:
+            headers = {name.lower(): value for name, value in answer.headers.items()}
+        assert headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["x-content-type-options"] == "nosniff"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -114,6 +115,7 @@ class Config:
     max_client_frames_per_second: float
     max_client_bytes_per_second: float
     allowed_origins: tuple[str, ...]
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     shutdown_timeout: float
     log_level: str
     log_format: str
@@ -125,6 +127,7 @@ class Config:
     max_filter_sets: int
     max_filter_cost: int
     max_filter_sets_per_ip: int
+    max_resumes_per_second_per_ip: float
     history_messages: int
     history_bytes: int
     history_seconds: float
@@ -222,6 +225,18 @@ def _origins(value: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in (item.strip() for item in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or a network (CIDR)") from None
+    return tuple(networks)
+
+
 def _log_format(value: str) -> str:
     form = value.strip().lower()
     if form not in {"text", "json"}:
@@ -317,6 +332,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated origins (scheme://host[:port]) allowed to connect, compared as "
             "origins: scheme and host in any case, a default port or none (unset: any)"),
+    Setting("PGWS_PROXY_PROTOCOL_FROM", "proxy_protocol_from", _networks, None,
+            "comma-separated addresses or networks (CIDR) of balancers that send the PROXY "
+            "protocol v2 (HAProxy's send-proxy-v2): their connections must begin with it, and "
+            "the client address it carries is the one per-address limits count (unset: none)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "shutdown_timeout", _seconds, "5",
             "seconds from SIGTERM/SIGINT to exit: every client gets close 1001, those that "
             "have not answered in time are reset"),
@@ -342,6 +361,10 @@ SETTINGS: tuple[Setting, ...] = (
             "distinct URL-only filter sets that connections from one client address (IPv6: one "
             "/64) hold at most, over all channels, per worker; more get HTTP 503 (0: no "
             "limit)"),
+    Setting("PGWS_MAX_RESUMES_PER_SECOND_PER_IP", "max_resumes_per_second_per_ip", _rate, "10",
+            "resumes (from=) one client address (IPv6: one /64) may start per second, per "
+            "worker, in bursts of twice that; more get HTTP 429 and retry (each replay is "
+            "bounded in work too; 0: no limit)"),
     Setting("PGWS_COMPRESSION", "compression", _bool, "True",
             "permessage-deflate with clients that offer it, one compressor per stream of "
             "identical deliveries (True/False)"),
@@ -495,6 +518,7 @@ def load(env: Mapping[str, str]) -> Config:
         interval_ms = _DEFAULT_HEARTBEAT_MS
     values["heartbeat_interval"] = interval_ms / 1000
     values["allowed_origins"] = values["allowed_origins"] or ()
+    values["proxy_protocol_from"] = values["proxy_protocol_from"] or ()
     values["meta_channel"] = values["meta_channel"] or None
     values["root_path"] = values["root_path"] or None
     return Config(**values)

@@ -68,6 +68,8 @@ BALANCER_PORT = 3000
 #: Where the clients connect: HAProxy's address on the edge cable.
 BALANCER_ADDRESS = "10.233.0.1"
 CLIENTS_ADDRESS = "10.233.0.2"
+#: HAProxy's address towards the relays: it sends them the PROXY protocol from there.
+BALANCER_FRONT_ADDRESS = "10.233.1.1"
 DATABASE_ADDRESS = "10.233.2.2"
 #: The listen channel of every relay of the fleet, and the channel the clients subscribe to.
 LISTEN_CHANNEL = "pgws_fleet"
@@ -185,7 +187,7 @@ class Fleet:
             _run("ip", "-n", self.ns[host], "link", "set", inside, "up")
             _run("ip", "-n", sw, "link", "set", outside, "master", bridge, "up")
 
-        cable("lb", "front", "f-lb", "brf", "10.233.1.1")
+        cable("lb", "front", "f-lb", "brf", BALANCER_FRONT_ADDRESS)
         cable("db", "back", "b-db", "brb", DATABASE_ADDRESS)
         for index, host in enumerate(self.hosts, start=1):
             cable(host, "front", f"f-{host}", "brf", front(index))
@@ -215,6 +217,7 @@ class Fleet:
                 "PGWS_PORT": str(RELAY_PORT), "PGWS_ADMIN_HOST": front(index),
                 "PGWS_ADMIN_PORT": str(ADMIN_PORT), "PGWS_LISTEN_CHANNEL": LISTEN_CHANNEL,
                 "PGWS_CHECK_LISTENER_INTERVAL": str(HEARTBEAT_MS),
+                "PGWS_PROXY_PROTOCOL_FROM": BALANCER_FRONT_ADDRESS,
                 "PGWS_LOG_LEVEL": "INFO", **self.relay_env}
 
     def start(self, index: int, wait: bool = True) -> None:

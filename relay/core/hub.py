@@ -67,11 +67,14 @@ from relay.wire.positions import Position
 #: that clients keep joining loses its compression history at most this often.
 _SYNC_SPACING = 1.0
 
-#: History entries a filtered resume may examine: each is parsed and evaluated (~4 µs for an
-#: Econia fill) in one synchronous step, so this bounds how long one resume holds the relay
-#: (~40 ms). Beyond it the client is told ``expired``. Unfiltered replays only collect frames
-#: (~80 ns each), bounded by the history itself.
-_FILTERED_REPLAY_LIMIT = 10_000
+#: The work a filtered resume may do, in the units of :func:`relay.core.filters.cost` (about
+#: 0.3 µs each at worst): each history entry it examines is parsed (:func:`_parse_units`) and
+#: its filter set evaluated in full, in one synchronous step, so this bounds how long one resume
+#: holds the relay: 20 ms. Counting entries instead let one resume of a deep 64-filter set hold
+#: it 170–450 ms (1.0 s over 10 channels). Beyond it the client is told ``expired``: an Econia
+#: fill with one filter costs ~10 units (6,000 entries), the deepest 64-filter set ~1,300 (46).
+#: Unfiltered replays only collect frames (~80 ns each), bounded by the history itself.
+REPLAY_WORK = 60_000
 
 
 class Compression(enum.Enum):
@@ -515,16 +518,25 @@ class Hub:
             client.close(code, reason)
 
 
+def _parse_units(payload: bytes) -> int:
+    """What parsing a payload costs, in filter cost units: orjson took 1.4 µs plus 0.5 µs per
+    KiB here (5 units, and 2 per KiB at 0.3 µs a unit)."""
+    return 5 + len(payload) // 512
+
+
 def _replay(entries: Iterable[Entry], filter_set: Filters) -> list[bytes] | None:
-    """The frames a resume replays; None when a filtered one would examine more than
-    ``_FILTERED_REPLAY_LIMIT`` entries (the client is told ``expired``)."""
+    """The frames a resume replays; None when a filtered one would do more than
+    :data:`REPLAY_WORK` (the client is told ``expired``)."""
     if not filter_set:
         return [entry.frame for entry in entries]
     replay = []
-    for examined, entry in enumerate(entries, 1):
-        if examined > _FILTERED_REPLAY_LIMIT:
-            return None
+    per_entry = sum(map(filters.cost, filter_set))
+    work = 0
+    for entry in entries:
         payload = entry.payload
+        work += per_entry + _parse_units(payload)
+        if work > REPLAY_WORK:
+            return None
         if filters.matches(filter_set, filters.Document(payload, envelope.parse(payload))):
             replay.append(entry.frame)
     return replay

@@ -12,7 +12,8 @@ Theory of operation
 is the slow-consumer rule on a client's outbox (``PGWS_MAX_QUEUE_BYTES``).
 :class:`FilterBudget` holds the distinct filter sets of each channel against caps on their
 number and on what evaluating them costs per notification (``PGWS_MAX_FILTER_SETS``,
-``PGWS_MAX_FILTER_COST``, ``PGWS_MAX_FILTER_SETS_PER_IP``).
+``PGWS_MAX_FILTER_COST``, ``PGWS_MAX_FILTER_SETS_PER_IP``); :class:`AddressRate` the resumes
+of each client network (``PGWS_MAX_RESUMES_PER_SECOND_PER_IP``).
 
 They only answer "allowed or not"; what a refusal means on the wire (close 1008, HTTP 503) is
 decided by their callers.
@@ -23,6 +24,7 @@ waiting.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 from collections.abc import Iterable
 
@@ -142,6 +144,34 @@ class AddressCount:
             self._open[network] = count
         else:
             del self._open[network]
+
+
+#: Client networks whose rate :class:`AddressRate` tracks at once; the one seen least recently
+#: is forgotten first (it starts with a full bucket again), so many addresses cannot grow memory.
+_RATE_ADDRESSES = 65_536
+
+
+class AddressRate:
+    """A token bucket per client network: ``rate`` events per second, ``burst`` at once, for
+    what an address may do rarely (resume, which replays history). 0: no limit."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def take(self, network: str, now: float) -> bool:
+        """Count one event of ``network`` at ``now``; False (not counted) over its rate."""
+        if not self._rate:
+            return True
+        bucket = self._buckets.get(network)
+        if bucket is None:
+            bucket = self._buckets[network] = TokenBucket(self._rate, self._burst, now)
+            if len(self._buckets) > _RATE_ADDRESSES:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(network)
+        return bucket.take(now)
 
 
 class _Book:

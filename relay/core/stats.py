@@ -35,7 +35,8 @@ REFUSAL_REASONS: tuple[str, ...] = (
     "position",       # 400: a ``from`` position that cannot be taken
     "handshake",      # 400/426: not a valid WebSocket upgrade
     "origin",         # 403: Origin not in PGWS_ALLOWED_ORIGINS
-    "capacity",       # 503: PGWS_MAX_CONNECTIONS reached
+    "capacity",       # 503: PGWS_MAX_CONNECTIONS reached, or a filter cap
+    "resumes",        # 429: PGWS_MAX_RESUMES_PER_SECOND_PER_IP reached
     "address",        # 503: PGWS_MAX_CONNECTIONS_PER_IP reached
     "shutting_down",  # 503: the relay is stopping
 )

@@ -209,7 +209,8 @@ class RelayCollector(Collector):
             "WebSocket requests refused, by reason: token (400, upstream's texts), filter (400, a "
             "filter parameter that does not parse), position (400, a from= that cannot be "
             "taken), handshake "
-            "(400/426), origin (403), capacity (503, PGWS_MAX_CONNECTIONS), address (503, "
+            "(400/426), origin (403), capacity (503, PGWS_MAX_CONNECTIONS or a filter cap), "
+            "resumes (429, PGWS_MAX_RESUMES_PER_SECOND_PER_IP), address (503, "
             "PGWS_MAX_CONNECTIONS_PER_IP), shutting_down (503).", labels=["reason"])
         for reason in REFUSAL_REASONS:
             refused.add_metric([reason], counters.refused[reason])

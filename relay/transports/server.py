@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import socket
 import time
@@ -61,12 +62,18 @@ from relay.config import Config
 from relay.core import envelope, filters, limits
 from relay.core.filters import Filters
 from relay.core.hub import Compression, Hub
-from relay.core.limits import AddressCount, FilterBudget, WriteBucket, network_of
+from relay.core.limits import (
+    AddressCount,
+    AddressRate,
+    FilterBudget,
+    WriteBucket,
+    network_of,
+)
 from relay.core.stats import counters
 from relay.sources.publisher import Publisher
 from relay.transports import request, static
 from relay.transports.websocket import Client, ClientSettings, close_now
-from relay.wire import deflate, positions
+from relay.wire import deflate, positions, proxy
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +174,28 @@ _FILTER_REFUSALS = {limits.SETS: "Too many distinct filters",
                     limits.ADDRESS: "Too many distinct filters from this address"}
 
 
+async def _receive_exactly(stream: trio.abc.Stream, count: int) -> bytes:
+    """``count`` bytes, never one more (what follows belongs to someone else)."""
+    data = b""
+    while len(data) < count:
+        more = await stream.receive_some(count - len(data))
+        if not more:
+            raise proxy.ProxyError("the connection ended inside the PROXY header")
+        data += more
+    return data
+
+
+def _within(peer: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+            ) -> bool:
+    try:
+        address = ipaddress.ip_address(peer.rsplit(":", 1)[0].strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     inner = getattr(stream, "transport_stream", stream)
     try:
@@ -219,6 +248,8 @@ class Server:
         self._addresses = AddressCount(config.max_connections_per_ip)
         self._filter_budget = FilterBudget(config.max_filter_sets, config.max_filter_cost,
                                            config.max_filter_sets_per_ip)
+        rate = config.max_resumes_per_second_per_ip
+        self._resumes = AddressRate(rate, max(1.0, 2 * rate))
         #: Connections holding a slot of ``PGWS_MAX_CONNECTIONS`` (:class:`_Held`).
         self._slots = 0
         #: Refused connections now held (waiting for their head, or lingering after the 503).
@@ -238,6 +269,13 @@ class Server:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
         peer = _peer(stream)
+        if self._config.proxy_protocol_from and _within(peer, self._config.proxy_protocol_from):
+            with trio.move_on_after(self._config.handshake_timeout):
+                client = await self._proxied(stream, peer)
+            if client is None:  # No valid header in time: not a balancer we trust.
+                await close_now(stream)
+                return
+            peer = client
         network = network_of(peer.rsplit(":", 1)[0])
         if not self._addresses.enter(network):
             await self._refuse_address(stream, network)
@@ -280,6 +318,22 @@ class Server:
             self._release(held, network)
             self._addresses.leave(network)
             await close_now(stream)
+
+    async def _proxied(self, stream: trio.abc.Stream, peer: str) -> str | None:
+        """The client ``host:port`` a balancer's PROXY v2 header names (``peer`` itself for its
+        own checks, the LOCAL command); None when the header is not valid. Reads exactly the
+        header's bytes: what follows is the client's request."""
+        try:
+            carries, family, length = proxy.read_head(await _receive_exactly(stream,
+                                                                            proxy.HEAD_LENGTH))
+            rest = await _receive_exactly(stream, length)
+            if not carries:
+                return peer
+            address, port = proxy.client(family, rest)
+        except (proxy.ProxyError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("closing a connection from %s: %s", peer, exc)
+            return None
+        return f"{address}:{port}"
 
     def _release(self, held: _Held, network: str) -> None:
         if held.slot:
@@ -551,6 +605,10 @@ class Server:
             why = _resume_refusal(target.position, positioned, self._hub.history is not None)
             if why is not None:
                 await self._reject(stream, http, phase, 400, why, peer, "position")
+                return None
+            if not self._resumes.take(network, time.monotonic()):
+                await self._reject(stream, http, phase, 429, "Too many resumes from this address",
+                                   peer, "resumes")
                 return None
             resume = positions.parse_position(target.position)
 

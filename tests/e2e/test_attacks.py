@@ -21,10 +21,11 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
 
-from relay.wire import frames, positions
+from relay.wire import frames, positions, proxy
 from tests.conftest import RELAY, RelayProcess, eventually, notify, token
 from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
@@ -476,3 +477,77 @@ def test_no_other_site_can_frame_the_console(start_relay) -> None:
         assert headers["content-security-policy"] == "frame-ancestors 'none'"
         assert headers["x-frame-options"] == "DENY"
         assert headers["x-content-type-options"] == "nosniff"
+
+
+# -- limits behind a balancer: the PROXY protocol -------------------------------------------------
+
+def _through_balancer(relay: RelayProcess, client: str, path: str,
+                      source: str = "127.0.0.1") -> int:
+    """Connect from ``source`` as a balancer would, naming ``client`` in a PROXY v2 header; the
+    HTTP status of the WebSocket handshake that follows (0: closed without one). The socket is
+    kept open (in ``_kept``) until the test ends."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", relay.port))
+    _kept.append(sock)
+    request = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    sock.sendall((proxy.header(client, 40000) if client else b"") + request)
+    head = b""
+    with contextlib.suppress(ConnectionResetError):
+        while b"\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                break
+            head += data
+    return int(head.split(b" ", 2)[1]) if head else 0
+
+
+_kept: list[socket.socket] = []
+
+
+@pytest.fixture
+def kept_sockets():
+    yield _kept
+    while _kept:
+        _kept.pop().close()
+
+
+def test_per_address_limits_count_the_client_a_trusted_balancer_names(
+        start_relay, kept_sockets) -> None:
+    relay = start_relay(PGWS_PROXY_PROTOCOL_FROM="127.0.0.1/32",
+                        PGWS_MAX_CONNECTIONS_PER_IP="2")
+    path = f"/c/{token({'mode': 'r'})}"
+    # Three clients behind one balancer: each has its own count (before: one address for all).
+    assert [_through_balancer(relay, f"203.0.113.{n}", path) for n in (1, 2, 3)] == [101] * 3
+    # One client that opens three: its third is over its own cap.
+    assert [_through_balancer(relay, "198.51.100.9", path) for _ in range(3)] == [101, 101, 503]
+    # From the balancer without a header: closed, not served as its own address.
+    assert _through_balancer(relay, "", path) == 0
+    # Anyone else sends no header, and a header from them is not believed: not HTTP.
+    assert _through_balancer(relay, "", path, source="127.0.0.2") == 101
+    assert _through_balancer(relay, "192.0.2.1", path, source="127.0.0.2") == 400
+
+
+def test_resumes_from_one_address_are_rate_limited_and_others_still_resume(start_relay) -> None:
+    # Before: nothing limited how often a client resumed (each replay up to 450 ms of work).
+    relay = start_relay(PGWS_MAX_RESUMES_PER_SECOND_PER_IP="1")
+    with ws(relay, f"/c/{token({'mode': 'r'})}", subprotocols=["pgws.resume.v1"]) as client:
+        position = positions.read(client.recv(timeout=10)).position
+    path = f"/c/{token({'mode': 'r'})}?from={position}"
+    statuses = _handshakes_at_once(relay, [path] * 5, subprotocol="pgws.resume.v1")
+    assert statuses.count(101) == 2 and statuses.count(429) == 3  # A burst of twice the rate.
+    assert rejection(relay, path, subprotocols=["pgws.resume.v1"]) == (
+        429, b"Too many resumes from this address")
+    other = socket.socket()
+    other.bind(("127.0.0.3", 0))
+    with contextlib.closing(other):
+        other.settimeout(10)
+        other.connect(("127.0.0.1", relay.port))
+        other.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pgws.resume.v1"
+                      "\r\n\r\n".encode())
+        assert other.recv(4096).startswith(b"HTTP/1.1 101 ")

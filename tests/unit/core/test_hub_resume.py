@@ -14,6 +14,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
 from relay.core import filters
+from relay.core import hub as hub_module
 from relay.core.history import History
 from relay.core.hub import Compression, Hub
 from relay.wire import positions
@@ -393,19 +394,26 @@ def test_a_digest_twice_in_one_batch_admits_its_client_once_and_the_others_after
     assert a.ns() == b.ns() == [2]
 
 
-def test_a_filtered_resume_examines_at_most_ten_thousand_deliveries() -> None:
-    """Beyond that it would hold the relay too long in one step: expired instead."""
-    hub = _hub(messages=20_000)
+def test_a_filtered_resume_does_at_most_its_work_bound_and_no_more() -> None:
+    """Beyond it the replay would hold the relay too long in one step: expired instead. The
+    work counts each entry's parse and its whole filter set, so a costly set replays less."""
     odd = filters.parse_all(["n=eq.1"])
+    per_entry = filters.cost(next(iter(odd))) + hub_module._parse_units(_p(1))
+    fits = hub_module.REPLAY_WORK // per_entry
+    hub = _hub(messages=2 * fits)
     head = hub.history.position  # type: ignore[union-attr]
-    hub.publish([_p(n % 2) for n in range(10_000)])
+    hub.publish([_p(n % 2) for n in range(fits)])
     within = Recorder()
     hub.add(within, ["c"], odd, positioned=True, resume=_resume(head))
-    assert within.read()[0] == Control("resumed", head, None, 5_000)
+    assert within.read()[0] == Control("resumed", head, None, fits // 2)
     hub.publish([_p(0)])
     beyond, unfiltered = Recorder(), Recorder()
     hub.add(beyond, ["c"], odd, positioned=True, resume=_resume(head))
     assert beyond.read() == [Control("lost", hub.history.position, "expired")]  # type: ignore[union-attr]
     hub.add(unfiltered, ["c"], positioned=True, resume=_resume(head))
-    assert unfiltered.read()[0] == Control("resumed", head, None, 10_001)
+    assert unfiltered.read()[0] == Control("resumed", head, None, fits + 1)
     assert hub.resumes == {"resumed": 2, "expired": 1, "gap": 0, "unknown": 0}
+    deep = filters.parse_all([f"a.b.c.d.e.f.g.h.{j}=neq.x" for j in range(32)])
+    costly = Recorder()
+    hub.add(costly, ["c"], deep, positioned=True, resume=_resume(head))
+    assert costly.read() == [Control("lost", hub.history.position, "expired")]  # type: ignore[union-attr]

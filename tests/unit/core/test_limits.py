@@ -12,6 +12,7 @@ from relay.core.limits import (
     COST,
     SETS,
     AddressCount,
+    AddressRate,
     FilterBudget,
     InboundBudget,
     TokenBucket,
@@ -214,3 +215,23 @@ def test_the_worst_url_filter_set_fits_the_default_cost_a_few_times_only() -> No
     while budget.hold(["c"], worst | _set(f"payload.n=neq.{held}"), False, "a") is None:
         held += 1
     assert held == 15
+
+
+def test_each_address_has_its_own_resume_rate_and_bursts() -> None:
+    rate = AddressRate(rate=2, burst=4)
+    assert [rate.take("a", 10.0) for _ in range(5)] == [True] * 4 + [False]
+    assert rate.take("b", 10.0)  # Another address is not held back by the first.
+    assert rate.take("a", 10.5) and not rate.take("a", 10.5)  # Refilled at 2 per second.
+    assert all(AddressRate(0, 0).take("a", 0.0) for _ in range(1000))  # 0: no limit.
+
+
+def test_resume_rates_forget_the_least_recently_seen_address_first(monkeypatch) -> None:
+    from relay.core import limits
+
+    monkeypatch.setattr(limits, "_RATE_ADDRESSES", 2)
+    rate = AddressRate(rate=1, burst=1)
+    assert rate.take("a", 0.0) and rate.take("b", 0.0)
+    assert not rate.take("a", 0.0)  # "a" is the most recently seen now.
+    assert rate.take("c", 0.0)  # "b" is forgotten, not "a".
+    assert not rate.take("a", 0.0)
+    assert rate.take("b", 0.0)  # Forgotten: a full bucket again.

@@ -42,6 +42,7 @@ from relay.sources.notify import Listener, ListenerGaveUp
 from relay.sources.publisher import Publisher
 from relay.transports.server import Server
 from relay.transports.websocket import GOING_AWAY
+from relay.wire import positions
 
 log = logging.getLogger("relay")
 
@@ -198,20 +199,21 @@ async def _open_admin(config: Config, admin_socket: str | None
     return await admin.open_admin_listeners(config.admin_host, config.admin_port)
 
 
-async def run(config: Config, keys: Sequence[tokens.Key], reuse_port: bool = False,
-              admin_socket: str | None = None) -> int:
+async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Sealer,
+              reuse_port: bool = False, admin_socket: str | None = None) -> int:
     """Run the relay until a signal (exit status 0) or until the listener gives up (1).
 
     ``keys``: the verification keys of ``config.jwt_secret``, read by the command before it
     starts (:func:`relay.auth.tokens.read_secret`), so that a secret without a usable key is a
-    configuration error before anything binds. ``reuse_port``: bind with SO_REUSEPORT, as one
+    configuration error before anything binds. ``sealer``: seals the positions clients see
+    (:mod:`relay.auth.sealing`). ``reuse_port``: bind with SO_REUSEPORT, as one
     of several worker processes. ``admin_socket``: a worker's private Unix socket for the
     admin endpoints, which the supervisor serves on ``PGWS_ADMIN_PORT`` for all workers.
     Exit status 1 also when the port or the admin port cannot be bound.
     """
     options = connect_options(config.db_uri)
-    history = History(config.history_messages, config.history_bytes, config.history_seconds) \
-        if config.history_messages else None
+    history = History(config.history_messages, config.history_bytes, config.history_seconds,
+                      sealer=sealer) if config.history_messages else None
     hub = Hub(config.listen_channel, config.compression_streams, history)
     notifier = Notifier(config.db_uri, config.pool_size, options)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel)

@@ -36,7 +36,7 @@ from typing import TextIO
 import trio
 
 from relay import __version__, app
-from relay.auth import mint, tokens
+from relay.auth import mint, sealing, tokens
 from relay.config import (
     SECRET_VARIABLES,
     SETTINGS,
@@ -209,13 +209,19 @@ def _run(argv: Sequence[str]) -> int:
     warning = hmac_warning(config.jwt_secret, loaded)
     if warning is not None and worker is None:  # Once per start, not once per worker.
         log.warning("%s", warning)
+    sealing_keys, unshared = sealing.position_keys(
+        config.position_key, config.position_key_previous, config.jwt_secret, loaded)
+    if unshared is not None:
+        log.warning("%s", unshared)
     if config.workers > 1:
+        if unshared is not None:  # One random key for all the workers, not one each.
+            env = {**env, sealing.KEY_VARIABLE: sealing_keys[0].decode()}
         return workers.supervise(env, config)  # Each worker logs the keys it skips.
     for line in loaded.skipped:  # One line per key, naming it without its material.
         log.warning("PGWS_JWT_SECRET: %s", line)
     try:
-        return trio.run(app.run, config, loaded.keys, workers.is_worker(),
-                        workers.admin_socket())
+        return trio.run(app.run, config, loaded.keys, positions.Sealer(sealing_keys),
+                        workers.is_worker(), workers.admin_socket())
     except KeyboardInterrupt:
         return 0
     except Exception:

@@ -41,6 +41,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from relay.transports.request import origin_key
+from relay.wire.positions import MIN_KEY_BYTES as MIN_POSITION_KEY_BYTES
 
 #: The NOTIFY payload limit of a default PostgreSQL build (``NAMEDATALEN``-style compile-time
 #: constant): payloads must be shorter than this many bytes.
@@ -116,6 +117,8 @@ class Config:
     max_client_bytes_per_second: float
     allowed_origins: tuple[str, ...]
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    position_key: bytes | None
+    position_key_previous: bytes | None
     shutdown_timeout: float
     log_level: str
     log_format: str
@@ -237,6 +240,15 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
     return tuple(networks)
 
 
+def _position_key(value: str) -> bytes:
+    key = value.encode()
+    if len(key) < MIN_POSITION_KEY_BYTES:
+        raise ValueError(f"{len(key)} bytes; a position key needs at least "
+                         f"{MIN_POSITION_KEY_BYTES} (32 random bytes as hex: "
+                         "openssl rand -hex 32)")
+    return key
+
+
 def _log_format(value: str) -> str:
     form = value.strip().lower()
     if form not in {"text", "json"}:
@@ -332,6 +344,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated origins (scheme://host[:port]) allowed to connect, compared as "
             "origins: scheme and host in any case, a default port or none (unset: any)"),
+    Setting("PGWS_POSITION_KEY", "position_key", _position_key, None,
+            "the secret that seals resume positions, the same on every relay of a fleet "
+            "(@file reads it from a file; unset: derived from an HMAC PGWS_JWT_SECRET, else a "
+            "random key per relay, with a warning)"),
+    Setting("PGWS_POSITION_KEY_PREVIOUS", "position_key_previous", _position_key, None,
+            "the key PGWS_POSITION_KEY replaced: positions sealed with it still resume, during a "
+            "rotation (@file reads it from a file)"),
     Setting("PGWS_PROXY_PROTOCOL_FROM", "proxy_protocol_from", _networks, None,
             "comma-separated addresses or networks (CIDR) of balancers that send the PROXY "
             "protocol v2 (HAProxy's send-proxy-v2): their connections must begin with it, and "
@@ -393,6 +412,10 @@ def _settings_order(problem: Problem) -> int:
     return _ORDER.get(problem.variable, len(_ORDER))
 
 
+#: Settings whose ``@path`` value is read from that file (secrets stay out of the environment).
+_FILE_VARIABLES = frozenset({"PGWS_DB_URI", "PGWS_POSITION_KEY", "PGWS_POSITION_KEY_PREVIOUS"})
+
+
 def _read_file(variable: str, path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -417,7 +440,7 @@ def _value(setting: Setting, env: Mapping[str, str]) -> Any:
         if setting.required:
             raise ConfigError(setting.variable, "required but not set")
         return None
-    if setting.variable == "PGWS_DB_URI" and text.startswith("@"):
+    if setting.variable in _FILE_VARIABLES and text.startswith("@"):
         text = _read_file(setting.variable, text[1:]).decode("utf-8", "replace").strip()
     try:
         return setting.parse(text)
@@ -502,6 +525,10 @@ def load(env: Mapping[str, str]) -> Config:
             (values["certificate_file"] is None) != (values["key_file"] is None):
         problems.append(Problem("PGWS_CERTIFICATE_FILE",
                                 "PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE must be set together"))
+    if parsed("position_key", "position_key_previous") and values["position_key"] is None \
+            and values["position_key_previous"] is not None:
+        problems.append(Problem("PGWS_POSITION_KEY_PREVIOUS",
+                                "set with PGWS_POSITION_KEY, the key that replaced it"))
     if parsed("workers", "port") and values["workers"] > 1 and values["port"] == 0:
         problems.append(Problem("PGWS_WORKERS", "several workers need a fixed PGWS_PORT, not 0"))
     # An empty value means "unset" for these two, as a user who wrote VAR= would expect.

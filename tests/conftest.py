@@ -27,6 +27,10 @@ from cryptography.x509.oid import NameOID
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
+from relay.auth import sealing
+from relay.auth.tokens import read_secret
+from relay.wire.positions import Sealer
+
 DB_HOST = os.environ.get("PGWS_TEST_DB_HOST", "127.0.0.1")
 DB_URI = os.environ.get("PGWS_TEST_DB_URI", f"postgresql://postgres@{DB_HOST}:5432/postgres")
 SECRET = "reallyreallyreallyreallyverysafe"
@@ -35,6 +39,9 @@ RELAY = os.path.join(os.path.dirname(sys.executable), "pgws-relay")
 if not os.path.exists(RELAY):
     RELAY = shutil.which("pgws-relay") or RELAY
 TIMEOUT = 15.0
+#: Seals and opens positions as a relay with SECRET does (its key is derived from it).
+SEALER = Sealer(sealing.position_keys(None, None, SECRET.encode(),
+                                      read_secret(SECRET.encode()))[0])
 
 
 def token(claims: dict[str, Any], secret: str | bytes = SECRET, algorithm: str = "HS256") -> str:

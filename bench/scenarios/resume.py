@@ -930,12 +930,12 @@ def history_alone_main(spec_json: str) -> int:
     traced, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     kept = [entry for log in history._logs.values() for entry in log.entries[log.start:]]
-    frames = sum(len(entry.frame) for entry in kept)
+    frames = sum(len(entry.data) for entry in kept)  # Frames, or payloads not framed yet.
     # Entries a log dropped (the bounds) but still holds in its list, frames and all, until
-    # it compacts (relay/history.py, _Log.drop_head: at 1,024 dropped entries).
+    # it compacts (relay/core/history.py, _Log.drop_head: at 1,024 dropped entries).
     dropped_held = [entry for log in history._logs.values()
                     for entry in log.entries[:log.start]]
-    held_frames = sum(len(entry.frame) for entry in dropped_held)
+    held_frames = sum(len(entry.data) for entry in dropped_held)
     print(json.dumps({"appended": appended, "entries": history.entries,
                       "channels_kept": len(history._logs), "accounted_bytes": history.bytes,
                       "max_bytes": history.max_bytes, "traced_bytes": traced - base,

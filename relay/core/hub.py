@@ -310,13 +310,14 @@ class Hub:
         assert history is not None
         if not isinstance(outcome, str):
             channels, filter_set, _ = key
-            replay = _replay(history.after(outcome, channels), filter_set)
+            replay = _replay(history, history.after(outcome, channels), filter_set)
             if replay is None:
                 outcome = positions.EXPIRED
             else:
                 self.resumes["resumed"] += 1
                 self.replayed += len(replay)
-                client.offer(frames.text(positions.resumed_event(resume.text(), len(replay))))
+                client.offer(frames.text(positions.resumed_event(history.text(resume),
+                                                                 len(replay))))
                 if replay:
                     client.replay(replay)
         if isinstance(outcome, str):
@@ -395,7 +396,7 @@ class Hub:
                     texts.append(payload)
                     framed.append(frames.text(payload))
                     if history is not None:
-                        positioned.append(entry.frame)
+                        positioned.append(history.frame(entry))
                     elif self.history is not None:
                         positioned.append(frames.text(positions.delivery(
                             self.history.position.encode(), payload)))
@@ -524,11 +525,12 @@ def _parse_units(payload: bytes) -> int:
     return 5 + len(payload) // 512
 
 
-def _replay(entries: Iterable[Entry], filter_set: Filters) -> list[bytes] | None:
+def _replay(history: History, entries: Iterable[Entry], filter_set: Filters
+            ) -> list[bytes] | None:
     """The frames a resume replays; None when a filtered one would do more than
     :data:`REPLAY_WORK` (the client is told ``expired``)."""
     if not filter_set:
-        return [entry.frame for entry in entries]
+        return [history.frame(entry) for entry in entries]
     replay = []
     per_entry = sum(map(filters.cost, filter_set))
     work = 0
@@ -538,7 +540,7 @@ def _replay(entries: Iterable[Entry], filter_set: Filters) -> list[bytes] | None
         if work > REPLAY_WORK:
             return None
         if filters.matches(filter_set, filters.Document(payload, envelope.parse(payload))):
-            replay.append(entry.frame)
+            replay.append(history.frame(entry))
     return replay
 
 

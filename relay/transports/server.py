@@ -610,7 +610,7 @@ class Server:
                 await self._reject(stream, http, phase, 429, "Too many resumes from this address",
                                    peer, "resumes")
                 return None
-            resume = positions.parse_position(target.position)
+            resume = self._hub.history.open(target.position)  # type: ignore[union-attr]
 
         ws = WSConnection(ConnectionType.SERVER)
         try:

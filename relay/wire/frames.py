@@ -42,6 +42,11 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     return header + payload
 
 
+def text_length(size: int) -> int:
+    """The length of a text frame carrying ``size`` bytes, without building it."""
+    return size + (2 if size < 126 else 4 if size < 1 << 16 else 10)
+
+
 def text(payload: bytes) -> bytes:
     """A final text frame; ``payload`` must already be UTF-8."""
     return _frame(_OP_TEXT, payload)

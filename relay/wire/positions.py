@@ -45,8 +45,10 @@ both import this.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import struct
 from typing import Any, NamedTuple
 
 #: The subprotocol a client offers (Sec-WebSocket-Protocol) to receive positions.
@@ -89,12 +91,88 @@ class Position(NamedTuple):
 
 
 def parse_position(text: str) -> Position | None:
-    """The position ``text`` spells, or None when it is not one."""
+    """The position ``text`` spells in the clear (no :class:`Sealer`), or None when it is not
+    one. A client uses it to check the grammar only: a sealed position's fields are noise."""
     match = _POSITION.fullmatch(text)
     if match is None:
         return None
     epoch, seq, digest, time = (int(group, 16) for group in match.groups())
     return Position(epoch, seq, digest, time)
+
+
+#: Bytes of a position's fields, sealed as one block: epoch 4, seq 8, digest 8, time 4.
+_SEALED_BYTES = 24
+_HALF = _SEALED_BYTES // 2
+#: Feistel rounds: four rounds of a pseudorandom function make a strong pseudorandom
+#: permutation (Luby and Rackoff), here over the whole 24 bytes.
+_ROUNDS = 4
+#: Bytes of key a :class:`Sealer` needs at least (a shorter one is a start-up error).
+MIN_KEY_BYTES = 16
+
+
+class Sealer:
+    """Positions as clients see them: sealed with a key, so they reveal nothing a client could
+    not compute from what it may read.
+
+    In the clear a position holds the digest of the last payloads of the whole listen stream
+    (a client could test guesses of payloads its filters or its channels hide from it), the
+    number of notifications the process has seen (how many other channels had) and when.
+    Sealed, the same 24 bytes (epoch, seq, digest, time) go through a four-round Feistel
+    network whose round function is keyed BLAKE2b: a pseudorandom permutation, so the text is
+    noise to whoever lacks the key, and deterministic, so one point seals to one text on every
+    relay that shares the key and sees the point with the same fields. The text keeps the
+    grammar clients check (``8.16.16.8`` hex digits, 51 characters), so clients work unchanged.
+
+    There is no authentication: a made-up text opens to random fields, which name no point
+    (``unknown``, or ``expired``), never another client's data: a replay is filtered by the
+    resuming client's own grant. ``keys``: the key to seal with, then earlier ones that may
+    still open positions (a rotation); each at least :data:`MIN_KEY_BYTES`.
+    """
+
+    __slots__ = ("_rounds",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys or any(len(key) < MIN_KEY_BYTES for key in keys):
+            raise ValueError(f"a position key needs at least {MIN_KEY_BYTES} bytes")
+        # Per key, the round functions' hashers, keyed once: each use copies one (a copy costs
+        # less than keying BLAKE2b anew, and sealing runs once per notification).
+        self._rounds = [[hashlib.blake2b(key=hashlib.blake2b(key, digest_size=32,
+                                                             person=b"pgws-position").digest(),
+                                          digest_size=_HALF, person=b"pgws-round-%d" % index)
+                         for index in range(_ROUNDS)] for key in keys]
+
+    def seal(self, position: Position) -> str:
+        block = struct.pack("!IQQI", position.epoch, position.seq, position.digest,
+                            position.time)
+        left, right = block[:_HALF], block[_HALF:]
+        for hasher in self._rounds[0]:
+            mixed = hasher.copy()
+            mixed.update(right)
+            left, right = right, _xor(left, mixed.digest())
+        text = (left + right).hex()
+        return f"{text[:8]}.{text[8:24]}.{text[24:40]}.{text[40:]}"
+
+    def open(self, text: str) -> list[Position]:
+        """What ``text`` opens to under each key, the current one first; [] when it is not a
+        position at all. Only the reader knows which one names a point it has seen."""
+        match = _POSITION.fullmatch(text)
+        if match is None:
+            return []
+        epoch, seq, digest, time = match.groups()
+        block = bytes.fromhex(epoch + seq.rjust(16, "0") + digest + time)
+        found = []
+        for rounds in self._rounds:
+            left, right = block[:_HALF], block[_HALF:]
+            for hasher in reversed(rounds):
+                mixed = hasher.copy()
+                mixed.update(left)
+                left, right = _xor(right, mixed.digest()), left
+            found.append(Position(*struct.unpack("!IQQI", left + right)))
+        return found
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(_HALF, "big")
 
 
 # -- what the relay sends ------------------------------------------------------------------------

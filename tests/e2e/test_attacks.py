@@ -21,6 +21,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import jwt
 import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
@@ -551,3 +552,66 @@ def test_resumes_from_one_address_are_rate_limited_and_others_still_resume(start
                       "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pgws.resume.v1"
                       "\r\n\r\n".encode())
         assert other.recv(4096).startswith(b"HTTP/1.1 101 ")
+
+
+# -- positions that leaked -----------------------------------------------------------------------
+
+def _window_digest(payloads: list[bytes]) -> int:
+    """How positions hashed the stream in the clear: BLAKE2b of the last 8 payloads' BLAKE2b."""
+    window = b"".join(hashlib.blake2b(p, digest_size=8).digest() for p in payloads[-8:])
+    return int.from_bytes(hashlib.blake2b(window, digest_size=8).digest(), "big")
+
+
+def test_a_position_reveals_nothing_of_what_the_client_may_not_read(start_relay) -> None:
+    # Before: alice's own position event let her test guesses of bob's filtered-out payload
+    # offline (the pin below in 0.02 s), and count the notifications of other channels.
+    relay = start_relay()
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    sent = [json.dumps({"channel": "c", "payload": {"user": "alice", "n": 1}}).encode(),
+            json.dumps({"channel": "c", "payload": {"user": "bob", "pin": "4821"}}).encode()]
+    with ws(relay, f"/c/{token({'mode': 'r'})}") as everything:
+        notify(listen, *(p.decode() for p in sent))
+        assert [everything.recv(timeout=10) for _ in sent] == [p.decode() for p in sent]
+    alice = f"/c/{token({'mode': 'r', 'filters': ['payload.user=eq.alice']})}"
+    with ws(relay, alice, subprotocols=["pgws.resume.v1"]) as client:
+        first = positions.read(client.recv(timeout=10)).position
+    seen = positions.parse_position(first)
+    assert seen is not None
+    guesses = [json.dumps({"channel": "c", "payload": {"user": "bob", "pin": f"{pin:04d}"}}
+                          ).encode() for pin in range(10_000)]
+    recovered = [g for g in guesses if _window_digest([sent[0], g]) == seen.digest]
+    assert recovered == []
+    with ws(relay, f"/other/{token({'mode': 'r'})}") as other:
+        notify(listen, *(json.dumps({"channel": "other", "n": n}) for n in range(5)))
+        for _ in range(5):
+            other.recv(timeout=10)
+    with ws(relay, alice, subprotocols=["pgws.resume.v1"]) as client:
+        second = positions.parse_position(positions.read(client.recv(timeout=10)).position)
+    assert second is not None and second.seq - seen.seq != 5
+    # Still a position to resume from, on this relay and (same key) any other.
+    with ws(relay, alice + f"?from={first}", subprotocols=["pgws.resume.v1"]) as client:
+        assert positions.read(client.recv(timeout=10)).event == "resumed"
+
+
+def test_workers_share_one_random_position_key_when_no_secret_can_give_one(start_relay) -> None:
+    """A public-key JWT secret is no shared secret: the supervisor makes one key for all of
+    its workers (one warning), so a position resumes on whichever worker a client reaches."""
+    from tests.e2e.test_tokens import SIGNER, SIGNING_JWK
+
+    port = _free_port()
+    relay = start_relay(wait=False, PGWS_WORKERS="2", PGWS_PORT=str(port),
+                        PGWS_JWT_SECRET=json.dumps(SIGNING_JWK))
+    relay.port = port
+    first, _ = relay.wait_for_line_at(r"\[worker \d\] .*listening on channel")
+    relay.wait_for_line(r"\[worker \d\] .*listening on channel", start=first + 1)
+    signed = jwt.encode({"mode": "r"}, SIGNER, algorithm="RS256", headers={"kid": "sig-1"})
+    with ws(relay, f"/c/{signed}", subprotocols=["pgws.resume.v1"]) as client:
+        positions.read(client.recv(timeout=10))  # Where the stream is: no notification yet.
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], '{"channel":"c","n":1}')
+        position = positions.read(client.recv(timeout=10)).position  # Both workers see it.
+    outcomes = set()
+    for _ in range(12):  # The kernel spreads them over both workers.
+        with ws(relay, f"/c/{signed}?from={position}", subprotocols=["pgws.resume.v1"]) as again:
+            outcomes.add(positions.read(again.recv(timeout=10)).event)
+    assert outcomes == {"resumed"}
+    assert sum("PGWS_POSITION_KEY is unset" in line for line in relay.lines) == 1

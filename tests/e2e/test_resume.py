@@ -20,7 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from relay.wire import positions
 from relay.wire.positions import Control, Delivery
-from tests.conftest import DB_URI, RelayProcess, eventually, notify, token
+from tests.conftest import DB_URI, SEALER, RelayProcess, eventually, notify, token
 from tests.e2e.test_admin import admin_port, metric
 
 SUB = [positions.SUBPROTOCOL]
@@ -209,7 +209,8 @@ def test_a_listener_gap_is_told_to_connected_and_to_returning_clients(start_rela
 
 def test_a_position_no_process_knows_is_lost_unknown(relay) -> None:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
-    stranger = positions.Position(0x12345678, 3, 0x0123456789ABCDEF, int(time.time())).text()
+    stranger = SEALER.seal(positions.Position(0x12345678, 3, 0x0123456789ABCDEF,
+                                              int(time.time())))
     with _open(relay, stranger) as client:
         lost = _read(client)
         assert (lost.event, lost.reason) == ("lost", "unknown")  # type: ignore[union-attr]

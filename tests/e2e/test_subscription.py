@@ -30,7 +30,7 @@ from relay.client.subscription import (
     subscribe,
 )
 from relay.wire.positions import Position, parse_position
-from tests.conftest import DB_URI, RelayProcess, notify, token, unique_channel
+from tests.conftest import DB_URI, SEALER, RelayProcess, notify, token, unique_channel
 
 #: Reconnect quickly: these tests cut connections on purpose.
 FAST: dict[str, Any] = {"backoff_min": 0.05, "backoff_max": 0.2}
@@ -188,8 +188,8 @@ async def test_messages_arrive_in_order_with_positions_and_filters_apply(
             await send(relay, channel, *({"n": n, "keep": n % 2 == 0} for n in range(6)))
             got = [await anext(subscription) for _ in range(3)]
     assert [number(message)["n"] for message in got] == [0, 2, 4]  # type: ignore[index]
-    positions = [parse_position(message.position or "") for message in got]
-    assert all(positions) and positions[0].seq < positions[1].seq < positions[2].seq  # type: ignore[union-attr]
+    positions = [SEALER.open(message.position or "")[0] for message in got]
+    assert positions[0].seq < positions[1].seq < positions[2].seq
     assert subscription.position == got[-1].position
     assert "connected to 127.0.0.1" in caplog.text and jwt_text not in caplog.text
 
@@ -328,8 +328,8 @@ async def test_relay_restart_reconnects_when_back_and_reports_unknown(
     assert number(before) == 0 and number(after) == 1
     assert isinstance(lost, Lost) and lost.reason == "unknown"
     assert subscription.connections == 2
-    old, new = parse_position(before.position or ""), parse_position(after.position or "")
-    assert old and new and old.epoch != new.epoch
+    old, new = SEALER.open(before.position or "")[0], SEALER.open(after.position or "")[0]
+    assert old.epoch != new.epoch
 
 
 async def test_a_listener_gap_while_connected_is_a_lost_event(

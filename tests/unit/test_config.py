@@ -29,6 +29,7 @@ EXPECTED_DEFAULTS = {
     "max_message_size": 8000, "max_connections": 0, "max_connections_per_ip": 0,
     "max_writes_per_second": 0.0, "max_client_frames_per_second": 1000.0,
     "max_client_bytes_per_second": 1048576.0, "allowed_origins": (), "proxy_protocol_from": (),
+    "position_key": None, "position_key_previous": None,
     "shutdown_timeout": 5.0,
     "log_level": "INFO", "log_format": "text", "workers": 1, "admin_host": "127.0.0.1",
     "admin_port": None,

@@ -55,10 +55,13 @@ def test_a_delivery_is_its_position_a_line_feed_and_the_payload_unchanged() -> N
     payload = '{"channel":"c","price":"1.5","who":"é"}'.encode()
     entry = history.append("c", payload, 1234.5)
     position = f"abcdef01.1.{entry.digest:016x}.000004d2"
-    assert entry.frame == frames.text(position.encode() + b"\n" + payload)
     assert entry.payload == payload
+    frame = history.frame(entry)
+    assert frame == frames.text(position.encode() + b"\n" + payload)
+    assert entry.size == len(frame) + ENTRY_OVERHEAD  # Charged the same before it is built.
+    assert history.frame(entry) is frame and entry.payload == payload
     assert history.position == position
-    assert positions.read(frames.payload_of(entry.frame).decode()) == positions.Delivery(
+    assert positions.read(frames.payload_of(frame).decode()) == positions.Delivery(
         position, payload.decode())
 
 
@@ -148,8 +151,7 @@ def test_a_busy_channel_pushes_out_its_own_history_and_not_a_quiet_ones() -> Non
 
 def test_the_byte_bound_counts_overhead_and_drops_the_oldest_of_all() -> None:
     payload_size = len(_payload("a", 10))
-    entry_size = len(_history(1).append("a", _payload("a", 10), 0).frame) \
-        + ENTRY_OVERHEAD
+    entry_size = _history(1).append("a", _payload("a", 10), 0).size
     history = _history(max_bytes=5 * entry_size + _names("a", "b", "c"))
     marks = _feed(history, [("a", 10), ("b", 11), ("a", 12), ("b", 13), ("a", 14)])
     assert history.entries == 5 and history.bytes == 5 * entry_size + _names("a", "b")
@@ -291,7 +293,8 @@ def test_entry_overhead_covers_what_an_entry_really_costs() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for payload in payloads:
-            frame_bytes += len(history.append(payload[13:18].decode(), payload, 0.0).frame)
+            entry = history.append(payload[13:18].decode(), payload, 0.0)
+            frame_bytes += len(history.frame(entry))  # Built, as a replay or a stream does.
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
@@ -420,7 +423,7 @@ def test_a_log_cut_by_the_count_still_ages_out() -> None:
 
 def test_the_byte_bound_drops_the_oldest_of_all_even_several_for_one_append() -> None:
     def size(payload: bytes) -> int:
-        return len(_history().append("x", payload, 0.0).frame) + ENTRY_OVERHEAD
+        return _history().append("x", payload, 0.0).size
 
     big = json.dumps({"channel": "c", "n": 4, "pad": "z" * 2000}).encode()
     small = size(_payload("a", 1))

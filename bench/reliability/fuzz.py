@@ -69,11 +69,14 @@ MAX_MESSAGE = 4096
 MAX_FRAMES = 6000
 
 
-def relay_env(root: str) -> dict[str, str]:
+def relay_env(root: str, admin_port: int) -> dict[str, str]:
     """Relay settings for fuzzing: the bench's secret (the cases' tokens are signed with it), a
-    small message limit so that "oversized" is cheap to send, and the static root ``root``."""
+    small message limit so that "oversized" is cheap to send, the static root ``root``, the
+    admin listener on ``admin_port``, and no resume rate (the cases resume far more often than
+    any client may, to reach the replay; the rate itself is tested in tests/e2e)."""
     return {"PGWS_JWT_SECRET": SECRET, "PGWS_MAX_MESSAGE_SIZE": str(MAX_MESSAGE),
-            "PGWS_MAX_CLIENT_FRAMES_PER_SECOND": str(MAX_FRAMES), "PGWS_ROOT_PATH": root}
+            "PGWS_MAX_CLIENT_FRAMES_PER_SECOND": str(MAX_FRAMES), "PGWS_ROOT_PATH": root,
+            "PGWS_ADMIN_PORT": str(admin_port), "PGWS_MAX_RESUMES_PER_SECOND_PER_IP": "0"}
 
 
 def make_root(directory: str) -> str:
@@ -190,6 +193,63 @@ def mutated_token(rng: random.Random) -> Case:
         chars[rng.randrange(len(chars))] = rng.choice("AZaz09-_.=%")
     # A change in the last signature character's unused bits may leave the token valid.
     return _request(f"/c/{''.join(chars)}"), b"", frozenset({"http 400", "data", "eof"})
+
+
+_READ = token({"mode": "r"})
+
+
+def _segment(rng: random.Random) -> str:
+    return rng.choice(["payload", "a", "0", "17", "market_id", "x" * rng.randrange(1, 40)])
+
+
+def hostile_filter(rng: random.Random) -> Case:
+    """Filter parameters as an attacker writes them: deep paths, too many, huge numbers, odd
+    operators and lists; each is refused (400, or 503 at a cap) or served (then ended)."""
+    def one() -> str:
+        path = ".".join(_segment(rng) for _ in range(rng.randrange(1, 19)))
+        op = rng.choice(["eq", "neq", "gt", "gte", "lt", "lte", "in", "is", "like", ""])
+        value = rng.choice([
+            str(rng.randrange(-10**6, 10**6)), "1e999999", "9" * rng.randrange(30, 120),
+            "-0.0000001", "null", "true", "abc", "(" + ",".join(
+                str(n) for n in range(rng.randrange(0, 300))) + ")", '("a,b",c)', "%00", ""])
+        return f"{path}={op}.{value}" if op else path
+    count = rng.choice([1, 2, rng.randrange(1, 40)])
+    query = "&".join("filter=" + one() for _ in range(count))
+    return (_request(f"/c{rng.randrange(4)}/{_READ}?{query}"), b"",
+            frozenset({"http 400", "http 503", "eof"}))
+
+
+def resume_position(rng: random.Random) -> Case:
+    """``from=`` as an attacker writes it: positions in the grammar that no relay sealed (they
+    open to noise: lost), out of it, too long, with and without the subprotocol."""
+    hexes = "0123456789abcdef"
+
+    def part(n: int) -> str:
+        return "".join(rng.choice(hexes) for _ in range(n))
+    position = rng.choice([
+        f"{part(8)}.{part(rng.randrange(1, 17))}.{part(16)}.{part(8)}",
+        f"{part(8)}.{part(16)}.{part(16)}.{int(time.time()):08x}",
+        f"{part(8)}.{part(17)}.{part(16)}.{part(8)}", "0" * 60, part(rng.randrange(0, 80)),
+        "not-a-position", "%00", f"{part(8)}..{part(16)}.{part(8)}"])
+    headers = {"Sec-WebSocket-Protocol": "pgws.resume.v1"} if rng.random() < 0.8 else {}
+    query = f"from={position}" + (f"&filter=n=eq.{rng.randrange(3)}" if rng.random() < 0.3
+                                  else "")
+    return (_request(f"/c{rng.randrange(4)}/{_READ}?{query}", headers), b"",
+            frozenset({"http 400", "data"}))
+
+
+# -- admin families (the admin listener) -------------------------------------------------------
+
+def admin_request(rng: random.Random) -> Case:
+    """Anything at the admin listener: a probe, garbage, a huge head, nothing at all."""
+    request = rng.choice([
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"POST /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /" + os.urandom(8).hex().encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nX: " + b"a" * rng.randrange(8000, 20000) + b"\r\n\r\n",
+        bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200))) + b"\r\n\r\n", b""])
+    return request, b"", frozenset({"http 200", "http 404", "http 405", "http 400",
+                                    "http 431", "eof"})
 
 
 # -- plain-HTTP families (the static root of make_root) ----------------------------------------
@@ -340,7 +400,10 @@ FAMILIES: dict[str, Callable[[random.Random], Case]] = {f.__name__: f for f in (
     wrong_typed_claims, hidden_path, slow_body, pipelined, unmasked, reserved_opcode, rsv_bits,
     control_too_long, fragmented_control, orphan_continuation, interleaved_data,
     invalid_utf8_text, oversized, fragmented_oversized, frame_flood, fragment_flood, bad_close,
-    valid_close, valid_fragmented, bad_mask, random_bytes)}
+    valid_close, valid_fragmented, bad_mask, random_bytes, hostile_filter, resume_position,
+    admin_request)}
+#: Families sent to the admin listener; the others go to the relay's port.
+ADMIN_FAMILIES = frozenset({"admin_request"})
 
 
 # -- running cases -------------------------------------------------------------------------------
@@ -389,9 +452,11 @@ def _outcome(sock: socket.socket, after_101: bytes, half_close: bool) -> str:
         data += chunk
 
 
-def run_case(port: int, family: str, seed: int) -> tuple[str, bool]:
+def run_case(port: int, admin_port: int, family: str, seed: int) -> tuple[str, bool]:
     """One case: its outcome, and whether the family allows it."""
     request, after_101, allowed = FAMILIES[family](random.Random(seed))
+    if family in ADMIN_FAMILIES:
+        port = admin_port
     # Half-closing ends what the relay reads; a case that wants its message's echo must not.
     half_close = "eof" in allowed or "data" not in allowed
     with socket.create_connection(("127.0.0.1", port), timeout=_ANSWER_WAIT) as sock:
@@ -438,7 +503,8 @@ class NormalClient:
         self._sock.close()
 
 
-def _worker(port: int, first: int, count: int, seed: int, results: Any) -> None:
+def _worker(port: int, admin_port: int, first: int, count: int, seed: int,
+            results: Any) -> None:
     rng = random.Random(seed + first)
     names = sorted(FAMILIES)
     tally: collections.Counter[str] = collections.Counter()
@@ -446,7 +512,7 @@ def _worker(port: int, first: int, count: int, seed: int, results: Any) -> None:
     for n in range(first, first + count):
         family = names[rng.randrange(len(names))]
         case_seed = rng.getrandbits(32)
-        outcome, ok = run_case(port, family, case_seed)
+        outcome, ok = run_case(port, admin_port, family, case_seed)
         tally[f"{family}: {outcome}"] += 1
         if not ok and len(failures) < 20:
             failures.append({"case": n, "family": family, "seed": case_seed,
@@ -454,9 +520,10 @@ def _worker(port: int, first: int, count: int, seed: int, results: Any) -> None:
     results.put({"tally": dict(tally), "failures": failures})
 
 
-def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
+def fuzz(server: Relay, admin_port: int, cases: int, procs: int = 1, seed: int = 1,
          check_every: int = 1000) -> dict[str, Any]:
-    """Run ``cases`` cases against a running relay; what happened, and whether all was well."""
+    """Run ``cases`` cases against a running relay (started with :func:`relay_env`, its admin
+    listener on ``admin_port``); what happened, and whether all was well."""
     normal = NormalClient(server.port)
     if not normal.round_trip():
         raise RuntimeError("the normal client's first round trip failed")
@@ -471,7 +538,8 @@ def fuzz(server: Relay, cases: int, procs: int = 1, seed: int = 1,
         results = ctx.Queue()
         shares = [batch // procs + (1 if i < batch % procs else 0) for i in range(procs)]
         starts = [done + sum(shares[:i]) for i in range(procs)]
-        workers = [ctx.Process(target=_worker, args=(server.port, start, share, seed, results))
+        workers = [ctx.Process(target=_worker,
+                               args=(server.port, admin_port, start, share, seed, results))
                    for start, share in zip(starts, shares, strict=True) if share]
         for worker in workers:
             worker.start()
@@ -506,10 +574,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        server = Server("relay", free_port(), relay_env(make_root(root)))
+        admin_port = free_port()
+        server = Server("relay", free_port(), relay_env(make_root(root), admin_port))
         started = time.monotonic()
         try:
-            result = fuzz(server, args.cases, args.procs, args.seed, args.check_every)
+            result = fuzz(server, admin_port, args.cases, args.procs, args.seed,
+                          args.check_every)
         finally:
             server.stop()
     result.update({"machine": machine(), "commit": commit(), "started": time.strftime("%F %T"),

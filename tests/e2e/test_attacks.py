@@ -615,3 +615,34 @@ def test_workers_share_one_random_position_key_when_no_secret_can_give_one(start
             outcomes.add(positions.read(again.recv(timeout=10)).event)
     assert outcomes == {"resumed"}
     assert sum("PGWS_POSITION_KEY is unset" in line for line in relay.lines) == 1
+
+
+# -- checked and fine: kept so --------------------------------------------------------------------
+
+def test_a_resume_replays_only_what_the_token_may_read(start_relay) -> None:
+    """The claim's filters apply to the replay and a URL filter cannot widen them; a channel
+    the token does not name is neither replayed nor opened; an expired token cannot resume."""
+    relay = start_relay()
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    alice = token({"mode": "r", "channels": ["a"], "filters": ["payload.user=eq.alice"]})
+    sub = ["pgws.resume.v1"]
+    with ws(relay, f"/a/{alice}?filter=payload.user=neq.nobody", subprotocols=sub) as client:
+        start = positions.read(client.recv(timeout=10)).position
+    sent = [{"channel": "a", "payload": {"user": "alice", "n": 1}},
+            {"channel": "a", "payload": {"user": "bob", "n": 2}},
+            {"channel": "b", "payload": {"user": "alice", "n": 3}},
+            {"channel": "a", "payload": {"user": "alice", "n": 4}}]
+    with ws(relay, f"/{token({'mode': 'r', 'channels': ['a', 'b']})}") as everything:
+        notify(listen, *map(json.dumps, sent))
+        for _ in sent:
+            everything.recv(timeout=10)
+    with ws(relay, f"/a/{alice}?filter=payload.user=neq.nobody&from={start}",
+            subprotocols=sub) as client:
+        resumed = positions.read(client.recv(timeout=10))
+        replayed = [json.loads(positions.read(client.recv(timeout=10)).payload)["payload"]["n"]
+                    for _ in range(resumed.replayed or 0)]
+    assert (resumed.event, replayed) == ("resumed", [1, 4])
+    assert rejection(relay, f"/b/{alice}?from={start}", subprotocols=sub)[0] == 400
+    expired = token({"mode": "r", "channels": ["a"], "exp": 1})
+    assert rejection(relay, f"/a/{expired}?from={start}", subprotocols=sub) == (
+        400, b"Token expired")

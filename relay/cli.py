@@ -257,7 +257,12 @@ def _tail_parser() -> argparse.ArgumentParser:
 
 def _tail(argv: Sequence[str]) -> int:
     # Here, not at the top: the relay's own process never loads the client library.
-    from relay.client import subscription
+    try:
+        from relay.client import subscription
+    except ImportError as missing:
+        print(f"pgws-relay tail: needs the client library's extra ({missing.name} is missing): "
+              "pip install 'pgws-relay[client]'", file=sys.stderr)
+        return 2
 
     parser = _tail_parser()
     args = parser.parse_args(argv)

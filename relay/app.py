@@ -41,8 +41,8 @@ from relay.sources.notifier import Notifier
 from relay.sources.notify import Listener, ListenerGaveUp
 from relay.sources.publisher import Publisher
 from relay.transports.server import Server
-from relay.transports.websocket import GOING_AWAY
 from relay.wire import positions
+from relay.wire.closecodes import GOING_AWAY
 
 log = logging.getLogger("relay")
 

@@ -19,21 +19,32 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from relay.auth.tokens import Grant
 from relay.config import PG_NOTIFY_MAX_BYTES
 from relay.core import envelope
+from relay.core.limits import WriteBucket
 from relay.core.stats import counters
 from relay.sources.notifier import Notifier, NotifyFailed
-from relay.transports.websocket import (
+from relay.wire.closecodes import (
     INTERNAL_ERROR,
     MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
-    Client,
     MessageRefused,
 )
 
 log = logging.getLogger(__name__)
+
+
+class Writer(Protocol):
+    """What the publisher needs of a writing connection, whatever its transport."""
+
+    grant: Grant
+    #: Its publishing allowance (``PGWS_MAX_WRITES_PER_SECOND``), or None: no limit.
+    write_bucket: WriteBucket | None
+    #: Where it connects from, for the log.
+    peer: str
 
 
 class Publisher:
@@ -42,8 +53,9 @@ class Publisher:
         self._listen_channel = listen_channel
         self._meta_channel = meta_channel
 
-    async def message(self, client: Client, text: str) -> None:
-        """Publish a client's message to each of its channels (``on_message`` of a Client)."""
+    async def message(self, client: Writer, text: str) -> None:
+        """Publish a client's message to each of its channels (``on_message`` of a
+        connection). Raises :class:`relay.wire.closecodes.MessageRefused`."""
         bucket = client.write_bucket
         if bucket is not None and not bucket.take(time.monotonic()):
             counters.rate_limited += 1

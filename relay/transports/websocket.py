@@ -56,6 +56,14 @@ from relay.auth.tokens import Grant
 from relay.core.limits import InboundBudget, WriteBucket, within_queue_bound
 from relay.core.stats import counters
 from relay.wire import frames
+from relay.wire.closecodes import (
+    JWT_EXPIRED,
+    MESSAGE_TOO_BIG,
+    NORMAL,
+    POLICY_VIOLATION,
+    TRY_AGAIN_LATER,
+    MessageRefused,
+)
 from relay.wire.deflate import InboundDeflate
 
 if TYPE_CHECKING:
@@ -99,24 +107,6 @@ _INFLATE_FAILURES = {
 
 #: Close codes a peer may not put on the wire (RFC 6455 7.4.1); we answer such a close with 1000.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
-
-NORMAL = 1000
-GOING_AWAY = 1001
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-TRY_AGAIN_LATER = 1013
-JWT_EXPIRED = 3001
-
-
-class MessageRefused(Exception):
-    """``on_message`` refuses a client message; the connection closes with ``code``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
 
 OnMessage = Callable[["Client", str], Awaitable[None]]
 

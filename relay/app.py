@@ -37,8 +37,9 @@ from relay.core import envelope, stats
 from relay.core.history import History
 from relay.core.hub import Hub
 from relay.ops import admin
+from relay.sources.base import Source, SourceGaveUp
 from relay.sources.notifier import Notifier
-from relay.sources.notify import Listener, ListenerGaveUp
+from relay.sources.notify import NotifySource
 from relay.sources.publisher import Publisher
 from relay.transports.server import Server
 from relay.wire import positions
@@ -153,23 +154,23 @@ def _open_fds() -> int:
         return -1  # Not Linux: unknown.
 
 
-def _stats(hub: Hub, listener: Listener, notifier: Notifier) -> dict[str, int]:
+def _stats(hub: Hub, source: Source, notifier: Notifier) -> dict[str, int]:
     return stats.fields(clients=hub.client_count, tasks=_task_count(), fds=_open_fds(),
                         db_pool_idle=notifier.idle_connections,
-                        db_pool_busy=notifier.busy_connections, notifications=listener.received,
-                        gaps=listener.gaps, frames_offered=hub.offered,
+                        db_pool_busy=notifier.busy_connections, notifications=source.received,
+                        gaps=source.gaps, frames_offered=hub.offered,
                         streams=hub.stream_count, compressors=hub.deflaters,
                         compression_joins=hub.joins, compression_restarts=hub.restarts,
                         resumed=hub.resumes["resumed"], replayed=hub.replayed,
                         history_entries=hub.history.entries if hub.history else 0)
 
 
-async def _watch_signals(stop: trio.Event, hub: Hub, listener: Listener,
+async def _watch_signals(stop: trio.Event, hub: Hub, source: Source,
                          notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
             if signum == signal.SIGUSR1:
-                numbers = _stats(hub, listener, notifier)
+                numbers = _stats(hub, source, notifier)
                 log.info("stats: %s", " ".join(f"{name}={value}" for name, value in
                                                numbers.items()),
                          extra={"event": "stats", "stats": numbers})
@@ -224,7 +225,7 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
         if meta is not None:
             hub.publish([envelope.listener_reconnected(meta, since, until)], local=True)
 
-    listener = Listener(config.db_uri, options, config.listen_channel, hub.publish, notifier,
+    source = NotifySource(config.db_uri, options, config.listen_channel, hub.publish, notifier,
                         config.heartbeat_interval, config.retries, on_gap, hub.listening)
     try:
         listeners = await open_listeners(config, reuse_port)
@@ -253,20 +254,20 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
 
     exit_code = 0
     stop = trio.Event()
-    probe = admin.LocalProbe(hub, listener, notifier, stopping=stop.is_set)
+    probe = admin.LocalProbe(hub, source, notifier, stopping=stop.is_set)
 
     async def listen() -> None:
         nonlocal exit_code
         try:
-            await listener.run()
-        except ListenerGaveUp as exc:
+            await source.run()
+        except SourceGaveUp as exc:
             log.critical("listener gave up: %s; exiting", exc)
             exit_code = 1
             stop.set()
 
     async with trio.open_nursery() as root:
         server = Server(config, keys, hub, publisher, background=root)
-        root.start_soon(_watch_signals, stop, hub, listener, notifier)
+        root.start_soon(_watch_signals, stop, hub, source, notifier)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
         if history is not None:
@@ -295,6 +296,6 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
                                                  - teardown)
         root.cancel_scope.cancel()
     await notifier.aclose()
-    log.info("stopped; %s", stats.line(notifications=listener.received, gaps=listener.gaps,
+    log.info("stopped; %s", stats.line(notifications=source.received, gaps=source.gaps,
                                        frames_offered=hub.offered))
     return exit_code

@@ -64,8 +64,8 @@ from relay import __version__
 from relay.core.hub import Hub
 from relay.core.limits import AddressCount, network_of
 from relay.core.stats import REFUSAL_REASONS, counters
+from relay.sources.base import Source
 from relay.sources.notifier import Notifier
-from relay.sources.notify import Listener
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class _Sources(NamedTuple):
     """Where the numbers live: the rooms that count them on their own paths."""
 
     hub: Hub
-    listener: Listener
+    listener: Source
     notifier: Notifier
 
 
@@ -195,7 +195,7 @@ _METRICS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str,
 class RelayCollector(Collector):
     """The relay's numbers as metric families, read when a scrape asks for them."""
 
-    def __init__(self, hub: Hub, listener: Listener, notifier: Notifier) -> None:
+    def __init__(self, hub: Hub, listener: Source, notifier: Notifier) -> None:
         self._sources = _Sources(hub, listener, notifier)
 
     def collect(self) -> Iterator[Metric]:
@@ -234,7 +234,7 @@ class RelayCollector(Collector):
 class LocalProbe:
     """The answers of this process: its listener's state and its own numbers."""
 
-    def __init__(self, hub: Hub, listener: Listener, notifier: Notifier,
+    def __init__(self, hub: Hub, listener: Source, notifier: Notifier,
                  stopping: Callable[[], bool]) -> None:
         self._listener = listener
         self._stopping = stopping

@@ -19,16 +19,16 @@ Recovery: a lost connection is closed and a new one opened at once; while the da
 away, attempts repeat every second, so delivery resumes within about a second of the database
 accepting connections again. How long an outage may last is upstream's: the time its
 ``PGWS_RETRIES`` attempts with backoff 1, 2, 4 … 32 s would span (:func:`retry_window`; 15 s
-for the default 5). Past that the listener gives up with :class:`ListenerGaveUp`, and the
+for the default 5). Past that the listener gives up with :class:`SourceGaveUp`, and the
 process exits with status 1. Clients stay connected throughout. Notifications committed while
 no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
-counted in :attr:`Listener.gaps`, logged with its length when LISTEN is back, and reported to
+counted in :attr:`NotifySource.gaps`, logged with its length when LISTEN is back, and reported to
 ``on_gap`` (the meta channel's ``ListenerReconnected`` event). ``on_listening`` hears of every
 time LISTEN is established, the first included: what was committed before is nobody's to
 replay (the history takes a break there).
 
-What the operator sees: :attr:`Listener.status` is None while LISTEN is in place, else one line
-saying why not (the admin listener's ``/ready`` answer); :meth:`Listener.down_seconds` adds up
+What the operator sees: :attr:`NotifySource.status` is None while LISTEN is in place, else one line
+saying why not (the admin listener's ``/ready`` answer); :meth:`NotifySource.down_seconds` adds up
 the time without LISTEN. A failed attempt is logged when its error differs from the last one;
 the same error again is summed up every ``_REPEAT_LOG_INTERVAL`` seconds, so a database that is
 away writes a few lines, not one a second. An error that waiting cannot cure (the database or
@@ -50,6 +50,7 @@ import psycopg
 import trio
 from psycopg import sql
 
+from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier, NotifyFailed
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,6 @@ def is_permanent(message: str) -> bool:
     return any(part in lowered for part in _PERMANENT_ERRORS)
 
 
-class ListenerGaveUp(Exception):
-    """``retries`` consecutive attempts to (re)connect the listener failed."""
-
-
 class _Lost(Exception):
     """The LISTEN connection stopped working; the message says how."""
 
@@ -108,8 +105,10 @@ def retry_window(retries: int) -> float:
     return sum(backoff(failures) for failures in range(1, max(retries, 1)))
 
 
-class Listener:
-    """Owns the LISTEN connection for the life of :meth:`run`."""
+class NotifySource:
+    """The :class:`relay.sources.base.Source` of LISTEN/NOTIFY: owns the LISTEN connection for
+    the life of :meth:`run`. ``on_listening`` is called at every LISTEN (NOTIFY keeps nothing
+    for a listener that was away, so each one after the first is a gap)."""
 
     def __init__(
         self,
@@ -198,7 +197,7 @@ class Listener:
         self._unlogged = 0
 
     async def run(self) -> None:
-        """Listen until cancelled; raise :class:`ListenerGaveUp` when an outage lasts too long."""
+        """Listen until cancelled; raise :class:`SourceGaveUp` when an outage lasts too long."""
         # When LISTEN stopped being in place (trio clock, wall clock); None while it is.
         down: tuple[float, float] | None = None
         attempts = 0
@@ -217,7 +216,7 @@ class Listener:
                 self.status = f"database unreachable: {message}"
                 self._log_failure(message, attempts, outage)
                 if started - down[0] + _RETRY_SPACING > self._window:
-                    raise ListenerGaveUp(f"no database connection for {outage:.0f} s "
+                    raise SourceGaveUp(f"no database connection for {outage:.0f} s "
                                          f"({attempts} attempts)") from None
                 await trio.sleep_until(started + _RETRY_SPACING)
                 continue

@@ -6,8 +6,9 @@ import trio
 
 from relay.app import connect_options
 from relay.core.hub import Hub
+from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier
-from relay.sources.notify import Listener, ListenerGaveUp, backoff, retry_window
+from relay.sources.notify import NotifySource, backoff, retry_window
 from tests.conftest import DB_URI, notify, unique_channel
 from tests.unit.core.test_hub import Recorder
 
@@ -22,9 +23,9 @@ class Signalling(Recorder):
         self.arrived.set()
 
 
-def _listener(listen: str, hub: Hub, notifier: Notifier, **kwargs: object) -> Listener:
+def _listener(listen: str, hub: Hub, notifier: Notifier, **kwargs: object) -> NotifySource:
     options = {"heartbeat_interval": 0.2, "retries": 1, **kwargs}
-    return Listener(DB_URI, connect_options(DB_URI), listen, hub.publish, notifier,
+    return NotifySource(DB_URI, connect_options(DB_URI), listen, hub.publish, notifier,
                     options["heartbeat_interval"], options["retries"])  # type: ignore[arg-type]
 
 
@@ -84,11 +85,11 @@ async def test_heartbeats_keep_a_healthy_listener_connected() -> None:
 async def test_gives_up_after_the_retries() -> None:
     dead = "postgresql://postgres@127.0.0.1:1/postgres"
     notifier = Notifier(dead, 1, connect_options(dead))
-    listener = Listener(dead, connect_options(dead), "x", Hub("x").publish, notifier, 0, 1)
+    listener = NotifySource(dead, connect_options(dead), "x", Hub("x").publish, notifier, 0, 1)
     with trio.fail_after(15):
         try:
             await listener.run()
-        except ListenerGaveUp as exc:
+        except SourceGaveUp as exc:
             assert "(1 attempts)" in str(exc)
         else:
             raise AssertionError("the listener did not give up")
@@ -124,7 +125,7 @@ async def test_a_backlog_longer_than_the_heartbeat_timeout_is_not_a_lost_connect
 
     notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
     # Heartbeats every 0.2 s, each due back within the 1 s minimum: the backlog lasts 3 s.
-    listener = Listener(DB_URI, connect_options(DB_URI), listen, slow_publish, notifier, 0.2, 1,
+    listener = NotifySource(DB_URI, connect_options(DB_URI), listen, slow_publish, notifier, 0.2, 1,
                         on_gap=lambda since, until: finished.set())
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

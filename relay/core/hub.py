@@ -70,11 +70,14 @@ _SYNC_SPACING = 1.0
 #: The work a filtered resume may do, in the units of :func:`relay.core.filters.cost` (about
 #: 0.3 µs each at worst): each history entry it examines is parsed (:func:`_parse_units`) and
 #: its filter set evaluated in full, in one synchronous step, so this bounds how long one resume
-#: holds the relay: 20 ms. Counting entries instead let one resume of a deep 64-filter set hold
-#: it 170–450 ms (1.0 s over 10 channels). Beyond it the client is told ``expired``: an Econia
-#: fill with one filter costs ~10 units (6,000 entries), the deepest 64-filter set ~1,300 (46).
-#: Unfiltered replays only collect frames (~80 ns each), bounded by the history itself.
-REPLAY_WORK = 60_000
+#: holds the relay. Counting entries instead let one resume of a deep 64-filter set hold it
+#: 170–450 ms (1.0 s over 10 channels). At 60,000 units the loop's longest stall during 5
+#: such resumes a second was 25 ms (the replay 11–16 ms of it, the rest the turn's other work:
+#: bench/scenarios/abuse.py); 40,000 keeps the whole turn under 20 ms. Beyond it the client is
+#: told ``expired``: an Econia fill with one filter costs ~10 units (4,000 entries), the
+#: deepest 32-filter set ~650 (61). Unfiltered replays only collect frames (~80 ns each),
+#: bounded by the history itself.
+REPLAY_WORK = 40_000
 
 
 class Compression(enum.Enum):

@@ -64,7 +64,7 @@ from relay.wire.closecodes import (
     TRY_AGAIN_LATER,
     MessageRefused,
 )
-from relay.wire.deflate import InboundDeflate
+from relay.wire.inflate import InboundDeflate
 
 if TYPE_CHECKING:
     from relay.core.hub import (
@@ -98,7 +98,7 @@ MAX_FRAGMENTS = 4096
 #: time and each record must leave within ``send_timeout``, as a plain socket must take a byte.
 _TLS_SEND_BYTES = 16384
 
-#: Close reasons for what :class:`relay.wire.deflate.InboundDeflate` refuses, by close code.
+#: Close reasons for what :class:`relay.wire.inflate.InboundDeflate` refuses, by close code.
 _INFLATE_FAILURES = {
     1002: "RSV1 on a control or continuation frame",
     1007: "compressed data that does not inflate",

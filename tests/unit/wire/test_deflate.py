@@ -26,8 +26,9 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
-from relay.wire import deflate
-from relay.wire.deflate import Agreement, Deflater, InboundDeflate, alone, negotiate
+from relay.wire import deflate, inflate
+from relay.wire.deflate import Agreement, Deflater, alone, negotiate
+from relay.wire.inflate import InboundDeflate
 
 TAIL = b"\x00\x00\xff\xff"
 PLAIN = "permessage-deflate; client_no_context_takeover"
@@ -699,7 +700,7 @@ def test_a_client_that_keeps_context_against_the_agreement_fails_1007() -> None:
 def test_bytes_after_a_final_block_are_ignored_and_not_inflated(
         monkeypatch: pytest.MonkeyPatch) -> None:
     recording = _RecordingZlib()
-    monkeypatch.setattr(deflate, "zlib", recording)
+    monkeypatch.setattr(inflate, "zlib", recording)
     server = _Server()
     final = bytes.fromhex("f348cdc9c90700")
     server.feed(_client_frame(0x41, final + b"junk") + _client_frame(0x80, b"\xff" * 1000) +
@@ -787,7 +788,7 @@ def test_uncompressed_messages_are_not_counted_here() -> None:
 def test_a_compression_bomb_fails_1009_with_no_more_than_the_limit_inflated(
         monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     recording = _RecordingZlib()
-    monkeypatch.setattr(deflate, "zlib", recording)
+    monkeypatch.setattr(inflate, "zlib", recording)
     limit = 1 << 20
     bomb = _compressed(bytes(10_000_000))
     assert len(bomb) < 20_000
@@ -801,7 +802,7 @@ def test_a_compression_bomb_fails_1009_with_no_more_than_the_limit_inflated(
 
 def test_limits_hold_for_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     recording = _RecordingZlib()
-    monkeypatch.setattr(deflate, "zlib", recording)
+    monkeypatch.setattr(inflate, "zlib", recording)
     limit = 1000
     server = _Server(limit)
     whole = _compressed(b"z" * limit)
@@ -813,7 +814,7 @@ def test_limits_hold_for_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_an_idle_connection_holds_no_inflater(monkeypatch: pytest.MonkeyPatch) -> None:
     recording = _RecordingZlib()
-    monkeypatch.setattr(deflate, "zlib", recording)
+    monkeypatch.setattr(inflate, "zlib", recording)
     data, expected, _ = _wsproto_messages()
     server = _Server()
     server.feed(data)

@@ -40,7 +40,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.transports.request import origin_key
+from relay.wire.origins import origin_key
 from relay.wire.positions import MIN_KEY_BYTES as MIN_POSITION_KEY_BYTES
 
 #: The NOTIFY payload limit of a default PostgreSQL build (``NAMEDATALEN``-style compile-time

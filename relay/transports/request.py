@@ -6,14 +6,15 @@ postgres-websockets takes the raw request target, drops the leading ``/`` and sp
 on ``/``: one element is the token (``/TOKEN``); two or more are channel and token
 (``/CHANNEL/TOKEN``, extra elements ignored). Nothing is percent-decoded.
 
-The ``Origin`` header is compared as an origin, not as text (:func:`origin_key`): RFC 6454
-makes scheme and host case-insensitive and a default port the same as none.
+The ``Origin`` header is compared as an origin, not as text
+(:func:`relay.wire.origins.origin_key`): RFC 6454 makes scheme and host case-insensitive and a
+default port the same as none.
 
 This module keeps those rules and adds two ways to pass the token that upstream lacks
-(its issue #84): a ``jwt`` query parameter and an ``Authorization: Bearer`` header. The query
-string is stripped before the path is split, so ``/TOKEN?x=1`` works too. When the token comes
-from the query or the header, the path's first element, if any, is the channel
-(``/chat?jwt=T``).
+(https://github.com/diogob/postgres-websockets/issues/84): a ``jwt`` query parameter and an
+``Authorization: Bearer`` header. The query string is stripped before the path is split, so
+``/TOKEN?x=1`` works too. When the token comes from the query or the header, the path's first
+element, if any, is the channel (``/chat?jwt=T``).
 
 Every ``filter`` query parameter is collected, percent-decoded and in order, for
 :mod:`relay.core.filters` to parse (an empty one too: it is a mistake to report, not to skip). Other
@@ -25,18 +26,10 @@ Pure functions only: no validation of the token (that is :mod:`relay.auth.tokens
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from relay.wire.positions import FROM_PARAMETER
-
-#: An origin's serialization (RFC 6454 section 6.2): scheme "://" host [":" port], nothing
-#: else (no path, no user information, no list): anything more is not an origin.
-_ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(\[[0-9A-Fa-f:.]+\]|[^/?#@\[\]:\s,]+)(?::(\d{1,5}))?")
-
-#: Ports that an origin's serialization leaves out, by scheme.
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +89,3 @@ def subprotocols(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
             for piece in value.decode("latin-1").split(",") if piece.strip()]
 
 
-
-def origin_key(value: str) -> str | None:
-    """``value`` as a comparable origin (lower-case scheme and host, no default port), or
-    None when it is not an origin's serialization. ``null`` (an opaque origin) stays ``null``.
-    """
-    if value == "null":
-        return value
-    match = _ORIGIN.fullmatch(value)
-    if match is None:
-        return None
-    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
-    if port is not None:
-        number = int(port)
-        if number > 65535:
-            return None
-        if number != _DEFAULT_PORTS.get(scheme):
-            return f"{scheme}://{host}:{number}"
-    return f"{scheme}://{host}"

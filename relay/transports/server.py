@@ -48,7 +48,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -70,10 +70,9 @@ from relay.core.limits import (
     network_of,
 )
 from relay.core.stats import counters
-from relay.sources.publisher import Publisher
 from relay.transports import request, static
 from relay.transports.websocket import Client, ClientSettings, close_now
-from relay.wire import deflate, positions, proxy
+from relay.wire import deflate, origins, positions, proxy
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +227,26 @@ def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return value is not None and value.strip().lower() == b"websocket"
 
 
-class Server:
-    """Handles connections for the accept loop; knows the hub and the publisher."""
+class Publishing(Protocol):
+    """What a transport asks of the write path (:class:`relay.sources.publisher.Publisher`),
+    whichever source runs: a transport never imports a source."""
 
-    def __init__(self, config: Config, keys: Sequence[tokens.Key], hub: Hub, publisher: Publisher,
-                 background: trio.Nursery) -> None:
+    @property
+    def publishes_meta(self) -> bool:
+        """Whether connections opening and closing are published (a meta channel is set)."""
+
+    async def meta(self, event: str, grant: tokens.Grant) -> None:
+        """Publish a connection's ``ConnectionOpen``/``ConnectionClose``."""
+
+    async def message(self, client: Client, text: str) -> None:
+        """Publish a client's message; raises :class:`relay.wire.closecodes.MessageRefused`."""
+
+
+class Server:
+    """Handles connections for the accept loop; knows the hub and the write path."""
+
+    def __init__(self, config: Config, keys: Sequence[tokens.Key], hub: Hub,
+                 publisher: Publishing, background: trio.Nursery) -> None:
         self._config = config
         self._grants = tokens.GrantCache(keys)
         self._hub = hub
@@ -566,7 +580,7 @@ class Server:
             return None
         origin = request.header(req.headers, b"origin")
         if config.allowed_origins and origin is not None and \
-                request.origin_key(origin.decode("latin-1")) not in config.allowed_origins:
+                origins.origin_key(origin.decode("latin-1")) not in config.allowed_origins:
             await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
                                "origin")
             return None

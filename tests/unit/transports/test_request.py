@@ -6,6 +6,7 @@ import pytest
 
 from relay.transports import request
 from relay.transports.request import Target, parse_target
+from relay.wire import origins
 
 
 @pytest.mark.parametrize("target,channel,token", [
@@ -104,7 +105,7 @@ def test_non_utf8_targets_are_decoded_with_replacement() -> None:
     ("1https://good.example", None),
 ])
 def test_origins_compare_as_rfc_6454_serializations(value: str, key: str | None) -> None:
-    assert request.origin_key(value) == key
+    assert origins.origin_key(value) == key
 
 
 def test_filter_parameters_are_collected_decoded_in_order() -> None:

@@ -59,20 +59,15 @@ from wsproto.utilities import RemoteProtocolError
 from relay import __version__
 from relay.auth import tokens
 from relay.config import Config
-from relay.core import envelope, filters, limits
+from relay.core import envelope
 from relay.core.filters import Filters
 from relay.core.hub import Compression, Hub
-from relay.core.limits import (
-    AddressCount,
-    AddressRate,
-    FilterBudget,
-    WriteBucket,
-    network_of,
-)
+from relay.core.limits import AddressCount, WriteBucket, network_of
 from relay.core.stats import counters
 from relay.transports import request, static
+from relay.transports.admission import Admission, Held, Refusal
 from relay.transports.websocket import Client, ClientSettings, close_now
-from relay.wire import deflate, origins, positions, proxy
+from relay.wire import deflate, positions, proxy
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +147,6 @@ class _Accepted:
     resume: positions.Position | None = None
 
 
-class _Held:
-    """What one connection holds of the relay's shared caps, released when it ends: a
-    connection slot (``PGWS_MAX_CONNECTIONS``) and its filter set on its channels. Caps are
-    checked and held in one synchronous step, before any checkpoint, so handshakes that arrive
-    together, and clients parked while they resume, are all counted."""
-
-    __slots__ = ("channels", "claimed", "filters", "slot")
-
-    def __init__(self) -> None:
-        self.slot = False
-        self.channels: tuple[str, ...] = ()
-        self.filters: Filters = filters.NONE
-        self.claimed = False
-
-
-#: HTTP 503 texts of :class:`relay.core.limits.FilterBudget`'s refusals.
-_FILTER_REFUSALS = {limits.SETS: "Too many distinct filters",
-                    limits.COST: "Too many distinct filters",
-                    limits.ADDRESS: "Too many distinct filters from this address"}
-
-
 async def _receive_exactly(stream: trio.abc.Stream, count: int) -> bytes:
     """``count`` bytes, never one more (what follows belongs to someone else)."""
     data = b""
@@ -211,17 +185,6 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def _resume_refusal(position: str, positioned: bool, history_on: bool) -> str | None:
-    """Why a ``from`` parameter cannot be taken (the 400 body), or None."""
-    if not history_on:
-        return "Cannot resume: history is off (PGWS_HISTORY_MESSAGES=0)"
-    if not positioned:
-        return f"Resuming needs the {positions.SUBPROTOCOL} subprotocol"
-    if positions.parse_position(position) is None:
-        return "Invalid position"
-    return None
-
-
 def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     value = request.header(headers, b"upgrade")
     return value is not None and value.strip().lower() == b"websocket"
@@ -248,7 +211,7 @@ class Server:
     def __init__(self, config: Config, keys: Sequence[tokens.Key], hub: Hub,
                  publisher: Publishing, background: trio.Nursery) -> None:
         self._config = config
-        self._grants = tokens.GrantCache(keys)
+        self._admission = Admission(config, keys, hub.history)
         self._hub = hub
         self._publisher = publisher
         self._background = background
@@ -260,12 +223,6 @@ class Server:
         )
         self._shutting_down = False
         self._addresses = AddressCount(config.max_connections_per_ip)
-        self._filter_budget = FilterBudget(config.max_filter_sets, config.max_filter_cost,
-                                           config.max_filter_sets_per_ip)
-        rate = config.max_resumes_per_second_per_ip
-        self._resumes = AddressRate(rate, max(1.0, 2 * rate))
-        #: Connections holding a slot of ``PGWS_MAX_CONNECTIONS`` (:class:`_Held`).
-        self._slots = 0
         #: Refused connections now held (waiting for their head, or lingering after the 503).
         self._refused_held = 0
         #: Refusals since the last summary line; the summary task runs while this can grow.
@@ -277,6 +234,7 @@ class Server:
     def shut_down(self) -> None:
         """Refuse new WebSocket clients (503) and end connections that are not clients yet."""
         self._shutting_down = True
+        self._admission.shutting_down = True
         for scope in self._pending:
             scope.cancel()
 
@@ -294,7 +252,7 @@ class Server:
         if not self._addresses.enter(network):
             await self._refuse_address(stream, network)
             return
-        held = _Held()
+        held = Held()
         try:
             accepted = await self._accept(stream, peer, network, held)
             if accepted is None:
@@ -329,7 +287,7 @@ class Server:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
-            self._release(held, network)
+            self._admission.release(held, network)
             self._addresses.leave(network)
             await close_now(stream)
 
@@ -348,11 +306,6 @@ class Server:
             log.info("closing a connection from %s: %s", peer, exc)
             return None
         return f"{address}:{port}"
-
-    def _release(self, held: _Held, network: str) -> None:
-        if held.slot:
-            self._slots -= 1
-        self._filter_budget.release(held.channels, held.filters, held.claimed, network)
 
     async def _give_up_later(self, client: Client) -> None:
         """A client waits for its position (issued by another relay process) at most
@@ -407,7 +360,7 @@ class Server:
         finally:
             self._refused_logging = False
 
-    async def _accept(self, stream: trio.abc.Stream, peer: str, network: str, held: _Held
+    async def _accept(self, stream: trio.abc.Stream, peer: str, network: str, held: Held
                       ) -> _Accepted | None:
         """Everything before a WebSocket client exists; the HTTP state dies with this call.
 
@@ -440,7 +393,7 @@ class Server:
         await stream.send_all(data)
 
     async def _until_client(self, stream: trio.abc.Stream, http: h11.Connection,
-                            phase: trio.CancelScope, peer: str, network: str, held: _Held
+                            phase: trio.CancelScope, peer: str, network: str, held: Held
                             ) -> _Accepted | None:
         """Read the request; answer plain HTTP, or return the accepted WebSocket client."""
         if self._shutting_down:
@@ -572,59 +525,15 @@ class Server:
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
                          phase: trio.CancelScope, req: h11.Request, peer: str, network: str,
-                         held: _Held) -> _Accepted | None:
+                         held: Held) -> _Accepted | None:
         config = self._config
-        if self._shutting_down:
-            await self._reject(stream, http, phase, 503, "Shutting down", peer,
-                               "shutting_down")
+        admitted = self._admission.admit(req.target, req.headers, network, held, time.time(),
+                                         time.monotonic())
+        if isinstance(admitted, Refusal):
+            await self._reject(stream, http, phase, admitted.status, admitted.text, peer,
+                               admitted.reason)
             return None
-        origin = request.header(req.headers, b"origin")
-        if config.allowed_origins and origin is not None and \
-                origins.origin_key(origin.decode("latin-1")) not in config.allowed_origins:
-            await self._reject(stream, http, phase, 403, "Origin not allowed", peer,
-                               "origin")
-            return None
-        if config.max_connections and self._slots >= config.max_connections:
-            await self._reject(stream, http, phase, 503, "Too many connections", peer,
-                               "capacity")
-            return None
-        self._slots += 1
-        held.slot = True
-        target = request.parse_target(req.target, req.headers)
-        try:
-            grant = self._grants.check(target.token, target.channel, time.time())
-        except tokens.AuthError as refused:
-            await self._reject(stream, http, phase, 400, str(refused), peer, "token")
-            return None
-        try:
-            # The URL's filters narrow what the token's claim allows; they never widen it.
-            # Without any, the grant's own set is shared, not copied per connection.
-            filter_set = (grant.filters | filters.parse_all(target.filters) if target.filters
-                          else grant.filters)
-        except filters.FilterError as bad:
-            await self._reject(stream, http, phase, 400, str(bad), peer, "filter")
-            return None
-        if grant.can_read:
-            claimed = bool(grant.filters)
-            refused = self._filter_budget.hold(grant.channels, filter_set, claimed, network)
-            if refused is not None:
-                await self._reject(stream, http, phase, 503, _FILTER_REFUSALS[refused], peer,
-                                   "capacity")
-                return None
-            held.channels, held.filters, held.claimed = grant.channels, filter_set, claimed
-        positioned = self._hub.history is not None and \
-            positions.SUBPROTOCOL in request.subprotocols(req.headers)
-        resume = None
-        if target.position is not None:
-            why = _resume_refusal(target.position, positioned, self._hub.history is not None)
-            if why is not None:
-                await self._reject(stream, http, phase, 400, why, peer, "position")
-                return None
-            if not self._resumes.take(network, time.monotonic()):
-                await self._reject(stream, http, phase, 429, "Too many resumes from this address",
-                                   peer, "resumes")
-                return None
-            resume = self._hub.history.open(target.position)  # type: ignore[union-attr]
+        grant, positioned = admitted.grant, admitted.positioned
 
         ws = WSConnection(ConnectionType.SERVER)
         try:
@@ -680,4 +589,4 @@ class Server:
                         inflate=agreement is not None)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
-        return _Accepted(client, filter_set, compression, positioned, resume)
+        return _Accepted(client, admitted.filters, compression, positioned, admitted.resume)

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from tests.conftest import TIMEOUT, RelayProcess, eventually, notify, token
+from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, token
 
 #: Opens one WebSocket per name → URL; records messages, the agreed extension and any close.
 _OPEN = """

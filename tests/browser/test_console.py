@@ -27,7 +27,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, RelayProcess, notify, token, unique_channel
+from tests.helpers import TIMEOUT, RelayProcess, notify, token, unique_channel
 
 CONSOLE_DIR = Path(__file__).resolve().parents[2] / "relay" / "console"
 

@@ -25,8 +25,8 @@ import pytest
 from websockets.sync.client import connect
 
 from relay import __version__, config
-from tests import conftest
-from tests.conftest import RELAY, RelayProcess, notify, relay_env, token, unique_channel
+from tests import helpers
+from tests.helpers import RELAY, RelayProcess, notify, relay_env, token, unique_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -305,12 +305,12 @@ def test_relay_runs_under_memory_deny_write_execute(tmp_path: Path, monkeypatch,
     wrapper.write_text(f"#!{sys.executable}\n{_MDWE_SET}"
                        f"os.execv({RELAY!r}, [{RELAY!r}, *sys.argv[1:]])\n")
     wrapper.chmod(0o755)
-    monkeypatch.setattr(conftest, "RELAY", str(wrapper))
+    monkeypatch.setattr(helpers, "RELAY", str(wrapper))
     relay: RelayProcess = start_relay()
     channel = unique_channel("mdwe")
     with connect(relay.url(f"/{channel}/{token({'mode': 'rw'})}"), open_timeout=10) as client:
         notify(relay.env["PGWS_LISTEN_CHANNEL"], f'{{"channel": "{channel}", "payload": 1}}')
-        assert client.recv(timeout=conftest.TIMEOUT) == f'{{"channel": "{channel}", "payload": 1}}'
+        assert client.recv(timeout=helpers.TIMEOUT) == f'{{"channel": "{channel}", "payload": 1}}'
         client.send("written")
-        assert '"payload":"written"' in client.recv(timeout=conftest.TIMEOUT)
+        assert '"payload":"written"' in client.recv(timeout=helpers.TIMEOUT)
     assert relay.proc.poll() is None, relay.log

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import DB_URI, Lines, RelayProcess, token
+from tests.helpers import DB_URI, Lines, RelayProcess, token
 
 ECONIA_SECRET = "econia_0000000000000000000000000"
 CHANNELS = [

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import TIMEOUT, Lines, RelayProcess, sigint_as_from_a_terminal, token
 from tests.downstream.test_econia import ECONIA_SECRET, econia_db, run_sql  # noqa: F401 (a fixture)
+from tests.helpers import TIMEOUT, Lines, RelayProcess, sigint_as_from_a_terminal, token
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "econia_fills.py"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, Lines, RelayProcess, notify, token, unique_channel
+from tests.helpers import TIMEOUT, Lines, RelayProcess, notify, token, unique_channel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

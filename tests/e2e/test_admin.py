@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 from wsproto.events import CloseConnection
 
-from tests.conftest import (
+from tests.helpers import (
     DB_URI,
     RelayProcess,
     eventually,

@@ -27,9 +27,9 @@ import trio
 from websockets.exceptions import ConnectionClosed
 
 from relay.wire import frames, positions, proxy
-from tests.conftest import RELAY, RelayProcess, eventually, notify, token
 from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
+from tests.helpers import RELAY, RelayProcess, eventually, notify, token
 
 
 def _free_port() -> int:

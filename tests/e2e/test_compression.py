@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, RelayProcess, eventually, notify, token
+from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, token
 
 READ = token({"mode": "r"})
 RW = token({"mode": "rw"})

@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from wsproto.events import CloseConnection
 
-from tests.conftest import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
 from tests.e2e.test_admin import admin_port, get, metric
 from tests.e2e.test_websocket import rejection, ws
+from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
 
 READ = token({"mode": "r"})
 RW = token({"mode": "rw"})

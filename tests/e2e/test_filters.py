@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from relay.wire import frames
-from tests.conftest import RelayProcess, eventually, notify, raw_client, token
+from tests.helpers import RelayProcess, eventually, notify, raw_client, token
 
 READ = token({"mode": "r"})
 #: A u128 order id (numeric(39) in Econia's tables) and its neighbour: the same double.

@@ -26,7 +26,8 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Reques
 
 from bench.parts.harness import frame
 from relay.transports.websocket import MAX_FRAGMENTS
-from tests.conftest import (
+from tests.e2e.test_websocket import rejection, ws
+from tests.helpers import (
     TIMEOUT,
     RelayProcess,
     eventually,
@@ -35,7 +36,6 @@ from tests.conftest import (
     tls_files,
     token,
 )
-from tests.e2e.test_websocket import rejection, ws
 
 READ = token({"mode": "r"})
 RW = token({"mode": "rw"})

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from relay.ops.logs import JsonFormatter, text_format
-from tests.conftest import RelayProcess, token
+from tests.helpers import RelayProcess, token
 
 #: ISO 8601, UTC, milliseconds.
 ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -9,7 +9,7 @@ from relay.core.hub import Hub
 from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource, backoff, retry_window
-from tests.conftest import DB_URI, notify, unique_channel
+from tests.helpers import DB_URI, notify, unique_channel
 from tests.unit.core.test_hub import Recorder
 
 

@@ -20,8 +20,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from relay.wire import positions
 from relay.wire.positions import Control, Delivery
-from tests.conftest import DB_URI, SEALER, RelayProcess, eventually, notify, token
 from tests.e2e.test_admin import admin_port, metric
+from tests.helpers import DB_URI, SEALER, RelayProcess, eventually, notify, token
 
 SUB = [positions.SUBPROTOCOL]
 

@@ -21,7 +21,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import (
+from tests.helpers import (
     DB_URI,
     SECRET,
     RelayProcess,
@@ -115,7 +115,7 @@ def test_a_secret_too_short_for_hs384_or_hs512_starts_with_one_warning(
     relay.signal(signal.SIGTERM)
     assert relay.wait_exit() == 0
     relay.stop()
-    lines = [line for line in relay.lines if "PGWS_JWT_SECRET" in line]
+    lines = [line for line in relay.lines if "PGWS_JWT_SECRET: " in line]
     if warning is None:
         assert lines == []
     else:

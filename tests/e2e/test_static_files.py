@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from tests.conftest import TIMEOUT, RelayProcess
+from tests.helpers import TIMEOUT, RelayProcess
 
 
 def _exchange(relay: RelayProcess, target: bytes, method: bytes = b"GET"

@@ -30,7 +30,7 @@ from relay.client.subscription import (
     subscribe,
 )
 from relay.wire.positions import Position, parse_position
-from tests.conftest import DB_URI, SEALER, RelayProcess, notify, token, unique_channel
+from tests.helpers import DB_URI, SEALER, RelayProcess, notify, token, unique_channel
 
 #: Reconnect quickly: these tests cut connections on purpose.
 FAST: dict[str, Any] = {"backoff_min": 0.05, "backoff_max": 0.2}

@@ -12,7 +12,7 @@ import pytest
 
 from relay.cli import main
 from relay.wire.positions import parse_position
-from tests.conftest import (
+from tests.helpers import (
     RELAY,
     TIMEOUT,
     Lines,

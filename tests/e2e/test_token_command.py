@@ -25,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from relay.auth import mint, tokens
-from tests.conftest import RELAY, SECRET, TIMEOUT, RelayProcess, notify
+from tests.helpers import RELAY, SECRET, TIMEOUT, RelayProcess, notify
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

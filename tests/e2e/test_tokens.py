@@ -16,7 +16,7 @@ from jwt.algorithms import RSAAlgorithm
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import RelayProcess, relay_env, run_to_exit, token
+from tests.helpers import RelayProcess, relay_env, run_to_exit, token
 from tests.unit.auth.test_tokens import X25519_JWK, hand_signed
 
 META = "server-info"
@@ -54,7 +54,7 @@ def test_jwks_with_an_encryption_key_refuses_hs256_signed_with_its_text(start_re
     assert rejection(relay, f"/chat/{forged}") == (400, b"Error: JWSError JWSInvalidSignature")
     with ws(relay, f"/chat/{token({'mode': 'rw'}, SIGNER, 'RS256')}"):
         pass  # 101: the signing key of the set still verifies.
-    warnings = [line for line in relay.lines if "PGWS_JWT_SECRET" in line]
+    warnings = [line for line in relay.lines if "PGWS_JWT_SECRET: " in line]
     assert len(warnings) == 1, relay.log
     assert " WARNING " in warnings[0]
     assert "JWK Set key 1 (kid 'enc-1', kty 'RSA', alg 'RSA-OAEP', use 'enc')" in warnings[0]

@@ -7,7 +7,7 @@ import json
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.conftest import RelayProcess, notify, token
+from tests.helpers import RelayProcess, notify, token
 
 
 async def test_trio_websocket_receives_verbatim_and_echo(relay: RelayProcess) -> None:

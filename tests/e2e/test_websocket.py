@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Request, TextMessage
 
-from tests.conftest import (
+from tests.helpers import (
     DB_URI,
     TIMEOUT,
     RelayProcess,
@@ -751,7 +751,7 @@ def test_workers_share_the_port_and_each_delivers(start_relay) -> None:
 def test_workers_need_a_fixed_port() -> None:
     import subprocess
 
-    from tests.conftest import RELAY, relay_env
+    from tests.helpers import RELAY, relay_env
 
     result = subprocess.run([RELAY], env=relay_env(PGWS_WORKERS="2"), capture_output=True,
                             text=True, timeout=30, stdin=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ import pytest
 
 from relay import config
 from relay.config import SETTINGS, ConfigError, load, load_secret
-from tests.conftest import RELAY, relay_env
+from tests.helpers import RELAY, relay_env
 
 BASE = {"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": "s" * 32}
 

@@ -1,0 +1,123 @@
+"""Admission (relay/transports/admission.py), without sockets: the order of the checks, their
+exact refusals, and the shared caps held and given back."""
+
+from __future__ import annotations
+
+import jwt
+import pytest
+
+from relay.auth import tokens
+from relay.config import load
+from relay.core import filters
+from relay.core.history import History
+from relay.transports.admission import Admission, Admitted, Held, Refusal
+from relay.wire import positions
+
+SECRET = "s" * 32
+KEYS = tokens.read_secret(SECRET.encode()).keys
+NOW = 1_800_000_000.0
+SUB = [(b"sec-websocket-protocol", positions.SUBPROTOCOL.encode())]
+
+
+def _token(**claims: object) -> str:
+    return jwt.encode({"mode": "r", **claims}, SECRET, algorithm="HS256")
+
+
+def _admission(history: History | None = None, **settings: str) -> Admission:
+    config = load({"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": SECRET, **settings})
+    return Admission(config, KEYS, history)
+
+
+def _admit(admission: Admission, target: str, headers: list[tuple[bytes, bytes]] | None = None,
+           network: str = "10.0.0.1", monotonic: float = 0.0) -> tuple[Admitted | Refusal, Held]:
+    held = Held()
+    return admission.admit(target.encode(), headers or [], network, held, NOW, monotonic), held
+
+
+def test_a_good_token_is_admitted_with_its_grant_and_filters() -> None:
+    admitted, held = _admit(_admission(), f"/c/{_token()}?filter=n=eq.1")
+    assert isinstance(admitted, Admitted)
+    assert admitted.grant.channels == ("c",) and not admitted.positioned
+    assert admitted.filters == filters.parse_all(["n=eq.1"])
+    assert held.slot and held.channels == ("c",) and held.filters == admitted.filters
+
+
+@pytest.mark.parametrize(("settings", "target", "headers", "refusal"), [
+    ({"PGWS_ALLOWED_ORIGINS": "https://good.example"}, "/c/{t}",
+     [(b"origin", b"https://evil.example")], Refusal(403, "Origin not allowed", "origin")),
+    ({}, "/c/not-a-token", [], Refusal(400, "Error: JWSError (CompactDecodeError Invalid number "
+                                          "of parts: Expected 3 parts; got 1)", "token")),
+    ({}, "/c/{t}?filter=n=like.1", [], None),  # 400, the filter's own text
+    ({}, "/c/{t}?from=abc", SUB, Refusal(400, "Invalid position", "position")),
+    ({}, "/c/{t}?from=0", [],
+     Refusal(400, "Resuming needs the pgws.resume.v1 subprotocol", "position")),
+])
+def test_each_refusal_has_its_status_text_and_reason(settings: dict[str, str], target: str,
+                                                     headers: list, refusal: Refusal | None
+                                                     ) -> None:
+    admitted, _ = _admit(_admission(History(10, 1 << 20, 60), **settings),
+                         target.format(t=_token()), headers)
+    assert isinstance(admitted, Refusal)
+    if refusal is None:
+        assert (admitted.status, admitted.reason) == (400, "filter")
+        assert admitted.text.startswith('filter "n=like.1": unknown operator "like"')
+    else:
+        assert admitted == refusal
+
+
+def test_resuming_with_history_off_is_refused_with_the_setting_named() -> None:
+    admitted, _ = _admit(_admission(None), f"/c/{_token()}?from=0", SUB)
+    assert admitted == Refusal(400, "Cannot resume: history is off (PGWS_HISTORY_MESSAGES=0)",
+                               "position")
+
+
+def test_a_stopping_relay_refuses_before_anything_is_held() -> None:
+    admission = _admission()
+    admission.shutting_down = True
+    admitted, held = _admit(admission, f"/c/{_token()}")
+    assert admitted == Refusal(503, "Shutting down", "shutting_down") and not held.slot
+
+
+def test_connection_slots_are_held_until_released_even_when_refused_later() -> None:
+    admission = _admission(PGWS_MAX_CONNECTIONS="2")
+    first, held_first = _admit(admission, f"/c/{_token()}")
+    refused_later, held_refused = _admit(admission, "/c/not-a-token")
+    assert isinstance(first, Admitted) and isinstance(refused_later, Refusal)
+    assert held_refused.slot  # Held when the token was checked: the caller releases it.
+    third, _ = _admit(admission, f"/c/{_token()}")
+    assert third == Refusal(503, "Too many connections", "capacity")
+    admission.release(held_refused, "10.0.0.1")
+    assert isinstance(_admit(admission, f"/c/{_token()}")[0], Admitted)
+    admission.release(held_first, "10.0.0.1")
+    assert admission.slots == 1
+
+
+def test_url_filters_narrow_a_claim_and_never_replace_it() -> None:
+    claimed = _token(filters=["user=eq.alice"])
+    admitted, held = _admit(_admission(), f"/c/{claimed}?filter=n=gt.1")
+    assert isinstance(admitted, Admitted)
+    assert admitted.filters == filters.parse_all(["user=eq.alice", "n=gt.1"])
+    assert held.claimed
+
+
+def test_filter_sets_over_a_cap_are_refused_and_come_back_on_release() -> None:
+    admission = _admission(PGWS_MAX_FILTER_SETS="1", PGWS_MAX_FILTER_SETS_PER_IP="0")
+    _, held = _admit(admission, f"/c/{_token()}?filter=n=eq.1")
+    assert _admit(admission, f"/c/{_token()}?filter=n=eq.2")[0] == Refusal(
+        503, "Too many distinct filters", "capacity")
+    admission.release(held, "10.0.0.1")
+    assert isinstance(_admit(admission, f"/c/{_token()}?filter=n=eq.2")[0], Admitted)
+
+
+def test_resumes_are_rate_limited_per_address() -> None:
+    history = History(10, 1 << 20, 60)
+    admission = _admission(history, PGWS_MAX_RESUMES_PER_SECOND_PER_IP="1")
+    target = f"/c/{_token()}?from={history.position}"
+    outcomes = [_admit(admission, target, SUB, monotonic=5.0)[0] for _ in range(3)]
+    assert [type(o).__name__ for o in outcomes] == ["Admitted", "Admitted", "Refusal"]
+    assert outcomes[2] == Refusal(429, "Too many resumes from this address", "resumes")
+    assert isinstance(_admit(admission, target, SUB, network="10.0.0.2", monotonic=5.0)[0],
+                      Admitted)
+    resumed = outcomes[0]
+    assert isinstance(resumed, Admitted) and resumed.positioned
+    assert resumed.resume == positions.parse_position(history.position)

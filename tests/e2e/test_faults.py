@@ -27,6 +27,9 @@ from tests.e2e.test_admin import admin_port, get, metric
 from tests.e2e.test_websocket import rejection, ws
 from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
 
+#: A fault suite: its own stage in CI (`pytest -m fault`), not the default run.
+pytestmark = pytest.mark.fault
+
 READ = token({"mode": "r"})
 RW = token({"mode": "rw"})
 

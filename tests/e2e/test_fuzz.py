@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.parts.harness import free_port
 from bench.reliability import fuzz
+
+#: A fault suite: its own stage in CI (`pytest -m fault`), not the default run.
+pytestmark = pytest.mark.fault
 
 
 def test_raw_socket_fuzz_gets_documented_answers_and_leaks_nothing(start_relay,

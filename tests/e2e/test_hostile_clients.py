@@ -37,6 +37,9 @@ from tests.helpers import (
     token,
 )
 
+#: A fault suite: its own stage in CI (`pytest -m fault`), not the default run.
+pytestmark = pytest.mark.fault
+
 READ = token({"mode": "r"})
 RW = token({"mode": "rw"})
 #: Both inbound budgets off: only the reader's own yields stand between a flood and the others.

@@ -17,6 +17,9 @@ import pytest
 from bench.parts.fleet_hosts import PREFIX, Fleet, fleet
 from bench.scenarios.fleet import Producer, run_fault
 
+#: A fault suite: its own stage in CI (`pytest -m fault`), not the default run.
+pytestmark = pytest.mark.fault
+
 
 def _missing() -> str | None:
     if os.geteuid() != 0:

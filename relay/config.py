@@ -12,7 +12,7 @@ per restart). :func:`load_secret` is the part that reads ``PGWS_JWT_SECRET`` and
 
 Rules this module keeps:
 
-- The upstream variables (postgres-websockets, section 1 of the spec) keep their names,
+- The upstream variables (postgres-websockets' Config.hs) keep their names,
   defaults and units, including the millisecond ``PGWS_CHECK_LISTENER_INTERVAL``.
 - ``@file`` loading: ``PGWS_DB_URI=@path`` is the file's text stripped of surrounding white
   space; ``PGWS_JWT_SECRET=@path`` is the file's bytes with one trailing ``\\n`` removed.

@@ -33,7 +33,7 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from relay.auth import tokens
 from relay.core import filters
 
-#: The modes a client can be granted (spec 3.2); others open a connection that can do nothing.
+#: The modes a client can be granted (upstream's); others open a connection that can do nothing.
 MODES = ("r", "w", "rw")
 
 #: The algorithm a key signs with when neither ``algorithm`` nor the JWK's ``alg`` says: the

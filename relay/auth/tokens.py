@@ -18,8 +18,9 @@ below says otherwise:
 2. :func:`verify` checks the header's shape, then the signature with every key that fits the
    header's ``alg`` (PyJWT does the cryptography), then the time claims with zero skew. Every
    failure, however malformed the token, is an :class:`AuthError` whose text is the exact body
-   of upstream's HTTP 400 (``Error: …`` for all but the three texts of spec 2.4).
-3. :func:`authorize` applies the ``mode`` and ``channel``/``channels`` rules (spec 3.2, 3.3),
+   of upstream's HTTP 400 (``Error: …`` for all but three texts of its own).
+3. :func:`authorize` applies upstream's ``mode`` and ``channel``/``channels`` rules
+   (https://github.com/diogob/postgres-websockets/blob/master/src/PostgresWebsockets/Claims.hs),
    except that a channel claim of the wrong type refuses the token instead of being ignored.
    A ``filters`` claim (this project's: a list of :mod:`relay.core.filters` texts) narrows what the
    client receives, on top of any ``filter`` URL parameters; one that is not a list of strings
@@ -83,7 +84,7 @@ _SIGNATURE_KEY_OPS = frozenset({"sign", "verify"})
 #: OKP curves that sign (RFC 8037); the others (X25519, X448) only agree keys.
 _SIGNING_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
 
-#: PyJWT's loader for each key type. Each ignores the JWK's ``alg``, as jose does (spec 3.1), and
+#: PyJWT's loader for each key type. Each ignores the JWK's ``alg``, as upstream's jose does, and
 #: behaves alike from PyJWT 2.8 to 2.15, unlike PyJWK, which picks its loader by ``alg``.
 _LOADERS: dict[str, Callable[[Any], Any]] = {
     "oct": HMACAlgorithm.from_jwk, "RSA": RSAAlgorithm.from_jwk, "EC": ECAlgorithm.from_jwk,
@@ -419,9 +420,9 @@ def verify(token: str, keys: Sequence[Key], now: float) -> dict[str, Any]:
 
 
 def allowed_channels(claims: dict[str, Any], requested: str | None) -> list[str]:
-    """Spec 3.3: the channels a connection gets, or ``AuthError("No allowed channels")``.
+    """The channels a connection gets, or ``AuthError("No allowed channels")``, by upstream's rules.
 
-    Fails closed where upstream is lenient (spec 3.2 ignores such claims, which opens every
+    Fails closed where upstream is lenient (it ignores such claims, which opens every
     channel named in the URL): a ``channel`` claim that is present but not a string, or a
     ``channels`` claim that is present but not an array of strings, refuses the token. A claim
     present with the value ``null`` is of the wrong type too, not absent.

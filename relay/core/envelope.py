@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 Database → clients: a payload is routed by its top-level string ``channel`` member, else to the
-listen channel's own name (spec 4a); the payload itself is never rewritten.
+listen channel's own name (upstream's routing); the payload itself is never rewritten.
 
 Clients → database: a message from a ``w``/``rw`` client becomes, per allowed channel,
 ``{"channel", "claims" (+ "message_delivered_at"), "event": "WebsocketMessage", "payload"}``,
 compact with keys sorted at every level and non-ASCII kept as UTF-8, like upstream's aeson
-output (spec 4b). Meta events (``ConnectionOpen``/``ConnectionClose``) have the same shape
-(spec 4c); so has ``ListenerReconnected``, whose claims hold only the time and whose payload is
-an object: ``{"since": t0, "until": t1}``, the window in which notifications were lost.
+output. Meta events (``ConnectionOpen``/``ConnectionClose``) have the same shape, as upstream's;
+so has ``ListenerReconnected``, whose claims hold only the time and whose payload is an object,
+``{"since": t0, "until": t1}``: the window in which notifications were lost.
 
 Pure functions; no database calls.
 """

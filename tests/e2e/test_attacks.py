@@ -162,26 +162,41 @@ def test_workers_end_with_a_supervisor_killed_outright(start_relay) -> None:
 
 # -- caps that raced: connections and filter sets held before any checkpoint ---------------------
 
+def _upgrade(path: str, subprotocol: str | None = None) -> bytes:
+    """A WebSocket handshake request for ``path``."""
+    extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    """The answer's first line, or b"" when the connection ended (or was reset) without one."""
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while b"\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                return b""
+            answer += data
+    return answer.split(b"\r\n", 1)[0]
+
+
+def _status(sock: socket.socket) -> int:
+    """The answer's HTTP status, 0 when there was none."""
+    line = _status_line(sock)
+    return int(line.split(b" ", 2)[1]) if line else 0
+
+
 def _handshakes_at_once(relay: RelayProcess, paths: list[str],
                         subprotocol: str | None = None) -> list[int]:
     """Send every handshake before reading any answer; each one's HTTP status, in order (the
     sockets stay open until all are read, so the accepted ones are all connected at once)."""
     socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in paths]
-    extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     for sock, path in zip(socks, paths, strict=True):  # All connected first, then all sent.
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     f"Sec-WebSocket-Version: 13\r\n{extra}\r\n".encode())
-    statuses = []
+        sock.sendall(_upgrade(path, subprotocol))
     try:
-        for sock in socks:
-            head = b""
-            while b"\r\n" not in head:
-                data = sock.recv(4096)
-                if not data:
-                    break
-                head += data
-            statuses.append(int(head.split(b" ", 2)[1]) if head else 0)
+        statuses = [_status(sock) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
@@ -288,15 +303,9 @@ def _ask(sock: socket.socket, path: bytes = b"/health") -> bytes:
     sock.settimeout(10)
     try:
         sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = b""
-        while b"\r\n" not in answer:
-            data = sock.recv(4096)
-            if not data:
-                break
-            answer += data
     except (ConnectionResetError, BrokenPipeError):
         return b""
-    return answer.split(b"\r\n", 1)[0] if b"\r\n" in answer else b""
+    return _status_line(sock)
 
 
 def test_one_address_holds_a_handful_of_admin_connections(start_relay) -> None:
@@ -492,18 +501,8 @@ def _through_balancer(relay: RelayProcess, client: str, path: str,
     sock.settimeout(10)
     sock.connect(("127.0.0.1", relay.port))
     _kept.append(sock)
-    request = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-    sock.sendall((proxy.header(client, 40000) if client else b"") + request)
-    head = b""
-    with contextlib.suppress(ConnectionResetError):
-        while b"\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                break
-            head += data
-    return int(head.split(b" ", 2)[1]) if head else 0
+    sock.sendall((proxy.header(client, 40000) if client else b"") + _upgrade(path))
+    return _status(sock)
 
 
 _kept: list[socket.socket] = []
@@ -547,11 +546,8 @@ def test_resumes_from_one_address_are_rate_limited_and_others_still_resume(start
     with contextlib.closing(other):
         other.settimeout(10)
         other.connect(("127.0.0.1", relay.port))
-        other.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pgws.resume.v1"
-                      "\r\n\r\n".encode())
-        assert other.recv(4096).startswith(b"HTTP/1.1 101 ")
+        other.sendall(_upgrade(path, "pgws.resume.v1"))
+        assert _status(other) == 101
 
 
 # -- positions that leaked -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Faults, limits, churn and shutdown under load (issue 4), end to end.
+"""Faults, limits, churn and shutdown under load, end to end.
 
 The real ``pgws-relay`` command against the real PostgreSQL, which some tests stop and start
 (``pg_ctlcluster``; with no local cluster to drive they fail under ``CI=true`` and are skipped

@@ -1,4 +1,4 @@
-"""Attacks from the security review (issue 9) against the real relay, and what stops each.
+"""Attacks from the first security review against the real relay, and what stops each.
 
 A flood of cheap frames, empty fragments without end, bodies that never come, responses never
 read, pipelining without end, a slow TLS reader, a storm of connections from one address. Each

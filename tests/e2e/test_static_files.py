@@ -1,5 +1,6 @@
-"""Static files through the real relay (spec 2.2, 10), with raw requests whose bytes we choose:
-dot segments, links out of the root, and targets that once cost a traceback."""
+"""Static files through the real relay (as upstream serves them, and where it does not), with
+raw requests whose bytes we choose: dot segments, links out of the root, and targets that once
+cost a traceback."""
 
 from __future__ import annotations
 

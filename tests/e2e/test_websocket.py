@@ -84,7 +84,7 @@ def test_server_spec_4_receive_from_multiple_channels(relay: RelayProcess) -> No
     assert sorted(m["channel"] for m in messages) == ["secondary", "test"]
 
 
-# -- rejections (spec 2.4) ---------------------------------------------------------------------
+# -- rejections (upstream's texts) -------------------------------------------------------------
 
 def test_rejections_are_http_400_with_upstream_texts(relay: RelayProcess) -> None:
     cases = {

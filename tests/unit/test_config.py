@@ -18,8 +18,8 @@ BASE = {"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": "s" * 32}
 
 
 #: Every setting's value when its variable is unset, written out (not read from SETTINGS), so
-#: that changing a default fails here until this line changes too. Upstream's first (section 1
-#: of the spec), then this project's own.
+#: that changing a default fails here until this line changes too. Upstream's first (as
+#: postgres-websockets' Config.hs has them), then this project's own.
 EXPECTED_DEFAULTS = {
     "host": "*4", "port": 3000, "root_path": None, "listen_channel": "postgres-websockets-listener",
     "meta_channel": None, "pool_size": 10, "retries": 5, "certificate_file": None,

@@ -113,7 +113,7 @@ def _right_type(name: str, value: object) -> bool:
 @given(st.sampled_from(["channel", "channels"]), _JSON, _CLAIMS, st.none() | st.text(max_size=10))
 def test_a_channel_claim_of_the_wrong_type_always_refuses_the_token(
         name: str, value: object, others: dict, requested: str | None) -> None:
-    # Fail closed (spec 10): whatever else the token says and whatever the URL asks for.
+    # Fail closed: whatever else the token says and whatever the URL asks for.
     if _right_type(name, value):
         return
     claims = {**others, "mode": "rw", name: value}

@@ -113,7 +113,7 @@ def test_claims_spec_10_wrong_key_in_jwks() -> None:
         check(R_CHANNEL, "test", keys)
 
 
-# -- rejection texts (spec 2.4) ----------------------------------------------------------------
+# -- rejection texts (upstream's) ---------------------------------------------------------------
 
 def test_empty_token_is_missing_mode() -> None:
     with pytest.raises(AuthError, match="^Missing mode$"):
@@ -527,7 +527,8 @@ WRONG_CHANNEL_CLAIMS = [
 @pytest.mark.parametrize("requested", ["chat", "other", None])
 def test_channel_claims_of_the_wrong_type_refuse_the_token(claims: dict,
                                                            requested: str | None) -> None:
-    # Fail closed (spec 10): upstream ignores such a claim, which opens every channel in the URL.
+    # Fail closed (where upstream does not): upstream ignores such a claim, which opens every
+    # channel in the URL.
     with pytest.raises(AuthError, match="^No allowed channels$"):
         check({"mode": "rw", **claims}, requested)
 

@@ -92,7 +92,7 @@ def test_removed_subscribers_get_nothing_and_empty_channels_are_dropped() -> Non
 
 
 def test_a_client_on_a_channel_named_twice_is_removed_from_every_channel() -> None:
-    # A token's "channels" may name a channel twice (kept as is, spec 3.3): removing the
+    # A token's "channels" may name a channel twice (kept as is, as upstream): removing the
     # client must still reach the channels after the repeated one.
     hub = Hub("listen")
     client = Recorder()

@@ -1,4 +1,5 @@
-"""Request target → channel and token (spec 2.3, and the query/header additions of section 10)."""
+"""Request target → channel and token (upstream's paths, and this project's query and header
+ways to pass the token)."""
 
 from __future__ import annotations
 

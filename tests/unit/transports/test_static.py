@@ -1,4 +1,4 @@
-"""Plain HTTP answers (spec 2.2), without sockets."""
+"""Plain HTTP answers (as upstream's), without sockets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Frames built once, and the JSON envelopes (spec 4a, 4b, 4c), without sockets."""
+"""Frames built once, and the JSON envelopes (upstream's shapes), without sockets."""
 
 from __future__ import annotations
 

@@ -394,14 +394,18 @@ class AdminServer:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         network = _network(stream)
+        if network is not None and not self._addresses.enter(network):
+            await trio.aclose_forcefully(stream)  # Over its address's share: nobody gives way.
+            return
         if self._open >= _MAX_CONNECTIONS and self._waiting:
             oldest = next(iter(self._waiting))  # Its slot passes to this one at once.
             del self._waiting[oldest]
             oldest.evicted = True
             oldest.scope.cancel()
             self._open -= 1
-        if self._open >= _MAX_CONNECTIONS or (
-                network is not None and not self._addresses.enter(network)):
+        if self._open >= _MAX_CONNECTIONS:
+            if network is not None:
+                self._addresses.leave(network)
             await trio.aclose_forcefully(stream)
             return
         self._open += 1

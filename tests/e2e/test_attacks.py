@@ -642,3 +642,22 @@ def test_a_resume_replays_only_what_the_token_may_read(start_relay) -> None:
     expired = token({"mode": "r", "channels": ["a"], "exp": 1})
     assert rejection(relay, f"/a/{expired}?from={start}", subprotocols=sub) == (
         400, b"Token expired")
+
+
+def test_a_newcomer_over_its_address_share_makes_no_one_give_way(start_relay) -> None:
+    relay = start_relay(PGWS_ADMIN_PORT="0")
+    port = admin_port(relay)
+    held = []
+    try:
+        for n in range(64):  # All 64 slots: the 8 oldest from 127.0.0.1, the rest elsewhere.
+            sock = socket.socket()
+            sock.bind(("127.0.0.1" if n < 8 else f"127.0.2.{n}", 0))
+            sock.connect(("127.0.0.1", port))
+            held.append(sock)
+        newcomer = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.append(newcomer)
+        assert newcomer.recv(1) == b""  # Refused for its address ...
+        assert _ask(held[0]) == b"HTTP/1.1 200 OK"  # ... and the oldest was not closed for it.
+    finally:
+        for sock in held:
+            sock.close()

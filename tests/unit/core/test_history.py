@@ -534,3 +534,15 @@ def test_a_control_event_too_deep_or_too_long_is_a_protocol_error_and_nothing_el
     for message in (deep, "{" + " " * positions.MAX_CONTROL_LENGTH + "}"):
         with pytest.raises(positions.ProtocolError):
             positions.read(message)
+
+
+def test_a_control_event_of_exactly_the_longest_length_is_read_and_one_longer_is_not() -> None:
+    event = {"event": "position", "position": _P, "pad": ""}
+    event["pad"] = "x" * (positions.MAX_CONTROL_LENGTH - len(json.dumps(event)))
+    longest = json.dumps(event)
+    assert len(longest) == positions.MAX_CONTROL_LENGTH
+    assert positions.read(longest) == positions.Control("position", _P)
+    longer = longest[:-1] + " }"
+    with pytest.raises(positions.ProtocolError) as raised:
+        positions.read(longer)
+    assert str(raised.value) == f"a control event of {positions.MAX_CONTROL_LENGTH + 1} characters"

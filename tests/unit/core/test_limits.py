@@ -235,3 +235,14 @@ def test_resume_rates_forget_the_least_recently_seen_address_first(monkeypatch) 
     assert rate.take("c", 0.0)  # "b" is forgotten, not "a".
     assert not rate.take("a", 0.0)
     assert rate.take("b", 0.0)  # Forgotten: a full bucket again.
+
+
+def test_an_address_holding_one_set_twice_holds_it_until_both_are_released() -> None:
+    budget = FilterBudget(max_sets=0, max_cost=0, max_sets_per_address=1)
+    one, two = _set("payload.n=eq.1"), _set("payload.n=eq.2")
+    assert budget.hold(["c"], one, False, "a") is None
+    assert budget.hold(["c"], one, False, "a") is None  # A second client, the same set.
+    budget.release(["c"], one, False, "a")
+    assert budget.hold(["c"], two, False, "a") == ADDRESS  # The second client still holds it.
+    budget.release(["c"], one, False, "a")
+    assert budget.hold(["c"], two, False, "a") is None

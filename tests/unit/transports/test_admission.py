@@ -121,3 +121,66 @@ def test_resumes_are_rate_limited_per_address() -> None:
     resumed = outcomes[0]
     assert isinstance(resumed, Admitted) and resumed.positioned
     assert resumed.resume == positions.parse_position(history.position)
+
+
+def test_an_origin_is_refused_only_when_allowed_origins_are_set_and_it_is_not_one_of_them(
+) -> None:
+    origin = [(b"origin", b"https://good.example")]
+    assert isinstance(_admit(_admission(), f"/c/{_token()}", origin)[0], Admitted)
+    restricted = _admission(PGWS_ALLOWED_ORIGINS="https://good.example")
+    assert isinstance(_admit(restricted, f"/c/{_token()}", origin)[0], Admitted)
+    assert isinstance(_admit(restricted, f"/c/{_token()}")[0], Admitted)  # No Origin: no browser.
+
+
+def test_a_bearer_token_in_the_authorization_header_is_admitted() -> None:
+    admitted, _ = _admit(_admission(), "/c", [(b"authorization", f"Bearer {_token()}".encode())])
+    assert isinstance(admitted, Admitted) and admitted.grant.channels == ("c",)
+
+
+def test_token_times_are_judged_at_the_time_given() -> None:
+    admission = _admission()
+    assert isinstance(_admit(admission, f"/c/{_token(exp=NOW + 1)}")[0], Admitted)
+    expired = Refusal(400, tokens.TOKEN_EXPIRED, "token")
+    assert _admit(admission, f"/c/{_token(exp=NOW)}")[0] == expired
+
+
+def test_without_url_filters_the_grant_s_own_set_is_shared_and_there_is_no_resume() -> None:
+    admitted, _ = _admit(_admission(), f"/c/{_token(filters=['user=eq.alice'])}")
+    assert isinstance(admitted, Admitted)
+    assert admitted.filters is admitted.grant.filters and admitted.resume is None
+
+
+def test_filter_sets_over_the_cost_cap_are_refused() -> None:
+    one = filters.set_cost(filters.parse_all(["n=gt.1"]))
+    admission = _admission(PGWS_MAX_FILTER_COST=str(2 * one), PGWS_MAX_FILTER_SETS_PER_IP="0")
+    for n in (1, 2):
+        assert isinstance(_admit(admission, f"/c/{_token()}?filter=n=gt.{n}")[0], Admitted)
+    assert _admit(admission, f"/c/{_token()}?filter=n=gt.3")[0] == Refusal(
+        503, "Too many distinct filters", "capacity")
+
+
+def test_distinct_url_filter_sets_are_capped_per_address() -> None:
+    admission = _admission(PGWS_MAX_FILTER_SETS_PER_IP="1")
+    assert isinstance(_admit(admission, f"/c/{_token()}?filter=n=eq.1")[0], Admitted)
+    assert _admit(admission, f"/c/{_token()}?filter=n=eq.2")[0] == Refusal(
+        503, "Too many distinct filters from this address", "capacity")
+    assert isinstance(_admit(admission, f"/c/{_token()}?filter=n=eq.2", network="10.0.0.2")[0],
+                      Admitted)
+
+
+def test_a_resume_rate_under_one_per_second_still_bursts_one() -> None:
+    history = History(10, 1 << 20, 60)
+    admission = _admission(history, PGWS_MAX_RESUMES_PER_SECOND_PER_IP="0.5")
+    target = f"/c/{_token()}?from={history.position}"
+    outcomes = [_admit(admission, target, SUB, monotonic=5.0)[0] for _ in range(2)]
+    assert [type(o).__name__ for o in outcomes] == ["Admitted", "Refusal"]
+    assert isinstance(_admit(admission, target, SUB, monotonic=7.0)[0], Admitted)
+
+
+def test_a_release_gives_back_one_slot_however_often_it_is_called() -> None:
+    admission = _admission()
+    held = [_admit(admission, f"/c/{_token()}")[1] for _ in range(3)]
+    assert admission.slots == 3
+    admission.release(held[0], "10.0.0.1")
+    admission.release(held[0], "10.0.0.1")
+    assert admission.slots == 2 and not held[0].slot

@@ -59,3 +59,32 @@ def test_the_longest_header_allowed_is_read() -> None:
 def test_short_addresses_and_other_families_are_refused(family: int, rest: bytes) -> None:
     with pytest.raises(proxy.ProxyError):
         proxy.client(family, rest)
+
+
+@pytest.mark.parametrize("length", [0x8000, 0xFFFF])
+def test_a_length_over_32767_is_refused_not_read_as_negative(length: int) -> None:
+    head = proxy.SIGNATURE + b"\x21\x11" + struct.pack("!H", length)
+    with pytest.raises(proxy.ProxyError) as raised:
+        proxy.read_head(head)
+    assert str(raised.value) == f"a header of {length} bytes"
+
+
+def test_each_refusal_is_logged_with_exactly_its_reason() -> None:
+    for head, why in [(b"GET / HTTP/1.1\r\nHost", "no PROXY protocol v2 signature"),
+                      (proxy.SIGNATURE + b"\x11\x11\x00\x0c", "not version 2")]:
+        with pytest.raises(proxy.ProxyError) as raised:
+            proxy.read_head(head)
+        assert str(raised.value) == why
+    with pytest.raises(proxy.ProxyError) as raised:
+        proxy.client(0x21, b"\0" * 35)
+    assert str(raised.value) == "address family 0x21 with 35 bytes"
+
+
+@pytest.mark.parametrize(("address", "destination"), [("203.0.113.7", "2001:db8::1"),
+                                                      ("2001:db8::5", "192.0.2.1")])
+def test_a_header_with_a_destination_of_the_other_family_still_names_its_client(
+        address: str, destination: str) -> None:
+    head, rest = _split(proxy.header(address, 4711, destination, 443))
+    _, family, length = proxy.read_head(head)
+    assert length == len(rest) == (12 if "." in address else 36)
+    assert proxy.client(family, rest) == (address, 4711)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -66,3 +68,51 @@ def test_the_key_comes_from_the_setting_else_an_hmac_secret_else_a_random_one() 
     one, warning = sealing.position_keys(None, None, b"{}", public)
     assert warning is not None and "PGWS_POSITION_KEY" in warning
     assert one != sealing.position_keys(None, None, b"{}", public)[0]  # Random each time.
+
+
+def test_a_jwk_set_with_an_hmac_key_derives_the_position_key_too() -> None:
+    secret = json.dumps({"keys": [{"kty": "oct", "k": "c3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nzc3Nz"}]})
+    loaded = tokens.read_secret(secret.encode())
+    assert not loaded.raw_secret and sealing.is_hmac(loaded)
+    keys, warning = sealing.position_keys(None, OLD, secret.encode(), loaded)
+    assert warning is None and keys[1:] == [OLD]
+    assert keys == sealing.position_keys(None, OLD, secret.encode(), loaded)[0]
+
+
+def test_without_a_previous_key_only_the_current_one_opens() -> None:
+    hmac = tokens.read_secret(b"s" * 32)
+    assert sealing.position_keys(KEY, None, b"s" * 32, hmac) == ([KEY], None)
+    assert len(sealing.position_keys(None, None, b"s" * 32, hmac)[0]) == 1
+    assert len(sealing.position_keys(None, None, b"{}", tokens.LoadedKeys(keys=()))[0]) == 1
+
+
+def test_the_derived_key_is_pinned_so_relays_of_two_versions_open_each_others_positions() -> None:
+    keys, _ = sealing.position_keys(None, None, b"s" * 32, tokens.read_secret(b"s" * 32))
+    assert keys[0].hex() == "1d6429995b65aad6b2cb671349d4bb09b9f7317708b0e281290e2687a9ba9b2e"
+
+
+def test_a_random_key_is_64_hex_characters_that_a_supervisor_can_pass_in_the_environment(
+) -> None:
+    (key,), _ = sealing.position_keys(None, None, b"{}", tokens.LoadedKeys(keys=()))
+    assert len(key) == 64 and set(key.decode()) <= set("0123456789abcdef")
+
+
+def test_the_sealed_text_of_a_point_is_pinned_so_relays_of_two_versions_agree() -> None:
+    sealed = "71511741.ebf63d467663403f.da945529dcbcd3c6.6479c168"
+    assert Sealer([KEY]).seal(Position(1, 2, 3, 4)) == sealed
+    assert Sealer([KEY]).open(sealed) == [Position(1, 2, 3, 4)]
+
+
+def test_a_key_of_exactly_sixteen_bytes_is_taken() -> None:
+    point = Position(1, 2, 3, 4)
+    assert Sealer([b"x" * 16]).open(Sealer([b"x" * 16]).seal(point)) == [point]
+
+
+def test_a_short_seq_opens_as_its_zero_padded_sixteen_digits() -> None:
+    """A text in the clear grammar may spell seq with 1 to 16 digits; both spellings are one
+    text to open."""
+    sealer = Sealer([KEY])
+    digest, time = "0123456789abcdef", "6479c168"
+    short = sealer.open(f"71511741.ebf.{digest}.{time}")
+    assert short == sealer.open(f"71511741.0000000000000ebf.{digest}.{time}")
+    assert short != sealer.open(f"71511741.ebf0000000000000.{digest}.{time}")

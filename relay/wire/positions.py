@@ -183,14 +183,19 @@ def delivery(position: bytes, payload: bytes) -> bytes:
 
 
 def position_event(position: str) -> bytes:
+    """The control event that says where the stream is (at connect, and at checkpoints)."""
     return b'{"event":"position","position":"%s"}' % position.encode()
 
 
 def resumed_event(position: str, replayed: int) -> bytes:
+    """The control event of a lossless resume from ``position``: ``replayed`` deliveries
+    follow."""
     return b'{"event":"resumed","position":"%s","replayed":%d}' % (position.encode(), replayed)
 
 
 def lost_event(reason: str, position: str) -> bytes:
+    """The control event of a stream that is not lossless (``reason``: one of
+    :data:`LOST_REASONS`); it goes on after ``position``."""
     return b'{"event":"lost","reason":"%s","position":"%s"}' % (reason.encode(),
                                                                  position.encode())
 

@@ -218,10 +218,12 @@ def postgres(action: str) -> None:
 class RelayProcess:
     """A running ``pgws-relay``: its port, its log lines, and ways to stop it."""
 
-    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+    def __init__(self, env: dict[str, str], args: list[str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command that runs the relay (``unshare …``, say)."""
         self.env = env
         self.proc = subprocess.Popen(
-            [RELAY, *(args or [])], env=env, stdin=subprocess.DEVNULL,
+            [*prefix, RELAY, *(args or [])], env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self._lines = Lines()

@@ -55,6 +55,9 @@ WORKER_ENV = "PGWS_WORKER_INDEX"
 ADMIN_SOCKET_ENV = "PGWS_WORKER_ADMIN_SOCKET"
 
 
+#: Set in a worker's environment: its supervisor's pid. Internal.
+SUPERVISOR_ENV = "PGWS_WORKER_SUPERVISOR"
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 #: The status of a worker (or a single process) that stopped on an internal error.
@@ -82,7 +85,11 @@ def die_with_supervisor() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # The supervisor died before the request took effect.
+    # The supervisor may have died before the request took effect: then this worker's parent
+    # is another process (compared by pid, not with 1: in a container the supervisor itself
+    # may be process 1).
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is not None and os.getppid() != int(supervisor):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -122,7 +129,8 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
 
         async def start(index: int) -> trio.Process:
-            worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index)}
+            worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index),
+                          SUPERVISOR_ENV: str(os.getpid())}
             if sockets:
                 worker_env[ADMIN_SOCKET_ENV] = sockets[index]
             return await trio.lowlevel.open_process(

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from relay.wire import frames, positions, proxy
 from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
-from tests.helpers import RELAY, RelayProcess, eventually, notify, token
+from tests.helpers import RELAY, RelayProcess, eventually, notify, relay_env, token
 
 
 def _free_port() -> int:
@@ -661,3 +662,24 @@ def test_a_newcomer_over_its_address_share_makes_no_one_give_way(start_relay) ->
     finally:
         for sock in held:
             sock.close()
+
+
+def test_workers_of_a_supervisor_that_is_process_1_keep_running(tmp_path: Path) -> None:
+    """In a container the supervisor may be process 1: its workers' parent is then 1 from the
+    start, which must not read as an orphaned worker. Needs root for a PID namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs root and unshare (util-linux) for a PID namespace")
+        pytest.skip("needs root and unshare (util-linux) for a PID namespace")
+    port = _free_port()
+    relay = RelayProcess(relay_env(PGWS_WORKERS="2", PGWS_PORT=str(port)),
+                         prefix=("unshare", "--fork", "--pid", "--kill-child"))
+    try:
+        first, _ = relay.wait_for_line_at(r"\[worker \d\] .*listening on channel")
+        relay.wait_for_line(r"\[worker \d\] .*listening on channel", start=first + 1)
+        relay.port = port
+        for _ in range(6):
+            _delivers(relay)
+        assert "died" not in relay.log
+    finally:
+        relay.stop()

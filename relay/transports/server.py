@@ -242,12 +242,13 @@ class Server:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
         peer = _peer(stream)
         if self._config.proxy_protocol_from and _within(peer, self._config.proxy_protocol_from):
+            proxied = None
             with trio.move_on_after(self._config.handshake_timeout):
-                client = await self._proxied(stream, peer)
-            if client is None:  # No valid header in time: not a balancer we trust.
+                proxied = await self._proxied(stream, peer)
+            if proxied is None:  # No valid header in time: closed, as from no balancer we trust.
                 await close_now(stream)
                 return
-            peer = client
+            peer = proxied
         network = network_of(peer.rsplit(":", 1)[0])
         if not self._addresses.enter(network):
             await self._refuse_address(stream, network)

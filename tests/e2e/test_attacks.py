@@ -683,3 +683,16 @@ def test_workers_of_a_supervisor_that_is_process_1_keep_running(tmp_path: Path) 
         assert "died" not in relay.log
     finally:
         relay.stop()
+
+
+def test_a_trusted_balancer_connection_that_sends_no_header_is_closed_at_the_deadline(
+        start_relay, kept_sockets) -> None:
+    relay = start_relay(PGWS_PROXY_PROTOCOL_FROM="127.0.0.1", PGWS_HANDSHAKE_TIMEOUT="1")
+    silent = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    kept_sockets.append(silent)
+    half = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    kept_sockets.append(half)
+    half.sendall(proxy.header("203.0.113.5", 1)[:10])  # A header cut short, then nothing.
+    assert silent.recv(1) == b"" and half.recv(1) == b""
+    assert _through_balancer(relay, "203.0.113.6", f"/c/{token({'mode': 'r'})}") == 101
+    assert "Traceback" not in relay.log and "internal error" not in relay.log

@@ -25,9 +25,10 @@ for ``server_no_context_takeover``, and every compressed client of a stream beyo
 its own (:func:`relay.wire.deflate.alone`), made once per notification for all of them.
 
 Resumable streams (:mod:`relay.core.history`, :mod:`relay.wire.positions`). With history on, every
-notification gets a position and a *positioned* frame (position, line feed, payload) when it
-arrives, whoever subscribes; clients that asked for positions form streams of their own that
-receive those frames. A client that comes back with a position is admitted in one synchronous
+notification gets a position when it arrives, whoever subscribes, and a *positioned* frame
+(its sealed position, a line feed, the payload), built once when a positioned stream or a
+replay first needs it; clients that asked for positions form streams of their own that receive
+those frames. A client that comes back with a position is admitted in one synchronous
 step: its control event, then the history's frames after its position (filtered as its live
 traffic is), then membership of its stream. No notification can arrive in between, so the
 seam has no gap and no duplicate. A position another relay process issued, that this one has

@@ -36,7 +36,7 @@ from relay.config import Config
 from relay.core import envelope, stats
 from relay.core.history import History
 from relay.core.hub import Hub
-from relay.ops import admin
+from relay.ops import admin, workers
 from relay.sources.base import Source, SourceGaveUp
 from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource
@@ -179,6 +179,13 @@ async def _watch_signals(stop: trio.Event, hub: Hub, source: Source,
             stop.set()
 
 
+async def _end_with_supervisor(lifeline: int) -> None:
+    """A worker stops as after SIGTERM once its supervisor is gone (even killed outright)."""
+    await workers.until_supervisor_ends(lifeline)
+    log.info("the supervisor is gone")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def _ping(hub: Hub, interval: float) -> None:
     while True:
         await trio.sleep(interval)
@@ -201,7 +208,8 @@ async def _open_admin(config: Config, admin_socket: str | None
 
 
 async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Sealer,
-              reuse_port: bool = False, admin_socket: str | None = None) -> int:
+              reuse_port: bool = False, admin_socket: str | None = None,
+              lifeline: int | None = None) -> int:
     """Run the relay until a signal (exit status 0) or until the listener gives up (1).
 
     ``keys``: the verification keys of ``config.jwt_secret``, read by the command before it
@@ -210,7 +218,9 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
     (:mod:`relay.auth.sealing`). ``reuse_port``: bind with SO_REUSEPORT, as one
     of several worker processes. ``admin_socket``: a worker's private Unix socket for the
     admin endpoints, which the supervisor serves on ``PGWS_ADMIN_PORT`` for all workers.
-    Exit status 1 also when the port or the admin port cannot be bound.
+    ``lifeline``: a worker's end of the pipe its supervisor holds (:func:`relay.ops.workers.
+    lifeline`): at its EOF the worker stops. Exit status 1 also when the port or the admin port
+    cannot be bound.
     """
     options = connect_options(config.db_uri)
     history = History(config.history_messages, config.history_bytes, config.history_seconds,
@@ -268,6 +278,8 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
     async with trio.open_nursery() as root:
         server = Server(config, keys, hub, publisher, background=root)
         root.start_soon(_watch_signals, stop, hub, source, notifier)
+        if lifeline is not None:
+            root.start_soon(_end_with_supervisor, lifeline)
         root.start_soon(listen)
         root.start_soon(_ping, hub, config.ping_interval)
         if history is not None:

@@ -203,8 +203,6 @@ def _run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         return _report(exc.problems)
     worker = int(os.environ[workers.WORKER_ENV]) if workers.is_worker() else None
-    if worker is not None:
-        workers.die_with_supervisor()
     logs.configure(config.log_level, config.log_format, worker)
     warning = hmac_warning(config.jwt_secret, loaded)
     if warning is not None and worker is None:  # Once per start, not once per worker.
@@ -221,7 +219,7 @@ def _run(argv: Sequence[str]) -> int:
         log.warning("PGWS_JWT_SECRET: %s", line)
     try:
         return trio.run(app.run, config, loaded.keys, positions.Sealer(sealing_keys),
-                        workers.is_worker(), workers.admin_socket())
+                        workers.is_worker(), workers.admin_socket(), workers.lifeline())
     except KeyboardInterrupt:
         return 0
     except Exception:

@@ -29,8 +29,6 @@ Processes, signals and the admin listener only; it never touches a client or the
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -55,10 +53,10 @@ WORKER_ENV = "PGWS_WORKER_INDEX"
 ADMIN_SOCKET_ENV = "PGWS_WORKER_ADMIN_SOCKET"
 
 
-#: Set in a worker's environment: its supervisor's pid. Internal.
+#: Set in a worker's environment: its supervisor's pid, and the descriptor of its end of the
+#: lifeline (:func:`lifeline`). Internal.
 SUPERVISOR_ENV = "PGWS_WORKER_SUPERVISOR"
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LIFELINE_ENV = "PGWS_WORKER_LIFELINE"
 
 #: The status of a worker (or a single process) that stopped on an internal error.
 CRASHED = 70  # EX_SOFTWARE
@@ -78,19 +76,35 @@ def is_worker() -> bool:
     return WORKER_ENV in os.environ
 
 
-def die_with_supervisor() -> None:
-    """Ask the kernel to stop this worker when its supervisor dies (Linux's
-    ``PR_SET_PDEATHSIG``): a supervisor killed with SIGKILL cannot pass the stop on, and
-    orphaned workers would keep the port and the database connections. Elsewhere a no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    # The supervisor may have died before the request took effect: then this worker's parent
-    # is another process (compared by pid, not with 1: in a container the supervisor itself
-    # may be process 1).
+def lifeline() -> int | None:
+    """This worker's end of the lifeline to its supervisor (None outside a worker).
+
+    A supervisor killed with SIGKILL cannot pass a stop on, and orphaned workers would keep the
+    port and the database connections. So the supervisor holds the write end of a pipe that it
+    never writes, and each worker the read end: when the supervisor's process is gone, however,
+    the read end reads EOF (:func:`until_supervisor_ends`). (Linux's ``PR_SET_PDEATHSIG`` would
+    not do: it fires when the *thread* that started the worker ends, and Trio starts processes
+    from a worker thread that ends after 10 idle seconds.)
+    """
+    if not is_worker() or LIFELINE_ENV not in os.environ:
+        return None
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor is not None and os.getppid() != int(supervisor):
+        # Orphaned before it even started (compared by pid, not with 1: in a container the
+        # supervisor itself may be process 1).
         os.kill(os.getpid(), signal.SIGTERM)
+    return int(os.environ[LIFELINE_ENV])
+
+
+async def until_supervisor_ends(fd: int) -> None:
+    """Return when the supervisor is gone: its end of the lifeline closed (EOF)."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if not os.read(fd, 1):
+                return
+        except BlockingIOError:
+            continue
 
 
 def admin_socket() -> str | None:
@@ -124,68 +138,77 @@ async def _supervise(env: Mapping[str, str], config: Config, folder: str | None)
         log.info("admin listening on %s for %d workers (/health, /ready, /metrics)",
                  admin.bound(admin_listeners), config.workers)
 
-    # Signals are caught before the first worker exists, so that a stop arriving during the
-    # start still reaches every worker instead of killing the supervisor alone.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+    # The lifeline (see lifeline()): the supervisor keeps both ends for its whole life; each
+    # worker gets the read end, and sees EOF on it once the supervisor's process is gone.
+    read_end, write_end = os.pipe()
+    try:
+        # Signals are caught before the first worker exists, so that a stop arriving during the
+        # start still reaches every worker instead of killing the supervisor alone.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
 
-        async def start(index: int) -> trio.Process:
-            worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index),
-                          SUPERVISOR_ENV: str(os.getpid())}
-            if sockets:
-                worker_env[ADMIN_SOCKET_ENV] = sockets[index]
-            return await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL)
+            async def start(index: int) -> trio.Process:
+                worker_env = {**env, "PGWS_WORKERS": "1", WORKER_ENV: str(index),
+                              SUPERVISOR_ENV: str(os.getpid()), LIFELINE_ENV: str(read_end)}
+                if sockets:
+                    worker_env[ADMIN_SOCKET_ENV] = sockets[index]
+                return await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "relay"], env=worker_env, stdin=subprocess.DEVNULL,
+                    pass_fds=(read_end,))
 
-        procs: list[trio.Process] = [await start(index) for index in range(config.workers)]
-        stopping = False
-        status = 0
+            procs: list[trio.Process] = [await start(index) for index in range(config.workers)]
+            stopping = False
+            status = 0
 
-        def stop_all(signum: int) -> None:
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.send_signal(signum)
+            def stop_all(signum: int) -> None:
+                for proc in procs:
+                    if proc.returncode is None:
+                        proc.send_signal(signum)
 
-        async def watch(index: int) -> None:
-            nonlocal stopping, status
-            pause = RESTART_PAUSE
-            while True:
-                started = trio.current_time()
-                code = await procs[index].wait()
-                if stopping:
-                    if code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
+            async def watch(index: int) -> None:
+                nonlocal stopping, status
+                pause = RESTART_PAUSE
+                while True:
+                    started = trio.current_time()
+                    code = await procs[index].wait()
+                    if stopping:
+                        if code not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
+                            status = code if code > 0 else 1
+                        return
+                    if code in _MEANT or code == 0:
+                        # It means it: every worker would meet the same; end the service as a whole.
+                        stopping = probe.stopping = True
                         status = code if code > 0 else 1
-                    return
-                if code in _MEANT or code == 0:
-                    # It means it: every worker would meet the same; end the service as a whole.
-                    stopping = probe.stopping = True
-                    status = code if code > 0 else 1
-                    log.error("worker %d ended with status %d; stopping the others", index, code)
-                    stop_all(signal.SIGTERM)
-                    return
-                if trio.current_time() - started >= RESTART_STABLE:
-                    pause = RESTART_PAUSE
-                how = f"signal {-code}" if code < 0 else f"status {code}"
-                log.error("worker %d died (%s); starting it again in %g s", index, how, pause)
-                probe.restarts += 1
-                await trio.sleep(pause)
-                pause = min(pause * 2, RESTART_PAUSE_MAX)
-                if stopping:
-                    return
-                procs[index] = await start(index)
+                        log.error("worker %d ended with status %d; stopping the others", index,
+                                  code)
+                        stop_all(signal.SIGTERM)
+                        return
+                    if trio.current_time() - started >= RESTART_STABLE:
+                        pause = RESTART_PAUSE
+                    how = f"signal {-code}" if code < 0 else f"status {code}"
+                    log.error("worker %d died (%s); starting it again in %g s", index, how, pause)
+                    probe.restarts += 1
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, RESTART_PAUSE_MAX)
+                    if stopping:
+                        return
+                    procs[index] = await start(index)
 
-        async def forward() -> None:
-            nonlocal stopping
-            async for signum in signals:
-                if signum != signal.SIGUSR1:
-                    stopping = probe.stopping = True
-                stop_all(signum)  # SIGUSR1: each worker logs its own stats line.
+            async def forward() -> None:
+                nonlocal stopping
+                async for signum in signals:
+                    if signum != signal.SIGUSR1:
+                        stopping = probe.stopping = True
+                    stop_all(signum)  # SIGUSR1: each worker logs its own stats line.
 
-        async with trio.open_nursery() as nursery:
-            if admin_listeners:
-                nursery.start_soon(admin.AdminServer(probe).serve, admin_listeners)
-            nursery.start_soon(forward)
-            async with trio.open_nursery() as waiting:
-                for index in range(len(procs)):
-                    waiting.start_soon(watch, index)
-            nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                if admin_listeners:
+                    nursery.start_soon(admin.AdminServer(probe).serve, admin_listeners)
+                nursery.start_soon(forward)
+                async with trio.open_nursery() as waiting:
+                    for index in range(len(procs)):
+                        waiting.start_soon(watch, index)
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
     return status

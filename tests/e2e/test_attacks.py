@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -696,3 +697,20 @@ def test_a_trusted_balancer_connection_that_sends_no_header_is_closed_at_the_dea
     assert silent.recv(1) == b"" and half.recv(1) == b""
     assert _through_balancer(relay, "203.0.113.6", f"/c/{token({'mode': 'r'})}") == 101
     assert "Traceback" not in relay.log and "internal error" not in relay.log
+
+
+@pytest.mark.fault
+def test_workers_outlive_the_thread_that_started_them(start_relay) -> None:
+    """Trio starts processes from a worker thread that ends after 10 idle seconds; a worker
+    bound to that thread's life (PR_SET_PDEATHSIG) was stopped then, and with it the service.
+    The wait is what is tested: time passing with nothing else to do."""
+    port = _free_port()
+    relay = start_relay(wait=False, PGWS_WORKERS="2", PGWS_PORT=str(port))
+    relay.port = port
+    first, _ = relay.wait_for_line_at(r"\[worker \d\] .*listening on channel")
+    relay.wait_for_line(r"\[worker \d\] .*listening on channel", start=first + 1)
+    time.sleep(12)
+    for _ in range(6):
+        _delivers(relay)
+    assert "SIGTERM" not in relay.log and "stopping the others" not in relay.log
+    assert relay.proc.poll() is None

@@ -272,7 +272,7 @@ def _tail(argv: Sequence[str]) -> int:
         parser.error(f"--from: not a position: {args.position!r}")
     token = args.token if args.token is not None else os.environ.get("PGWS_TOKEN") or None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pgws-relay tail: %(message)s"))
+    handler.setFormatter(_SafeFormatter("pgws-relay tail: %(message)s"))
     library_log = logging.getLogger(subscription.log.name)
     library_log.addHandler(handler)
     library_log.setLevel(logging.INFO)
@@ -338,6 +338,13 @@ def _one_line(text: str) -> str:
 #: Control characters (C0 but tab, DEL, C1): a terminal would obey them (escape sequences can
 #: retitle a window, move the cursor, hide text), so a relay's text shown on one escapes them.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+class _SafeFormatter(logging.Formatter):
+    """The library's log lines carry a server's text (a refusal's body, a close reason)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _safe(super().format(record), sys.stderr)
 
 
 def _safe(text: str, stream: TextIO) -> str:

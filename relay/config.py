@@ -234,9 +234,13 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
         if not item:
             continue
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an address or a network (CIDR)") from None
+        if network.prefixlen == 0:
+            raise ValueError(f"{item!r} trusts every address: whoever connects could claim to "
+                             "be any client; name the balancers' addresses")
+        networks.append(network)
     return tuple(networks)
 
 

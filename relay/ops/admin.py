@@ -81,9 +81,10 @@ _HEAD_TIMEOUT = 2.0
 _REQUEST_TIMEOUT = 10.0
 
 #: Admin connections served at once; a scraper and a few probes need a handful. When all are
-#: taken, the one that has waited longest for its request head is closed for the newcomer:
-#: probes send their head at once, so idle connections (64 of them once starved /health and
-#: /ready, and so HAProxy and Kubernetes restarted healthy relays) cannot keep one out.
+#: taken, the oldest is closed for the newcomer: probes ask and are answered in milliseconds,
+#: so connections held open (64 idle ones once starved /health and /ready, and so HAProxy and
+#: Kubernetes restarted healthy relays; or ones that never read their answer) cannot keep one
+#: out.
 _MAX_CONNECTIONS = 64
 
 #: Admin connections one client address (IPv6: one /64) may hold over TCP: a probe, a scraper
@@ -383,7 +384,7 @@ class AdminServer:
     def __init__(self, probe: Probe) -> None:
         self._probe = probe
         self._open = 0
-        #: Connections still waiting for their request head, oldest first.
+        #: Open connections, oldest first: the candidates to close for a newcomer at the cap.
         self._waiting: dict[_Slot, None] = {}
         self._addresses = AddressCount(_MAX_PER_ADDRESS)
 
@@ -436,7 +437,8 @@ class AdminServer:
             return
         except trio.TooSlowError:
             return
-        self._waiting.pop(slot, None)  # It has asked: no longer the one to close for another.
+        # It has asked, but stays a candidate to close for a newcomer until it is done: one
+        # that never reads its answer (a scrape of every worker) must not hold a slot either.
         if request is None:
             return
         status, content_type, body = await self._route(request)

@@ -130,7 +130,9 @@ class Admission:
         except filters.FilterError as bad:
             return Refusal(400, str(bad), "filter")
         if grant.can_read:
-            claimed = bool(grant.filters)
+            # A set is the issuer's only as the issuer made it: one the URL added filters to is
+            # the client's own making, counted with the URL sets (and per address).
+            claimed = bool(grant.filters) and not parsed.filters
             full = self._budget.hold(grant.channels, filter_set, claimed, network)
             if full is not None:
                 return Refusal(503, _FILTER_REFUSALS[full], "capacity")

@@ -296,10 +296,13 @@ class Server:
         """The client ``host:port`` a balancer's PROXY v2 header names (``peer`` itself for its
         own checks, the LOCAL command); None when the header is not valid. Reads exactly the
         header's bytes: what follows is the client's request."""
+        # The header comes before everything, a TLS handshake too: read it from the socket
+        # itself (an SSLStream has not begun its handshake yet).
+        raw = getattr(stream, "transport_stream", stream)
         try:
-            carries, family, length = proxy.read_head(await _receive_exactly(stream,
+            carries, family, length = proxy.read_head(await _receive_exactly(raw,
                                                                             proxy.HEAD_LENGTH))
-            rest = await _receive_exactly(stream, length)
+            rest = await _receive_exactly(raw, length)
             if not carries:
                 return peer
             address, port = proxy.client(family, rest)

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -31,7 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from relay.wire import frames, positions, proxy
 from tests.e2e.test_admin import admin_port, get
 from tests.e2e.test_websocket import rejection, ws
-from tests.helpers import RELAY, RelayProcess, eventually, notify, relay_env, token
+from tests.helpers import RELAY, RelayProcess, eventually, notify, relay_env, tls_files, token
 
 
 def _free_port() -> int:
@@ -362,6 +363,11 @@ class _HostileServer:
             if not data:
                 return
             head += data
+        if self.mode == "refusal-escapes":
+            body = b"\x1b]0;owned\x07\x1b[2J"
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n"
+                         % len(body) + body)
+            return
         if self.mode == "endless":
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
             conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 1000000000\r\n\r\n")
@@ -395,11 +401,12 @@ class _HostileServer:
         self.sock.close()
 
 
-def _tail(port: int, *, stdout: int | None = None) -> subprocess.Popen:
+def _tail(port: int, *, stdout: int | None = None,
+          stderr: int | None = None) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PGWS_")}
     return subprocess.Popen([RELAY, "tail", f"ws://127.0.0.1:{port}/c"], env=env,
                             stdin=subprocess.DEVNULL, stdout=stdout or subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=stderr or subprocess.PIPE, text=True)
 
 
 def test_a_control_event_nested_past_the_recursion_limit_ends_tail_with_one_line() -> None:
@@ -714,3 +721,44 @@ def test_workers_outlive_the_thread_that_started_them(start_relay) -> None:
         _delivers(relay)
     assert "SIGTERM" not in relay.log and "stopping the others" not in relay.log
     assert relay.proc.poll() is None
+
+
+def test_the_proxy_header_comes_before_a_tls_handshake(start_relay, tmp_path: Path) -> None:
+    cert_file, key_file = tls_files(tmp_path)
+    relay = start_relay(PGWS_CERTIFICATE_FILE=str(cert_file), PGWS_KEY_FILE=str(key_file),
+                        PGWS_PROXY_PROTOCOL_FROM="127.0.0.1", PGWS_MAX_CONNECTIONS_PER_IP="1")
+    context = ssl.create_default_context(cafile=str(cert_file))
+    opened = []
+    try:
+        for client in ("203.0.113.1", "203.0.113.2"):  # One each: the cap counts clients.
+            raw = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+            raw.sendall(proxy.header(client, 1234))
+            tls = context.wrap_socket(raw, server_hostname="localhost")
+            opened.append(tls)
+            tls.sendall(_upgrade(f"/c/{token({'mode': 'r'})}"))
+            assert _status(tls) == 101
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def test_tail_shows_a_refusal_s_escape_sequences_on_a_terminal_as_text() -> None:
+    """The library's log lines carry the server's text (a refusal's body) to tail's stderr."""
+    server = _HostileServer("refusal-escapes")
+    controller, terminal = pty.openpty()
+    try:
+        tail = _tail(server.port, stderr=terminal)
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):
+            while b"owned" not in shown:
+                data = os.read(controller, 4096)
+                if not data:
+                    break
+                shown += data
+        tail.send_signal(signal.SIGTERM)
+        tail.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        server.close()
+    assert b"owned" in shown and b"\x1b" not in shown and b"\x07" not in shown

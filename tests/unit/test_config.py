@@ -396,3 +396,13 @@ def test_several_workers_need_a_fixed_port() -> None:
 def test_an_empty_meta_channel_is_off_and_a_named_one_is_kept() -> None:
     assert load({**BASE, "PGWS_META_CHANNEL": ""}).meta_channel is None
     assert load({**BASE, "PGWS_META_CHANNEL": "meta"}).meta_channel == "meta"
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "::/0", "10.0.0.1, 0.0.0.0/0"])
+def test_trusting_every_address_with_the_proxy_protocol_is_a_configuration_error(
+        value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load({**BASE, "PGWS_PROXY_PROTOCOL_FROM": value})
+    assert "trusts every address" in str(raised.value)
+    assert load({**BASE, "PGWS_PROXY_PROTOCOL_FROM": "10.0.0.5/24"}).proxy_protocol_from[0] \
+        .compressed == "10.0.0.0/24"

@@ -396,19 +396,20 @@ def test_a_digest_twice_in_one_batch_admits_its_client_once_and_the_others_after
 
 def test_a_filtered_resume_does_at_most_its_work_bound_and_no_more() -> None:
     """Beyond it the replay would hold the relay too long in one step: expired instead. The
-    work counts each entry's parse and its whole filter set, so a costly set replays less."""
-    odd = filters.parse_all(["n=eq.1"])
-    per_entry = filters.cost(next(iter(odd))) + hub_module._parse_units(_p(1))
+    work counts each entry's parse and its whole filter set (and the first build of a matched
+    entry's frame), so a costly set replays less."""
+    never = filters.parse_all(["n=eq.7"])  # Matches nothing: no frame is built.
+    per_entry = filters.cost(next(iter(never))) + hub_module._parse_units(_p(1))
     fits = hub_module.REPLAY_WORK // per_entry
     hub = _hub(messages=2 * fits)
     head = hub.history.position  # type: ignore[union-attr]
     hub.publish([_p(n % 2) for n in range(fits)])
     within = Recorder()
-    hub.add(within, ["c"], odd, positioned=True, resume=_resume(head))
-    assert within.read()[0] == Control("resumed", head, None, fits // 2)
+    hub.add(within, ["c"], never, positioned=True, resume=_resume(head))
+    assert within.read() == [Control("resumed", head, None, 0)]
     hub.publish([_p(0)])
     beyond, unfiltered = Recorder(), Recorder()
-    hub.add(beyond, ["c"], odd, positioned=True, resume=_resume(head))
+    hub.add(beyond, ["c"], never, positioned=True, resume=_resume(head))
     assert beyond.read() == [Control("lost", hub.history.position, "expired")]  # type: ignore[union-attr]
     hub.add(unfiltered, ["c"], positioned=True, resume=_resume(head))
     assert unfiltered.read()[0] == Control("resumed", head, None, fits + 1)

@@ -97,7 +97,9 @@ def test_url_filters_narrow_a_claim_and_never_replace_it() -> None:
     admitted, held = _admit(_admission(), f"/c/{claimed}?filter=n=gt.1")
     assert isinstance(admitted, Admitted)
     assert admitted.filters == filters.parse_all(["user=eq.alice", "n=gt.1"])
-    assert held.claimed
+    assert not held.claimed  # The URL made this set: it counts with the URL sets.
+    _, as_issued = _admit(_admission(), f"/c/{claimed}")
+    assert as_issued.claimed
 
 
 def test_filter_sets_over_a_cap_are_refused_and_come_back_on_release() -> None:
@@ -184,3 +186,16 @@ def test_a_release_gives_back_one_slot_however_often_it_is_called() -> None:
     admission.release(held[0], "10.0.0.1")
     admission.release(held[0], "10.0.0.1")
     assert admission.slots == 2 and not held[0].slot
+
+
+def test_a_claim_set_the_url_adds_filters_to_counts_with_the_url_sets_and_per_address() -> None:
+    """Else any claim-bearing read token could fill the claim pool from one address, past the
+    per-address cap, and lock out the users whose claims need a set."""
+    admission = _admission(PGWS_MAX_FILTER_SETS="1", PGWS_MAX_FILTER_SETS_PER_IP="1")
+    mallory = _token(filters=["payload.user=eq.mallory"])
+    admitted, held = _admit(admission, f"/c/{mallory}?filter=n=neq.1")
+    assert isinstance(admitted, Admitted) and not held.claimed
+    assert _admit(admission, f"/c/{mallory}?filter=n=neq.2")[0] == Refusal(
+        503, "Too many distinct filters from this address", "capacity")
+    alice, held_alice = _admit(admission, f"/c/{_token(filters=['payload.user=eq.alice'])}")
+    assert isinstance(alice, Admitted) and held_alice.claimed  # The claim pool is untouched.

@@ -423,13 +423,13 @@ def test_a_control_event_nested_past_the_recursion_limit_ends_tail_with_one_line
     assert "Traceback" not in err
 
 
-def test_tail_shows_escape_sequences_on_a_terminal_as_text() -> None:
-    # Before: the payload's escapes reached the terminal raw (a new window title, a cleared
-    # screen); a pipe still gets the payload exactly.
-    server = _HostileServer("escapes")
+def _on_a_terminal(mode: str, stream: str) -> bytes:
+    """What ``tail`` shows on a terminal as its ``stream`` (stdout or stderr) from a hostile
+    server in ``mode``, up to the line that says "owned"."""
+    server = _HostileServer(mode)
     controller, terminal = pty.openpty()
     try:
-        tail = _tail(server.port, stdout=terminal)
+        tail = _tail(server.port, **{stream: terminal})
         os.close(terminal)
         shown = b""
         with contextlib.suppress(OSError):  # EIO once tail is gone.
@@ -443,6 +443,13 @@ def test_tail_shows_escape_sequences_on_a_terminal_as_text() -> None:
     finally:
         os.close(controller)
         server.close()
+    return shown
+
+
+def test_tail_shows_escape_sequences_on_a_terminal_as_text() -> None:
+    # Before: the payload's escapes reached the terminal raw (a new window title, a cleared
+    # screen); a pipe still gets the payload exactly.
+    shown = _on_a_terminal("escapes", "stdout")
     assert b"\x1b" not in shown and b"\x07" not in shown
     assert b"\\x1b]0;owned\\x07\\x1b[2J" in shown
     piped = _HostileServer("escapes")
@@ -744,21 +751,5 @@ def test_the_proxy_header_comes_before_a_tls_handshake(start_relay, tmp_path: Pa
 
 def test_tail_shows_a_refusal_s_escape_sequences_on_a_terminal_as_text() -> None:
     """The library's log lines carry the server's text (a refusal's body) to tail's stderr."""
-    server = _HostileServer("refusal-escapes")
-    controller, terminal = pty.openpty()
-    try:
-        tail = _tail(server.port, stderr=terminal)
-        os.close(terminal)
-        shown = b""
-        with contextlib.suppress(OSError):
-            while b"owned" not in shown:
-                data = os.read(controller, 4096)
-                if not data:
-                    break
-                shown += data
-        tail.send_signal(signal.SIGTERM)
-        tail.communicate(timeout=30)
-    finally:
-        os.close(controller)
-        server.close()
+    shown = _on_a_terminal("refusal-escapes", "stderr")
     assert b"owned" in shown and b"\x1b" not in shown and b"\x07" not in shown

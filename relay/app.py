@@ -42,7 +42,7 @@ from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource
 from relay.sources.publisher import Publisher
 from relay.transports.server import Server
-from relay.wire import positions
+from relay.wire import frames, positions
 from relay.wire.closecodes import GOING_AWAY
 
 log = logging.getLogger("relay")
@@ -225,7 +225,8 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
     options = connect_options(config.db_uri)
     history = History(config.history_messages, config.history_bytes, config.history_seconds,
                       sealer=sealer) if config.history_messages else None
-    hub = Hub(config.listen_channel, config.compression_streams, history)
+    hub = Hub(config.listen_channel, config.compression_streams, history,
+              encoding=frames.TEXT_FRAMES)
     notifier = Notifier(config.db_uri, config.pool_size, options)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
     meta = config.meta_channel

@@ -49,6 +49,7 @@ from bench.parts.paths import ROOT
 from relay.core import filters
 from relay.core.history import History
 from relay.core.hub import Hub
+from relay.wire.frames import TEXT_FRAMES
 from tests.unit.core.test_hub import Recorder, fill
 
 #: Filter sets (markets) in the ``filtered`` case.
@@ -61,7 +62,7 @@ CASES = ("plain", "filtered", "history", "positioned")
 def build(case: str, clients: int) -> tuple[Hub, list[Recorder]]:
     """A hub with ``clients`` recorders on the channel ``fill``, set up as ``case`` says."""
     history = History(**HISTORY) if case in ("history", "positioned") else None
-    hub = Hub("listen", history=history)
+    hub = Hub("listen", history=history, encoding=TEXT_FRAMES)
     recorders = [Recorder() for _ in range(clients)]
     for n, recorder in enumerate(recorders):
         if case == "filtered":

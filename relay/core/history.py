@@ -6,14 +6,16 @@ Every notification the listener hands over is a point of one stream, numbered by
 this process and named across processes by a digest of the last
 :data:`relay.wire.positions.WINDOW` payloads (:mod:`relay.wire.positions` spells both).
 :meth:`append`
-gives the point its position and builds the frame a positioned client receives (the position,
-a line feed, the payload), once: the same bytes go to every live positioned client and stay
-here for those who come back. Each channel keeps its own log, so a busy channel does not push
+gives the point its position and keeps its payload; the position's text (sealed, when positions
+are sealed) is made once, when a positioned client or a replay first needs it
+(:meth:`position_of`), and kept with the payload. What a client receives is built from those two
+by its stream's encoding (:mod:`relay.core.encoding`): the history keeps no transport's bytes.
+Each channel keeps its own log, so a busy channel does not push
 a quiet one's history out; what is kept is bounded three ways:
 
 - ``messages`` per channel (the oldest of the channel goes first);
-- ``max_bytes`` for all channels together, counting each entry as its frame plus
-  :data:`ENTRY_OVERHEAD` (the objects that hold it), so the bound is the memory, not just the
+- ``max_bytes`` for all channels together, counting each entry as its payload and position
+  plus :data:`ENTRY_OVERHEAD` (the objects that hold them), so the bound is the memory, not just the
   payloads (the oldest entry of all goes first);
 - ``max_age`` seconds (entries older than that go, at the next append or :meth:`expire`).
 
@@ -46,14 +48,14 @@ import time
 from collections.abc import Collection, Iterator
 from typing import Final
 
-from relay.wire import frames, positions
+from relay.wire import positions
 from relay.wire.positions import Position
 
-#: Bytes charged per entry beyond its frame, so that ``max_bytes`` bounds the process's memory:
-#: the objects that hold it (the entry, its frame's object header, the log's slots and seq, the
-#: digest index's slot and ints: 219 bytes measured with tracemalloc in
-#: tests/unit/core/test_history.py, up to ~260 with a log's emptied slots), and what the
-#: allocator keeps on top as the history turns over (a header per frame, free space between
+#: Bytes charged per entry beyond its payload and position, so that ``max_bytes`` bounds the
+#: process's memory: the objects that hold them (the entry, the two bytes objects' headers, the
+#: log's slots and seq, the digest index's slot and ints: 299 bytes measured with tracemalloc in
+#: tests/unit/core/test_history.py, up to ~340 with a log's emptied slots), and what the
+#: allocator keeps on top as the history turns over (a header per object, free space between
 #: blocks: at 320 bytes a full history at 1,000 channels grew the relay's RSS 1.09× the
 #: bound, bench/scenarios/resume.py).
 ENTRY_OVERHEAD = 512
@@ -79,29 +81,24 @@ _Digest = bytes  # 8 bytes
 class Entry:
     """One delivery kept: its seq, its digest, its time, its payload, when it arrived.
 
-    Its positioned frame (``position "\\n" payload``) is built the first time someone needs it
-    (:meth:`History.frame`: a positioned stream, a replay), because sealing the position costs
-    ~5 µs; then the frame replaces the payload, which is sliced back out of it.
+    Its position's text is made the first time someone needs it (:meth:`History.position_of`:
+    a positioned stream, a replay), because sealing it costs ~5 µs.
     """
 
-    __slots__ = ("arrived", "data", "digest", "offset", "seq", "size", "time")
+    __slots__ = ("arrived", "digest", "payload", "position", "seq", "size", "time")
 
     def __init__(self, seq: int, digest: int, time: int, payload: bytes, arrived: float,
                  size: int) -> None:
         self.seq = seq
         self.digest = digest
         self.time = time
-        #: The payload, or once built the frame, in which the payload starts at ``offset``.
-        self.data = payload
-        self.offset = -1
+        self.payload = payload
+        #: The position's text as clients see it; None until first needed.
+        self.position: bytes | None = None
         self.arrived = arrived
-        #: What it is charged against ``max_bytes``: its frame's length, built or not, and
-        #: :data:`ENTRY_OVERHEAD`.
+        #: What it is charged against ``max_bytes``: its payload's and position's lengths (made
+        #: or not) and :data:`ENTRY_OVERHEAD`.
         self.size = size
-
-    @property
-    def payload(self) -> bytes:
-        return self.data if self.offset < 0 else self.data[self.offset:]
 
 
 #: What a log's slot holds once its entry is dropped (until the log compacts).
@@ -133,7 +130,7 @@ class _Log:
 
     def drop_head(self) -> Entry:
         entry = self.entries[self.start]
-        # The slot lets go of the frame at once: what is dropped must not stay in memory.
+        # The slot lets go of the payload at once: what is dropped must not stay in memory.
         self.entries[self.start] = _DROPPED
         self.start += 1
         self.complete_after = entry.seq
@@ -224,20 +221,19 @@ class History:
         self.time = int(arrived + self._wall_offset)
         position_length = positions.MAX_POSITION_LENGTH if self._sealer is not None else \
             len(Position(self.epoch, self.seq, digest, self.time).text())
-        size = frames.text_length(position_length + 1 + len(payload)) + ENTRY_OVERHEAD
+        size = position_length + len(payload) + ENTRY_OVERHEAD
         entry = Entry(self.seq, digest, self.time, payload, arrived, size)
         if self.messages:
             self._keep(channel, entry)
         return entry
 
-    def frame(self, entry: Entry) -> bytes:
-        """``entry``'s positioned frame, built once."""
-        if entry.offset < 0:
-            payload = entry.data
-            position = self.text(Position(self.epoch, entry.seq, entry.digest, entry.time))
-            entry.data = frames.text(positions.delivery(position.encode(), payload))
-            entry.offset = len(entry.data) - len(payload)
-        return entry.data
+    def position_of(self, entry: Entry) -> bytes:
+        """``entry``'s position as clients see it (sealed, with a sealer), made once."""
+        position = entry.position
+        if position is None:
+            position = entry.position = self.text(
+                Position(self.epoch, entry.seq, entry.digest, entry.time)).encode()
+        return position
 
     def mark_break(self, now: float | None = None) -> None:
         """LISTEN was (re)established: what came before may have been followed by a loss."""

@@ -1,22 +1,25 @@
-"""The hub: who receives what, and one frame per notification for all of them.
+"""The hub: who receives what, and one message's bytes per notification for all of them.
 
 Theory of operation
 -------------------
-Clients whose deliveries are identical form one *stream*: the same channels and the same
-filters (URL ``filter`` parameters plus the token's ``filters`` claim). A stream is the unit of
-every cost that does not need a client: a notification is parsed once, its channel's distinct
-filter sets are evaluated once (:class:`relay.core.filters.Index`), its frame is built once, and
-each stream that receives it gets the batch's frames joined into one bytes object, offered to
-every plain client of the stream. So the work per notification grows with distinct streams,
-never with clients, and the work per client is one offer per batch.
+Clients whose deliveries are identical form one *stream*: the same channels, the same filters
+(URL ``filter`` parameters plus the token's ``filters`` claim) and the same *encoding*, the
+transport's bytes for a message (:class:`relay.core.encoding.Encoding`: WebSocket text frames
+are :data:`relay.wire.frames.TEXT_FRAMES`). A stream is the unit of every cost that does not
+need a client: a notification is parsed once, its channel's distinct filter sets are evaluated
+once (:class:`relay.core.filters.Index`), its bytes are made once per encoding that receives it,
+and each stream that receives it gets the batch's messages joined into one bytes object, offered
+to every plain client of the stream. So the work per notification grows with distinct streams,
+never with clients, and the work per client is one offer per batch. The hub knows no transport:
+what it offers comes from the stream's encoding.
 
 Compression (permessage-deflate, :mod:`relay.wire.deflate`) is per stream too. A stream's clients
 that agreed to it share one :class:`relay.wire.deflate.Deflater` with context takeover: every
-message is compressed once and the same compressed frames go to all of them, which is sound
+message is compressed once and the same compressed messages go to all of them, which is sound
 because they all receive exactly the same messages in the same order (a client that cannot
 keep up is closed, never skipped). A client that joins a stream whose compressor has history
-*joins* at the next sync point: until then it receives the plain frames (RSV1 clear, which RFC
-7692 allows per message), and at the sync point the compressor restarts, so nothing after it
+*joins* at the next sync point: until then it receives the plain messages (RSV1 clear, which
+RFC 7692 allows per message), and at the sync point the compressor restarts, so nothing after it
 refers back to what the new client never saw. Sync points come at once when no client depends
 on the history (the compressor is fresh, or the stream has no compressed client yet), else at
 most once per ``_SYNC_SPACING``: each restart costs the stream its history. Clients that asked
@@ -25,12 +28,13 @@ for ``server_no_context_takeover``, and every compressed client of a stream beyo
 its own (:func:`relay.wire.deflate.alone`), made once per notification for all of them.
 
 Resumable streams (:mod:`relay.core.history`, :mod:`relay.wire.positions`). With history on, every
-notification gets a position when it arrives, whoever subscribes, and a *positioned* frame
-(its sealed position, a line feed, the payload), built once when a positioned stream or a
-replay first needs it; clients that asked for positions form streams of their own that receive
-those frames. A client that comes back with a position is admitted in one synchronous
-step: its control event, then the history's frames after its position (filtered as its live
-traffic is), then membership of its stream. No notification can arrive in between, so the
+notification gets a position when it arrives, whoever subscribes; its text (sealed) is made once
+when a positioned stream or a replay first needs it, and the history keeps it with the payload.
+Clients that asked for positions form streams of their own that receive each delivery with its
+position (:meth:`relay.core.encoding.Encoding.delivery`). A client that comes back with a
+position is admitted in one synchronous step: its control event, then the history's deliveries
+after its position (filtered as its live traffic is; their bytes share the history's payloads
+and positions), then membership of its stream. No notification can arrive in between, so the
 seam has no gap and no duplicate. A position another relay process issued, that this one has
 not seen yet, parks the client (:meth:`Hub.add` returns True) until the notification arrives
 here or the caller gives up (:meth:`Hub.give_up`: ``unknown``). Each time LISTEN is
@@ -57,14 +61,15 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
 from relay.core import envelope, filters
+from relay.core.encoding import Encoding
 from relay.core.filters import Filters
 from relay.core.history import WAIT, Entry, History
 from relay.core.stats import LatencyHistogram
-from relay.wire import deflate, frames, positions
+from relay.wire import deflate, positions
 from relay.wire.positions import Position
 
 #: Seconds between two sync points of a stream whose compressed clients depend on its history:
-#: a client that joins meanwhile receives plain frames for at most this long, and a stream
+#: a client that joins meanwhile receives plain messages for at most this long, and a stream
 #: that clients keep joining loses its compression history at most this often.
 _SYNC_SPACING = 1.0
 
@@ -76,8 +81,8 @@ _SYNC_SPACING = 1.0
 #: such resumes a second was 25 ms (the replay 11–16 ms of it, the rest the turn's other work:
 #: bench/scenarios/abuse.py); 40,000 keeps the whole turn under 20 ms. Beyond it the client is
 #: told ``expired``: an Econia fill with one filter costs ~10 units (4,000 entries), the
-#: deepest 32-filter set ~650 (61). Unfiltered replays collect frames (~80 ns each, ~5 µs the
-#: first time an entry's is built), bounded by the history itself.
+#: deepest 32-filter set ~650 (61). Unfiltered replays collect each entry's parts (~0.3 µs;
+#: ~5 µs the first time its position is sealed), bounded by the history itself.
 REPLAY_WORK = 40_000
 
 
@@ -93,17 +98,19 @@ class Subscriber(Protocol):
     """What the hub needs of a client."""
 
     def offer(self, frame: bytes) -> bool:
-        """Take bytes to send, without blocking; a full client closes itself.
+        """Take bytes to send (its encoding's), without blocking; a full client closes itself.
 
-        True when (part of) the frame was queued: it will be written later, and the client
+        True when (part of) the bytes were queued: they will be written later, and the client
         then calls :meth:`Pending.done` on what :meth:`track` gave it.
         """
 
     def track(self, pending: Pending) -> None:
         """Call ``pending.done()`` once what was queued so far is written or dropped."""
 
-    def replay(self, frames: list[bytes]) -> None:
-        """Queue frames the history keeps anyway: they do not count against the queue bound."""
+    def replay(self, parts: list[bytes]) -> None:
+        """Queue what a resume replays, as parts to be written in order (each delivery's, from
+        its encoding): they share the history's payloads and positions, so they do not count
+        against the queue bound."""
 
     def close(self, code: int, reason: str) -> None:
         """Begin the close handshake, after what is already queued."""
@@ -138,20 +145,21 @@ class Pending:
 
 
 class _Stream:
-    """Clients with the same channels and filters: they receive the same messages."""
+    """Clients with the same channels, filters and encoding: they receive the same bytes."""
 
-    __slots__ = ("alone", "channels", "deflater", "filters", "joining", "key", "plain",
-                 "positioned", "shared", "synced_at")
+    __slots__ = ("alone", "channels", "deflater", "encoding", "filters", "joining", "key",
+                 "plain", "positioned", "shared", "synced_at")
 
     def __init__(self, key: _Key) -> None:
         self.key = key
         #: ``positioned``: its clients receive each delivery with its position.
-        self.channels, self.filters, self.positioned = key
+        self.channels, self.filters, self.positioned, self.encoding = key
         self.plain: set[Subscriber] = set()
         #: Compressed clients that share :attr:`deflater`'s history (or, without one, get
         #: each message compressed alone).
         self.shared: set[Subscriber] = set()
-        #: Compressed clients waiting for the next sync point; they get plain frames until then.
+        #: Compressed clients waiting for the next sync point; they get plain messages until
+        #: then.
         self.joining: set[Subscriber] = set()
         self.alone: set[Subscriber] = set()
         self.deflater: deflate.Deflater | None = None
@@ -168,8 +176,8 @@ class _Stream:
         return (*self.plain, *self.shared, *self.joining, *self.alone)
 
 
-#: A stream's identity: its channels, its filters, whether it is positioned.
-_Key = tuple[frozenset[str], Filters, bool]
+#: A stream's identity: its channels, its filters, whether it is positioned, its encoding.
+_Key = tuple[frozenset[str], Filters, bool, Encoding]
 
 
 class _Parked:
@@ -219,8 +227,10 @@ class Hub:
     """Routes notification payloads to the streams, and so the subscribers, that want them."""
 
     def __init__(self, listen_channel: str, compression_streams: int = 1024,
-                 history: History | None = None) -> None:
+                 history: History | None = None, *, encoding: Encoding) -> None:
+        """``encoding``: what :meth:`add` gives a client when the caller names none."""
         self._listen_channel = listen_channel
+        self._encoding = encoding
         self._compression_streams = compression_streams
         #: None: history is off, and no client may ask for positions.
         self.history = history
@@ -235,16 +245,18 @@ class Hub:
         #: deliveries replayed.
         self.resumes = dict.fromkeys(("resumed", *positions.LOST_REASONS), 0)
         self.replayed = 0
-        #: Every client, with its stream (None: a write-only client).
+        #: Every client, with its stream (None: a write-only or parked client, whose encoding
+        #: is in :attr:`_loose`).
         self._clients: dict[Subscriber, _Stream | None] = {}
+        self._loose: dict[Subscriber, Encoding] = {}
         self._ping_counter = 0
         #: Shared compressors alive (at most ``compression_streams``).
         self.deflaters = 0
-        #: Compressed clients let into their stream's shared frames; compressors restarted for
-        #: them (a join into a fresh compressor costs no restart).
+        #: Compressed clients let into their stream's shared compressed messages; compressors
+        #: restarted for them (a join into a fresh compressor costs no restart).
         self.joins = 0
         self.restarts = 0
-        #: Notifications routed to at least one subscriber; frames and bytes offered in all.
+        #: Notifications routed to at least one subscriber; messages and bytes offered in all.
         self.routed = 0
         self.offered = 0
         self.offered_bytes = 0
@@ -262,23 +274,27 @@ class Hub:
     def add(self, client: Subscriber, channels: Collection[str],
             filter_set: Filters = filters.NONE,
             compression: Compression = Compression.OFF, positioned: bool = False,
-            resume: Position | None = None) -> bool:
+            resume: Position | None = None, encoding: Encoding | None = None) -> bool:
         """Register a connection; it receives the channels given (none: write-only), narrowed
-        by ``filter_set``, compressed as agreed; ``positioned`` (history must be on): with
-        positions, from ``resume`` if given (the missed deliveries first).
+        by ``filter_set``, in ``encoding`` (default: the hub's), compressed as agreed;
+        ``positioned`` (history must be on): with positions, from ``resume`` if given (the
+        missed deliveries first).
 
         True when the client is parked, waiting for ``resume`` to arrive: the caller calls
         :meth:`give_up` when it has waited long enough.
         """
+        if encoding is None:
+            encoding = self._encoding
         if not channels:
             self._clients[client] = None
+            self._loose[client] = encoding
             return False
-        key = (frozenset(channels), filter_set, positioned)
+        key = (frozenset(channels), filter_set, positioned, encoding)
         history = self.history
         if not positioned or history is None:
             self._join(client, key, compression)
         elif resume is None:
-            client.offer(frames.text(positions.position_event(history.position)))
+            client.offer(encoding.message(positions.position_event(history.position)))
             self._join(client, key, compression)
         else:
             outcome = history.resolve(resume, key[0])
@@ -287,6 +303,7 @@ class Hub:
                 self._parked.setdefault(resume.digest, []).append(parked)
                 self._parked_clients[client] = parked
                 self._clients[client] = None
+                self._loose[client] = encoding
                 return True
             self._admit(client, key, compression, resume, outcome)
         return False
@@ -301,6 +318,7 @@ class Hub:
     def _unpark(self, client: Subscriber) -> _Parked | None:
         parked = self._parked_clients.pop(client, None)
         if parked is not None:
+            del self._loose[client]
             same = self._parked[parked.position.digest]
             same.remove(parked)
             if not same:
@@ -312,21 +330,24 @@ class Hub:
         """Tell a returning client the outcome, replay what it missed, then let it in."""
         history = self.history
         assert history is not None
+        channels, filter_set, _, encoding = key
         if not isinstance(outcome, str):
-            channels, filter_set, _ = key
             replay = _replay(history, history.after(outcome, channels), filter_set)
             if replay is None:
                 outcome = positions.EXPIRED
             else:
                 self.resumes["resumed"] += 1
                 self.replayed += len(replay)
-                client.offer(frames.text(positions.resumed_event(history.text(resume),
-                                                                 len(replay))))
+                client.offer(encoding.message(positions.resumed_event(history.text(resume),
+                                                                      len(replay))))
                 if replay:
-                    client.replay(replay)
+                    parts: list[bytes] = []
+                    for entry in replay:
+                        parts += encoding.delivery(history.position_of(entry), entry.payload)
+                    client.replay(parts)
         if isinstance(outcome, str):
             self.resumes[outcome] += 1
-            client.offer(frames.text(positions.lost_event(outcome, history.position)))
+            client.offer(encoding.message(positions.lost_event(outcome, history.position)))
         self._join(client, key, compression)
 
     def _join(self, client: Subscriber, key: _Key, compression: Compression) -> None:
@@ -349,7 +370,8 @@ class Hub:
     def remove(self, client: Subscriber) -> None:
         stream = self._clients.pop(client, None)
         if stream is None:
-            self._unpark(client)
+            if self._unpark(client) is None:
+                self._loose.pop(client, None)
             return
         stream.discard(client)
         if stream.deflater is not None and not (stream.shared or stream.joining):
@@ -376,9 +398,8 @@ class Hub:
         if arrived is None:
             arrived = time.monotonic()
         batch: dict[_Stream, list[int]] = {}
-        texts: list[bytes] = []  # Payloads delivered to someone, and their plain frames.
-        framed: list[bytes] = []
-        positioned: list[bytes] = []  # Their positioned frames (when history is on).
+        texts: list[bytes] = []  # Payloads delivered to someone.
+        entries: list[Entry] = []  # Theirs in the history (when kept and history is on).
         channels = self._channels
         listen = self._listen_channel
         history = None if local else self.history
@@ -398,15 +419,11 @@ class Hub:
                 if message < 0:
                     message = len(texts)
                     texts.append(payload)
-                    framed.append(frames.text(payload))
                     if history is not None:
-                        positioned.append(history.frame(entry))
-                    elif self.history is not None:
-                        positioned.append(frames.text(positions.delivery(
-                            self.history.position.encode(), payload)))
+                        entries.append(entry)
                 batch.setdefault(stream, []).append(message)
         if texts:
-            self._fan_out(batch, texts, framed, positioned, arrived)
+            self._fan_out(batch, _Batch(texts, entries, self.history), arrived)
         for parked in found:
             # After the fan-out, which did not reach them: the replay covers this batch too.
             # (A digest twice in one batch lists its clients twice: each is admitted once.)
@@ -416,45 +433,37 @@ class Hub:
             self._admit(parked.client, parked.key, parked.compression, parked.position,
                         positions.UNKNOWN if outcome == WAIT else outcome)
 
-    def _fan_out(self, batch: dict[_Stream, list[int]], texts: list[bytes],
-                 framed: list[bytes], positioned: list[bytes], arrived: float) -> None:
-        alone: dict[int, bytes] = {}  # Messages compressed on their own, once for all.
-        alone_positioned: dict[int, bytes] = {}
-        delivered: list[bytes] = []  # Positioned texts, made when a compressor needs them.
+    def _fan_out(self, batch: dict[_Stream, list[int]], messages: _Batch,
+                 arrived: float) -> None:
         pending: Pending | None = None
         now = time.monotonic()
-        for stream, messages in batch.items():
+        for stream, chosen in batch.items():
             if stream.joining:
                 self._sync(stream, now)
             receivers = stream.plain | stream.joining if stream.joining else stream.plain
-            parts = positioned if stream.positioned else framed
             if receivers:
-                pending = self._offer(_join(parts, messages), receivers, len(messages),
+                parts = messages.encoded(stream.encoding, stream.positioned)
+                pending = self._offer(_join(parts, chosen), receivers, len(chosen),
                                       arrived, pending)
             if not (stream.shared or stream.alone):
                 continue
-            if stream.positioned:
-                if not delivered:
-                    delivered = [frames.payload_of(frame) for frame in positioned]
-                sources, cache = delivered, alone_positioned
-            else:
-                sources, cache = texts, alone
             if stream.shared:
                 deflater = stream.deflater
                 if deflater is None:
-                    blob = _join(_alone_frames(cache, sources, messages), None)
+                    blob = _join(messages.alone(stream.encoding, stream.positioned, chosen), None)
                 else:
-                    blob = b"".join([frames.compressed_text(deflater.message(sources[m]))
-                                     for m in messages])
-                pending = self._offer(blob, stream.shared, len(messages), arrived, pending)
+                    sources = messages.sources(stream.encoding, stream.positioned)
+                    compressed = stream.encoding.compressed
+                    blob = b"".join([compressed(deflater.message(sources[m])) for m in chosen])
+                pending = self._offer(blob, stream.shared, len(chosen), arrived, pending)
             if stream.alone:
-                blob = _join(_alone_frames(cache, sources, messages), None)
-                pending = self._offer(blob, stream.alone, len(messages), arrived, pending)
-        self.routed += len(texts)
+                blob = _join(messages.alone(stream.encoding, stream.positioned, chosen), None)
+                pending = self._offer(blob, stream.alone, len(chosen), arrived, pending)
+        self.routed += len(messages.texts)
         if pending is None:
-            self.delivery_times.observe(time.monotonic() - arrived, len(texts))
+            self.delivery_times.observe(time.monotonic() - arrived, len(messages.texts))
         else:
-            pending.arm(len(texts))
+            pending.arm(len(messages.texts))
 
     def listening(self) -> None:
         """LISTEN was established (the first time too): what was committed while it was not
@@ -463,7 +472,7 @@ class Hub:
         if history is None:
             return
         history.mark_break()
-        self._to_positioned(frames.text(positions.lost_event(positions.GAP, history.position)))
+        self._to_positioned(positions.lost_event(positions.GAP, history.position))
 
     def checkpoint(self, now: float | None = None) -> None:
         """Tell positioned clients where the stream is, if it moved since the last time (a
@@ -475,13 +484,18 @@ class Hub:
         if history.seq == self._checkpoint_seq:
             return
         self._checkpoint_seq = history.seq
-        self._to_positioned(frames.text(positions.position_event(history.position)))
+        self._to_positioned(positions.position_event(history.position))
 
-    def _to_positioned(self, frame: bytes) -> None:
+    def _to_positioned(self, event: bytes) -> None:
+        """Offer a control event to every positioned client, made once per encoding."""
+        made: dict[Encoding, bytes] = {}
         for stream in self._streams.values():
             if stream.positioned:
+                message = made.get(stream.encoding)
+                if message is None:
+                    message = made[stream.encoding] = stream.encoding.message(event)
                 for client in stream.clients():
-                    client.offer(frame)
+                    client.offer(message)
 
     def _sync(self, stream: _Stream, now: float) -> None:
         """Let a stream's joining clients in, if this batch may be a sync point."""
@@ -498,7 +512,7 @@ class Hub:
 
     def _offer(self, blob: bytes, clients: Iterable[Subscriber], messages: int,
                arrived: float, pending: Pending | None) -> Pending | None:
-        """Offer ``blob`` (``messages`` frames) to ``clients``; the batch's Pending, if any."""
+        """Offer ``blob`` (``messages`` messages) to ``clients``; the batch's Pending, if any."""
         offered = 0
         for client in clients:
             offered += 1
@@ -512,19 +526,30 @@ class Hub:
         return pending
 
     def ping_all(self) -> None:
-        """Offer every client the next server ping (payload ``1``, ``2``, … as upstream)."""
+        """Offer every client the next keep-alive (its encoding's ping, ``1``, ``2``, …)."""
         self._ping_counter += 1
-        frame = frames.ping(str(self._ping_counter).encode())
-        for client in self._clients:
-            client.offer(frame)
+        made: dict[Encoding, bytes] = {}
+
+        def ping(encoding: Encoding) -> bytes:
+            message = made.get(encoding)
+            if message is None:
+                message = made[encoding] = encoding.ping(self._ping_counter)
+            return message
+
+        for stream in self._streams.values():
+            message = ping(stream.encoding)
+            for client in stream.clients():
+                client.offer(message)
+        for client, encoding in list(self._loose.items()):
+            client.offer(ping(encoding))
 
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self._clients):
             client.close(code, reason)
 
 
-#: What building an entry's positioned frame costs the first time, in filter cost units: the
-#: position's seal took ~5 µs here.
+#: What making an entry's position the first time costs, in filter cost units: the position's
+#: seal took ~5 µs here.
 _SEAL_UNITS = 17
 
 
@@ -535,11 +560,11 @@ def _parse_units(payload: bytes) -> int:
 
 
 def _replay(history: History, entries: Iterable[Entry], filter_set: Filters
-            ) -> list[bytes] | None:
-    """The frames a resume replays; None when a filtered one would do more than
+            ) -> list[Entry] | None:
+    """The entries a resume replays; None when a filtered one would do more than
     :data:`REPLAY_WORK` (the client is told ``expired``)."""
     if not filter_set:
-        return [history.frame(entry) for entry in entries]
+        return list(entries)
     replay = []
     per_entry = sum(map(filters.cost, filter_set))
     work = 0
@@ -549,31 +574,93 @@ def _replay(history: History, entries: Iterable[Entry], filter_set: Filters
         if work > REPLAY_WORK:
             return None
         if filters.matches(filter_set, filters.Document(payload, envelope.parse(payload))):
-            if entry.offset < 0:  # Its frame is built now: the position sealed (~5 µs).
+            if entry.position is None:  # Its position is sealed when replayed (~5 µs).
                 work += _SEAL_UNITS
                 if work > REPLAY_WORK:
                     return None
-            replay.append(history.frame(entry))
+            replay.append(entry)
     return replay
 
 
-def _join(parts: list[bytes], messages: list[int] | None) -> bytes:
-    """The frames of ``messages`` (all of ``parts`` when None) as one bytes object; a single
-    frame is returned as is, so a one-message batch shares the very frame object."""
-    if messages is not None:
-        if len(messages) == 1:
-            return parts[messages[0]]
-        parts = [parts[m] for m in messages]
+class _Batch:
+    """One publish's messages, and their bytes per encoding, each made once when first needed.
+
+    ``texts``: the payloads delivered to someone; ``entries``: theirs in the history (empty
+    when the batch is not kept: meta events, made by this process, are delivered at the
+    current position).
+    """
+
+    __slots__ = ("_alone", "_encoded", "_history", "_positions", "_sources", "entries", "texts")
+
+    def __init__(self, texts: list[bytes], entries: list[Entry], history: History | None
+                 ) -> None:
+        self.texts = texts
+        self.entries = entries
+        self._history = history
+        self._positions: list[bytes] | None = None
+        self._encoded: dict[tuple[Encoding, bool], list[bytes]] = {}
+        self._sources: dict[tuple[Encoding, bool], list[bytes]] = {}
+        self._alone: dict[tuple[Encoding, bool], dict[int, bytes]] = {}
+
+    def positions(self) -> list[bytes]:
+        """Each message's position text (sealed once per entry)."""
+        if self._positions is None:
+            history = self._history
+            assert history is not None, "positioned streams exist only with history on"
+            if self.entries:
+                self._positions = [history.position_of(entry) for entry in self.entries]
+            else:
+                self._positions = [history.position.encode()] * len(self.texts)
+        return self._positions
+
+    def encoded(self, encoding: Encoding, positioned: bool) -> list[bytes]:
+        """Each message's bytes in ``encoding``, with positions if ``positioned``."""
+        key = (encoding, positioned)
+        made = self._encoded.get(key)
+        if made is None:
+            if positioned:
+                delivery = encoding.delivery
+                made = [b"".join(delivery(position, text))
+                        for position, text in zip(self.positions(), self.texts, strict=True)]
+            else:
+                made = list(map(encoding.message, self.texts))
+            self._encoded[key] = made
+        return made
+
+    def sources(self, encoding: Encoding, positioned: bool) -> list[bytes]:
+        """Each message's text before ``encoding`` frames it: what a compressor takes."""
+        if not positioned:
+            return self.texts
+        key = (encoding, positioned)
+        made = self._sources.get(key)
+        if made is None:
+            text = encoding.delivery_text
+            made = self._sources[key] = [
+                text(position, payload)
+                for position, payload in zip(self.positions(), self.texts, strict=True)]
+        return made
+
+    def alone(self, encoding: Encoding, positioned: bool, chosen: list[int]) -> list[bytes]:
+        """The messages ``chosen``, each compressed on its own, made once per batch."""
+        key = (encoding, positioned)
+        cache = self._alone.get(key)
+        if cache is None:
+            cache = self._alone[key] = {}
+        sources = self.sources(encoding, positioned)
+        found = []
+        for m in chosen:
+            message = cache.get(m)
+            if message is None:
+                message = cache[m] = encoding.compressed(deflate.alone(sources[m]))
+            found.append(message)
+        return found
+
+
+def _join(parts: list[bytes], chosen: list[int] | None) -> bytes:
+    """The messages ``chosen`` of ``parts`` (all when None) as one bytes object; a single one
+    is returned as is, so a one-message batch shares the very bytes object."""
+    if chosen is not None:
+        if len(chosen) == 1:
+            return parts[chosen[0]]
+        parts = [parts[m] for m in chosen]
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _alone_frames(cache: dict[int, bytes], texts: list[bytes], messages: list[int]
-                  ) -> list[bytes]:
-    """The frames of ``messages``, each compressed on its own, made once per batch."""
-    found = []
-    for m in messages:
-        frame = cache.get(m)
-        if frame is None:
-            frame = cache[m] = frames.compressed_text(deflate.alone(texts[m]))
-        found.append(frame)
-    return found

@@ -67,7 +67,7 @@ from relay.core.stats import counters
 from relay.transports import request, static
 from relay.transports.admission import Admission, Held, Refusal
 from relay.transports.websocket import Client, ClientSettings, close_now
-from relay.wire import deflate, positions, proxy
+from relay.wire import deflate, frames, positions, proxy
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,8 @@ class Server:
             # Inline rather than a helper: this frame lives as long as the connection.
             grant = client.grant
             if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
-                             accepted.compression, accepted.positioned, accepted.resume):
+                             accepted.compression, accepted.positioned, accepted.resume,
+                             frames.TEXT_FRAMES):
                 self._background.start_soon(_contained, "a parked resume",
                                             self._give_up_later, client)
             del accepted  # Placed: not kept for the connection's life (100,000 of them).

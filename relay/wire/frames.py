@@ -11,12 +11,20 @@ client of a stream. wsproto parses what clients send; the send side is these few
 wsproto builds frames per connection object, and the point here is one frame for all
 connections.
 
+:class:`TextFrames` is the hub's :class:`relay.core.encoding.Encoding` for WebSocket clients
+(:data:`TEXT_FRAMES`): a message is one text frame, a positioned delivery the resume
+protocol's text (:func:`relay.wire.positions.delivery`) in one.
+
 Pure functions; no sockets.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Sequence
+
+from relay.wire import positions
 
 _FIN = 0x80
 #: RSV1: "this message is compressed" once permessage-deflate is agreed (RFC 7692 6).
@@ -30,21 +38,24 @@ _OP_PONG = 0xA
 _CONTROL_MAX = 125
 
 
-def _frame(opcode: int, payload: bytes) -> bytes:
+def _header(opcode: int, size: int) -> bytes:
     """``opcode`` may carry RSV bits too: it is the first byte without FIN."""
-    size = len(payload)
     if size < 126:
-        header = bytes((_FIN | opcode, size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", _FIN | opcode, 126, size)
-    else:
-        header = struct.pack("!BBQ", _FIN | opcode, 127, size)
-    return header + payload
+        return bytes((_FIN | opcode, size))
+    if size < 1 << 16:
+        return struct.pack("!BBH", _FIN | opcode, 126, size)
+    return struct.pack("!BBQ", _FIN | opcode, 127, size)
 
 
-def text_length(size: int) -> int:
-    """The length of a text frame carrying ``size`` bytes, without building it."""
-    return size + (2 if size < 126 else 4 if size < 1 << 16 else 10)
+def _frame(opcode: int, payload: bytes) -> bytes:
+    return _header(opcode, len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_header(size: int) -> bytes:
+    """A text frame's header, shared: a replay holds one per frame it queues (4,096 sizes
+    cached: a few hundred KiB at most)."""
+    return _header(_OP_TEXT, size)
 
 
 def text(payload: bytes) -> bytes:
@@ -58,10 +69,12 @@ def compressed_text(deflated: bytes) -> bytes:
 
 
 def ping(payload: bytes) -> bytes:
+    """A ping frame; the payload is cut to what a control frame carries."""
     return _frame(_OP_PING, payload[:_CONTROL_MAX])
 
 
 def pong(payload: bytes) -> bytes:
+    """The pong answering a ping with ``payload``."""
     return _frame(_OP_PONG, payload[:_CONTROL_MAX])
 
 
@@ -75,3 +88,32 @@ def payload_of(frame: bytes) -> bytes:
     """The payload of a frame built here (its header is 2, 4 or 10 bytes)."""
     size = frame[1] & 0x7F
     return frame[2 if size < 126 else 4 if size == 126 else 10:]
+
+
+class TextFrames:
+    """WebSocket text frames: the hub's encoding for the WebSocket transport."""
+
+    __slots__ = ()
+
+    def message(self, text: bytes) -> bytes:
+        return _frame(_OP_TEXT, text)
+
+    def delivery(self, position: bytes, payload: bytes) -> Sequence[bytes]:
+        """The frame as four parts: its header, the position, a line feed, the payload; all
+        but the line feed are objects a replay shares with the history or other replays."""
+        return (_text_header(len(position) + 1 + len(payload)), position, b"\n", payload)
+
+    def delivery_text(self, position: bytes, payload: bytes) -> bytes:
+        return positions.delivery(position, payload)
+
+    def compressed(self, deflated: bytes) -> bytes:
+        return compressed_text(deflated)
+
+    def ping(self, counter: int) -> bytes:
+        """A ping frame whose payload is the counter in decimal (``1``, ``2``, … as
+        postgres-websockets)."""
+        return ping(str(counter).encode())
+
+
+#: The one instance streams are keyed by.
+TEXT_FRAMES = TextFrames()

@@ -9,6 +9,7 @@ from relay.core.hub import Hub
 from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource, backoff, retry_window
+from relay.wire.frames import TEXT_FRAMES
 from tests.helpers import DB_URI, notify, unique_channel
 from tests.unit.core.test_hub import Recorder
 
@@ -31,7 +32,7 @@ def _listener(listen: str, hub: Hub, notifier: Notifier, **kwargs: object) -> No
 
 async def test_relays_messages_sent_to_the_database_channel() -> None:
     listen = unique_channel("postgres-websockets")
-    hub = Hub(listen)
+    hub = Hub(listen, encoding=TEXT_FRAMES)
     subscriber = Signalling()
     hub.add(subscriber, ["test"])
     notifier = Notifier(DB_URI, 2, connect_options(DB_URI))
@@ -66,7 +67,7 @@ class CountingNotifier(Notifier):
 
 async def test_heartbeats_keep_a_healthy_listener_connected() -> None:
     listen = unique_channel()
-    hub = Hub(listen)
+    hub = Hub(listen, encoding=TEXT_FRAMES)
     # 30 heartbeats at 0.05 s outlast the 1 s heartbeat timeout: one that did not come back
     # would have been declared a lost connection.
     notifier = CountingNotifier(enough=30)
@@ -85,7 +86,8 @@ async def test_heartbeats_keep_a_healthy_listener_connected() -> None:
 async def test_gives_up_after_the_retries() -> None:
     dead = "postgresql://postgres@127.0.0.1:1/postgres"
     notifier = Notifier(dead, 1, connect_options(dead))
-    listener = NotifySource(dead, connect_options(dead), "x", Hub("x").publish, notifier, 0, 1)
+    hub = Hub("x", encoding=TEXT_FRAMES)
+    listener = NotifySource(dead, connect_options(dead), "x", hub.publish, notifier, 0, 1)
     with trio.fail_after(15):
         try:
             await listener.run()

@@ -2,8 +2,8 @@
 removed fails here until this list changes too (as trio's own test of its exports does:
 https://github.com/python-trio/trio/blob/main/src/trio/_tests/test_exports.py).
 
-The client library is what users import; the contracts are what new sources and transports
-implement; the wire modules are shared by the relay and its clients. A change to any of them
+The client library is what users import; the contracts are what new sources, transports and
+encodings implement; the wire modules are shared by the relay and its clients. A change to any of them
 is a change to say in the changelog.
 """
 
@@ -19,11 +19,15 @@ SURFACES = {
         "Closed", "Endpoint", "Lost", "MAX_HANDSHAKE_ANSWER", "Message", "Refused",
         "STABLE_SECONDS", "Subscription", "SubscriptionError", "UNSUPPORTED", "backoff",
         "subscribe"},
+    "relay.core.encoding": {"Encoding"},
     "relay.sources.base": {"Source", "SourceGaveUp"},
     "relay.transports.admission": {"Admission", "Admitted", "Held", "Refusal"},
     "relay.wire.closecodes": {
         "GOING_AWAY", "INTERNAL_ERROR", "JWT_EXPIRED", "MESSAGE_TOO_BIG", "MessageRefused",
         "NORMAL", "POLICY_VIOLATION", "TRY_AGAIN_LATER"},
+    "relay.wire.frames": {
+        "TEXT_FRAMES", "TextFrames", "close", "compressed_text", "payload_of", "ping", "pong",
+        "text"},
     "relay.wire.positions": {
         "CLOCK_SKEW", "Control", "Delivery", "EXPIRED", "FROM_PARAMETER", "GAP", "LOST_REASONS",
         "MAX_CONTROL_LENGTH", "MAX_POSITION_LENGTH", "MIN_KEY_BYTES", "Position",

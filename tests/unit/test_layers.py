@@ -81,6 +81,13 @@ def test_wire_formats_reach_no_io_and_no_room_but_each_other(module: str) -> Non
             and not name.startswith("relay.wire")} == set()
 
 
+@pytest.mark.parametrize("module", _in("relay.core"))
+def test_the_core_knows_no_transports_bytes(module: str) -> None:
+    """What a client receives is its stream's encoding's (relay.core.encoding): the hub and
+    the history never build WebSocket frames themselves."""
+    assert [name for name in reaches(module) if name.startswith("relay.wire.frames")] == []
+
+
 @pytest.mark.parametrize("module", _in("relay.transports"))
 def test_a_transport_never_imports_a_source(module: str) -> None:
     assert [name for name in reaches(module) if name.startswith("relay.sources")] == []
@@ -117,7 +124,9 @@ def test_each_rule_sees_a_broken_layer() -> None:
     that imported a source (checked on the graph the rules read)."""
     for module, line, reached in (("relay.core.hub", "import trio\n", "trio"),
                                   ("relay.transports.static",
-                                   "from relay.sources import notify\n", "relay.sources.notify")):
+                                   "from relay.sources import notify\n", "relay.sources.notify"),
+                                  ("relay.core.history", "from relay.wire import frames\n",
+                                   "relay.wire.frames")):
         path = MODULES[module]
         imports.cache_clear()
         reaches.cache_clear()

@@ -56,11 +56,13 @@ def test_a_delivery_is_its_position_a_line_feed_and_the_payload_unchanged() -> N
     entry = history.append("c", payload, 1234.5)
     position = f"abcdef01.1.{entry.digest:016x}.000004d2"
     assert entry.payload == payload
-    frame = history.frame(entry)
-    assert frame == frames.text(position.encode() + b"\n" + payload)
-    assert entry.size == len(frame) + ENTRY_OVERHEAD  # Charged the same before it is built.
-    assert history.frame(entry) is frame and entry.payload == payload
+    assert entry.size == len(position) + len(payload) + ENTRY_OVERHEAD  # Before it is made.
+    made = history.position_of(entry)
+    assert made == position.encode() and history.position_of(entry) is made
+    assert entry.size == len(made) + len(payload) + ENTRY_OVERHEAD
     assert history.position == position
+    frame = b"".join(frames.TEXT_FRAMES.delivery(made, entry.payload))
+    assert frame == frames.text(position.encode() + b"\n" + payload)
     assert positions.read(frames.payload_of(frame).decode()) == positions.Delivery(
         position, payload.decode())
 
@@ -287,20 +289,21 @@ def test_with_no_messages_kept_only_the_head_resumes() -> None:
 def test_entry_overhead_covers_what_an_entry_really_costs() -> None:
     history = History(1_000_000, 1 << 40, 1e9)
     payloads = [_payload(f"ch{n % 50}", n) for n in range(20_000)]
-    frame_bytes = 0
+    kept_bytes = 0  # The payloads exist before: what the history adds is their positions.
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for payload in payloads:
             entry = history.append(payload[13:18].decode(), payload, 0.0)
-            frame_bytes += len(history.frame(entry))  # Built, as a replay or a stream does.
+            kept_bytes += len(history.position_of(entry))  # Made, as a replay or a stream does.
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    per_entry = (after - before - frame_bytes) / len(payloads)
+    per_entry = (after - before - kept_bytes) / len(payloads)
     assert 0 < per_entry <= ENTRY_OVERHEAD
-    assert history.bytes == frame_bytes + len(payloads) * ENTRY_OVERHEAD \
+    kept_bytes += sum(map(len, payloads))
+    assert history.bytes == kept_bytes + len(payloads) * ENTRY_OVERHEAD \
         + _names(*{payload[13:18].decode() for payload in payloads})
 
 
@@ -314,7 +317,7 @@ _items = st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 3)), max_size=6
 def test_resume_is_exact_or_says_expired_and_never_silently_loses(
         items: list[tuple[str, float]], messages: int, entries_fit: int, max_age: float,
         start: int, channels: set[str]) -> None:
-    entry_size = len(frames.text(b"00000000.1.0000000000000000.00000000\n" + _payload("a", 0))) \
+    entry_size = len(b"00000000.1.0000000000000000.00000000" + _payload("a", 0)) \
         + ENTRY_OVERHEAD
     history = History(messages, entries_fit * entry_size + _names("a", "b", "c") + 64, max_age,
                       wall_offset=0.0)

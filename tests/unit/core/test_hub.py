@@ -17,6 +17,7 @@ from relay.core import filters
 from relay.core import hub as hub_module
 from relay.core.hub import Compression, Hub
 from relay.wire import frames
+from relay.wire.frames import TEXT_FRAMES
 
 
 class Recorder:
@@ -37,7 +38,7 @@ class Recorder:
 
 
 def test_relays_a_single_message_to_one_listener_unchanged() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     listener = Recorder()
     hub.add(listener, ["test"])
     payload = b'{"channel":"test","payload":"payload"}'
@@ -46,7 +47,7 @@ def test_relays_a_single_message_to_one_listener_unchanged() -> None:
 
 
 def test_one_frame_object_is_shared_by_every_subscriber() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     subscribers = [Recorder() for _ in range(3)]
     for subscriber in subscribers:
         hub.add(subscriber, ["c"])
@@ -57,7 +58,7 @@ def test_one_frame_object_is_shared_by_every_subscriber() -> None:
 
 
 def test_routing_by_channel_and_fallback_to_listen_channel() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     a, b, fallback = Recorder(), Recorder(), Recorder()
     hub.add(a, ["a"])
     hub.add(b, ["b"])
@@ -69,7 +70,7 @@ def test_routing_by_channel_and_fallback_to_listen_channel() -> None:
 
 
 def test_order_is_kept_per_channel_across_batches() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     both = Recorder()
     hub.add(both, ["a", "b"])
     hub.publish([b'{"channel":"a","n":1}', b'{"channel":"b","n":2}', b'{"channel":"a","n":3}'])
@@ -79,7 +80,7 @@ def test_order_is_kept_per_channel_across_batches() -> None:
 
 
 def test_removed_subscribers_get_nothing_and_empty_channels_are_dropped() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     gone, stays = Recorder(), Recorder()
     hub.add(gone, ["c"])
     hub.add(stays, ["c"])
@@ -94,7 +95,7 @@ def test_removed_subscribers_get_nothing_and_empty_channels_are_dropped() -> Non
 def test_a_client_on_a_channel_named_twice_is_removed_from_every_channel() -> None:
     # A token's "channels" may name a channel twice (kept as is, as upstream): removing the
     # client must still reach the channels after the repeated one.
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     client = Recorder()
     hub.add(client, ["a", "a", "b"])
     hub.remove(client)
@@ -104,7 +105,7 @@ def test_a_client_on_a_channel_named_twice_is_removed_from_every_channel() -> No
 
 
 def test_write_only_clients_get_pings_but_no_data() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     writer = Recorder()
     hub.add(writer, [])
     hub.publish([b'{"channel":"c"}'])
@@ -117,7 +118,7 @@ def test_write_only_clients_get_pings_but_no_data() -> None:
 
 
 def test_close_all() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     clients = [Recorder(), Recorder()]
     for client in clients:
         hub.add(client, ["c"])
@@ -136,7 +137,7 @@ def test_a_batch_of_every_size_goes_by_the_top_level_channel_only() -> None:
         routed_payload,
     )
 
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     readers = {channel: Recorder() for channel in CHANNELS}
     for channel, reader in readers.items():
         hub.add(reader, [channel])
@@ -200,7 +201,7 @@ def fill(n: int, market: int = 7) -> bytes:
 
 
 def test_clients_with_the_same_channels_and_filters_share_one_stream() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     seven = filters.parse_all(["payload.market_id=eq.7"])
     for _ in range(3):
         hub.add(Recorder(), ["fill"])
@@ -211,7 +212,7 @@ def test_clients_with_the_same_channels_and_filters_share_one_stream() -> None:
 
 
 def test_filters_pick_each_streams_messages_in_order() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     seven, eight, everything = Recorder(), Recorder(), Recorder()
     hub.add(seven, ["fill"], filters.parse_all(["payload.market_id=eq.7"]))
     hub.add(eight, ["fill"], filters.parse_all(["payload.market_id=in.(8,9)"]))
@@ -225,7 +226,7 @@ def test_filters_pick_each_streams_messages_in_order() -> None:
 
 
 def test_a_notification_no_stream_wants_is_not_routed() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     seven = Recorder()
     hub.add(seven, ["fill"], filters.parse_all(["payload.market_id=eq.7"]))
     hub.publish([fill(1, 8), b"not json"])
@@ -233,7 +234,7 @@ def test_a_notification_no_stream_wants_is_not_routed() -> None:
 
 
 def test_one_channel_ordered_across_channels_for_a_multi_channel_stream() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     both = Recorder()
     hub.add(both, ["a", "b"])
     batch = [b'{"channel":"a","n":1}', b'{"channel":"b","n":2}', b'{"channel":"a","n":3}']
@@ -243,7 +244,7 @@ def test_one_channel_ordered_across_channels_for_a_multi_channel_stream() -> Non
 
 
 def test_compressed_clients_of_a_stream_share_one_compressed_blob() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     clients = [Inflating() for _ in range(3)]
     plain = Recorder()
     for client in clients:
@@ -266,7 +267,7 @@ def test_compressed_clients_of_a_stream_share_one_compressed_blob() -> None:
 
 def test_a_joining_client_gets_plain_frames_until_the_next_sync_point(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     first, late = Inflating(), Inflating()
     hub.add(first, ["fill"], compression=Compression.SHARED)
     hub.publish([fill(0)])
@@ -288,7 +289,7 @@ def test_a_joining_client_gets_plain_frames_until_the_next_sync_point(
 def test_a_joiner_left_alone_with_a_used_compressor_still_gets_a_restart(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_module, "_SYNC_SPACING", 1e9)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     first, late = Inflating(), Inflating()
     hub.add(first, ["fill"], compression=Compression.SHARED)
     hub.publish([fill(0), fill(1)])
@@ -300,7 +301,7 @@ def test_a_joiner_left_alone_with_a_used_compressor_still_gets_a_restart(
 
 
 def test_server_no_context_takeover_clients_get_each_message_alone() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     alone = Recorder()
     hub.add(alone, ["fill"], compression=Compression.ALONE)
     batch = [fill(n) for n in range(3)]
@@ -319,7 +320,7 @@ def test_server_no_context_takeover_clients_get_each_message_alone() -> None:
 
 
 def test_streams_beyond_the_budget_compress_alone_and_free_their_compressor() -> None:
-    hub = Hub("listen", compression_streams=1)
+    hub = Hub("listen", compression_streams=1, encoding=TEXT_FRAMES)
     a, b = Inflating(), Inflating()
     hub.add(a, ["fill"], compression=Compression.SHARED)
     hub.add(b, ["other"], compression=Compression.SHARED)
@@ -369,7 +370,7 @@ KINDS = [Compression.OFF, Compression.SHARED, Compression.ALONE]
 @pytest.mark.parametrize("first", KINDS)
 def test_a_client_leaving_its_stream_leaves_the_others_receiving(
         first: Compression, second: Compression) -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     a, b, leaving = Inflating(), Inflating(), Inflating()
     hub.add(a, ["fill"], compression=first)
     hub.add(b, ["fill"], compression=second)
@@ -384,7 +385,7 @@ def test_a_client_leaving_its_stream_leaves_the_others_receiving(
 
 
 def test_a_filtered_and_an_unfiltered_stream_on_one_channel() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     seven, everything = Recorder(), Recorder()
     hub.add(seven, ["fill"], filters.parse_all(["payload.market_id=eq.7"]))
     hub.add(everything, ["fill"])
@@ -395,7 +396,7 @@ def test_a_filtered_and_an_unfiltered_stream_on_one_channel() -> None:
 
 def test_filters_compare_fractions_exactly_as_the_payload_wrote_them() -> None:
     # orjson reads both prices as the float 0.1; the filter reads the payload's text again.
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     above = Recorder()
     hub.add(above, ["fill"], filters.parse_all(["payload.price=gt.0.1"]))
     batch = [b'{"channel":"fill","payload":{"price":0.1}}',
@@ -405,7 +406,7 @@ def test_filters_compare_fractions_exactly_as_the_payload_wrote_them() -> None:
 
 
 def test_an_unroutable_notification_does_not_stop_the_batch() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     a = Recorder()
     hub.add(a, ["a"])
     hub.publish([b'{"channel":"x"}', b'{"channel":"a","n":1}', b"{", b'{"channel":"a","n":2}'])
@@ -414,7 +415,7 @@ def test_an_unroutable_notification_does_not_stop_the_batch() -> None:
 
 
 def test_removing_a_write_only_or_unknown_client_is_harmless() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     writer, reader = Recorder(), Recorder()
     hub.add(writer, [])
     hub.add(reader, ["c"])
@@ -431,7 +432,7 @@ def test_the_default_compressor_budget_is_the_settings_default() -> None:
 
     (setting,) = (s for s in SETTINGS if s.field == "compression_streams")
     budget = setting.parse(setting.default)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     for n in range(budget + 1):
         hub.add(Recorder(), [f"c{n}"], compression=Compression.SHARED)
     assert hub.deflaters == budget
@@ -439,7 +440,7 @@ def test_the_default_compressor_budget_is_the_settings_default() -> None:
 
 def test_a_compressor_lives_while_a_compressed_client_of_its_stream_does(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = Hub("listen", compression_streams=3)
+    hub = Hub("listen", compression_streams=3, encoding=TEXT_FRAMES)
     s1, s2, other, plain = Inflating(), Inflating(), Inflating(), Inflating()
     hub.add(s1, ["fill"], compression=Compression.SHARED)
     hub.add(s2, ["fill"], compression=Compression.SHARED)
@@ -475,7 +476,7 @@ def test_sync_points_are_spaced_while_shared_clients_depend_on_the_history(
     clock = Clock(100.0)
     monkeypatch.setattr(hub_module, "time", clock)
     monkeypatch.setattr(hub_module, "_SYNC_SPACING", 2.0)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     first, second, third = Inflating(), Inflating(), Inflating()
     hub.add(first, ["fill"], compression=Compression.SHARED)
     hub.publish([fill(0)])  # A fresh compressor: a sync point at once, without a restart.
@@ -503,7 +504,7 @@ def test_sync_points_are_spaced_while_shared_clients_depend_on_the_history(
 def test_offered_counts_every_message_and_byte_offered_to_every_client(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_module, "_SYNC_SPACING", 1e9)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     clients = [Inflating() for _ in range(8)]
     for client, kind in zip(clients, KINDS * 2, strict=False):
         hub.add(client, ["fill"], compression=kind)
@@ -525,7 +526,7 @@ def test_a_batch_written_at_once_counts_from_its_arrival_to_the_end_of_the_pass(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock(10.25)
     monkeypatch.setattr(hub_module, "time", clock)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     hub.add(Recorder(), ["a"])
     hub.publish([b'{"channel":"a"}', b'{"channel":"b"}', b'{"channel":"a"}'], 10.0)
     assert (hub.delivery_times.count, hub.delivery_times.sum) == (2, 0.5)
@@ -538,7 +539,7 @@ def test_a_queued_batch_counts_from_its_arrival_to_its_write(
         monkeypatch: pytest.MonkeyPatch, kind: Compression) -> None:
     clock = Clock(10.25)
     monkeypatch.setattr(hub_module, "time", clock)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     queued = Queuing()
     hub.add(queued, ["a"], compression=kind)
     hub.publish([b'{"channel":"a","n":1}', b'{"channel":"a","n":2}'], 10.0)
@@ -554,7 +555,7 @@ def test_every_queued_copy_of_a_batch_waits_on_one_pending(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock(10.5)
     monkeypatch.setattr(hub_module, "time", clock)
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     queued = [Queuing() for _ in range(4)]
     at_once = Recorder()
     hub.add(at_once, ["a"])
@@ -605,7 +606,8 @@ def test_a_message_is_compressed_alone_once_for_every_stream(
         return alone(payload)
 
     monkeypatch.setattr(hub_module.deflate, "alone", counting)
-    hub = Hub("listen", compression_streams=0)  # Every SHARED client compresses alone too.
+    # Every SHARED client compresses alone too.
+    hub = Hub("listen", compression_streams=0, encoding=TEXT_FRAMES)
     a, b, c = Inflating(), Inflating(), Inflating()
     hub.add(a, ["fill"], compression=Compression.ALONE)
     hub.add(b, ["fill", "other"], compression=Compression.ALONE)

@@ -18,6 +18,7 @@ from relay.core import hub as hub_module
 from relay.core.history import History
 from relay.core.hub import Compression, Hub
 from relay.wire import positions
+from relay.wire.frames import TEXT_FRAMES
 from relay.wire.positions import Control, Delivery
 
 
@@ -30,9 +31,9 @@ class Recorder:
         self.sent.append(frame)
         return False
 
-    def replay(self, frames: list[bytes]) -> None:
-        self.sent.extend(frames)
-        self.replayed += len(frames)
+    def replay(self, parts: list[bytes]) -> None:
+        self.sent.extend(parts)
+        self.replayed += len(_texts(b"".join(parts)))
 
     def track(self, pending: object) -> None:
         raise AssertionError("nothing was queued")
@@ -41,9 +42,7 @@ class Recorder:
         raise AssertionError("not closed here")
 
     def texts(self) -> list[str]:
-        parser = Connection(ConnectionType.CLIENT)
-        parser.receive_data(b"".join(self.sent))
-        return [event.data for event in parser.events() if isinstance(event, TextMessage)]
+        return _texts(b"".join(self.sent))
 
     def read(self) -> list[Delivery | Control]:
         return [positions.read(text) for text in self.texts()]
@@ -55,8 +54,15 @@ class Recorder:
         return self.read()[-1].position
 
 
+def _texts(data: bytes) -> list[str]:
+    """The text messages in ``data``, read as a WebSocket client reads them."""
+    parser = Connection(ConnectionType.CLIENT)
+    parser.receive_data(data)
+    return [event.data for event in parser.events() if isinstance(event, TextMessage)]
+
+
 def _hub(messages: int = 100) -> Hub:
-    return Hub("listen", history=History(messages, 1 << 24, 3600))
+    return Hub("listen", history=History(messages, 1 << 24, 3600), encoding=TEXT_FRAMES)
 
 
 def _p(n: int, channel: str = "c", **fields: object) -> bytes:
@@ -70,7 +76,7 @@ def _resume(position: str) -> positions.Position:
 
 
 def test_clients_that_do_not_ask_for_positions_get_todays_bytes() -> None:
-    with_history, without = _hub(), Hub("listen")
+    with_history, without = _hub(), Hub("listen", encoding=TEXT_FRAMES)
     a, b = Recorder(), Recorder()
     with_history.add(a, ["c"])
     without.add(b, ["c"])
@@ -344,7 +350,7 @@ def test_a_parked_client_is_resolved_against_its_own_channels() -> None:
     """Its position is a point of another channel; its own channel dropped a delivery after it
     in the same batch: that is expired, not a resume that skips it."""
     seen = _ahead([_p(n) for n in range(1, 19)] + [_p(19, "x")])
-    hub = Hub("listen", history=History(2, 1 << 24, 3600))
+    hub = Hub("listen", history=History(2, 1 << 24, 3600), encoding=TEXT_FRAMES)
     hub.publish([_p(n) for n in range(1, 10)])
     parked = Recorder()
     assert hub.add(parked, ["c"], positioned=True, resume=_resume(seen)) is True
@@ -358,7 +364,7 @@ def test_a_parked_clients_position_that_leaves_the_history_at_once_is_unknown() 
     """It arrived and was pushed out in the same batch: no longer found by its digest."""
     batch = [_p(n) for n in range(1, 20)]
     seen = _ahead(batch[:15])
-    hub = Hub("listen", history=History(1, 1 << 24, 3600))
+    hub = Hub("listen", history=History(1, 1 << 24, 3600), encoding=TEXT_FRAMES)
     hub.publish(batch[:5])
     parked = Recorder()
     assert hub.add(parked, ["c"], positioned=True, resume=_resume(seen)) is True
@@ -369,7 +375,7 @@ def test_a_parked_clients_position_that_leaves_the_history_at_once_is_unknown() 
 
 
 def test_a_checkpoint_ages_the_history_on_the_clock_given_or_now() -> None:
-    hub = Hub("listen", history=History(100, 1 << 24, 10))
+    hub = Hub("listen", history=History(100, 1 << 24, 10), encoding=TEXT_FRAMES)
     arrived = time.monotonic() - 100
     hub.publish([_p(1)], arrived=arrived)
     hub.checkpoint(arrived + 10)

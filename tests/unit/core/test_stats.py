@@ -12,6 +12,7 @@ from relay.core.hub import Hub, Pending
 from relay.core.stats import LATENCY_BUCKETS, REFUSAL_REASONS, Counters, LatencyHistogram, line
 from relay.ops.admin import merge_worker_metrics
 from relay.sources.notify import is_permanent
+from relay.wire.frames import TEXT_FRAMES
 
 
 def test_a_duration_on_a_bound_counts_in_that_bucket_and_all_above() -> None:
@@ -72,7 +73,7 @@ class _Recorder:
 
 
 def test_a_batch_written_at_once_is_observed_at_the_end_of_the_pass() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     hub.add(_Recorder(queues=False), ["a"])
     hub.add(_Recorder(queues=False), ["a", "b"])
     arrived = time.monotonic() - 0.2
@@ -85,7 +86,7 @@ def test_a_batch_written_at_once_is_observed_at_the_end_of_the_pass() -> None:
 
 
 def test_a_queued_batch_is_observed_when_its_last_subscriber_has_written() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     fast, slow, slower = _Recorder(False), _Recorder(True), _Recorder(True)
     for client in (fast, slow, slower):
         hub.add(client, ["a"])
@@ -103,7 +104,7 @@ def test_a_queued_batch_is_observed_when_its_last_subscriber_has_written() -> No
 
 
 def test_a_queued_batch_counts_its_time_from_its_arrival() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     slow = _Recorder(True)
     hub.add(slow, ["a"])
     hub.publish([b'{"channel":"a"}', b'{"channel":"a"}'], time.monotonic() - 0.2)
@@ -124,7 +125,7 @@ def test_writes_done_before_the_pass_is_over_are_observed_when_it_is() -> None:
 
 
 def test_routed_and_offered_add_up_over_batches() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     hub.add(_Recorder(False), ["a"])
     hub.add(_Recorder(False), ["a"])
     hub.publish([b'{"channel":"a"}'])
@@ -133,7 +134,7 @@ def test_routed_and_offered_add_up_over_batches() -> None:
 
 
 def test_nothing_is_observed_when_nothing_is_routed() -> None:
-    hub = Hub("listen")
+    hub = Hub("listen", encoding=TEXT_FRAMES)
     hub.add(_Recorder(True), ["a"])
     hub.publish([b'{"channel":"b"}'])
     assert hub.delivery_times.count == 0 and hub.routed == 0

@@ -399,7 +399,7 @@ SETTINGS: tuple[Setting, ...] = (
             "pgws.resume.v1; 0: history off, no positions)"),
     Setting("PGWS_HISTORY_BYTES", "history_bytes", _int_at_least(65536), "134217728",
             "memory of the history, all channels together, counting each delivery as its "
-            "frame plus 512 bytes; the oldest go first"),
+            "payload and position plus 512 bytes; the oldest go first"),
     Setting("PGWS_HISTORY_SECONDS", "history_seconds", _seconds, "300",
             "seconds a delivery is kept for clients that resume"),
 )

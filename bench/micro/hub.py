@@ -7,8 +7,8 @@
 Theory of operation
 -------------------
 :class:`relay.core.hub.Hub` is the relay's router: it parses each notification of a listener
-wake-up, finds the streams that want it, frames it once and offers the shared bytes to every
-client of each stream. This measures that work and nothing else: the clients are the unit tests'
+wake-up, finds the streams that want it, has their encoding (WebSocket text frames) make its
+bytes once and offers them to every client of each stream. This measures that work and nothing else: the clients are the unit tests'
 ``Recorder`` fakes (``tests/unit/core/test_hub.py``), which keep what they are offered, so no
 socket, event loop or PostgreSQL takes part and the figure moves only when the hub's own code
 does. Each case builds one hub with ``--clients`` recorders on one channel, publishes one batch
@@ -19,14 +19,14 @@ notification offered to one client, counted by the hub itself).
 
 Cases:
 
-- ``plain``: every client on the channel, no filter: one stream, one frame blob per batch.
+- ``plain``: every client on the channel, no filter: one stream, one blob of frames per batch.
 - ``filtered``: the clients in :data:`GROUPS` filter sets (``payload.market_id=eq.K``), the
   notifications spread over the same markets, so each reaches a tenth of the clients: the cost
   of evaluating the filters per notification and stream.
-- ``history``: as ``plain`` with history on (every notification appended to it and framed with
-  its position too), clients not asking for positions.
-- ``positioned``: as ``history``, every client asking for positions (it receives the
-  positioned frames).
+- ``history``: as ``plain`` with history on (every notification appended to it), clients not
+  asking for positions (so no position is sealed).
+- ``positioned``: as ``history``, every client asking for positions (each notification's
+  position is made once and framed with it).
 
 A figure of this machine only: compare runs of different commits on one machine, in one
 sitting. How the whole relay fares with real sockets is the throughput scenario's question.

@@ -15,25 +15,19 @@ connection, a stopped server). Notifications arriving meanwhile prove it alive: 
 fan-out lags drains a backlog, with its heartbeat queued behind it, and must not drop the
 connection (and everything still queued on it) for being busy.
 
-Recovery: a lost connection is closed and a new one opened at once; while the database stays
-away, attempts repeat every second, so delivery resumes within about a second of the database
-accepting connections again. How long an outage may last is upstream's: the time its
-``PGWS_RETRIES`` attempts with backoff 1, 2, 4 … 32 s would span (:func:`retry_window`; 15 s
-for the default 5). Past that the listener gives up with :class:`SourceGaveUp`, and the
-process exits with status 1. Clients stay connected throughout. Notifications committed while
+Recovery (:mod:`relay.sources.outage`, shared by the sources): a lost connection is closed and
+a new one opened at once, retried every second within ``PGWS_RETRIES``'s window; past it the
+listener gives up with :class:`SourceGaveUp`, and the process exits with status 1. Clients stay
+connected throughout. Notifications committed while
 no LISTEN was in place are lost (PostgreSQL keeps none for absent listeners); every such gap is
 counted in :attr:`NotifySource.gaps`, logged with its length when LISTEN is back, and reported to
 ``on_gap`` (the meta channel's ``ListenerReconnected`` event). ``on_listening`` hears of every
 time LISTEN is established, the first included: what was committed before is nobody's to
 replay (the history takes a break there).
 
-What the operator sees: :attr:`NotifySource.status` is None while LISTEN is in place, else one line
-saying why not (the admin listener's ``/ready`` answer); :meth:`NotifySource.down_seconds` adds up
-the time without LISTEN. A failed attempt is logged when its error differs from the last one;
-the same error again is summed up every ``_REPEAT_LOG_INTERVAL`` seconds, so a database that is
-away writes a few lines, not one a second. An error that waiting cannot cure (the database or
-role does not exist, authentication failed: :func:`is_permanent`) says so and names
-``PGWS_DB_URI``; it is retried all the same, as upstream does, for the configured window.
+What the operator sees: :attr:`NotifySource.status` is None while LISTEN is in place, else one
+line saying why not (the admin listener's ``/ready`` answer); :meth:`NotifySource.down_seconds`
+adds up the time without LISTEN; failed attempts are logged as :mod:`relay.sources.outage` says.
 """
 
 from __future__ import annotations
@@ -52,60 +46,19 @@ from psycopg import sql
 
 from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier, NotifyFailed
+from relay.sources.outage import RETRY_SPACING, Reconnecting, first_line
 
 log = logging.getLogger(__name__)
-
-#: Upstream's backoff between failed connection attempts (1, 2, 4, 8, 16, then 32 s); here it
-#: only measures how long an outage may last (:func:`retry_window`).
-_BACKOFF_FIRST = 1.0
-_BACKOFF_CAP = 32.0
-
-#: Seconds between connection attempts while the database is away: short, so that a database
-#: that is back is listened to again within about a second; a refused connection costs little.
-_RETRY_SPACING = 1.0
 
 #: A heartbeat must come back within its period, but never less than this many seconds, so a
 #: busy database is not mistaken for a dead connection.
 _HEARTBEAT_MIN_TIMEOUT = 1.0
 
-#: Seconds between two log lines about the same connection error: an outage of a minute writes
-#: about six lines, and a new error is still logged at once.
-_REPEAT_LOG_INTERVAL = 10.0
-
-#: Parts of libpq/server messages that no retry can cure: the configuration is wrong. (psycopg
-#: gives no SQLSTATE for errors raised while connecting, so the text is all there is.)
-_PERMANENT_ERRORS: tuple[str, ...] = (
-    "does not exist",                 # database "x" / role "x" does not exist (3D000, 28000)
-    "password authentication failed",  # 28P01
-    "authentication failed",           # any other method
-    "no pg_hba.conf entry",            # 28000
-    "password is required",            # libpq: the server asked, the URI has none
-    "permission denied for database",  # 42501: no CONNECT privilege
-    "is not permitted to log in",      # role without LOGIN
-)
-
-
-def is_permanent(message: str) -> bool:
-    """Whether a connection error means a wrong configuration rather than an outage."""
-    lowered = message.lower()
-    return any(part in lowered for part in _PERMANENT_ERRORS)
-
-
 class _Lost(Exception):
     """The LISTEN connection stopped working; the message says how."""
 
 
-def backoff(failures: int) -> float:
-    """Upstream's wait after the given number of consecutive failures (1 → 1 s)."""
-    return min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_CAP)
-
-
-def retry_window(retries: int) -> float:
-    """Seconds an outage may last: the span of upstream's ``retries`` attempts (0 or 1: none)."""
-    return sum(backoff(failures) for failures in range(1, max(retries, 1)))
-
-
-class NotifySource:
+class NotifySource(Reconnecting):
     """The :class:`relay.sources.base.Source` of LISTEN/NOTIFY: owns the LISTEN connection for
     the life of :meth:`run`. ``on_listening`` is called at every LISTEN (NOTIFY keeps nothing
     for a listener that was away, so each one after the first is a gap)."""
@@ -122,6 +75,7 @@ class NotifySource:
         on_gap: Callable[[float, float], None] | None = None,
         on_listening: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(retries)
         self._db_uri = db_uri
         self._connect_options = connect_options
         self._listen_channel = listen_channel
@@ -129,8 +83,6 @@ class NotifySource:
         self._notifier = notifier
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = max(heartbeat_interval, _HEARTBEAT_MIN_TIMEOUT)
-        self._retries = retries
-        self._window = retry_window(retries)
         self._on_gap = on_gap
         self._on_listening = on_listening
         # Private to this process, so other listeners and clients never see heartbeats.
@@ -146,55 +98,6 @@ class NotifySource:
         #: Notifications received on the listen channel.
         self.received = 0
         self.ready = trio.Event()
-        #: Why LISTEN is not in place (None while it is): the admin listener's /ready reason.
-        self.status: str | None = "not connected yet"
-        # Seconds without LISTEN in windows that have ended, and when the current one began
-        # (trio clock; None while LISTEN is in place).
-        self._down_total = 0.0
-        self._down_since: float | None = None
-        # The last connection error logged, and when (trio clock), for the repeat rule.
-        self._logged_error: str | None = None
-        self._logged_at = -inf
-        self._unlogged = 0
-
-    def down_seconds(self) -> float:
-        """Seconds since start-up without LISTEN in place, the current window included."""
-        current = 0.0
-        if self._down_since is not None:
-            current = trio.current_time() - self._down_since
-        return self._down_total + current
-
-    def _went_down(self, now: float, why: str) -> None:
-        self.status = why
-        if self._down_since is None:
-            self._down_since = now
-
-    def _came_up(self) -> None:
-        if self._down_since is not None:
-            self._down_total += trio.current_time() - self._down_since
-            self._down_since = None
-        self.status = None
-        self._logged_error = None
-        self._unlogged = 0
-
-    def _log_failure(self, message: str, attempts: int, outage: float) -> None:
-        """Log a failed attempt: a new error at once, the same one every so often."""
-        now = trio.current_time()
-        if message == self._logged_error and now - self._logged_at < _REPEAT_LOG_INTERVAL:
-            self._unlogged += 1
-            return
-        again = f" ({self._unlogged + 1} failed attempts since the last line)" \
-            if message == self._logged_error else ""
-        advice = "; this will not pass by itself: check PGWS_DB_URI" \
-            if is_permanent(message) else ""
-        log.error("listener cannot connect (attempt %d, down %.0f s of the %g s that "
-                  "PGWS_RETRIES=%d allows)%s: %s%s", attempts, outage, self._window,
-                  self._retries, again, message, advice,
-                  extra={"event": "listener_connect_failed", "attempt": attempts,
-                         "down_seconds": round(outage, 3), "permanent": bool(advice)})
-        self._logged_error = message
-        self._logged_at = now
-        self._unlogged = 0
 
     async def run(self) -> None:
         """Listen until cancelled; raise :class:`SourceGaveUp` when an outage lasts too long."""
@@ -212,13 +115,13 @@ class NotifySource:
                 if down is None:
                     down = (started, time.time())
                 outage = trio.current_time() - down[0]
-                message = _first_line(exc)
+                message = first_line(exc)
                 self.status = f"database unreachable: {message}"
                 self._log_failure(message, attempts, outage)
-                if started - down[0] + _RETRY_SPACING > self._window:
+                if started - down[0] + RETRY_SPACING > self._window:
                     raise SourceGaveUp(f"no database connection for {outage:.0f} s "
                                          f"({attempts} attempts)") from None
-                await trio.sleep_until(started + _RETRY_SPACING)
+                await trio.sleep_until(started + RETRY_SPACING)
                 continue
             attempts = 0
             if down is None:
@@ -285,7 +188,7 @@ class NotifySource:
             try:
                 pgconn.consume_input()
             except psycopg.Error as exc:
-                return _first_line(exc)
+                return first_line(exc)
             arrived = time.monotonic()
             payloads: list[bytes] = []
             while (notification := pgconn.notifies()) is not None:
@@ -320,8 +223,3 @@ class NotifySource:
             except NotifyFailed as exc:
                 # The pump decides: if the heartbeat cannot come back, the deadline expires.
                 log.warning("heartbeat NOTIFY failed: %s", exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

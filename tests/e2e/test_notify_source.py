@@ -8,7 +8,8 @@ from relay.app import connect_options
 from relay.core.hub import Hub
 from relay.sources.base import SourceGaveUp
 from relay.sources.notifier import Notifier
-from relay.sources.notify import NotifySource, backoff, retry_window
+from relay.sources.notify import NotifySource
+from relay.sources.outage import backoff, retry_window
 from relay.wire.frames import TEXT_FRAMES
 from tests.helpers import DB_URI, notify, unique_channel
 from tests.unit.core.test_hub import Recorder

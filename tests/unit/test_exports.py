@@ -3,8 +3,8 @@ removed fails here until this list changes too (as trio's own test of its export
 https://github.com/python-trio/trio/blob/main/src/trio/_tests/test_exports.py).
 
 The client library is what users import; the contracts are what new sources, transports and
-encodings implement; the wire modules are shared by the relay and its clients. A change to any of them
-is a change to say in the changelog.
+encodings implement; the wire modules are shared by the relay and its clients. A change to any
+of them is a change to say in the changelog.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.core.hub import Hub, Pending
 from relay.core.stats import LATENCY_BUCKETS, REFUSAL_REASONS, Counters, LatencyHistogram, line
 from relay.ops.admin import merge_worker_metrics
-from relay.sources.notify import is_permanent
+from relay.sources.outage import is_permanent
 from relay.wire.frames import TEXT_FRAMES
 
 

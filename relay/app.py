@@ -32,15 +32,16 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relay import __version__
 from relay.auth import tokens
-from relay.config import Config
+from relay.config import PG_NOTIFY_MAX_BYTES, Config
 from relay.core import envelope, stats
 from relay.core.history import History
 from relay.core.hub import Hub
 from relay.ops import admin, workers
-from relay.sources.base import Source, SourceGaveUp
+from relay.sources.base import Source, SourceGaveUp, SourceMisconfigured
 from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource
 from relay.sources.publisher import Publisher
+from relay.sources.wal import WalSource
 from relay.transports.server import Server
 from relay.wire import frames, positions
 from relay.wire.closecodes import GOING_AWAY
@@ -227,8 +228,11 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
                       sealer=sealer) if config.history_messages else None
     hub = Hub(config.listen_channel, config.compression_streams, history,
               encoding=frames.TEXT_FRAMES)
-    notifier = Notifier(config.db_uri, config.pool_size, options)
-    publisher = Publisher(notifier, config.listen_channel, config.meta_channel)
+    wal = config.source == "wal"
+    notifier = Notifier(config.db_uri, config.pool_size, options,
+                        log_prefix=config.listen_channel if wal else None)
+    publisher = Publisher(notifier, config.listen_channel, config.meta_channel,
+                          config.max_payload_bytes if wal else PG_NOTIFY_MAX_BYTES - 1)
     meta = config.meta_channel
 
     def on_gap(since: float, until: float) -> None:
@@ -236,8 +240,17 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
         if meta is not None:
             hub.publish([envelope.listener_reconnected(meta, since, until)], local=True)
 
-    source = NotifySource(config.db_uri, options, config.listen_channel, hub.publish, notifier,
-                        config.heartbeat_interval, config.retries, on_gap, hub.listening)
+    source: NotifySource | WalSource
+    if wal:
+        assert config.wal_slot is not None  # The configuration requires it.
+        source = WalSource(config.db_uri, options, config.listen_channel, config.wal_slot,
+                           config.wal_publication, config.max_payload_bytes, hub.publish,
+                           config.heartbeat_interval, config.retries, on_gap, hub.listening,
+                           on_loss=hub.listening)
+    else:
+        source = NotifySource(config.db_uri, options, config.listen_channel, hub.publish,
+                              notifier, config.heartbeat_interval, config.retries, on_gap,
+                              hub.listening)
     try:
         listeners = await open_listeners(config, reuse_port)
     except (OSError, ssl.SSLError) as exc:
@@ -274,6 +287,10 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
         except SourceGaveUp as exc:
             log.critical("listener gave up: %s; exiting", exc)
             exit_code = 1
+            stop.set()
+        except SourceMisconfigured as exc:
+            log.critical("%s", exc)
+            exit_code = 2
             stop.set()
 
     async with trio.open_nursery() as root:

@@ -14,6 +14,11 @@ for HS384/HS512 gets a warning. With several workers the supervisor's status is 
 first worker that ended on its own (see relay/ops/workers.py). ``token`` exits 0 with the token on
 stdout, or 2 with the reason on stderr (one line, or argparse's usage and error).
 
+``pgws-relay drop-slot`` drops the replication slot of a relay retired for good
+(``PGWS_DB_URI``, ``PGWS_WAL_SLOT`` or their flags): a slot nobody reads keeps the WAL it has not
+confirmed until the disk fills. Exit 0 when dropped, 1 when it cannot be (none of that name, still
+read, refused), 2 for bad settings.
+
 ``pgws-relay tail URL`` prints a channel's messages, one per line, as they arrive, resuming
 across reconnects: a thin wrapper over :mod:`relay.client.subscription`. It exits 0 on
 SIGINT/SIGTERM
@@ -33,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TextIO
 
+import psycopg
 import trio
 
 from relay import __version__, app
@@ -45,8 +51,11 @@ from relay.config import (
     Problem,
     load,
     load_secret,
+    slot_name,
 )
 from relay.ops import logs, workers
+from relay.sources import wal
+from relay.sources.outage import first_line
 from relay.wire import positions
 
 log = logging.getLogger("relay.auth")
@@ -59,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                     "postgres-websockets. Every setting is an environment variable; a flag "
                     "overrides it.",
         epilog="pgws-relay token --help: mint a token this relay accepts. "
-               "pgws-relay tail --help: print a channel's messages as they arrive.",
+               "pgws-relay tail --help: print a channel's messages as they arrive. "
+               "pgws-relay drop-slot --help: drop a retired relay's replication slot.",
     )
     parser.add_argument("--version", action="version", version=f"pgws-relay {__version__}")
     for setting in SETTINGS:
@@ -229,6 +239,37 @@ def _run(argv: Sequence[str]) -> int:
         return workers.CRASHED
 
 
+def _drop_slot(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pgws-relay drop-slot",
+        description="Drop the replication slot of a relay retired for good (PGWS_SOURCE=wal), "
+                    "so that PostgreSQL no longer keeps WAL for it.")
+    names = ("PGWS_DB_URI", "PGWS_WAL_SLOT")
+    for setting in SETTINGS:
+        if setting.variable in names:
+            parser.add_argument(setting.flag, dest=setting.variable, metavar="VALUE",
+                                help=f"{setting.variable}: {setting.help}")
+    env = _environment(parser.parse_args(argv), names)
+    missing = [Problem(name, "required by drop-slot") for name in names if not env.get(name)]
+    if missing:
+        return _report(missing)
+    try:
+        slot = slot_name(env["PGWS_WAL_SLOT"])
+    except ValueError as exc:
+        return _report([Problem("PGWS_WAL_SLOT", str(exc))])
+    try:
+        wal.drop_slot(env["PGWS_DB_URI"], slot, app.connect_options(env["PGWS_DB_URI"]))
+    except wal.SlotNotDropped as exc:
+        print(f"pgws-relay drop-slot: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        print(f"pgws-relay drop-slot: cannot reach the database: {first_line(exc)}",
+              file=sys.stderr)
+        return 1
+    print(f"dropped replication slot {slot!r}")
+    return 0
+
+
 def _tail_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgws-relay tail",
@@ -361,4 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(arguments[1:])
     if arguments[:1] == ["tail"]:
         return _tail(arguments[1:])
+    if arguments[:1] == ["drop-slot"]:
+        return _drop_slot(arguments[1:])
     return _run(arguments)

@@ -33,6 +33,7 @@ import binascii
 import dataclasses
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -50,6 +51,16 @@ PG_NOTIFY_MAX_BYTES = 8000
 #: PostgreSQL truncates identifiers to 63 bytes; a longer listen channel would LISTEN on a
 #: truncated name while ``pg_notify`` refuses the long one, so every client write would fail.
 _PG_IDENTIFIER_MAX_BYTES = 63
+
+#: ``PGWS_SOURCE``'s values: LISTEN/NOTIFY (upstream's), or the write-ahead log.
+SOURCES = ("notify", "wal")
+
+#: PostgreSQL's rule for replication slot names.
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+
+#: What a positioned delivery adds to its payload in a client's queue: a WebSocket header
+#: (10 bytes at most), the position (51) and a line feed.
+DELIVERY_OVERHEAD = 62
 
 #: Heartbeat period when ``PGWS_CHECK_LISTENER_INTERVAL`` is unset: a half-open listener is
 #: noticed within a few seconds, at the cost of one tiny NOTIFY per period.
@@ -97,6 +108,10 @@ class Config:
     root_path: str | None
     listen_channel: str
     meta_channel: str | None
+    source: str
+    wal_slot: str | None
+    wal_publication: str
+    max_payload_bytes: int
     pool_size: int
     retries: int
     #: Seconds between listener heartbeats; 0 disables the heartbeat.
@@ -216,6 +231,25 @@ def _channel(value: str) -> str:
     return _nonempty(value)
 
 
+def _source(value: str) -> str:
+    source = value.strip().lower()
+    if source not in SOURCES:
+        raise ValueError(f"expected notify or wal, got {value!r}")
+    return source
+
+
+def slot_name(value: str) -> str:
+    """A name PostgreSQL takes for a replication slot (and, here, a publication) as it is."""
+    if not _SLOT_NAME.fullmatch(value):
+        raise ValueError(f"{value!r}: use 1 to 63 lower-case letters, digits and underscores "
+                         "(PostgreSQL's rule for slot names)")
+    return value
+
+
+def _slot_name_or_unset(value: str) -> str:
+    return slot_name(value) if value else ""  # VAR= means unset, as elsewhere.
+
+
 def _origins(value: str) -> tuple[str, ...]:
     origins = []
     for item in (item.strip() for item in value.split(",")):
@@ -302,6 +336,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_META_CHANNEL", "meta_channel", _text, None,
             "WebSocket channel for ConnectionOpen/ConnectionClose/ListenerReconnected events "
             "(unset: off)"),
+    Setting("PGWS_SOURCE", "source", _source, "notify",
+            "where notifications come from: notify (LISTEN on PGWS_LISTEN_CHANNEL) or wal "
+            "(pg_logical_emit_message with that prefix, read from the write-ahead log through "
+            "PGWS_WAL_SLOT; needs wal_level = logical)"),
+    Setting("PGWS_WAL_SLOT", "wal_slot", _slot_name_or_unset, None,
+            "the logical replication slot this relay reads (PGWS_SOURCE=wal: required, one per "
+            "relay process; made when missing and kept: drop it with pgws-relay drop-slot)"),
+    Setting("PGWS_WAL_PUBLICATION", "wal_publication", slot_name, "pgws_relay",
+            "the publication the slot reads through (made when missing; it publishes no "
+            "table)"),
+    Setting("PGWS_MAX_PAYLOAD_BYTES", "max_payload_bytes", _int_at_least(1), "1000000",
+            "largest payload delivered with PGWS_SOURCE=wal (a larger one is counted, logged, "
+            "and positioned clients are told lost); PGWS_MAX_QUEUE_BYTES must hold one"),
     Setting("PGWS_POOL_SIZE", "pool_size", _int_at_least(1), "10",
             "connections for NOTIFYs (client writes, meta events, heartbeats)"),
     Setting("PGWS_RETRIES", "retries", _int_at_least(0), "5",
@@ -533,6 +580,19 @@ def load(env: Mapping[str, str]) -> Config:
             and values["position_key_previous"] is not None:
         problems.append(Problem("PGWS_POSITION_KEY_PREVIOUS",
                                 "set with PGWS_POSITION_KEY, the key that replaced it"))
+    if parsed("source", "wal_slot") and values["source"] == "wal" and not values["wal_slot"]:
+        problems.append(Problem("PGWS_WAL_SLOT", "required with PGWS_SOURCE=wal: name the "
+                                "replication slot this relay reads (one per relay process)"))
+    if parsed("source", "workers") and values["source"] == "wal" and values["workers"] > 1:
+        problems.append(Problem("PGWS_WORKERS", "PGWS_SOURCE=wal reads one slot per process: "
+                                "run one worker per relay process (PGWS_WORKERS=1)"))
+    if parsed("source", "max_payload_bytes", "max_queue_bytes") and values["source"] == "wal" \
+            and values["max_queue_bytes"] < values["max_payload_bytes"] + DELIVERY_OVERHEAD:
+        problems.append(Problem(
+            "PGWS_MAX_PAYLOAD_BYTES", f"{values['max_payload_bytes']} bytes do not fit in a "
+            f"client's queue (PGWS_MAX_QUEUE_BYTES {values['max_queue_bytes']}): every client "
+            f"would be closed as slow; raise PGWS_MAX_QUEUE_BYTES to at least "
+            f"{values['max_payload_bytes'] + DELIVERY_OVERHEAD}"))
     if parsed("workers", "port") and values["workers"] > 1 and values["port"] == 0:
         problems.append(Problem("PGWS_WORKERS", "several workers need a fixed PGWS_PORT, not 0"))
     # An empty value means "unset" for these two, as a user who wrote VAR= would expect.
@@ -551,5 +611,6 @@ def load(env: Mapping[str, str]) -> Config:
     values["allowed_origins"] = values["allowed_origins"] or ()
     values["proxy_protocol_from"] = values["proxy_protocol_from"] or ()
     values["meta_channel"] = values["meta_channel"] or None
+    values["wal_slot"] = values["wal_slot"] or None
     values["root_path"] = values["root_path"] or None
     return Config(**values)

@@ -8,14 +8,15 @@ Theory of operation
 -------------------
 :class:`relay.core.hub.Hub` is the relay's router: it parses each notification of a listener
 wake-up, finds the streams that want it, has their encoding (WebSocket text frames) make its
-bytes once and offers them to every client of each stream. This measures that work and nothing else: the clients are the unit tests'
-``Recorder`` fakes (``tests/unit/core/test_hub.py``), which keep what they are offered, so no
-socket, event loop or PostgreSQL takes part and the figure moves only when the hub's own code
-does. Each case builds one hub with ``--clients`` recorders on one channel, publishes one batch
-to warm it, then times ``--repeats`` calls of ``hub.publish`` with a batch of ``--batch``
-notifications (``time.perf_counter_ns``; the recorders are emptied between calls, outside the
-timing) and reports the median, as µs per notification and ns per delivery (a delivery is one
-notification offered to one client, counted by the hub itself).
+bytes once and offers them to every client of each stream. This measures that work and nothing
+else: the clients are the unit tests' ``Recorder`` fakes (``tests/unit/core/test_hub.py``),
+which keep what they are offered, so no socket, event loop or PostgreSQL takes part and the
+figure moves only when the hub's own code does. Each case builds one hub with ``--clients``
+recorders on one channel, publishes one batch to warm it, then times ``--repeats`` calls of
+``hub.publish`` with a batch of ``--batch`` notifications (``time.perf_counter_ns``; the
+recorders are emptied between calls, outside the timing) and reports the median, as µs per
+notification and ns per delivery (a delivery is one notification offered to one client, counted
+by the hub itself).
 
 Cases:
 

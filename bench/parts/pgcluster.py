@@ -110,6 +110,14 @@ class Cluster:
             raise
         return self
 
+    def restart(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """``pg_ctl restart -m mode``, waiting at most ``timeout`` seconds for the server to
+        stop and start (RuntimeError when it did not: a client held its shutdown, say)."""
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        _run([*prefix, "runuser", "-u", _USER, "--", _bin("pg_ctl"), "-D", str(self.data),
+              "-l", str(self.log_file), "-m", mode, "-w", "-t", f"{timeout:g}", "restart"],
+             timeout=timeout * 2 + 10)
+
     def close(self) -> None:
         """Stop the server if it runs and remove its directory; safe to call twice."""
         if self.directory is None:

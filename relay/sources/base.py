@@ -1,9 +1,10 @@
 """The contract of a source: where the relay's notifications come from.
 
-A source reads one ordered stream of notification payloads (today PostgreSQL's LISTEN/NOTIFY,
-:class:`relay.sources.notify.NotifySource`) and hands it to the hub; the hub never knows which
+A source reads one ordered stream of notification payloads (PostgreSQL's LISTEN/NOTIFY,
+:class:`relay.sources.notify.NotifySource`, or its write-ahead log,
+:class:`relay.sources.wal.WalSource`) and hands it to the hub; the hub never knows which
 source runs, and neither do the transports. To add a source, implement :class:`Source` in a
-module of its own here (``wal.py``, ``nats.py``) and choose it in :mod:`relay.app`.
+module of its own here (as ``wal.py`` does) and choose it in :mod:`relay.app`.
 
 What every source promises the hub (the callbacks it is made with):
 
@@ -19,7 +20,8 @@ What every source promises the hub (the callbacks it is made with):
 Rules every source keeps: no client, no transport, no socket of a client; readiness (for
 ``/ready`` and the balancer) is ``status``; an outage is retried within the operator's window
 (``PGWS_RETRIES``) and beyond it :meth:`Source.run` raises :class:`SourceGaveUp`, which stops
-the relay with status 1 (its supervisor restarts it).
+the relay with status 1 (its supervisor restarts it); what no retry can cure raises
+:class:`SourceMisconfigured` (status 2).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from typing import Protocol
 
 class SourceGaveUp(Exception):
     """The source could not get its stream back within its window: the relay stops (1)."""
+
+
+class SourceMisconfigured(Exception):
+    """The database cannot serve the source as configured, and no retry will change that
+    (``wal_level`` is not ``logical``, the slot's name is taken by another kind of slot): the
+    relay stops with status 2 and this one line, which names the setting or the fix."""
 
 
 class Source(Protocol):

@@ -19,6 +19,8 @@ from typing import Any
 import psycopg
 import trio
 
+from relay.config import PG_NOTIFY_MAX_BYTES
+
 log = logging.getLogger(__name__)
 
 #: Seconds one NOTIFY may take, connection included, before it counts as failed. A NOTIFY is a
@@ -33,8 +35,12 @@ class NotifyFailed(Exception):
 class Notifier:
     """``await notify(channel, payload)`` through a bounded pool of connections."""
 
-    def __init__(self, db_uri: str, pool_size: int, connect_options: dict[str, Any]) -> None:
+    def __init__(self, db_uri: str, pool_size: int, connect_options: dict[str, Any],
+                 log_prefix: str | None = None) -> None:
+        """``log_prefix``: with the WAL source, the listen channel: what is notified on it is
+        also written to the log (``pg_logical_emit_message``) in the same transaction."""
         self._db_uri = db_uri
+        self._log_prefix = log_prefix
         self._connect_options = connect_options
         self._limiter = trio.CapacityLimiter(pool_size)
         self._idle: list[psycopg.Connection[Any]] = []
@@ -51,6 +57,10 @@ class Notifier:
 
     async def notify(self, channel: str, payload: str) -> None:
         """Run ``SELECT pg_notify(channel, payload)``; raise :class:`NotifyFailed` on failure.
+
+        On the log prefix's channel, the payload goes to the write-ahead log too, in the same
+        statement (one transaction), so that every WAL relay reads it; a payload too large for
+        NOTIFY (8,000 bytes) goes to the log alone.
 
         Cancellation abandons the worker thread, whose connection is then never reused.
         """
@@ -76,8 +86,9 @@ class Notifier:
     ) -> psycopg.Connection[Any]:
         if connection is None or connection.closed:
             connection = self._connect()
+        statement, parameters = self._statement(channel, payload)
         try:
-            connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+            connection.execute(statement, parameters)
         except psycopg.OperationalError:
             if not connection.broken:
                 connection.close()
@@ -85,7 +96,7 @@ class Notifier:
             connection.close()
             connection = self._connect()
             try:
-                connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+                connection.execute(statement, parameters)
             except BaseException:
                 connection.close()
                 raise
@@ -93,6 +104,14 @@ class Notifier:
             connection.close()
             raise
         return connection
+
+    def _statement(self, channel: str, payload: str) -> tuple[str, tuple[str, ...]]:
+        if channel != self._log_prefix:
+            return "SELECT pg_notify(%s, %s)", (channel, payload)
+        if len(payload.encode()) >= PG_NOTIFY_MAX_BYTES:
+            return "SELECT pg_logical_emit_message(true, %s, %s)", (channel, payload)
+        return ("SELECT pg_notify(%s, %s), pg_logical_emit_message(true, %s, %s)",
+                (channel, payload, channel, payload))
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

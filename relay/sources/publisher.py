@@ -48,10 +48,20 @@ class Writer(Protocol):
 
 
 class Publisher:
-    def __init__(self, notifier: Notifier, listen_channel: str, meta_channel: str | None) -> None:
+    """Client writes and meta events → envelopes → the notifier.
+
+    ``max_bytes``: the largest envelope sent (NOTIFY's: under 8,000 bytes; with the WAL
+    source, ``PGWS_MAX_PAYLOAD_BYTES``, since the notifier also writes it to the log).
+    """
+
+    def __init__(self, notifier: Notifier, listen_channel: str, meta_channel: str | None,
+                 max_bytes: int = PG_NOTIFY_MAX_BYTES - 1) -> None:
         self._notifier = notifier
         self._listen_channel = listen_channel
         self._meta_channel = meta_channel
+        self._max_bytes = max_bytes
+        self._too_big = "message too big for NOTIFY" if max_bytes < PG_NOTIFY_MAX_BYTES \
+            else "message too big"
 
     async def message(self, client: Writer, text: str) -> None:
         """Publish a client's message to each of its channels (``on_message`` of a
@@ -66,8 +76,8 @@ class Publisher:
         channels = dict.fromkeys(grant.channels)
         bodies = [envelope.build(channel, grant.claims, envelope.WEBSOCKET_MESSAGE, text, now)
                   for channel in channels]
-        if any(len(body) >= PG_NOTIFY_MAX_BYTES for body in bodies):
-            raise MessageRefused(MESSAGE_TOO_BIG, "message too big for NOTIFY")
+        if any(len(body) > self._max_bytes for body in bodies):
+            raise MessageRefused(MESSAGE_TOO_BIG, self._too_big)
         for body in bodies:
             try:
                 await self._notifier.notify(self._listen_channel, body.decode())
@@ -88,8 +98,8 @@ class Publisher:
             return
         body = envelope.build(self._meta_channel, grant.claims, event,
                               ",".join(grant.channels), time.time())
-        if len(body) >= PG_NOTIFY_MAX_BYTES:
-            log.warning("%s event not published: envelope over the NOTIFY limit", event)
+        if len(body) > self._max_bytes:
+            log.warning("%s event not published: envelope over the size limit", event)
             return
         try:
             await self._notifier.notify(self._listen_channel, body.decode())

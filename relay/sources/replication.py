@@ -136,6 +136,11 @@ class Transactions:
         self.oversized = 0
         self.skipped = 0
 
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction's beginning was read and its commit not yet."""
+        return self._in_transaction
+
     def reset(self) -> None:
         """The connection was lost: a transaction it was reading is sent again whole."""
         self._in_transaction = False

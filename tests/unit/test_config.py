@@ -22,7 +22,8 @@ BASE = {"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": "s" * 32}
 #: postgres-websockets' Config.hs has them), then this project's own.
 EXPECTED_DEFAULTS = {
     "host": "*4", "port": 3000, "root_path": None, "listen_channel": "postgres-websockets-listener",
-    "meta_channel": None, "pool_size": 10, "retries": 5, "certificate_file": None,
+    "meta_channel": None, "source": "notify", "wal_slot": None, "wal_publication": "pgws_relay",
+    "max_payload_bytes": 1_000_000, "pool_size": 10, "retries": 5, "certificate_file": None,
     "key_file": None,
     "heartbeat_interval": 5.0, "max_queue_bytes": 1048576, "send_buffer": 262144,
     "send_timeout": 10.0, "close_timeout": 5.0, "handshake_timeout": 10.0, "ping_interval": 30.0,
@@ -86,6 +87,8 @@ def test_unparsable_db_uri_is_an_error_that_does_not_repeat_it() -> None:
     ("PGWS_RETRIES", "-1"), ("PGWS_CHECK_LISTENER_INTERVAL", "1.5"),
     ("PGWS_JWT_SECRET_BASE64", "maybe"), ("PGWS_SEND_TIMEOUT", "0"),
     ("PGWS_LISTEN_CHANNEL", "x" * 64), ("PGWS_LOG_LEVEL", "LOUD"),
+    ("PGWS_SOURCE", "kafka"), ("PGWS_WAL_SLOT", "Relay-1"), ("PGWS_WAL_SLOT", "x" * 64),
+    ("PGWS_WAL_PUBLICATION", ""), ("PGWS_MAX_PAYLOAD_BYTES", "0"),
 ])
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -406,3 +409,34 @@ def test_trusting_every_address_with_the_proxy_protocol_is_a_configuration_error
     assert "trusts every address" in str(raised.value)
     assert load({**BASE, "PGWS_PROXY_PROTOCOL_FROM": "10.0.0.5/24"}).proxy_protocol_from[0] \
         .compressed == "10.0.0.0/24"
+
+
+WAL = {**BASE, "PGWS_SOURCE": "wal", "PGWS_WAL_SLOT": "relay_a"}
+
+
+def test_the_wal_source_takes_its_slot_and_payload_bound() -> None:
+    config = load({**WAL, "PGWS_SOURCE": " WAL "})
+    assert (config.source, config.wal_slot, config.wal_publication, config.max_payload_bytes) \
+        == ("wal", "relay_a", "pgws_relay", 1_000_000)
+    assert load(BASE).source == "notify"
+
+
+@pytest.mark.parametrize("env,variable,text", [
+    ({**WAL, "PGWS_WAL_SLOT": ""}, "PGWS_WAL_SLOT", "required with PGWS_SOURCE=wal"),
+    ({k: v for k, v in WAL.items() if k != "PGWS_WAL_SLOT"}, "PGWS_WAL_SLOT", "required"),
+    ({**WAL, "PGWS_WORKERS": "2"}, "PGWS_WORKERS", "one slot per process"),
+    ({**WAL, "PGWS_MAX_PAYLOAD_BYTES": "1048515"}, "PGWS_MAX_PAYLOAD_BYTES",
+     "raise PGWS_MAX_QUEUE_BYTES to at least 1048577"),
+])
+def test_wal_settings_that_cannot_work_together_are_one_line_naming_the_variable(
+        env: dict[str, str], variable: str, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env)
+    assert info.value.variable == variable and text in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_largest_payload_that_fits_the_queue_is_accepted_and_notify_ignores_the_bound(
+        ) -> None:
+    assert load({**WAL, "PGWS_MAX_PAYLOAD_BYTES": "1048514"}).max_payload_bytes == 1048514
+    assert load({**BASE, "PGWS_MAX_PAYLOAD_BYTES": "5000000", "PGWS_WORKERS": "2"}).workers == 2

@@ -20,7 +20,7 @@ SURFACES = {
         "STABLE_SECONDS", "Subscription", "SubscriptionError", "UNSUPPORTED", "backoff",
         "subscribe"},
     "relay.core.encoding": {"Encoding"},
-    "relay.sources.base": {"Source", "SourceGaveUp"},
+    "relay.sources.base": {"Source", "SourceGaveUp", "SourceMisconfigured"},
     "relay.transports.admission": {"Admission", "Admitted", "Held", "Refusal"},
     "relay.wire.closecodes": {
         "GOING_AWAY", "INTERNAL_ERROR", "JWT_EXPIRED", "MESSAGE_TOO_BIG", "MessageRefused",

@@ -1,0 +1,281 @@
+"""The WAL source against a private PostgreSQL cluster with ``wal_level = logical``.
+
+The machine's shared PostgreSQL has ``wal_level = replica``; the module makes a cluster of its
+own (as the fleet test does, ``bench/parts/pgcluster.py``) and removes it. The source runs in
+process here (what it hands the hub, exactly), and as the real ``pgws-relay`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import psycopg.sql
+import pytest
+import trio
+from websockets.sync.client import connect
+
+from bench.parts.pgcluster import Cluster
+from relay.app import connect_options
+from relay.sources.base import SourceMisconfigured
+from relay.sources.wal import WalSource
+from tests.helpers import (
+    DB_URI,
+    RELAY,
+    RelayProcess,
+    eventually,
+    relay_env,
+    run_to_exit,
+    token,
+    unique_channel,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A private cluster with ``wal_level = logical``."""
+    with Cluster(port=_free_port(), settings={"wal_level": "logical",
+                                              "max_replication_slots": "20",
+                                              "max_wal_senders": "20"}) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def logical(cluster: Cluster) -> str:
+    """Its URI."""
+    return cluster.uri()
+
+
+def _emit(uri: str, *statements: str) -> None:
+    with psycopg.connect(uri, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
+class Reader:
+    """A WAL source in process, and what it handed over."""
+
+    def __init__(self, uri: str, prefix: str, slot: str, **options: Any) -> None:
+        self.batches: list[list[bytes]] = []
+        self.listening = 0
+        self.losses = 0
+        self.source = WalSource(
+            uri, connect_options(uri), prefix, slot, "pgws_relay",
+            options.pop("max_payload_bytes", 1_000_000), self._publish,
+            options.pop("heartbeat_interval", 0.5), options.pop("retries", 5),
+            on_listening=self._listening, on_loss=self._loss)
+
+    def _publish(self, payloads: list[bytes], arrived: float) -> None:
+        self.batches.append(list(payloads))
+
+    def _listening(self) -> None:
+        self.listening += 1
+
+    def _loss(self) -> None:
+        self.losses += 1
+
+    @property
+    def received(self) -> list[bytes]:
+        return [payload for batch in self.batches for payload in batch]
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        with trio.fail_after(30):
+            while not condition():
+                await trio.sleep(0.02)
+
+
+def _slot() -> str:
+    return unique_channel("slot").lower()
+
+
+async def test_committed_messages_come_in_commit_order_and_rolled_back_ones_never(
+        logical: str) -> None:
+    prefix = unique_channel("wal")
+    reader = Reader(logical, prefix, _slot())
+    big = "x" * 100 * 1024
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.source.run)
+        await reader.source.ready.wait()
+        with psycopg.connect(logical, autocommit=True) as conn:
+            emit = "SELECT pg_logical_emit_message(%s, %s, %s)"
+            conn.execute(emit, (True, prefix, "one"))
+            conn.execute(emit, (True, prefix + "x", "another prefix"))
+            conn.execute(emit, (False, prefix, "not transactional"))
+            with conn.transaction():
+                conn.execute(emit, (True, prefix, "two"))
+                conn.execute(emit, (True, prefix, "three"))
+            with pytest.raises(ZeroDivisionError), conn.transaction():
+                conn.execute(emit, (True, prefix, "rolled back"))
+                raise ZeroDivisionError
+            conn.execute(emit, (True, prefix, big))
+            conn.execute(emit, (True, prefix, "last"))
+        await reader.until(lambda: reader.received[-1:] == [b"last"])
+        nursery.cancel_scope.cancel()
+    assert reader.received == [b"one", b"two", b"three", big.encode(), b"last"]
+    # A transaction's messages are handed over together, in one batch.
+    assert any(batch[i:i + 2] == [b"two", b"three"]
+               for batch in reader.batches for i in range(len(batch)))
+    assert reader.listening == 1 and reader.source.gaps == 0 and reader.losses == 0
+
+
+async def test_a_terminated_walsender_loses_nothing_and_repeats_nothing(logical: str) -> None:
+    prefix = unique_channel("wal")
+    reader = Reader(logical, prefix, _slot())
+    sent: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.source.run)
+        await reader.source.ready.wait()
+        with psycopg.connect(logical, autocommit=True) as conn:
+            for round_ in range(5):
+                for n in range(20):
+                    payload = f"{round_}-{n}"
+                    conn.execute("SELECT pg_logical_emit_message(true, %s, %s)",
+                                 (prefix, payload))
+                    sent.append(payload.encode())
+                await reader.until(lambda: len(reader.received) >= len(sent) // 2)
+                conn.execute("SELECT pg_terminate_backend(active_pid) FROM "
+                             "pg_replication_slots WHERE slot_name = %s",
+                             (reader.source._slot,))
+        await reader.until(lambda: len(reader.received) >= len(sent))
+        nursery.cancel_scope.cancel()
+    assert reader.received == sent
+    assert reader.listening == 1 and reader.source.gaps == 0
+
+
+async def test_a_reader_started_again_goes_on_from_its_slot(logical: str) -> None:
+    prefix, slot = unique_channel("wal"), _slot()
+    first = Reader(logical, prefix, slot)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.source.run)
+        await first.source.ready.wait()
+        _emit(logical, f"SELECT pg_logical_emit_message(true, '{prefix}', 'before')")
+        await first.until(lambda: first.received == [b"before"])
+        # What was delivered is confirmed within a status interval.
+        await first.until(lambda: first.source.confirmed >= first.source.confirmable > 0)
+        nursery.cancel_scope.cancel()
+    _emit(logical, f"SELECT pg_logical_emit_message(true, '{prefix}', 'while away')")
+    second = Reader(logical, prefix, slot)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second.source.run)
+        _emit(logical, f"SELECT pg_logical_emit_message(true, '{prefix}', 'after')")
+        await second.until(lambda: second.received[-1:] == [b"after"])
+        nursery.cancel_scope.cancel()
+    assert second.received == [b"while away", b"after"]
+    assert second.source.gaps == 0
+
+
+async def test_a_message_over_the_payload_bound_is_counted_and_reported(logical: str) -> None:
+    prefix = unique_channel("wal")
+    reader = Reader(logical, prefix, _slot(), max_payload_bytes=100)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.source.run)
+        await reader.source.ready.wait()
+        _emit(logical, f"SELECT pg_logical_emit_message(true, '{prefix}', repeat('x', 101))",
+              f"SELECT pg_logical_emit_message(true, '{prefix}', repeat('y', 100))")
+        await reader.until(lambda: bool(reader.received))
+        nursery.cancel_scope.cancel()
+    assert reader.received == [b"y" * 100]
+    assert reader.source.oversized == 1 and reader.losses == 1
+
+
+async def test_a_slot_of_another_plugin_is_a_start_up_error_naming_the_setting(
+        logical: str) -> None:
+    slot = _slot()
+    _emit(logical, f"SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')")
+    reader = Reader(logical, unique_channel("wal"), slot)
+    with pytest.raises(SourceMisconfigured, match=f"PGWS_WAL_SLOT: slot '{slot}' exists as a "
+                                                   "logical slot of test_decoding"):
+        await reader.source.run()
+    _emit(logical, f"SELECT pg_drop_replication_slot('{slot}')")
+
+
+def test_wal_level_replica_is_a_start_up_error_that_names_it() -> None:
+    with psycopg.connect(DB_URI) as conn:
+        level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+    if level == "logical":
+        pytest.skip("the shared PostgreSQL already has wal_level = logical")
+    code, out, err = run_to_exit(relay_env(PGWS_SOURCE="wal", PGWS_WAL_SLOT="never_made"))
+    assert code == 2
+    lines = [line for line in (out + err).splitlines() if "wal_level" in line]
+    assert len(lines) == 1 and "needs wal_level = logical" in lines[0] and level in lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_the_relay_delivers_the_log_and_writes_through_it_then_its_slot_is_dropped(
+        logical: str) -> None:
+    listen, slot = unique_channel("wal"), _slot()
+    env = relay_env(PGWS_DB_URI=logical, PGWS_SOURCE="wal", PGWS_WAL_SLOT=slot,
+                    PGWS_LISTEN_CHANNEL=listen)
+    relay = RelayProcess(env)
+    try:
+        relay.wait_ready()
+        url = relay.url(f"/chat/{token({'mode': 'rw', 'channel': 'chat'})}")
+        with connect(url) as client, psycopg.connect(logical, autocommit=True) as listener:
+            listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(listen)))
+            big = json.dumps({"channel": "chat", "text": "z" * 20_000})
+            with psycopg.connect(logical, autocommit=True) as producer:
+                emit = "SELECT pg_logical_emit_message(true, %s, %s)"
+                producer.execute(emit, (listen, '{"channel":"chat","n":1}'))
+                producer.execute(emit, (listen, big))  # Over NOTIFY's 8,000 bytes.
+            assert json.loads(client.recv(timeout=10)) == {"channel": "chat", "n": 1}
+            assert client.recv(timeout=10) == big
+            client.send("hello")  # Back through the log; NOTIFY for database listeners too.
+            echo = json.loads(client.recv(timeout=10))
+            assert (echo["payload"], echo["channel"]) == ("hello", "chat")
+            notified = next(listener.notifies(timeout=10, stop_after=1))
+            assert json.loads(notified.payload) == echo
+    finally:
+        relay.stop()
+    assert eventually(lambda: _slot_inactive(logical, slot))
+    code, out, _ = _drop_slot(env)
+    assert (code, out.strip()) == (0, f"dropped replication slot {slot!r}")
+    code, _, err = _drop_slot(env)
+    assert code == 1 and f"there is no replication slot {slot!r}" in err
+
+
+def _slot_inactive(uri: str, slot: str) -> bool:
+    with psycopg.connect(uri) as conn:
+        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                           (slot,)).fetchone()
+    return row is not None and not row[0]
+
+
+def _drop_slot(env: dict[str, str]) -> tuple[int, str, str]:
+    done = subprocess.run([RELAY, "drop-slot"], env=env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.fault
+async def test_a_fast_shutdown_of_postgresql_is_not_held_and_reading_goes_on_after_it(
+        cluster: Cluster) -> None:
+    """The walsender stops only once its client confirmed everything it sent (the shutdown
+    checkpoint included): a reader that confirmed only what it delivered would hold
+    ``pg_ctl restart -m fast`` until it fails."""
+    uri, prefix = cluster.uri(), unique_channel("wal")
+    reader = Reader(uri, prefix, _slot(), retries=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.source.run)
+        await reader.source.ready.wait()
+        _emit(uri, f"SELECT pg_logical_emit_message(true, '{prefix}', 'before')")
+        await reader.until(lambda: reader.received == [b"before"])
+        # WAL that holds no message: the walsender sends nothing for it, yet must see it
+        # confirmed before it may stop.
+        _emit(uri, "CREATE TABLE IF NOT EXISTS filler (n int)", "INSERT INTO filler VALUES (1)")
+        await trio.to_thread.run_sync(cluster.restart, "fast", 20.0)
+        await reader.until(lambda: reader.source.status is None)
+        _emit(uri, f"SELECT pg_logical_emit_message(true, '{prefix}', 'after')")
+        await reader.until(lambda: reader.received[-1:] == [b"after"])
+        nursery.cancel_scope.cancel()
+    assert reader.received == [b"before", b"after"]
+    assert reader.source.gaps == 0 and reader.listening == 1

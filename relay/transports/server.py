@@ -577,8 +577,8 @@ class Server:
                 [value for key, value in req.headers if key.lower() == b"sec-websocket-extensions"])
         headers = [] if agreement is None else [
             (b"sec-websocket-extensions", agreement.response.encode())]
-        await self._write(stream, phase, ws.send(AcceptConnection(
-            subprotocol=positions.SUBPROTOCOL if positioned else None, extra_headers=headers)))
+        answer = ws.send(AcceptConnection(
+            subprotocol=positions.SUBPROTOCOL if positioned else None, extra_headers=headers))
         counters.accepted += 1
         if agreement is None:
             compression = Compression.OFF
@@ -594,4 +594,8 @@ class Server:
                         inflate=agreement is not None)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
+        # The answer is the client's first bytes out, and the caller adds it to the hub before
+        # anything awaits: a notification handled in between would be missed by a client that
+        # has its 101 (awaiting the answer's write here let the listener run first).
+        client.offer(answer)
         return _Accepted(client, admitted.filters, compression, positioned, admitted.resume)

@@ -800,3 +800,35 @@ def test_writes_survive_the_notify_pool_losing_its_connections(start_relay) -> N
         # The pooled connection is broken now; the write is retried once on a fresh one.
         client.send("after")
         assert json.loads(client.recv(timeout=10))["payload"] == "after"
+
+
+def test_a_client_that_has_its_101_receives_every_notification_committed_after_it(
+        relay: RelayProcess) -> None:
+    """The hub has the client before its handshake's answer leaves: a notification committed
+    right after the client read its 101 reaches it (the race is widest when the notification
+    follows at once, from a connection already open)."""
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with psycopg.connect(DB_URI, autocommit=True) as producer:
+        for n in range(300):
+            sock, conn = raw_client(relay.port, f"/race/{token({'mode': 'r', 'channel': 'race'})}")
+            try:
+                payload = json.dumps({"channel": "race", "n": n})
+                producer.execute("SELECT pg_notify(%s, %s)", (listen, payload))
+                assert _next_text(sock, conn) == payload, n
+            finally:
+                sock.close()
+
+
+def _next_text(sock: socket.socket, conn: WSConnection) -> str:
+    """The next text message on a raw client's socket."""
+    parts: list[str] = []
+    while True:
+        for event in conn.events():
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    return "".join(parts)
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the message")
+        conn.receive_data(data)

@@ -243,10 +243,17 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
     source: NotifySource | WalSource
     if wal:
         assert config.wal_slot is not None  # The configuration requires it.
+        if history is not None:
+            # Positions are places in the log, and a restarted relay reads its history again
+            # from the slot: clients wait for that (Hub.caught_up), then enter as usual.
+            hub.catching_up = True
         source = WalSource(config.db_uri, options, config.listen_channel, config.wal_slot,
                            config.wal_publication, config.max_payload_bytes, hub.publish,
                            config.heartbeat_interval, config.retries, on_gap, hub.listening,
-                           on_loss=hub.listening)
+                           on_loss=hub.listening,
+                           on_log=None if history is None else history.adopt_log,
+                           on_caught_up=hub.caught_up,
+                           holding=None if history is None else history.oldest)
     else:
         source = NotifySource(config.db_uri, options, config.listen_channel, hub.publish,
                               notifier, config.heartbeat_interval, config.retries, on_gap,

@@ -32,6 +32,18 @@ few milliseconds). A digest is taken only from an entry received within
 entry: a run of identical payloads that repeats is ``unknown``, never the wrong point.
 :meth:`after` lists what a resume replays, in stream order.
 
+*Log positions* (:meth:`adopt_log`). A source that reads a durable, ordered log (the WAL
+source: a message's commit LSN and its index in the transaction) gives each notification its
+place, and every relay that reads the same log gives it the same one. Then ``seq`` is that
+place, ``key = LSN << 32 | index``, and a position carries it (the LSN as *seq*, the index as
+*digest*, the commit's Unix second as *time*) with the log's identity as *epoch*: a position of
+another log or source names no point of this one (``unknown``). A position this process has
+not read up to yet is :data:`WAIT`: every point of the log arrives here in the end. No digest is
+computed or indexed. The history starts at the point the source starts reading from
+(``start``): positions before it are ``expired``, since what came before is no longer in the
+log for this reader. :meth:`oldest` tells the source which part of the log the history still
+needs, so that it can keep the log from letting it go (a restarted relay reads it again).
+
 Rules this module keeps: it never builds anything per client and never awaits; it is the only
 place where positions are made or compared. It knows nothing of sockets, streams or filters.
 """
@@ -50,6 +62,10 @@ from typing import Final
 
 from relay.wire import positions
 from relay.wire.positions import Position
+
+#: Log keys: ``LSN << 32 | index`` (the index of a message within its transaction).
+LOG_INDEX_BITS = 32
+_LOG_INDEX_MASK = (1 << LOG_INDEX_BITS) - 1
 
 #: Bytes charged per entry beyond its payload and position, so that ``max_bytes`` bounds the
 #: process's memory: the objects that hold them (the entry, the two bytes objects' headers, the
@@ -165,10 +181,15 @@ class History:
         #: seconds, which other processes can compare.
         self._wall_offset = time.time() - time.monotonic() if wall_offset is None \
             else wall_offset
+        self._clear()
+        self.time = int(time.time()) if wall_offset is None else 0
+
+    def _clear(self) -> None:
+        """Nothing kept, no point of the stream yet."""
         #: The last point of the stream: a notification or a break, and its Unix second.
         self.seq = 0
         self.digest = 0
-        self.time = int(time.time()) if wall_offset is None else 0
+        self.time = 0
         #: The seq of the last break (LISTEN established); positions before it cannot resume.
         self.break_seq = 0
         self._window: collections.deque[_Digest] = collections.deque(maxlen=positions.WINDOW)
@@ -185,6 +206,8 @@ class History:
         #: Entries kept now, and their bytes (with overhead) with the channel names kept.
         self.entries = 0
         self.bytes = 0
+        #: Positions are places in a log (:meth:`adopt_log`), not this process's count.
+        self.log = False
 
     # -- positions -----------------------------------------------------------------------------
 
@@ -192,7 +215,42 @@ class History:
     def position(self) -> str:
         """The position of the last point of the stream (what a client that just connected has
         seen, as far as this process can tell)."""
-        return self.text(Position(self.epoch, self.seq, self.digest, self.time))
+        return self.text(self._point(self.seq, self.digest, self.time))
+
+    def _point(self, seq: int, digest: int, time: int) -> Position:
+        if self.log:
+            return Position(self.epoch, seq >> LOG_INDEX_BITS, seq & _LOG_INDEX_MASK, time)
+        return Position(self.epoch, seq, digest, time)
+
+    def adopt_log(self, identity: int, start: int, now: float | None = None) -> None:
+        """From now on positions are places in the log ``identity`` (32 bits: the same on every
+        relay reading it), and the stream starts after ``start`` (a key: what comes at or
+        before it is not read again). What the history held is dropped."""
+        self._clear()
+        self.epoch = identity
+        self.log = True
+        self.seq = start
+        self._floor = start
+        self.time = int((time.monotonic() if now is None else now) + self._wall_offset)
+
+    def oldest(self) -> int | None:
+        """The key of the oldest entry kept (None: none): where a log source must be able to
+        start reading again for this history to be rebuilt."""
+        heads = self._heads
+        while heads:
+            seq, channel = heads[0]
+            log = self._logs.get(channel)
+            if log is not None and log.head().seq == seq:
+                return seq
+            heapq.heappop(heads)  # Stale: that head is gone.
+        return None
+
+    def awaited(self, position: Position) -> int:
+        """What a position that :meth:`resolve` answered :data:`WAIT` waits for: in a log, its
+        key (it is here once ``seq`` reaches it); else its digest (an entry that has it)."""
+        if self.log:
+            return position.seq << LOG_INDEX_BITS | position.digest
+        return position.digest
 
     def text(self, position: Position) -> str:
         """A position as clients see it: sealed (with a sealer), else in the clear."""
@@ -211,8 +269,15 @@ class History:
                 return position
         return found[0] if found else None
 
-    def append(self, channel: str, payload: bytes, arrived: float) -> Entry:
-        """The next notification: its position, and (if history is on) kept."""
+    def append(self, channel: str, payload: bytes, arrived: float,
+               place: tuple[int, int] | None = None) -> Entry:
+        """The next notification: its position, and (if history is on) kept.
+
+        ``place``: with log positions, its key in the log and its commit's Unix second (keys
+        grow from one call to the next)."""
+        if self.log:
+            assert place is not None, "a log's notifications come with their place"
+            return self._append_placed(channel, payload, arrived, *place)
         self.seq += 1
         self._window.append(hashlib.blake2b(payload, digest_size=8).digest())
         digest = int.from_bytes(
@@ -232,8 +297,20 @@ class History:
         position = entry.position
         if position is None:
             position = entry.position = self.text(
-                Position(self.epoch, entry.seq, entry.digest, entry.time)).encode()
+                self._point(entry.seq, entry.digest, entry.time)).encode()
         return position
+
+    def _append_placed(self, channel: str, payload: bytes, arrived: float, key: int,
+                       when: int) -> Entry:
+        self.seq = key
+        self.time = when
+        position_length = positions.MAX_POSITION_LENGTH if self._sealer is not None else \
+            len(self._point(key, 0, when).text())
+        entry = Entry(key, key & _LOG_INDEX_MASK, when, payload, arrived,
+                      position_length + len(payload) + ENTRY_OVERHEAD)
+        if self.messages:
+            self._keep(channel, entry)
+        return entry
 
     def mark_break(self, now: float | None = None) -> None:
         """LISTEN was (re)established: what came before may have been followed by a loss."""
@@ -250,7 +327,13 @@ class History:
         ``now``: the entries' clock (default ``time.monotonic()``), for positions of other
         processes too old for any history.
         """
-        if position.epoch == self.epoch:
+        if self.log:
+            if position.epoch != self.epoch or position.digest > _LOG_INDEX_MASK:
+                return positions.UNKNOWN  # Another log, or another source's position.
+            seq = position.seq << LOG_INDEX_BITS | position.digest
+            if seq > self.seq:
+                return WAIT  # Read by another relay already: it comes here too.
+        elif position.epoch == self.epoch:
             seq = position.seq
             if seq > self.seq:
                 return positions.UNKNOWN
@@ -306,13 +389,14 @@ class History:
         log.seqs.append(entry.seq)
         self.entries += 1
         self.bytes += entry.size
-        found = self._by_digest.get(entry.digest)
-        if found is None:
-            self._by_digest[entry.digest] = entry
-        elif isinstance(found, list):
-            found.append(entry)
-        else:
-            self._by_digest[entry.digest] = [found, entry]
+        if not self.log:  # Log positions are found by key, not by digest.
+            found = self._by_digest.get(entry.digest)
+            if found is None:
+                self._by_digest[entry.digest] = entry
+            elif isinstance(found, list):
+                found.append(entry)
+            else:
+                self._by_digest[entry.digest] = [found, entry]
         if len(log) > self.messages:
             self._drop(channel, log)
         while self.bytes > self.max_bytes and (self._heads or self._emptied):
@@ -356,13 +440,14 @@ class History:
         entry = log.drop_head()
         self.entries -= 1
         self.bytes -= entry.size
-        found = self._by_digest[entry.digest]
-        if isinstance(found, list):
-            found.remove(entry)
-            if len(found) == 1:
-                self._by_digest[entry.digest] = found[0]
-        else:
-            del self._by_digest[entry.digest]
+        if not self.log:
+            found = self._by_digest[entry.digest]
+            if isinstance(found, list):
+                found.remove(entry)
+                if len(found) == 1:
+                    self._by_digest[entry.digest] = found[0]
+            else:
+                del self._by_digest[entry.digest]
         if len(log):
             heapq.heappush(self._heads, (log.head().seq, channel))
         else:

@@ -180,17 +180,23 @@ class _Stream:
 _Key = tuple[frozenset[str], Filters, bool, Encoding]
 
 
-class _Parked:
-    """A client waiting for another relay process's position to arrive here."""
+#: What a client parked while the source catches up waits for (:meth:`Hub.caught_up`).
+_CAUGHT_UP = -1
 
-    __slots__ = ("client", "compression", "key", "position")
+
+class _Parked:
+    """A client waiting: for another relay process's position to arrive here (``awaited``:
+    what :meth:`relay.core.history.History.awaited` says), or for the source to catch up."""
+
+    __slots__ = ("awaited", "client", "compression", "key", "position")
 
     def __init__(self, client: Subscriber, key: _Key, compression: Compression,
-                 position: Position) -> None:
+                 position: Position | None, awaited: int) -> None:
         self.client = client
         self.key = key
         self.compression = compression
         self.position = position
+        self.awaited = awaited
 
 
 class _Channel:
@@ -236,8 +242,11 @@ class Hub:
         self.history = history
         self._channels: dict[str, _Channel] = {}
         self._streams: dict[_Key, _Stream] = {}
-        #: Parked clients, by the digest they wait for, and by client.
+        #: Parked clients, by what they wait for, and by client.
         self._parked: dict[int, list[_Parked]] = {}
+        #: The source is reading again what it read before this process started (its log):
+        #: clients wait until it is caught up (:meth:`caught_up`), then enter as usual.
+        self.catching_up = False
         self._parked_clients: dict[Subscriber, _Parked] = {}
         #: The seq of the last checkpoint sent (:meth:`checkpoint`).
         self._checkpoint_seq = 0
@@ -290,8 +299,18 @@ class Hub:
             self._loose[client] = encoding
             return False
         key = (frozenset(channels), filter_set, positioned, encoding)
+        if self.catching_up:
+            self._park(_Parked(client, key, compression, resume, _CAUGHT_UP))
+            return True
+        return self._enter(client, key, compression, resume, waiting=True)
+
+    def _enter(self, client: Subscriber, key: _Key, compression: Compression,
+               resume: Position | None, waiting: bool) -> bool:
+        """Let a client in (after its replay), or park it when its position is still to come
+        here and it may wait (``waiting``; else the position is ``unknown``): True."""
         history = self.history
-        if not positioned or history is None:
+        encoding = key[3]
+        if not key[2] or history is None:
             self._join(client, key, compression)
         elif resume is None:
             client.offer(encoding.message(positions.position_event(history.position)))
@@ -299,30 +318,44 @@ class Hub:
         else:
             outcome = history.resolve(resume, key[0])
             if outcome == WAIT:
-                parked = _Parked(client, key, compression, resume)
-                self._parked.setdefault(resume.digest, []).append(parked)
-                self._parked_clients[client] = parked
-                self._clients[client] = None
-                self._loose[client] = encoding
-                return True
+                if waiting:
+                    self._park(_Parked(client, key, compression, resume,
+                                       history.awaited(resume)))
+                    return True
+                outcome = positions.UNKNOWN
             self._admit(client, key, compression, resume, outcome)
         return False
 
+    def _park(self, parked: _Parked) -> None:
+        self._parked.setdefault(parked.awaited, []).append(parked)
+        self._parked_clients[parked.client] = parked
+        self._clients[parked.client] = None
+        self._loose[parked.client] = parked.key[3]
+
     def give_up(self, client: Subscriber) -> None:
-        """A parked client has waited long enough: its position is ``unknown`` here."""
+        """A parked client has waited long enough: it enters now, and a position it waited
+        for is ``unknown`` here."""
         parked = self._unpark(client)
         if parked is not None:
-            self._admit(client, parked.key, parked.compression, parked.position,
-                        positions.UNKNOWN)
+            self._enter(client, parked.key, parked.compression, parked.position,
+                        waiting=False)
+
+    def caught_up(self) -> None:
+        """The source has read up to where it was when it started: clients enter."""
+        self.catching_up = False
+        for parked in list(self._parked.get(_CAUGHT_UP, ())):
+            if self._unpark(parked.client) is not None:
+                self._enter(parked.client, parked.key, parked.compression, parked.position,
+                            waiting=True)
 
     def _unpark(self, client: Subscriber) -> _Parked | None:
         parked = self._parked_clients.pop(client, None)
         if parked is not None:
             del self._loose[client]
-            same = self._parked[parked.position.digest]
+            same = self._parked[parked.awaited]
             same.remove(parked)
             if not same:
-                del self._parked[parked.position.digest]
+                del self._parked[parked.awaited]
         return parked
 
     def _admit(self, client: Subscriber, key: _Key, compression: Compression,
@@ -387,13 +420,16 @@ class Hub:
                 del self._channels[channel]
 
     def publish(self, payloads: Sequence[bytes], arrived: float | None = None,
-                local: bool = False) -> None:
+                local: bool = False, places: Sequence[tuple[int, int]] | None = None
+                ) -> None:
         """Deliver the payloads of one listener wake-up, in order, to their subscribers.
 
         ``arrived``: when the listener read them (``time.monotonic()``; default: now).
         ``local``: made by this process, not read from LISTEN (meta events about this process):
         delivered, but not part of the stream other processes see, so no position of their own
-        (positioned clients get them at the current position) and not kept.
+        (positioned clients get them at the current position) and not kept. ``places``: each
+        payload's key in the source's log and its commit's Unix second, when the history's
+        positions are a log's (:meth:`relay.core.history.History.adopt_log`).
         """
         if arrived is None:
             arrived = time.monotonic()
@@ -404,12 +440,13 @@ class Hub:
         listen = self._listen_channel
         history = None if local else self.history
         found: list[_Parked] = []
-        for payload in payloads:
+        for n, payload in enumerate(payloads):
             document = envelope.parse(payload)
             channel = envelope.channel_of(document, listen)
             if history is not None:
-                entry = history.append(channel, payload, arrived)
-                if self._parked and entry.digest in self._parked:
+                entry = history.append(channel, payload, arrived,
+                                       None if places is None else places[n])
+                if self._parked and entry.digest in self._parked and not history.log:
                     found += self._parked[entry.digest]
             routes = channels.get(channel)
             if routes is None:
@@ -424,14 +461,16 @@ class Hub:
                 batch.setdefault(stream, []).append(message)
         if texts:
             self._fan_out(batch, _Batch(texts, entries, self.history), arrived)
+        if history is not None and history.log and self._parked:
+            found = [parked for awaited, same in self._parked.items()
+                     if 0 <= awaited <= history.seq for parked in same]
         for parked in found:
             # After the fan-out, which did not reach them: the replay covers this batch too.
             # (A digest twice in one batch lists its clients twice: each is admitted once.)
             if self._unpark(parked.client) is None:
                 continue
-            outcome = self.history.resolve(parked.position, parked.key[0])  # type: ignore[union-attr]
-            self._admit(parked.client, parked.key, parked.compression, parked.position,
-                        positions.UNKNOWN if outcome == WAIT else outcome)
+            self._enter(parked.client, parked.key, parked.compression, parked.position,
+                        waiting=False)
 
     def _fan_out(self, batch: dict[_Stream, list[int]], messages: _Batch,
                  arrived: float) -> None:

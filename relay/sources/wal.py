@@ -50,9 +50,10 @@ delivered; it is counted (:attr:`WalSource.oversized`), logged with its transact
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from math import inf
 from typing import Any
 
@@ -60,6 +61,7 @@ import psycopg
 import trio
 from psycopg import pq, sql
 
+from relay.core.history import LOG_INDEX_BITS
 from relay.sources import replication
 from relay.sources.base import SourceGaveUp, SourceMisconfigured
 from relay.sources.outage import RETRY_SPACING, Reconnecting, first_line
@@ -98,12 +100,15 @@ class WalSource(Reconnecting):
         slot: str,
         publication: str,
         max_payload_bytes: int,
-        publish: Callable[[Sequence[bytes], float], None],
+        publish: Callable[..., None],
         heartbeat_interval: float,
         retries: int,
         on_gap: Callable[[float, float], None] | None = None,
         on_listening: Callable[[], None] | None = None,
         on_loss: Callable[[], None] | None = None,
+        on_log: Callable[[int, int], None] | None = None,
+        on_caught_up: Callable[[], None] | None = None,
+        holding: Callable[[], int | None] | None = None,
     ) -> None:
         super().__init__(retries)
         self._db_uri = db_uri
@@ -117,12 +122,19 @@ class WalSource(Reconnecting):
         self._on_gap = on_gap
         self._on_listening = on_listening
         self._on_loss = on_loss
+        self._on_log = on_log
+        self._on_caught_up = on_caught_up
+        self._holding = holding
+        #: The log's identity (:func:`log_identity`) once read; the end of WAL to read up to
+        #: before the first start is caught up (None: it is).
+        self.identity: int | None = None
+        self._catch_up_to: int | None = None
         self._transactions = Transactions(prefix, max_payload_bytes)
         #: Whether a slot was read from yet (a slot made after that is a gap).
         self._started = False
-        #: The position the slot may confirm (everything before it was delivered or holds
-        #: nothing of ours), and the one it was last told.
-        self.confirmable = 0
+        #: The log up to here was handed to the hub (or holds no message of ours); what the
+        #: slot was last told it may let go of (:meth:`confirmable`).
+        self.delivered = 0
         self.confirmed = 0
         #: The server's end of WAL, as it last said.
         self.wal_end = 0
@@ -149,8 +161,8 @@ class WalSource(Reconnecting):
         while True:
             started = trio.current_time()
             try:
-                connection, made = await trio.to_thread.run_sync(self._connect_and_start,
-                                                                 abandon_on_cancel=True)
+                begun = await trio.to_thread.run_sync(self._connect_and_start,
+                                                      abandon_on_cancel=True)
             except psycopg.Error as exc:
                 attempts += 1
                 if down is None:
@@ -165,14 +177,27 @@ class WalSource(Reconnecting):
                 await trio.sleep_until(started + RETRY_SPACING)
                 continue
             attempts = 0
-            if made and self._started:
+            connection, made = begun.connection, begun.made
+            if self._on_log is not None and begun.identity != self.identity:
+                if self.identity is not None:
+                    log.error("the database behind PGWS_DB_URI is another one now (its log's "
+                              "identity changed): positions of the old one are unknown here")
+                self.identity = begun.identity
+                # What the slot confirmed is not read again: positions before it are expired.
+                self._on_log(begun.identity, (begun.confirmed << LOG_INDEX_BITS) - 1
+                             if begun.confirmed else 0)
+                if not self._started:
+                    self._catch_up_to = begun.wal_at_start
+            elif made and self._started:
                 self.gaps += 1
                 log.warning("replication slot %r was made again: what was committed while it "
                             "was missing is lost (gap %d)", self._slot, self.gaps,
                             extra={"event": "listener_gap", "gaps": self.gaps})
                 if self._on_gap is not None:
                     self._on_gap(down[1] if down is not None else time.time(), time.time())
-            if (made or not self._started) and self._on_listening is not None:
+            if self._on_listening is not None and \
+                    ((made and self._started) or (not self._started and self._on_log is None)):
+                # A gap; or, without log positions, the first start (the history's break).
                 self._on_listening()
             if down is None and not self._started:
                 log.info("listening on channel %r through the write-ahead log (slot %r)",
@@ -198,21 +223,24 @@ class WalSource(Reconnecting):
 
     # -- start-up (in a worker thread) ---------------------------------------------------------
 
-    def _connect_and_start(self) -> tuple[psycopg.Connection[Any], bool]:
-        """Check the database, make what is missing, start streaming: the replication
-        connection, and whether the slot was made now."""
-        made = self._prepare()
+    def _connect_and_start(self) -> _Started:
+        """Check the database, make what is missing, start streaming."""
+        made, confirmed, database = self._prepare()
         connection = psycopg.connect(self._db_uri, autocommit=True, replication="database",
                                      **self._connect_options)
         try:
             pgconn = connection.pgconn
+            system = _command(pgconn, "IDENTIFY_SYSTEM", pq.ExecStatus.TUPLES_OK)
+            identity = log_identity(system.get_value(0, 0) or b"", database, self._prefix)
+            wal_at_start = replication.parse_lsn((system.get_value(0, 2) or b"0/0").decode())
             if made:
-                _command(pgconn, f'CREATE_REPLICATION_SLOT "{self._slot}" LOGICAL pgoutput '
-                                 "NOEXPORT_SNAPSHOT", pq.ExecStatus.TUPLES_OK)
+                created = _command(pgconn, f'CREATE_REPLICATION_SLOT "{self._slot}" LOGICAL '
+                                           "pgoutput NOEXPORT_SNAPSHOT", pq.ExecStatus.TUPLES_OK)
+                confirmed = replication.parse_lsn((created.get_value(0, 1) or b"0/0").decode())
                 log.info("created replication slot %r (kept: drop it with "
                          "`pgws-relay drop-slot` when this relay is retired)", self._slot,
                          extra={"event": "slot_created"})
-            start = replication.format_lsn(self.confirmable)
+            start = replication.format_lsn(max(self.delivered, confirmed))
             _command(pgconn, f'START_REPLICATION SLOT "{self._slot}" LOGICAL {start} '
                              f"(proto_version '1', publication_names '\"{self._publication}\"', "
                              "messages 'true')", pq.ExecStatus.COPY_BOTH)
@@ -220,11 +248,12 @@ class WalSource(Reconnecting):
         except BaseException:
             connection.close()
             raise
-        return connection, made
+        return _Started(connection, made, identity, confirmed, wal_at_start)
 
-    def _prepare(self) -> bool:
-        """Check ``wal_level`` and the slot, make the publication; whether the slot must be
-        made. Raises :class:`SourceMisconfigured` for what no retry cures."""
+    def _prepare(self) -> tuple[bool, int, str]:
+        """Check ``wal_level`` and the slot, make the publication: whether the slot must be
+        made, where it starts (its confirmed LSN), the database's name. Raises
+        :class:`SourceMisconfigured` for what no retry cures."""
         with psycopg.connect(self._db_uri, autocommit=True, **self._connect_options) as conn:
             level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
             if level != "logical":
@@ -247,12 +276,13 @@ class WalSource(Reconnecting):
                         "database") from None
                 log.info("created publication %r (it publishes no table: the relay reads "
                          "only messages)", self._publication)
+            here = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
             row = conn.execute(
-                "SELECT slot_type, plugin, database, wal_status, current_database() "
+                "SELECT slot_type, plugin, database, wal_status, confirmed_flush_lsn::text "
                 "FROM pg_replication_slots WHERE slot_name = %s", (self._slot,)).fetchone()
             if row is None:
-                return True
-            kind, plugin, database, status, here = row
+                return True, 0, here
+            kind, plugin, database, status, confirmed = row
             if kind != "logical" or plugin != "pgoutput" or database != here:
                 raise SourceMisconfigured(
                     f"PGWS_WAL_SLOT: slot {self._slot!r} exists as a {kind} slot of "
@@ -263,8 +293,8 @@ class WalSource(Reconnecting):
                           "is gone, see max_slot_wal_keep_size); dropping and making it again: "
                           "a gap", self._slot)
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (self._slot,))
-                return True
-            return False
+                return True, 0, here
+            return False, replication.parse_lsn(confirmed or "0/0"), here
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -281,11 +311,14 @@ class WalSource(Reconnecting):
         transactions = self._transactions
         now = trio.current_time()
         status_due = now + _STATUS_INTERVAL
-        heartbeat_due = now + self._heartbeat_interval if self._heartbeat_interval > 0 else inf
+        # The first status asks for an answer at once: its keepalive says where the server's
+        # log ends, which tells whether the start is caught up without waiting for a message.
+        heartbeat_due = now
         answer_due = inf  # When a heartbeat's answer is late.
         while True:
             payloads: list[bytes] = []
-            reply = False
+            places: list[tuple[int, int]] = []
+            everything = False  # The server asks for a status now: it may be stopping.
             heard = False
             while True:
                 try:
@@ -301,9 +334,10 @@ class WalSource(Reconnecting):
                     message = replication.read_copy_data(bytes(data))
                     if isinstance(message, Keepalive):
                         self.wal_end = max(self.wal_end, message.wal_end)
-                        reply = reply or message.reply
+                        everything = everything or message.reply
                         if not transactions.in_transaction:
-                            self.confirmable = max(self.confirmable, message.wal_end)
+                            # Whole transactions up to it were sent: none holds a message.
+                            self.delivered = max(self.delivered, message.wal_end)
                         continue
                     self.wal_end = max(self.wal_end, message.wal_end)
                     oversized = transactions.oversized
@@ -313,37 +347,57 @@ class WalSource(Reconnecting):
                 if transactions.oversized != oversized:
                     self._lost_oversized(transactions.oversized - oversized, message.start)
                 if committed is not None:
-                    payloads.extend(committed.messages)
-                    self.confirmable = max(self.confirmable, committed.end)
+                    second = committed.time // 1_000_000
+                    base = committed.lsn << LOG_INDEX_BITS
+                    places += [(base | index, second) for index in range(len(committed.messages))]
+                    payloads += committed.messages
+                    self.delivered = max(self.delivered, committed.end)
             now = trio.current_time()
             if heard:
                 answer_due = inf
             if payloads:
                 self.received += len(payloads)
                 self.last_message_at = time.time()
-                self._publish(payloads, time.monotonic())
+                self._publish(payloads, time.monotonic(), places=places)
+            if self._catch_up_to is not None and self.delivered >= self._catch_up_to:
+                self._catch_up_to = None
+                log.info("caught up with the log at %s", replication.format_lsn(self.delivered))
+                if self._on_caught_up is not None:
+                    self._on_caught_up()
             ask = now >= heartbeat_due
             if ask:
-                heartbeat_due = now + self._heartbeat_interval
+                heartbeat_due = now + self._heartbeat_interval if self._heartbeat_interval > 0 \
+                    else inf
                 if answer_due == inf:
                     answer_due = now + self._heartbeat_timeout
-            if reply or ask or (now >= status_due and self.confirmable != self.confirmed):
-                await self._status(pgconn, fd, ask)
+            if everything or ask or now >= status_due:
+                await self._status(pgconn, fd, ask, everything)
                 status_due = now + _STATUS_INTERVAL
             if now >= answer_due:
                 raise _Lost(f"no answer from the walsender within {self._heartbeat_timeout:g} s")
-            deadline = min(heartbeat_due, answer_due,
-                           status_due if self.confirmable != self.confirmed else inf)
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(min(heartbeat_due, answer_due, status_due)):
                 await trio.lowlevel.wait_readable(fd)
             try:
                 pgconn.consume_input()
             except psycopg.Error as exc:
                 raise _Lost(first_line(exc)) from None
 
-    async def _status(self, pgconn: pq.abc.PGconn, fd: int, ask: bool) -> None:
-        """Confirm :attr:`confirmable`; ``ask``: the walsender must answer at once."""
-        confirming = self.confirmable
+    def confirmable(self, everything: bool = False) -> int:
+        """What the slot may confirm now: what was delivered, but nothing the history still
+        keeps (``holding``), so that a restarted relay reads it again; ``everything``: all that
+        was delivered (the server asks, as it does before it stops)."""
+        delivered = self.delivered
+        if everything or self._holding is None:
+            return delivered
+        oldest = self._holding()
+        if oldest is None:
+            return delivered
+        return min(delivered, oldest >> LOG_INDEX_BITS)
+
+    async def _status(self, pgconn: pq.abc.PGconn, fd: int, ask: bool,
+                      everything: bool) -> None:
+        """Confirm what may be confirmed; ``ask``: the walsender must answer at once."""
+        confirming = max(self.confirmed, self.confirmable(everything))
         message = replication.standby_status(confirming, time.time_ns() // 1000, ask)
         try:
             if pgconn.put_copy_data(message) != 1:
@@ -390,12 +444,39 @@ def drop_slot(db_uri: str, slot: str, connect_options: dict[str, Any]) -> None:
                                  f"{first_line(exc)}") from None
 
 
-def _command(pgconn: pq.abc.PGconn, command: str, expected: pq.ExecStatus) -> None:
+def log_identity(system_identifier: bytes, database: str, prefix: str) -> int:
+    """The 32 bits that name one log of messages: the cluster (its system identifier, kept by
+    its physical standbys), the database (slots are per database) and the prefix. Every relay
+    reading it computes the same; a position of another log names nothing in this one."""
+    name = b"\0".join((system_identifier, database.encode(), prefix.encode()))
+    return int.from_bytes(hashlib.blake2b(name, digest_size=4, person=b"pgws-log").digest(),
+                          "big")
+
+
+class _Started:
+    """A replication connection that streams, and what its start said."""
+
+    __slots__ = ("confirmed", "connection", "identity", "made", "wal_at_start")
+
+    def __init__(self, connection: psycopg.Connection[Any], made: bool, identity: int,
+                 confirmed: int, wal_at_start: int) -> None:
+        self.connection = connection
+        #: The slot was made now (a gap, unless this is the first start).
+        self.made = made
+        self.identity = identity
+        #: Where the slot starts: what it confirmed (a new slot: its consistent point).
+        self.confirmed = confirmed
+        #: The server's end of WAL when streaming began: reading up to it is catching up.
+        self.wal_at_start = wal_at_start
+
+
+def _command(pgconn: pq.abc.PGconn, command: str, expected: pq.ExecStatus) -> pq.abc.PGresult:
     """Run a replication command (simple query protocol); psycopg.Error when it fails."""
     result = pgconn.exec_(command.encode())
     if result.status != expected:
         message = (result.error_message or pgconn.error_message).decode("utf-8", "replace")
         raise psycopg.OperationalError(message.strip() or f"{command.split()[0]} failed")
+    return result
 
 
 def _ended(pgconn: pq.abc.PGconn) -> str:

@@ -104,6 +104,10 @@ _REFUSED_LOG_INTERVAL = 10.0
 #: arrive here: relays listening on one database receive each notification within
 #: milliseconds of each other, so longer means this relay never saw it (``unknown``).
 _RESUME_WAIT = 2.0
+#: The same when positions are places in a log (the WAL source), or while the source reads its
+#: log again after a start: every point arrives here in the end, so a relay that lags another,
+#: or rebuilds its history, is waited for longer before the position is called unknown.
+_LOG_RESUME_WAIT = 10.0
 
 
 async def _contained(what: str, task: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -314,8 +318,11 @@ class Server:
 
     async def _give_up_later(self, client: Client) -> None:
         """A client waits for its position (issued by another relay process) at most
-        ``_RESUME_WAIT`` seconds; then it is told the position is unknown here."""
-        await trio.sleep(_RESUME_WAIT)
+        ``_RESUME_WAIT`` seconds (a log's: ``_LOG_RESUME_WAIT``); then it is told the position
+        is unknown here."""
+        history = self._hub.history
+        log_positions = self._hub.catching_up or (history is not None and history.log)
+        await trio.sleep(_LOG_RESUME_WAIT if log_positions else _RESUME_WAIT)
         self._hub.give_up(client)
 
     async def _refuse_address(self, stream: trio.abc.Stream, network: str) -> None:

@@ -88,6 +88,11 @@ def test_the_core_knows_no_transports_bytes(module: str) -> None:
     assert [name for name in reaches(module) if name.startswith("relay.wire.frames")] == []
 
 
+def test_the_replication_protocol_is_pure() -> None:
+    """The WAL source's bytes are read and written apart from its I/O (as the core is)."""
+    assert {name.split(".")[0] for name in reaches("relay.sources.replication")} & IO == set()
+
+
 @pytest.mark.parametrize("module", _in("relay.transports"))
 def test_a_transport_never_imports_a_source(module: str) -> None:
     assert [name for name in reaches(module) if name.startswith("relay.sources")] == []

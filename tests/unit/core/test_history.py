@@ -549,3 +549,72 @@ def test_a_control_event_of_exactly_the_longest_length_is_read_and_one_longer_is
     with pytest.raises(positions.ProtocolError) as raised:
         positions.read(longer)
     assert str(raised.value) == f"a control event of {positions.MAX_CONTROL_LENGTH + 1} characters"
+
+
+# -- log positions ---------------------------------------------------------------------------
+
+def _log_history(identity: int = 0xC0FFEE01, start: int = 0, messages: int = 100) -> History:
+    history = History(messages, 1 << 20, 60, wall_offset=0.0)
+    history.adopt_log(identity, start, now=0.0)
+    return history
+
+
+def _key(lsn: int, index: int = 0) -> int:
+    return lsn << 32 | index
+
+
+def test_log_positions_are_the_place_in_the_log_and_alike_on_every_reader() -> None:
+    a, b = _log_history(), _log_history()
+    for history in (a, b):
+        history.append("c", _payload("c", 1), 5.0, (_key(0x16B374D848, 0), 1_700_000_000))
+        history.append("c", _payload("c", 2), 5.0, (_key(0x16B374D848, 1), 1_700_000_000))
+    assert a.position == b.position == "c0ffee01.16b374d848.0000000000000001.6553f100"
+    entry = next(iter(a.after(0, ["c"])))
+    assert a.position_of(entry) == b"c0ffee01.16b374d848.0000000000000000.6553f100"
+    first = positions.parse_position(a.position_of(entry).decode())
+    assert first is not None
+    assert b.resolve(first, ["c"]) == _key(0x16B374D848, 0)
+    assert [json.loads(e.payload)["n"] for e in b.after(b.resolve(first, ["c"]), ["c"])] == [2]
+
+
+def test_a_log_position_not_read_yet_is_waited_for_and_others_are_unknown() -> None:
+    history = _log_history()
+    history.append("c", _payload("c", 1), 0.0, (_key(10), 1))
+    ahead = Position(0xC0FFEE01, 11, 3, 1)
+    assert history.resolve(ahead, ["c"]) == WAIT
+    assert history.awaited(ahead) == _key(11, 3)
+    assert history.resolve(Position(0xC0FFEE02, 10, 0, 1), ["c"]) == positions.UNKNOWN
+    assert history.resolve(Position(0xC0FFEE01, 10, 1 << 32, 1), ["c"]) == positions.UNKNOWN
+    assert history.resolve(Position(0xC0FFEE01, 10, 0, 1), ["c"]) == _key(10)
+
+
+def test_a_log_history_starts_after_its_start_and_a_break_is_a_gap() -> None:
+    history = _log_history(start=_key(100) - 1)
+    assert history.resolve(Position(0xC0FFEE01, 99, 7, 0), ["c"]) == positions.EXPIRED
+    at_start = positions.parse_position(history.position)
+    assert at_start is not None and history.resolve(at_start, ["c"]) == _key(100) - 1
+    history.append("c", _payload("c", 1), 0.0, (_key(100), 0))
+    before = positions.parse_position(history.position)
+    history.mark_break(0.0)
+    assert history.resolve(before, ["c"]) == positions.GAP  # type: ignore[arg-type]
+    after = positions.parse_position(history.position)
+    history.append("c", _payload("c", 2), 0.0, (_key(101), 0))
+    assert history.resolve(after, ["c"]) == _key(100) + 1  # type: ignore[arg-type]
+
+
+def test_the_oldest_entry_kept_is_what_a_log_must_keep_for_this_history() -> None:
+    history = _log_history(messages=2)
+    assert history.oldest() is None
+    for lsn, channel in ((10, "a"), (11, "b"), (12, "a"), (13, "a")):
+        history.append(channel, _payload(channel, lsn), 0.0, (_key(lsn), 0))
+    assert history.oldest() == _key(11)  # a's 10 was pushed out by 12 and 13.
+    history.expire(1e9)
+    assert history.oldest() is None and history.entries == 0
+
+
+def test_adopting_a_log_drops_what_the_history_held() -> None:
+    history = _history()
+    _feed(history, [("c", 1), ("c", 2)])
+    history.adopt_log(7, _key(5) - 1, now=0.0)
+    assert (history.entries, history.bytes, history.epoch, history.log) == (0, 0, 7, True)
+    assert history.position == "00000007.4.00000000ffffffff.00000000"

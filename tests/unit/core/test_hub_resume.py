@@ -424,3 +424,64 @@ def test_a_filtered_resume_does_at_most_its_work_bound_and_no_more() -> None:
     costly = Recorder()
     hub.add(costly, ["c"], deep, positioned=True, resume=_resume(head))
     assert costly.read() == [Control("lost", hub.history.position, "expired")]  # type: ignore[union-attr]
+
+
+# -- log positions and catching up -----------------------------------------------------------
+
+def _log_hub() -> Hub:
+    history = History(100, 1 << 24, 3600)
+    history.adopt_log(0xABCD, (1 << 32) - 1)
+    return Hub("listen", history=history, encoding=TEXT_FRAMES)
+
+
+def _at(lsn: int, count: int = 1) -> list[tuple[int, int]]:
+    return [(lsn << 32 | index, 1_700_000_000) for index in range(count)]
+
+
+def test_clients_wait_while_the_source_catches_up_then_enter_with_what_they_missed() -> None:
+    hub = _log_hub()
+    hub.publish([_p(1)], places=_at(1))
+    position = hub.history.position  # type: ignore[union-attr]
+    hub.catching_up = True
+    back, fresh, plain, writer = Recorder(), Recorder(), Recorder(), Recorder()
+    assert hub.add(back, ["c"], positioned=True, resume=_resume(position)) is True
+    assert hub.add(fresh, ["c"], positioned=True) is True
+    assert hub.add(plain, ["c"]) is True
+    assert hub.add(writer, []) is False  # Writes only: nothing to wait for.
+    hub.publish([_p(2), _p(3)], places=_at(2, 2))  # Read again: kept, delivered to no one.
+    assert back.sent == fresh.sent == plain.sent == []
+    hub.caught_up()
+    assert back.read()[0] == Control("resumed", position, None, 2) and back.ns() == [2, 3]
+    assert isinstance(fresh.read()[0], Control) and fresh.ns() == []
+    hub.publish([_p(4)], places=_at(3))
+    assert back.ns() == [2, 3, 4] and fresh.ns() == [4]
+    assert json.loads(plain.texts()[-1])["n"] == 4 and len(plain.texts()) == 1
+
+
+def test_a_log_position_ahead_of_this_reader_waits_until_it_is_read() -> None:
+    hub = _log_hub()
+    ahead = positions.Position(0xABCD, 5, 0, 1_700_000_000)
+    parked = Recorder()
+    assert hub.add(parked, ["c"], positioned=True, resume=ahead) is True
+    hub.publish([_p(1)], places=_at(4))
+    assert parked.sent == []
+    hub.publish([_p(2), _p(3)], places=_at(5, 2))  # Its point, and one after it.
+    assert parked.read()[0] == Control("resumed", hub.history.text(ahead), None, 1)  # type: ignore[union-attr]
+    assert parked.ns() == [3]
+
+
+def test_a_client_given_up_on_while_catching_up_enters_and_an_unread_position_is_unknown(
+        ) -> None:
+    hub = _log_hub()
+    hub.catching_up = True
+    waiting, back = Recorder(), Recorder()
+    assert hub.add(waiting, ["c"]) is True
+    assert hub.add(back, ["c"], positioned=True,
+                   resume=positions.Position(0xABCD, 9, 0, 1_700_000_000)) is True
+    hub.give_up(waiting)
+    hub.give_up(back)
+    assert back.read()[0].reason == positions.UNKNOWN  # type: ignore[union-attr]
+    hub.publish([_p(1)], places=_at(2))
+    assert len(waiting.texts()) == 1 and back.ns() == [1]
+    hub.caught_up()  # Nobody is left waiting.
+    assert len(waiting.texts()) == 1

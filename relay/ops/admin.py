@@ -205,6 +205,8 @@ class RelayCollector(Collector):
                                value={"version": __version__})
         for name, family, documentation, read in _METRICS:
             yield family(name, documentation, value=read(sources))
+        for name, (documentation, value) in sources.listener.gauges().items():
+            yield GaugeMetricFamily(name, documentation, value=value)
         refused = CounterMetricFamily(
             "pgws_connections_refused",
             "WebSocket requests refused, by reason: token (400, upstream's texts), filter (400, a "

@@ -53,6 +53,10 @@ class Source(Protocol):
     def down_seconds(self) -> float:
         """Seconds since start-up without a place in the stream (the current outage too)."""
 
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """What only this kind of source measures, read at scrape time: metric name →
+        (help, value). Empty when it has nothing of its own."""
+
     async def run(self) -> None:
         """Read the stream until cancelled, reconnecting within the window.
 

@@ -99,6 +99,10 @@ class NotifySource(Reconnecting):
         self.received = 0
         self.ready = trio.Event()
 
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """LISTEN's numbers are the common ones (``pgws_listener_*``)."""
+        return {}
+
     async def run(self) -> None:
         """Listen until cancelled; raise :class:`SourceGaveUp` when an outage lasts too long."""
         # When LISTEN stopped being in place (trio clock, wall clock); None while it is.

@@ -152,6 +152,23 @@ class WalSource(Reconnecting):
         """WAL the slot holds beyond what it confirmed (as the server last said)."""
         return max(0, self.wal_end - self.confirmed)
 
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """The slot's numbers, for /metrics."""
+        since = time.time() - self.last_message_at if self.last_message_at else -1.0
+        return {
+            "pgws_wal_lag_bytes": ("Bytes of WAL the slot holds for this relay: the server's "
+                                   "end of WAL less what the slot confirmed (the history "
+                                   "window is kept on purpose).", self.lag_bytes),
+            "pgws_wal_confirmed_lsn": ("The slot's confirmed position (an LSN as a number).",
+                                       self.confirmed),
+            "pgws_wal_delivered_lsn": ("The log up to here was handed to the hub.",
+                                       self.delivered),
+            "pgws_wal_seconds_since_message": ("Seconds since the last message was read "
+                                               "(-1: none yet).", since),
+            "pgws_wal_oversized_messages": ("Messages over PGWS_MAX_PAYLOAD_BYTES, not "
+                                            "delivered.", self.oversized),
+        }
+
     async def run(self) -> None:
         """Read the log until cancelled; raise :class:`SourceGaveUp` when an outage lasts too
         long, :class:`SourceMisconfigured` when the database cannot serve this source."""

@@ -24,6 +24,7 @@ from relay.app import connect_options
 from relay.sources.base import SourceMisconfigured
 from relay.sources.wal import WalSource
 from relay.wire import positions
+from tests.e2e.test_admin import admin_port, get, samples
 from tests.helpers import (
     DB_URI,
     RELAY,
@@ -217,10 +218,12 @@ def test_the_relay_delivers_the_log_and_writes_through_it_then_its_slot_is_dropp
         logical: str) -> None:
     listen, slot = unique_channel("wal"), _slot()
     env = relay_env(PGWS_DB_URI=logical, PGWS_SOURCE="wal", PGWS_WAL_SLOT=slot,
-                    PGWS_LISTEN_CHANNEL=listen)
+                    PGWS_LISTEN_CHANNEL=listen, PGWS_ADMIN_PORT="0")
     relay = RelayProcess(env)
     try:
         relay.wait_ready()
+        port = admin_port(relay)
+        assert eventually(lambda: get(port, "/ready")[:2] == (200, "ready\n"))
         url = relay.url(f"/chat/{token({'mode': 'rw', 'channel': 'chat'})}")
         with connect(url) as client, psycopg.connect(logical, autocommit=True) as listener:
             listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(listen)))
@@ -236,6 +239,13 @@ def test_the_relay_delivers_the_log_and_writes_through_it_then_its_slot_is_dropp
             assert (echo["payload"], echo["channel"]) == ("hello", "chat")
             notified = next(listener.notifies(timeout=10, stop_after=1))
             assert json.loads(notified.payload) == echo
+        # The slot is told every second; it confirms no more than was delivered.
+        read = eventually(lambda: (found := samples(port))[("pgws_wal_confirmed_lsn", ())] > 0
+                          and found)
+        assert read[("pgws_wal_delivered_lsn", ())] >= read[("pgws_wal_confirmed_lsn", ())]
+        assert read[("pgws_wal_lag_bytes", ())] >= 0
+        assert 0 <= read[("pgws_wal_seconds_since_message", ())] < 3600
+        assert read[("pgws_notifications_received_total", ())] == 3
     finally:
         relay.stop()
     assert eventually(lambda: _slot_inactive(logical, slot))

@@ -18,6 +18,7 @@ import psycopg
 import psycopg.sql
 import pytest
 import trio
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from bench.parts.pgcluster import Cluster
@@ -378,3 +379,39 @@ def test_a_position_resumes_after_the_relay_was_killed_and_on_another_relay(
         relay.stop()
         if other is not None:
             other.stop()
+
+
+def test_a_write_too_big_for_notify_goes_through_the_log_alone_and_an_oversized_one_is_told(
+        logical: str) -> None:
+    listen, slot = unique_channel("wal"), _slot()
+    relay = _wal_relay(logical, slot, listen, PGWS_MAX_MESSAGE_SIZE="20000",
+                       PGWS_MAX_PAYLOAD_BYTES="15000")
+    try:
+        url = relay.url(f"/c/{token({'mode': 'rw', 'channel': 'c'})}")
+        with connect(url, subprotocols=SUB) as client, \
+                psycopg.connect(logical, autocommit=True) as listener:  # type: ignore[arg-type]
+            listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(listen)))
+            assert _next(client).event == "position"  # type: ignore[union-attr]
+            client.send("w" * 10_000)  # Its envelope is over NOTIFY's 8,000 bytes.
+            echo = _next(client)
+            assert isinstance(echo, positions.Delivery)
+            assert json.loads(echo.payload)["payload"] == "w" * 10_000
+            client.send("small")  # Through both: the first NOTIFY listeners get is this one.
+            small = _next(client)
+            notified = next(listener.notifies(timeout=10, stop_after=1))
+            assert json.loads(notified.payload)["payload"] == "small"
+            assert json.loads(small.payload)["payload"] == "small"  # type: ignore[union-attr]
+            _emit(logical, f"SELECT pg_logical_emit_message(true, '{listen}', "
+                           f"'{{\"channel\":\"c\",\"big\":\"' || repeat('b', 16000) || '\"}}')",
+                  f"SELECT pg_logical_emit_message(true, '{listen}', '{{\"channel\":\"c\"}}')")
+            told = _next(client)
+            assert (told.event, told.reason) == ("lost", positions.GAP)  # type: ignore[union-attr]
+            after = _next(client)
+            assert isinstance(after, positions.Delivery) and after.payload == '{"channel":"c"}'
+            client.send("x" * 15_000)  # Its envelope is over PGWS_MAX_PAYLOAD_BYTES.
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        relay.wait_for_line(r"over PGWS_MAX_PAYLOAD_BYTES \(15000\) not delivered")
+    finally:
+        relay.stop()

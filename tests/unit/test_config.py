@@ -440,3 +440,15 @@ def test_the_largest_payload_that_fits_the_queue_is_accepted_and_notify_ignores_
         ) -> None:
     assert load({**WAL, "PGWS_MAX_PAYLOAD_BYTES": "1048514"}).max_payload_bytes == 1048514
     assert load({**BASE, "PGWS_MAX_PAYLOAD_BYTES": "5000000", "PGWS_WORKERS": "2"}).workers == 2
+
+
+def test_the_client_librarys_message_limit_holds_the_largest_default_delivery() -> None:
+    """With the WAL source a delivery may be PGWS_MAX_PAYLOAD_BYTES long, plus its position:
+    the client library's default must take it (else it closes with 1009)."""
+    import inspect
+
+    from relay.client import subscription
+    from relay.config import DELIVERY_OVERHEAD
+
+    limit = inspect.signature(subscription.subscribe).parameters["max_message_size"].default
+    assert limit >= load(BASE).max_payload_bytes + DELIVERY_OVERHEAD

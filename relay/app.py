@@ -38,6 +38,7 @@ from relay.core.history import History
 from relay.core.hub import Hub
 from relay.ops import admin, workers
 from relay.sources.base import Source, SourceGaveUp, SourceMisconfigured
+from relay.sources.nats import NatsSettings, NatsSource
 from relay.sources.notifier import Notifier
 from relay.sources.notify import NotifySource
 from relay.sources.publisher import Publisher
@@ -228,11 +229,12 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
                       sealer=sealer) if config.history_messages else None
     hub = Hub(config.listen_channel, config.compression_streams, history,
               encoding=frames.TEXT_FRAMES)
-    wal = config.source == "wal"
+    # With the log (wal) or the stream the feeder fills from it (nats), writes go to the log.
+    logged = config.source != "notify"
     notifier = Notifier(config.db_uri, config.pool_size, options,
-                        log_prefix=config.listen_channel if wal else None)
+                        log_prefix=config.listen_channel if logged else None)
     publisher = Publisher(notifier, config.listen_channel, config.meta_channel,
-                          config.max_payload_bytes if wal else PG_NOTIFY_MAX_BYTES - 1)
+                          config.max_payload_bytes if logged else PG_NOTIFY_MAX_BYTES - 1)
     meta = config.meta_channel
 
     def on_gap(since: float, until: float) -> None:
@@ -240,13 +242,19 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
         if meta is not None:
             hub.publish([envelope.listener_reconnected(meta, since, until)], local=True)
 
-    source: NotifySource | WalSource
-    if wal:
+    source: NotifySource | WalSource | NatsSource
+    if logged and history is not None:
+        # Positions are places in the log (or stream), and a relay started again reads its
+        # history back: clients wait for that (Hub.caught_up), then enter as usual.
+        hub.catching_up = True
+    if config.source == "nats":
+        source = NatsSource(NatsSettings.of(config), hub.publish, config.retries,
+                            config.history_seconds,
+                            on_log=None if history is None else history.adopt_log,
+                            on_caught_up=hub.caught_up, on_listening=hub.listening,
+                            channel=config.listen_channel)
+    elif config.source == "wal":
         assert config.wal_slot is not None  # The configuration requires it.
-        if history is not None:
-            # Positions are places in the log, and a restarted relay reads its history again
-            # from the slot: clients wait for that (Hub.caught_up), then enter as usual.
-            hub.catching_up = True
         source = WalSource(config.db_uri, options, config.listen_channel, config.wal_slot,
                            config.wal_publication, config.max_payload_bytes, hub.publish,
                            config.heartbeat_interval, config.retries, on_gap, hub.listening,

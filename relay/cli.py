@@ -14,6 +14,9 @@ for HS384/HS512 gets a warning. With several workers the supervisor's status is 
 first worker that ended on its own (see relay/ops/workers.py). ``token`` exits 0 with the token on
 stdout, or 2 with the reason on stderr (one line, or argparse's usage and error).
 
+``pgws-relay feed`` reads the database's log into a NATS JetStream stream for relays with
+``PGWS_SOURCE=nats`` (:mod:`relay.sources.feed`); the same exit statuses as the relay.
+
 ``pgws-relay drop-slot`` drops the replication slot of a relay retired for good
 (``PGWS_DB_URI``, ``PGWS_WAL_SLOT`` or their flags): a slot nobody reads keeps the WAL it has not
 confirmed until the disk fills. Exit 0 when dropped, 1 when it cannot be (none of that name, still
@@ -69,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                     "overrides it.",
         epilog="pgws-relay token --help: mint a token this relay accepts. "
                "pgws-relay tail --help: print a channel's messages as they arrive. "
-               "pgws-relay drop-slot --help: drop a retired relay's replication slot.",
+               "pgws-relay drop-slot --help: drop a retired relay's replication slot. "
+               "pgws-relay feed --help: feed a NATS JetStream stream from the database's log.",
     )
     parser.add_argument("--version", action="version", version=f"pgws-relay {__version__}")
     for setting in SETTINGS:
@@ -212,6 +216,8 @@ def _run(argv: Sequence[str]) -> int:
         config, loaded = check(env)
     except ConfigError as exc:
         return _report(exc.problems)
+    if config.source == "nats" and (missing := _nats_missing()) is not None:
+        return _report([missing])
     worker = int(os.environ[workers.WORKER_ENV]) if workers.is_worker() else None
     logs.configure(config.log_level, config.log_format, worker)
     warning = hmac_warning(config.jwt_secret, loaded)
@@ -237,6 +243,44 @@ def _run(argv: Sequence[str]) -> int:
         # and a status of its own, so a supervisor tells it from a listener that gave up (1).
         log.critical("internal error; the relay stops", exc_info=True)
         return workers.CRASHED
+
+
+def _feed(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pgws-relay feed",
+        description="Read the database's log (as PGWS_SOURCE=wal does, from PGWS_WAL_SLOT) and "
+                    "publish every message to the NATS JetStream stream PGWS_NATS_STREAM, which "
+                    "relays with PGWS_SOURCE=nats read. Every setting is an environment "
+                    "variable; a flag overrides it.")
+    for setting in SETTINGS:
+        if setting.variable not in SECRET_VARIABLES:
+            parser.add_argument(setting.flag, dest=setting.variable, metavar="VALUE",
+                                help=f"{setting.variable}: {setting.help}")
+    env = {**_environment(parser.parse_args(argv)), "PGWS_SOURCE": "wal"}
+    try:
+        config = load(env, secret=False)
+    except ConfigError as exc:
+        return _report(exc.problems)
+    if not config.nats_servers:
+        return _report([Problem("PGWS_NATS_URL", "required by feed: the NATS servers to "
+                                "publish to")])
+    missing = _nats_missing()
+    if missing is not None:
+        return _report([missing])
+    logs.configure(config.log_level, config.log_format, None)
+    from relay.sources.feed import run_feed  # nats-py: loaded by the commands that use it.
+
+    return trio.run(run_feed, config, app.connect_options(config.db_uri))
+
+
+def _nats_missing() -> Problem | None:
+    """A problem when nats-py is not installed (it is the ``nats`` extra)."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return Problem("PGWS_NATS_URL", "NATS needs the nats extra: pip install "
+                                        "'pgws-relay[nats]'")
+    return None
 
 
 def _drop_slot(argv: Sequence[str]) -> int:
@@ -404,4 +448,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tail(arguments[1:])
     if arguments[:1] == ["drop-slot"]:
         return _drop_slot(arguments[1:])
+    if arguments[:1] == ["feed"]:
+        return _feed(arguments[1:])
     return _run(arguments)

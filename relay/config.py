@@ -53,7 +53,7 @@ PG_NOTIFY_MAX_BYTES = 8000
 _PG_IDENTIFIER_MAX_BYTES = 63
 
 #: ``PGWS_SOURCE``'s values: LISTEN/NOTIFY (upstream's), or the write-ahead log.
-SOURCES = ("notify", "wal")
+SOURCES = ("notify", "wal", "nats")
 
 #: PostgreSQL's rule for replication slot names.
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
@@ -112,6 +112,16 @@ class Config:
     wal_slot: str | None
     wal_publication: str
     max_payload_bytes: int
+    nats_servers: tuple[str, ...]
+    nats_stream: str
+    nats_user: str | None
+    nats_password: str | None
+    nats_token: str | None
+    nats_creds: str | None
+    nats_tls_ca: str | None
+    nats_replicas: int
+    nats_max_age: float
+    nats_max_bytes: int
     pool_size: int
     retries: int
     #: Seconds between listener heartbeats; 0 disables the heartbeat.
@@ -234,7 +244,7 @@ def _channel(value: str) -> str:
 def _source(value: str) -> str:
     source = value.strip().lower()
     if source not in SOURCES:
-        raise ValueError(f"expected notify or wal, got {value!r}")
+        raise ValueError(f"expected notify, wal or nats, got {value!r}")
     return source
 
 
@@ -248,6 +258,25 @@ def slot_name(value: str) -> str:
 
 def _slot_name_or_unset(value: str) -> str:
     return slot_name(value) if value else ""  # VAR= means unset, as elsewhere.
+
+
+def _servers(value: str) -> tuple[str, ...]:
+    servers = []
+    for item in (item.strip() for item in value.split(",")):
+        if not item:
+            continue
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+", item):
+            raise ValueError(f"{item!r} is not a NATS server URL (nats://host:port or "
+                             "tls://host:port)")
+        servers.append(item)
+    return tuple(servers)
+
+
+def _stream_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(f"{value!r}: use 1 to 64 letters, digits, '_' and '-' (the stream's "
+                         "name is also its subjects' first token)")
+    return value
 
 
 def _origins(value: str) -> tuple[str, ...]:
@@ -349,6 +378,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_MAX_PAYLOAD_BYTES", "max_payload_bytes", _int_at_least(1), "1000000",
             "largest payload delivered with PGWS_SOURCE=wal (a larger one is counted, logged, "
             "and positioned clients are told lost); PGWS_MAX_QUEUE_BYTES must hold one"),
+    Setting("PGWS_NATS_URL", "nats_servers", _servers, None,
+            "NATS servers, comma-separated (nats://host:4222, tls://host:4222): the stream "
+            "PGWS_SOURCE=nats reads and pgws-relay feed fills"),
+    Setting("PGWS_NATS_STREAM", "nats_stream", _stream_name, "pgws",
+            "the JetStream stream (made by pgws-relay feed when missing; its subjects are "
+            "STREAM.CHANNEL)"),
+    Setting("PGWS_NATS_USER", "nats_user", _text, None, "NATS user (with PGWS_NATS_PASSWORD)"),
+    Setting("PGWS_NATS_PASSWORD", "nats_password", _text, None, "NATS password"),
+    Setting("PGWS_NATS_TOKEN", "nats_token", _text, None, "NATS token"),
+    Setting("PGWS_NATS_CREDS", "nats_creds", _nonempty, None,
+            "a NATS credentials file (JWT and NKey seed)"),
+    Setting("PGWS_NATS_TLS_CA", "nats_tls_ca", _nonempty, None,
+            "CA certificates (PEM) to verify the NATS servers with (tls:// URLs)"),
+    Setting("PGWS_NATS_REPLICAS", "nats_replicas", _int_at_least(0, 5), "0",
+            "replicas of a stream the feeder makes (0: 1 on a single server, 3 in a cluster)"),
+    Setting("PGWS_NATS_MAX_AGE", "nats_max_age", _seconds, "86400",
+            "seconds a stream the feeder makes keeps a message (what a resume can reach)"),
+    Setting("PGWS_NATS_MAX_BYTES", "nats_max_bytes", _int_at_least(1 << 20), "1073741824",
+            "bytes a stream the feeder makes keeps at most (the oldest go first)"),
     Setting("PGWS_POOL_SIZE", "pool_size", _int_at_least(1), "10",
             "connections for NOTIFYs (client writes, meta events, heartbeats)"),
     Setting("PGWS_RETRIES", "retries", _int_at_least(0), "5",
@@ -464,7 +512,8 @@ def _settings_order(problem: Problem) -> int:
 
 
 #: Settings whose ``@path`` value is read from that file (secrets stay out of the environment).
-_FILE_VARIABLES = frozenset({"PGWS_DB_URI", "PGWS_POSITION_KEY", "PGWS_POSITION_KEY_PREVIOUS"})
+_FILE_VARIABLES = frozenset({"PGWS_DB_URI", "PGWS_POSITION_KEY", "PGWS_POSITION_KEY_PREVIOUS",
+                             "PGWS_NATS_PASSWORD", "PGWS_NATS_TOKEN"})
 
 
 def _read_file(variable: str, path: str) -> bytes:
@@ -547,7 +596,7 @@ def _check_directory(path: str) -> None:
                          "readable and searchable)")
 
 
-def load(env: Mapping[str, str]) -> Config:
+def load(env: Mapping[str, str], secret: bool = True) -> Config:
     """Parse the ``PGWS_*`` variables in ``env``; raise one :class:`ConfigError` listing every
     problem.
 
@@ -565,7 +614,8 @@ def load(env: Mapping[str, str]) -> Config:
         except ConfigError as exc:
             problems.extend(exc.problems)
     try:
-        values["jwt_secret"] = load_secret(env)
+        # ``secret=False``: a command that verifies no token (``feed``) does without one.
+        values["jwt_secret"] = load_secret(env) if secret else b""
     except ConfigError as exc:
         problems.extend(exc.problems)
 
@@ -583,10 +633,18 @@ def load(env: Mapping[str, str]) -> Config:
     if parsed("source", "wal_slot") and values["source"] == "wal" and not values["wal_slot"]:
         problems.append(Problem("PGWS_WAL_SLOT", "required with PGWS_SOURCE=wal: name the "
                                 "replication slot this relay reads (one per relay process)"))
+    if parsed("source", "nats_servers") and values["source"] == "nats" \
+            and not values["nats_servers"]:
+        problems.append(Problem("PGWS_NATS_URL", "required with PGWS_SOURCE=nats: the NATS "
+                                "servers whose stream the relay reads"))
+    if parsed("nats_user", "nats_password") and \
+            (values["nats_user"] is None) != (values["nats_password"] is None):
+        problems.append(Problem("PGWS_NATS_PASSWORD", "PGWS_NATS_USER and PGWS_NATS_PASSWORD "
+                                "must be set together"))
     if parsed("source", "workers") and values["source"] == "wal" and values["workers"] > 1:
         problems.append(Problem("PGWS_WORKERS", "PGWS_SOURCE=wal reads one slot per process: "
                                 "run one worker per relay process (PGWS_WORKERS=1)"))
-    if parsed("source", "max_payload_bytes", "max_queue_bytes") and values["source"] == "wal" \
+    if parsed("source", "max_payload_bytes", "max_queue_bytes") and values["source"] != "notify" \
             and values["max_queue_bytes"] < values["max_payload_bytes"] + DELIVERY_OVERHEAD:
         problems.append(Problem(
             "PGWS_MAX_PAYLOAD_BYTES", f"{values['max_payload_bytes']} bytes do not fit in a "
@@ -612,5 +670,6 @@ def load(env: Mapping[str, str]) -> Config:
     values["proxy_protocol_from"] = values["proxy_protocol_from"] or ()
     values["meta_channel"] = values["meta_channel"] or None
     values["wal_slot"] = values["wal_slot"] or None
+    values["nats_servers"] = values["nats_servers"] or ()
     values["root_path"] = values["root_path"] or None
     return Config(**values)

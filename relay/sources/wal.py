@@ -53,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from math import inf
 from typing import Any
 
@@ -76,6 +76,11 @@ _STATUS_INTERVAL = 1.0
 
 #: A heartbeat must be answered within its period, but never less than this many seconds.
 _HEARTBEAT_MIN_TIMEOUT = 1.0
+
+
+#: What PostgreSQL says when another process reads the slot.
+_IN_USE = "is active for PID"
+_STANDBY = "standing by: the slot is read by another process"
 
 
 class _Lost(Exception):
@@ -109,7 +114,15 @@ class WalSource(Reconnecting):
         on_log: Callable[[int, int], None] | None = None,
         on_caught_up: Callable[[], None] | None = None,
         holding: Callable[[], int | None] | None = None,
+        holding_is_binding: bool = False,
+        room: Callable[[], Awaitable[None]] | None = None,
+        standby: bool = False,
     ) -> None:
+        """``holding``: the oldest key something still needs from the log (the history, the
+        feeder's unacknowledged messages): the slot is not told to let it go; with
+        ``holding_is_binding`` not even when the server asks at a shutdown (a feeder must not
+        confirm what NATS has not stored). ``room``: awaited before each read (backpressure).
+        ``standby``: a slot another process reads is waited for, not an outage."""
         super().__init__(retries)
         self._db_uri = db_uri
         self._connect_options = connect_options
@@ -125,6 +138,12 @@ class WalSource(Reconnecting):
         self._on_log = on_log
         self._on_caught_up = on_caught_up
         self._holding = holding
+        self._holding_is_binding = holding_is_binding
+        self._room = room
+        self._standby = standby
+        #: The database's system identifier and name, once connected.
+        self.system_identifier = ""
+        self.database = ""
         #: The log's identity (:func:`log_identity`) once read; the end of WAL to read up to
         #: before the first start is caught up (None: it is).
         self.identity: int | None = None
@@ -181,11 +200,20 @@ class WalSource(Reconnecting):
                 begun = await trio.to_thread.run_sync(self._connect_and_start,
                                                       abandon_on_cancel=True)
             except psycopg.Error as exc:
+                message = first_line(exc)
+                if _IN_USE in message and self._standby:
+                    # Another reader (an active feeder) holds the slot: wait to take over,
+                    # for as long as it takes; this is not an outage.
+                    if self.status != _STANDBY:
+                        log.info("replication slot %r is read by another process; standing by "
+                                 "to take over", self._slot, extra={"event": "standby"})
+                    self.status = _STANDBY
+                    await trio.sleep_until(started + RETRY_SPACING)
+                    continue
                 attempts += 1
                 if down is None:
                     down = (started, time.time())
                 outage = trio.current_time() - down[0]
-                message = first_line(exc)
                 self.status = f"database unreachable: {message}"
                 self._log_failure(message, attempts, outage)
                 if started - down[0] + RETRY_SPACING > self._window:
@@ -248,6 +276,8 @@ class WalSource(Reconnecting):
         try:
             pgconn = connection.pgconn
             system = _command(pgconn, "IDENTIFY_SYSTEM", pq.ExecStatus.TUPLES_OK)
+            self.system_identifier = (system.get_value(0, 0) or b"").decode()
+            self.database = database
             identity = log_identity(system.get_value(0, 0) or b"", database, self._prefix)
             wal_at_start = replication.parse_lsn((system.get_value(0, 2) or b"0/0").decode())
             if made:
@@ -333,6 +363,8 @@ class WalSource(Reconnecting):
         heartbeat_due = now
         answer_due = inf  # When a heartbeat's answer is late.
         while True:
+            if self._room is not None:
+                await self._room()
             payloads: list[bytes] = []
             places: list[tuple[int, int]] = []
             everything = False  # The server asks for a status now: it may be stopping.
@@ -404,7 +436,7 @@ class WalSource(Reconnecting):
         keeps (``holding``), so that a restarted relay reads it again; ``everything``: all that
         was delivered (the server asks, as it does before it stops)."""
         delivered = self.delivered
-        if everything or self._holding is None:
+        if (everything and not self._holding_is_binding) or self._holding is None:
             return delivered
         oldest = self._holding()
         if oldest is None:

@@ -23,7 +23,10 @@ BASE = {"PGWS_DB_URI": "postgres://u@h/db", "PGWS_JWT_SECRET": "s" * 32}
 EXPECTED_DEFAULTS = {
     "host": "*4", "port": 3000, "root_path": None, "listen_channel": "postgres-websockets-listener",
     "meta_channel": None, "source": "notify", "wal_slot": None, "wal_publication": "pgws_relay",
-    "max_payload_bytes": 1_000_000, "pool_size": 10, "retries": 5, "certificate_file": None,
+    "max_payload_bytes": 1_000_000, "nats_servers": (), "nats_stream": "pgws",
+    "nats_user": None, "nats_password": None, "nats_token": None, "nats_creds": None,
+    "nats_tls_ca": None, "nats_replicas": 0, "nats_max_age": 86400.0,
+    "nats_max_bytes": 1 << 30, "pool_size": 10, "retries": 5, "certificate_file": None,
     "key_file": None,
     "heartbeat_interval": 5.0, "max_queue_bytes": 1048576, "send_buffer": 262144,
     "send_timeout": 10.0, "close_timeout": 5.0, "handshake_timeout": 10.0, "ping_interval": 30.0,
@@ -89,6 +92,8 @@ def test_unparsable_db_uri_is_an_error_that_does_not_repeat_it() -> None:
     ("PGWS_LISTEN_CHANNEL", "x" * 64), ("PGWS_LOG_LEVEL", "LOUD"),
     ("PGWS_SOURCE", "kafka"), ("PGWS_WAL_SLOT", "Relay-1"), ("PGWS_WAL_SLOT", "x" * 64),
     ("PGWS_WAL_PUBLICATION", ""), ("PGWS_MAX_PAYLOAD_BYTES", "0"),
+    ("PGWS_NATS_URL", "http://x:4222"), ("PGWS_NATS_URL", "nats://a b"),
+    ("PGWS_NATS_STREAM", "a.b"), ("PGWS_NATS_REPLICAS", "6"), ("PGWS_NATS_MAX_AGE", "0"),
 ])
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -452,3 +457,13 @@ def test_the_client_librarys_message_limit_holds_the_largest_default_delivery() 
 
     limit = inspect.signature(subscription.subscribe).parameters["max_message_size"].default
     assert limit >= load(BASE).max_payload_bytes + DELIVERY_OVERHEAD
+
+
+def test_the_nats_source_needs_servers_and_a_user_needs_a_password() -> None:
+    nats = {**BASE, "PGWS_SOURCE": "nats"}
+    with pytest.raises(ConfigError, match="PGWS_NATS_URL: required with PGWS_SOURCE=nats"):
+        load(nats)
+    config = load({**nats, "PGWS_NATS_URL": "nats://a:4222, tls://b:4222,", "PGWS_WORKERS": "3"})
+    assert config.nats_servers == ("nats://a:4222", "tls://b:4222") and config.workers == 3
+    with pytest.raises(ConfigError, match="PGWS_NATS_PASSWORD: PGWS_NATS_USER and"):
+        load({**nats, "PGWS_NATS_URL": "nats://a:4222", "PGWS_NATS_USER": "u"})

@@ -1,0 +1,400 @@
+"""The NATS source: notifications read from a JetStream stream that the feeder fills.
+
+Theory of operation
+-------------------
+``pgws-relay feed`` (:mod:`relay.sources.feed`) reads the database's log once and publishes
+every message to a JetStream stream (``PGWS_NATS_STREAM``), one subject per channel
+(:func:`subject_for`). Relays with ``PGWS_SOURCE=nats`` read that stream instead of the
+database: however many relays there are, the database serves one reader.
+
+A relay reads the whole stream with an *ordered consumer* (nats-py recreates it from the next
+sequence when a message is missed or the connection comes back), so it sees every message in
+the stream's order; which client receives what is decided by the hub's own channel and filter
+rules, never by subject filters on the server. A position is a place in the stream: its
+sequence, with the stream's identity as epoch (its name and creation time: a stream deleted and
+made again starts at 1 again and is another stream), the same on every relay. At start a relay
+reads back the last ``history_seconds`` of the stream into its history, and clients wait until
+it has caught up (as with the WAL source), so a restarted relay or a client that moves to another
+relay resumes from anything that window holds.
+
+nats-py speaks asyncio: it runs on a loop of its own thread (:mod:`relay.sources.bridge`) and
+hands the Trio side batches of messages, which go to the hub in stream order. The Trio side
+asks for the next batch only once the last one is in the hub, so a busy relay slows its own
+consumer (the server buffers, with flow control), never the other relays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from relay.core.history import LOG_INDEX_BITS
+from relay.sources.base import SourceGaveUp
+from relay.sources.bridge import AsyncioThread, asyncio_thread
+from relay.sources.outage import RETRY_SPACING, Reconnecting, first_line
+
+if TYPE_CHECKING:
+    from relay.config import Config
+
+log = logging.getLogger(__name__)
+
+#: Messages handed to the hub at most per batch: enough to amortise the thread hop, small
+#: enough that one batch is a few milliseconds of fan-out.
+_BATCH = 1000
+
+#: Seconds the Trio side waits for a first message before it looks at the connection again.
+_IDLE_WAIT = 1.0
+
+#: A subject token is these characters; anything else in a channel name is %XX-encoded.
+_TOKEN_SAFE = re.compile(r"[A-Za-z0-9_-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsSettings:
+    """How to reach NATS and which stream to use, from the ``PGWS_NATS_*`` settings."""
+
+    servers: tuple[str, ...]
+    stream: str
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls_ca: str | None = None
+    #: 0: as many as the server can hold (1 on a single server, 3 in a cluster).
+    replicas: int = 0
+    max_age: float = 86400.0
+    max_bytes: int = 1 << 30
+
+    @classmethod
+    def of(cls, config: Config) -> NatsSettings:
+        """The NATS settings of a configuration."""
+        return cls(config.nats_servers, config.nats_stream, config.nats_user,
+                   config.nats_password, config.nats_token, config.nats_creds,
+                   config.nats_tls_ca, config.nats_replicas, config.nats_max_age,
+                   config.nats_max_bytes)
+
+
+def subject_for(stream: str, channel: str) -> str:
+    """The subject of a channel's messages: ``STREAM.TOKEN``. A channel name is a subject token
+    as it is when made of letters, digits, ``_`` and ``-``; any other character (``.``, ``*``,
+    ``>``, spaces, ``%``, anything non-ASCII) is written as ``%XX`` per byte of its UTF-8, and
+    the empty name is ``%``, so every name has one token and the token gives the name back."""
+    if not channel:
+        return f"{stream}.%"
+    token = "".join(char if _TOKEN_SAFE.fullmatch(char) else
+                    "".join(f"%{byte:02X}" for byte in char.encode()) for char in channel)
+    return f"{stream}.{token}"
+
+
+def channel_of_subject(stream: str, subject: str) -> str:
+    """The channel name of a subject made by :func:`subject_for`."""
+    token = subject[len(stream) + 1:]
+    if token == "%":
+        return ""
+    out = bytearray()
+    index = 0
+    while index < len(token):
+        if token[index] == "%":
+            out.append(int(token[index + 1:index + 3], 16))
+            index += 3
+        else:
+            out += token[index].encode()
+            index += 1
+    return out.decode()
+
+
+def message_id(system_identifier: str, database: str, prefix: str, lsn: int, index: int) -> str:
+    """A message's ``Nats-Msg-Id``: its place in its database's log, with the database's
+    system identifier, name and the prefix, so two databases or listen channels never share
+    one. JetStream drops a message whose id it saw within its duplicate window."""
+    where = hashlib.blake2b(f"{database}\0{prefix}".encode(), digest_size=8).hexdigest()
+    return f"{system_identifier}.{where}.{lsn:x}.{index:x}"
+
+
+def place_of_id(value: str) -> tuple[str, int] | None:
+    """``(system identifier and database-prefix digest, key)`` of a :func:`message_id`, or
+    None when it is not one."""
+    parts = value.split(".")
+    if len(parts) != 4:
+        return None
+    try:
+        return f"{parts[0]}.{parts[1]}", int(parts[2], 16) << LOG_INDEX_BITS | int(parts[3], 16)
+    except ValueError:
+        return None
+
+
+def stream_identity(name: str, created: object) -> int:
+    """The 32 bits that name one stream: its name and when it was created."""
+    text = f"{name}\0{created}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=4, person=b"pgws-nat").digest(),
+                          "big")
+
+
+async def connect(settings: NatsSettings, name: str,
+                  on_state: Callable[[str | None], None] | None = None) -> Any:
+    """A NATS connection (on the asyncio loop): reconnects for ever, and tells ``on_state``
+    None when connected, else why not."""
+    import nats  # nats-py: loaded only by the processes that use it.
+
+    async def disconnected() -> None:
+        if on_state is not None:
+            on_state("NATS disconnected")
+
+    async def reconnected() -> None:
+        if on_state is not None:
+            on_state(None)
+
+    async def error(exc: Exception) -> None:
+        log.warning("NATS: %s", first_line(exc))
+
+    options: dict[str, Any] = {
+        "servers": list(settings.servers), "name": name, "allow_reconnect": True,
+        "max_reconnect_attempts": -1, "reconnect_time_wait": 1.0, "connect_timeout": 5.0,
+        "disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error,
+    }
+    if settings.user is not None:
+        options["user"], options["password"] = settings.user, settings.password
+    if settings.token is not None:
+        options["token"] = settings.token
+    if settings.creds is not None:
+        options["user_credentials"] = settings.creds
+    if settings.tls_ca is not None:
+        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
+    return await nats.connect(**options)
+
+
+async def ensure_stream(connection: Any, settings: NatsSettings) -> Any:
+    """The stream's info, after creating it when missing (on the asyncio loop)."""
+    from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    js = connection.jetstream()
+    try:
+        return await js.stream_info(settings.stream)
+    except NotFoundError:
+        pass
+    replicas = settings.replicas
+    if not replicas:
+        info = connection._server_info  # What the server said when we connected.
+        replicas = 3 if info.get("cluster") else 1
+    config = StreamConfig(
+        name=settings.stream, subjects=[f"{settings.stream}.>"], max_age=settings.max_age,
+        max_bytes=settings.max_bytes, num_replicas=replicas, storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD, duplicate_window=120.0)
+    info = await js.add_stream(config)
+    log.info("created stream %r (subjects %s.>, %d replica(s), %g s, %d bytes at most)",
+             settings.stream, settings.stream, replicas, settings.max_age, settings.max_bytes)
+    return info
+
+
+class _Reader:
+    """The asyncio side of a relay's stream reader: its connection and consumer."""
+
+    def __init__(self, settings: NatsSettings, on_state: Callable[[str | None], None]) -> None:
+        self._settings = settings
+        self._on_state = on_state
+        self.connection: Any = None
+        self.subscription: Any = None
+
+    async def open(self) -> tuple[int, int, int, int]:
+        """Connect and look at the stream: its identity, first and last sequence, and its
+        last message's Unix second."""
+        self.connection = await connect(self._settings, "pgws-relay", self._on_state)
+        info = await ensure_stream(self.connection, self._settings)
+        return (stream_identity(info.config.name, info.created), info.state.first_seq,
+                info.state.last_seq, int(time.time()))
+
+    async def first_since(self, first: int, last: int, since: float) -> int:
+        """The first sequence whose message is no older than ``since`` (Unix seconds), found by
+        bisection over the stream (a few direct reads), or ``last + 1``."""
+        js = self.connection.jetstream()
+        low, high = first, last + 1
+        while low < high:
+            middle = (low + high) // 2
+            try:
+                message = await js.get_msg(self._settings.stream, middle)
+                stamp = _unix(message.time)
+            except Exception:  # A deleted message counts as old.
+                stamp = -1.0
+            if stamp >= since:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    async def subscribe(self, start: int) -> None:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        js = self.connection.jetstream()
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=max(start, 1))
+        self.subscription = await js.subscribe(f"{self._settings.stream}.>",
+                                               ordered_consumer=True, config=config,
+                                               stream=self._settings.stream)
+
+    async def batch(self) -> list[tuple[int, int, bytes]]:
+        """The next messages: (sequence, Unix second, payload), at most ``_BATCH``; empty when
+        none came within ``_IDLE_WAIT``."""
+        from nats.errors import TimeoutError as NatsTimeout
+
+        subscription = self.subscription
+        try:
+            first = await subscription.next_msg(timeout=_IDLE_WAIT)
+        except NatsTimeout:
+            return []
+        found = [_entry(first)]
+        while subscription.pending_msgs and len(found) < _BATCH:
+            found.append(_entry(await subscription.next_msg(timeout=_IDLE_WAIT)))
+        return found
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+
+
+def _entry(message: Any) -> tuple[int, int, bytes]:
+    metadata = message.metadata
+    return metadata.sequence.stream, int(_unix(metadata.timestamp)), message.data
+
+
+def _unix(stamp: Any) -> float:
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+class NatsSource(Reconnecting):
+    """The :class:`relay.sources.base.Source` of a JetStream stream (see the module's opening).
+
+    ``on_log(identity, start)`` makes the history's positions the stream's (called before the
+    first batch, and again if the stream was made again); ``on_caught_up()`` once the stream
+    was read up to where it ended at start; ``on_listening()`` at a gap (the stream was made
+    again: its positions start over).
+    """
+
+    role = "stream reader"
+
+    def __init__(self, settings: NatsSettings, publish: Callable[..., None], retries: int,
+                 history_seconds: float,
+                 on_log: Callable[[int, int], None] | None = None,
+                 on_caught_up: Callable[[], None] | None = None,
+                 on_listening: Callable[[], None] | None = None, channel: str = "") -> None:
+        """``channel``: the listen channel the feeder read, for the log line."""
+        super().__init__(retries)
+        self._channel = channel
+        self._settings = settings
+        self._publish = publish
+        self._history_seconds = history_seconds
+        self._on_log = on_log
+        self._on_caught_up = on_caught_up
+        self._on_listening = on_listening
+        self.identity: int | None = None
+        #: The last sequence handed to the hub, and the stream's last when the reader started.
+        self.sequence = 0
+        self._catch_up_to: int | None = None
+        self.received = 0
+        self.gaps = 0
+        self.last_message_at = 0.0
+        self.ready = trio.Event()
+        self._connected_state: str | None = "not connected yet"
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        since = time.time() - self.last_message_at if self.last_message_at else -1.0
+        return {
+            "pgws_nats_sequence": ("The stream sequence last handed to the hub.",
+                                   self.sequence),
+            "pgws_nats_seconds_since_message": ("Seconds since the last message was read "
+                                                "(-1: none yet).", since),
+        }
+
+    def _state(self, why: str | None) -> None:
+        """From the asyncio thread: the connection's state (through the Trio token)."""
+        self._connected_state = why
+
+    async def run(self) -> None:
+        """Read the stream until cancelled; :class:`SourceGaveUp` when NATS stays away longer
+        than the window."""
+        self._went_down(trio.current_time(), "not connected yet")
+        token = trio.lowlevel.current_trio_token()
+
+        def on_state(why: str | None) -> None:
+            token.run_sync_soon(self._state, why)
+
+        async with asyncio_thread("pgws-nats") as loop:
+            reader = _Reader(self._settings, on_state)
+            try:
+                await self._open(loop, reader)
+                await self._read(loop, reader)
+            finally:
+                await loop.run(reader.close)
+
+    async def _open(self, loop: AsyncioThread, reader: _Reader) -> None:
+        started = trio.current_time()
+        attempts = 0
+        while True:
+            try:
+                identity, first, last, now = await loop.run(reader.open)
+                break
+            except Exception as exc:  # nats-py's errors have no common base.
+                attempts += 1
+                message = first_line(exc)
+                self.status = f"NATS unreachable: {message}"
+                self._log_failure(message, attempts, trio.current_time() - started)
+                await loop.run(reader.close)
+                if trio.current_time() - started + RETRY_SPACING > self._window:
+                    raise SourceGaveUp(f"no NATS connection for "
+                                       f"{trio.current_time() - started:.0f} s") from None
+                await trio.sleep(RETRY_SPACING)
+        start = await loop.run(reader.first_since, first, last, now - self._history_seconds) \
+            if last else 1
+        self.identity = identity
+        if self._on_log is not None:
+            self._on_log(identity, (start - 1) << LOG_INDEX_BITS)
+        self._catch_up_to = last
+        self.sequence = start - 1
+        await loop.run(reader.subscribe, start)
+        self._connected_state = None
+        self._came_up()
+        self.ready.set()
+        log.info("listening on channel %r through NATS stream %r (from sequence %d of %d)",
+                 self._channel, self._settings.stream, start, last)
+
+    async def _read(self, loop: AsyncioThread, reader: _Reader) -> None:
+        down_since: float | None = None
+        while True:
+            batch = await loop.run(reader.batch)
+            if batch:
+                batch = [entry for entry in batch if entry[0] > self.sequence]
+            if batch:
+                self.sequence = batch[-1][0]
+                self.received += len(batch)
+                self.last_message_at = time.time()
+                self._publish([payload for _, _, payload in batch], time.monotonic(),
+                              places=[(sequence << LOG_INDEX_BITS, second)
+                                      for sequence, second, _ in batch])
+            if self._catch_up_to is not None and self.sequence >= self._catch_up_to:
+                self._catch_up_to = None
+                log.info("caught up with stream %r at sequence %d", self._settings.stream,
+                         self.sequence)
+                if self._on_caught_up is not None:
+                    self._on_caught_up()
+            why = self._connected_state
+            now = trio.current_time()
+            if why is None:
+                if down_since is not None:
+                    self._came_up()
+                    down_since = None
+            else:
+                if down_since is None:
+                    down_since = now
+                    self._went_down(now, f"stream reader reconnecting: {why}")
+                if now - down_since > max(self._window, RETRY_SPACING):
+                    raise SourceGaveUp(f"no NATS connection for {now - down_since:.0f} s")

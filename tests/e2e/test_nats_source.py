@@ -1,0 +1,205 @@
+"""The feeder and the NATS source, with a private nats-server (JetStream) and a private
+PostgreSQL cluster with ``wal_level = logical``, through the real ``pgws-relay`` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from websockets.sync.client import connect
+
+from bench.parts.pgcluster import Cluster
+from relay.sources.nats import channel_of_subject, message_id, place_of_id, subject_for
+from relay.wire import positions
+from tests.e2e.test_wal_source import _free_port
+from tests.helpers import RELAY, TIMEOUT, Lines, RelayProcess, relay_env, token, unique_channel
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+SUB = [positions.SUBPROTOCOL]
+
+
+@pytest.fixture(scope="module")
+def logical() -> Iterator[str]:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("a private PostgreSQL cluster needs root")
+        pytest.skip("a private PostgreSQL cluster needs root")
+    with Cluster(port=_free_port(), settings={"wal_level": "logical",
+                                              "max_replication_slots": "20",
+                                              "max_wal_senders": "20"}) as cluster:
+        yield cluster.uri()
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    """A nats-server with JetStream of the module's own."""
+    if not os.access(NATS_SERVER, os.X_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{NATS_SERVER} not found (apt-get install nats-server)")
+        pytest.skip(f"{NATS_SERVER} not found")
+    port = _free_port()
+    store = tempfile.mkdtemp(prefix="pgws-nats-")
+    server = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
+                               "-sd", store], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = Lines()
+    lines.read_from(server.stdout)
+    try:
+        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
+                       TIMEOUT, "nats-server ready")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(TIMEOUT)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+class Feeder:
+    """``pgws-relay feed`` as a process."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([RELAY, "feed"], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines = Lines()
+        self.lines.read_from(self.proc.stdout)
+
+    def wait_for(self, text: str) -> None:
+        self.lines.wait_for(lambda: any(text in line for line in self.lines.items)
+                            or self.proc.poll() is not None, TIMEOUT, text)
+        assert any(text in line for line in self.lines.items), "\n".join(self.lines.items)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+
+def _env(logical: str, nats_url: str, listen: str, stream: str, **more: str) -> dict[str, str]:
+    return relay_env(PGWS_DB_URI=logical, PGWS_NATS_URL=nats_url, PGWS_NATS_STREAM=stream,
+                     PGWS_LISTEN_CHANNEL=listen, **more)
+
+
+def _emit(uri: str, listen: str, numbers: range) -> None:
+    with psycopg.connect(uri, autocommit=True) as conn:
+        for n in numbers:
+            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)",
+                         (listen, json.dumps({"channel": "c", "n": n})))
+
+
+def _stored(nats_url: str, stream: str) -> list[tuple[str, dict[str, Any], str]]:
+    """Every message of the stream: (subject, payload, Nats-Msg-Id)."""
+    async def read() -> list[tuple[str, dict[str, Any], str]]:
+        import nats
+
+        connection = await nats.connect(nats_url)
+        try:
+            js = connection.jetstream()
+            info = await js.stream_info(stream)
+            found = []
+            for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+                message = await js.get_msg(stream, sequence)
+                found.append((message.subject, json.loads(message.data),
+                              (message.headers or {})["Nats-Msg-Id"]))
+            return found
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
+def _resume(relay: RelayProcess, position: str | None) -> Any:
+    query = f"?from={position}" if position is not None else ""
+    return connect(relay.url(f"/c{query}"), subprotocols=SUB,  # type: ignore[arg-type]
+                   additional_headers={"Authorization": f"Bearer {token({'mode': 'rw'})}"},
+                   open_timeout=10)
+
+
+def _next(client: Any) -> positions.Delivery | positions.Control:
+    return positions.read(client.recv(timeout=20))
+
+
+def _n(event: positions.Delivery | positions.Control) -> int:
+    assert isinstance(event, positions.Delivery), event
+    return int(json.loads(event.payload)["n"])
+
+
+def test_channel_names_are_one_subject_token_each_and_come_back() -> None:
+    for channel in ("fill_event", "a.b", "*", ">", "with space", "100%", "é", "", "%", "-_"):
+        subject = subject_for("pgws", channel)
+        token_ = subject.removeprefix("pgws.")
+        assert token_ and not any(c in token_ for c in ".*> \t") and token_.isascii()
+        assert channel_of_subject("pgws", subject) == channel
+    assert subject_for("pgws", "fill_event") == "pgws.fill_event"
+    assert subject_for("s", "a.b") == "s.a%2Eb"
+
+
+def test_message_ids_name_the_database_the_prefix_and_the_place() -> None:
+    one = message_id("7304", "postgres", "listen", 0x16B374D848, 3)
+    assert place_of_id(one) == (one.rsplit(".", 2)[0], 0x16B374D848 << 32 | 3)
+    assert message_id("7305", "postgres", "listen", 1, 0) != message_id("7304", "postgres",
+                                                                         "listen", 1, 0)
+    assert message_id("7304", "postgres", "other", 1, 0).rsplit(".", 2)[0] != \
+        one.rsplit(".", 2)[0]
+    assert place_of_id("not an id") is None and place_of_id("a.b.zz.1") is None
+
+
+def test_the_feeder_stores_each_message_once_across_kills_and_relays_resume_from_the_stream(
+        logical: str, nats_url: str) -> None:
+    listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
+    stream, slot = stream.replace("-", "_"), slot.lower()
+    env = _env(logical, nats_url, listen, stream, PGWS_WAL_SLOT=slot)
+    feeder = Feeder(env)
+    relays: list[RelayProcess] = []
+    try:
+        feeder.wait_for("through the write-ahead log")
+        _emit(logical, listen, range(1, 51))
+        feeder.proc.kill()  # Whatever it had published and not confirmed is read again.
+        feeder.proc.wait(TIMEOUT)
+        _emit(logical, listen, range(51, 101))
+        feeder = Feeder(env)
+        feeder.wait_for("through the write-ahead log")
+        relay = RelayProcess(_env(logical, nats_url, listen, stream, PGWS_SOURCE="nats"))
+        relays.append(relay)
+        relay.wait_ready()
+        with _resume(relay, None) as client:
+            first = _next(client)
+            assert first.event == "position"  # type: ignore[union-attr]
+            _emit(logical, listen, range(101, 106))
+            seen = [_next(client) for _ in range(5)]
+            assert list(map(_n, seen)) == [101, 102, 103, 104, 105]
+            client.send("hello")  # To the database's log, back through the feeder.
+            echo = _next(client)
+            assert isinstance(echo, positions.Delivery)
+            assert json.loads(echo.payload)["payload"] == "hello"
+        position = seen[1].position
+        relay.proc.send_signal(signal.SIGKILL)
+        relay.wait_exit()
+        other = RelayProcess(_env(logical, nats_url, listen, stream, PGWS_SOURCE="nats"))
+        relays.append(other)
+        other.wait_ready()
+        with _resume(other, position) as client:  # Issued by the relay that was killed.
+            resumed = _next(client)
+            assert (resumed.event, resumed.replayed) == ("resumed", 4)  # type: ignore[union-attr]
+            replayed = [_next(client) for _ in range(4)]
+            assert [json.loads(event.payload).get("n") for event in replayed  # type: ignore[union-attr]
+                    ] == [103, 104, 105, None]  # And the echo of "hello".
+        stored = _stored(nats_url, stream)
+        numbers = [payload.get("n") for _, payload, _ in stored if "n" in payload]
+        assert numbers == list(range(1, 106))  # Each once, in the log's order.
+        ids = [ident for _, _, ident in stored]
+        assert len(set(ids)) == len(ids)
+        assert {subject for subject, _, _ in stored} == {f"{stream}.c"}
+    finally:
+        feeder.stop()
+        for relay in relays:
+            relay.stop()

@@ -21,7 +21,16 @@ from bench.parts.pgcluster import Cluster
 from relay.sources.nats import channel_of_subject, message_id, place_of_id, subject_for
 from relay.wire import positions
 from tests.e2e.test_wal_source import _free_port
-from tests.helpers import RELAY, TIMEOUT, Lines, RelayProcess, relay_env, token, unique_channel
+from tests.helpers import (
+    RELAY,
+    TIMEOUT,
+    Lines,
+    RelayProcess,
+    eventually,
+    relay_env,
+    token,
+    unique_channel,
+)
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 SUB = [positions.SUBPROTOCOL]
@@ -203,3 +212,34 @@ def test_the_feeder_stores_each_message_once_across_kills_and_relays_resume_from
         feeder.stop()
         for relay in relays:
             relay.stop()
+
+
+def test_a_standby_feeder_takes_over_from_one_killed_and_nothing_is_lost_or_stored_twice(
+        logical: str, nats_url: str) -> None:
+    listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
+    stream, slot = stream.replace("-", "_"), slot.lower()
+    env = _env(logical, nats_url, listen, stream, PGWS_WAL_SLOT=slot)
+    active = Feeder(env)
+    standby: Feeder | None = None
+    try:
+        active.wait_for("through the write-ahead log")
+        standby = Feeder(env)
+        standby.wait_for("standing by to take over")
+        _emit(logical, listen, range(1, 201))
+        active.proc.kill()
+        active.proc.wait(TIMEOUT)
+        _emit(logical, listen, range(201, 401))
+        standby.wait_for("through the write-ahead log")
+        _emit(logical, listen, range(401, 402))
+
+        def complete() -> bool:
+            numbers = [payload["n"] for _, payload, _ in _stored(nats_url, stream)]
+            return numbers[-1:] == [401]
+
+        eventually(complete, what="the stream holds every message")
+        numbers = [payload["n"] for _, payload, _ in _stored(nats_url, stream)]
+        assert numbers == list(range(1, 402))
+    finally:
+        active.stop()
+        if standby is not None:
+            standby.stop()

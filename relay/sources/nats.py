@@ -370,7 +370,20 @@ class NatsSource(Reconnecting):
     async def _read(self, loop: AsyncioThread, reader: _Reader) -> None:
         down_since: float | None = None
         while True:
-            batch = await loop.run(reader.batch)
+            try:
+                batch = await loop.run(reader.batch)
+            except Exception as exc:  # The consumer is gone (the stream, the connection).
+                self._connected_state = f"consumer lost: {first_line(exc)}"
+                batch = []
+                await trio.sleep(RETRY_SPACING)
+                try:  # From the next sequence: nothing lost, nothing twice.
+                    await loop.run(reader.subscribe, self.sequence + 1)
+                    self._connected_state = None
+                    log.info("reading stream %r again from sequence %d", self._settings.stream,
+                             self.sequence + 1)
+                except Exception as again:  # Still away: the window decides.
+                    log.warning("cannot read stream %r yet: %s", self._settings.stream,
+                                first_line(again))
             if batch:
                 batch = [entry for entry in batch if entry[0] > self.sequence]
             if batch:

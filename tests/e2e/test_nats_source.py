@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 from bench.parts.pgcluster import Cluster
 from relay.sources.nats import channel_of_subject, message_id, place_of_id, subject_for
 from relay.wire import positions
-from tests.e2e.test_wal_source import _free_port
+from tests.e2e.test_wal_source import _first, _free_port, _n, _next
 from tests.helpers import (
     RELAY,
     TIMEOUT,
@@ -133,13 +133,9 @@ def _resume(relay: RelayProcess, position: str | None) -> Any:
                    open_timeout=10)
 
 
-def _next(client: Any) -> positions.Delivery | positions.Control:
-    return positions.read(client.recv(timeout=20))
-
-
-def _n(event: positions.Delivery | positions.Control) -> int:
-    assert isinstance(event, positions.Delivery), event
-    return int(json.loads(event.payload)["n"])
+def _numbers(client: Any, count: int) -> list[int]:
+    """The next ``count`` deliveries' numbers."""
+    return [_n(_next(client)) for _ in range(count)]
 
 
 def test_channel_names_are_one_subject_token_each_and_come_back() -> None:
@@ -181,8 +177,7 @@ def test_the_feeder_stores_each_message_once_across_kills_and_relays_resume_from
         relays.append(relay)
         relay.wait_ready()
         with _resume(relay, None) as client:
-            first = _next(client)
-            assert first.event == "position"  # type: ignore[union-attr]
+            assert _first(client).event == "position"  # type: ignore[union-attr]
             _emit(logical, listen, range(101, 106))
             seen = [_next(client) for _ in range(5)]
             assert list(map(_n, seen)) == [101, 102, 103, 104, 105]
@@ -243,3 +238,45 @@ def test_a_standby_feeder_takes_over_from_one_killed_and_nothing_is_lost_or_stor
         active.stop()
         if standby is not None:
             standby.stop()
+
+
+@pytest.mark.fault
+def test_a_nats_server_restarted_under_a_relay_loses_nothing(logical: str) -> None:
+    port, store = _free_port(), tempfile.mkdtemp(prefix="pgws-nats-")
+    url = f"nats://127.0.0.1:{port}"
+
+    def server() -> tuple[subprocess.Popen[str], Lines]:
+        proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
+                                 "-sd", store], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = Lines()
+        lines.read_from(proc.stdout)
+        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
+                       TIMEOUT, "nats-server ready")
+        return proc, lines
+
+    listen, stream, slot = unique_channel("nats"), "restart", unique_channel("slot").lower()
+    nats_server, _ = server()
+    feeder: Feeder | None = None
+    relay: RelayProcess | None = None
+    try:
+        feeder = Feeder(_env(logical, url, listen, stream, PGWS_WAL_SLOT=slot))
+        feeder.wait_for("through the write-ahead log")
+        relay = RelayProcess(_env(logical, url, listen, stream, PGWS_SOURCE="nats"))
+        relay.wait_ready()
+        with _resume(relay, None) as client:
+            assert _first(client).event == "position"  # type: ignore[union-attr]
+            _emit(logical, listen, range(1, 11))
+            assert _numbers(client, 10) == list(range(1, 11))
+            nats_server.kill()
+            nats_server.wait(TIMEOUT)
+            _emit(logical, listen, range(11, 21))  # Into the log while NATS is away.
+            nats_server, _ = server()
+            assert _numbers(client, 10) == list(range(11, 21))
+    finally:
+        for process in (feeder, relay):
+            if process is not None:
+                process.stop()
+        nats_server.kill()
+        nats_server.wait(TIMEOUT)
+        shutil.rmtree(store, ignore_errors=True)

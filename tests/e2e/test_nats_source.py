@@ -158,6 +158,7 @@ def test_message_ids_name_the_database_the_prefix_and_the_place() -> None:
     assert place_of_id("not an id") is None and place_of_id("a.b.zz.1") is None
 
 
+@pytest.mark.fault
 def test_the_feeder_stores_each_message_once_across_kills_and_relays_resume_from_the_stream(
         logical: str, nats_url: str) -> None:
     listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
@@ -209,6 +210,7 @@ def test_the_feeder_stores_each_message_once_across_kills_and_relays_resume_from
             relay.stop()
 
 
+@pytest.mark.fault
 def test_a_standby_feeder_takes_over_from_one_killed_and_nothing_is_lost_or_stored_twice(
         logical: str, nats_url: str) -> None:
     listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")

@@ -339,6 +339,13 @@ def _emit_n(uri: str, listen: str, numbers: range) -> None:
                          (listen, json.dumps({"channel": "c", "n": n})))
 
 
+def _lsn(uri: str, query: str) -> int:
+    with psycopg.connect(uri) as conn:
+        text = conn.execute(query).fetchone()[0]  # type: ignore[index,arg-type]
+    high, low = str(text).split("/")
+    return int(high, 16) << 32 | int(low, 16)
+
+
 def _n(event: positions.Delivery | positions.Control) -> int:
     assert isinstance(event, positions.Delivery), event
     return int(json.loads(event.payload)["n"])
@@ -352,10 +359,15 @@ def test_a_position_resumes_after_the_relay_was_killed_and_on_another_relay(
     try:
         with _resume(relay, None) as client:
             assert _first(client).event == "position"  # type: ignore[union-attr]
+            before = _lsn(logical, "SELECT pg_current_wal_lsn()")
             _emit_n(logical, listen, range(1, 6))
             seen = [_next(client) for _ in range(5)]
         assert list(map(_n, seen)) == [1, 2, 3, 4, 5]
         position = seen[-1].position
+        # The slot was told (once a second) about these deliveries: it keeps what the history
+        # holds, so the relay can read it back.
+        eventually(lambda: _lsn(logical, "SELECT confirmed_flush_lsn FROM pg_replication_slots "
+                                         f"WHERE slot_name = '{first_slot}'") > before)
         relay.proc.kill()  # SIGKILL: no goodbye, the slot keeps what the history held.
         relay.wait_exit()
         _emit_n(logical, listen, range(6, 11))

@@ -114,6 +114,8 @@ def _stored(nats_url: str, stream: str) -> list[tuple[str, dict[str, Any], str]]
         try:
             js = connection.jetstream()
             info = await js.stream_info(stream)
+            if not info.state.last_seq:
+                return []
             found = []
             for sequence in range(info.state.first_seq, info.state.last_seq + 1):
                 message = await js.get_msg(stream, sequence)
@@ -279,6 +281,55 @@ def test_a_nats_server_restarted_under_a_relay_loses_nothing(logical: str) -> No
         for process in (feeder, relay):
             if process is not None:
                 process.stop()
+        nats_server.kill()
+        nats_server.wait(TIMEOUT)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.mark.fault
+def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill(
+        logical: str) -> None:
+    port, store = _free_port(), tempfile.mkdtemp(prefix="pgws-nats-")
+    url = f"nats://127.0.0.1:{port}"
+
+    def server() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
+                                 "-sd", store], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = Lines()
+        lines.read_from(proc.stdout)
+        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
+                       TIMEOUT, "nats-server ready")
+        return proc
+
+    listen, stream, slot = unique_channel("nats"), "unstored", unique_channel("slot").lower()
+    env = _env(logical, url, listen, stream, PGWS_WAL_SLOT=slot)
+    nats_server = server()
+    feeder = Feeder(env)
+    try:
+        feeder.wait_for("through the write-ahead log")
+        nats_server.kill()
+        nats_server.wait(TIMEOUT)
+        _emit(logical, listen, range(1, 21))  # Read by the feeder, not storable.
+        with psycopg.connect(logical, autocommit=True) as conn:
+            committed = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+
+            def told_since() -> bool:  # The feeder sent a status well after it read them.
+                row = conn.execute("SELECT reply_time FROM pg_stat_replication "
+                                   "WHERE application_name = 'pgws-relay'").fetchone()
+                return row is not None and row[0] is not None and \
+                    (row[0] - committed).total_seconds() > 1.5
+
+            eventually(told_since, what="a status from the feeder")
+        feeder.proc.kill()
+        feeder.proc.wait(TIMEOUT)
+        nats_server = server()
+        feeder = Feeder(env)
+        eventually(lambda: [p["n"] for _, p, _ in _stored(url, stream)][-1:] == [20],
+                   what="every message stored")
+        assert [payload["n"] for _, payload, _ in _stored(url, stream)] == list(range(1, 21))
+    finally:
+        feeder.stop()
         nats_server.kill()
         nats_server.wait(TIMEOUT)
         shutil.rmtree(store, ignore_errors=True)

@@ -252,7 +252,10 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
                             config.history_seconds,
                             on_log=None if history is None else history.adopt_log,
                             on_caught_up=hub.caught_up, on_listening=hub.listening,
-                            channel=config.listen_channel)
+                            channel=config.listen_channel, on_backfilled=hub.backfilled,
+                            backfill_bytes=config.max_queue_bytes // 2)
+        if history is not None:
+            hub.backfill = source.backfill  # Resumes older than the history read the stream.
     elif config.source == "wal":
         assert config.wal_slot is not None  # The configuration requires it.
         source = WalSource(config.db_uri, options, config.listen_channel, config.wal_slot,

@@ -359,6 +359,24 @@ class History:
                 return positions.EXPIRED
         return seq
 
+    def complete_after(self, channels: Collection[str]) -> int:
+        """The seq after which the history holds every entry of ``channels``: a resume from
+        before it needs what the history dropped."""
+        return max([self._complete_after(channel) for channel in channels] + [self._floor])
+
+    def key_of(self, position: Position) -> int:
+        """A log position's key (:data:`LOG_INDEX_BITS`)."""
+        return position.seq << LOG_INDEX_BITS | position.digest
+
+    def position_at(self, key: int) -> Position:
+        """The position of a log's key (to resolve from it)."""
+        return self._point(key, key & _LOG_INDEX_MASK, self.time)
+
+    def text_at(self, key: int, second: int) -> bytes:
+        """The position text of a log's point that the history does not hold (a message read
+        again from the log for a resume), as :meth:`position_of` would give it."""
+        return self.text(self._point(key, key & _LOG_INDEX_MASK, second)).encode()
+
     def after(self, seq: int, channels: Collection[str]) -> Iterator[Entry]:
         """The entries of ``channels`` after ``seq``, in stream order."""
         parts = [log.after(seq) for channel in channels

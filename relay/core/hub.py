@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from relay.core import envelope, filters
@@ -182,6 +182,13 @@ _Key = tuple[frozenset[str], Filters, bool, Encoding]
 
 #: What a client parked while the source catches up waits for (:meth:`Hub.caught_up`).
 _CAUGHT_UP = -1
+#: What a client waits for while the source reads again what its position needs and the history
+#: no longer holds (:meth:`Hub.backfilled`).
+_BACKFILL = -2
+
+#: Messages read again from the source for one resume, at most (beyond: ``expired``): each is
+#: parsed and filtered in the step that lets the client in, as a replay from memory is.
+BACKFILL_MESSAGES = 20_000
 
 
 class _Parked:
@@ -247,6 +254,10 @@ class Hub:
         #: The source is reading again what it read before this process started (its log):
         #: clients wait until it is caught up (:meth:`caught_up`), then enter as usual.
         self.catching_up = False
+        #: When the source can read again what the history dropped (a stream): asked with
+        #: ``(client, after, until)`` to hand :meth:`backfilled` the messages with keys in
+        #: ``(after, until]``. Called from within :meth:`add`: it must only schedule the work.
+        self.backfill: Callable[[Subscriber, int, int], None] | None = None
         self._parked_clients: dict[Subscriber, _Parked] = {}
         #: The seq of the last checkpoint sent (:meth:`checkpoint`).
         self._checkpoint_seq = 0
@@ -317,6 +328,13 @@ class Hub:
             self._join(client, key, compression)
         else:
             outcome = history.resolve(resume, key[0])
+            if outcome == positions.EXPIRED and waiting and self.backfill is not None \
+                    and history.log:
+                # Older than the history, maybe not than the source: read it again.
+                after, until = history.key_of(resume), history.complete_after(key[0])
+                self._park(_Parked(client, key, compression, resume, _BACKFILL))
+                self.backfill(client, after, until)
+                return True
             if outcome == WAIT:
                 if waiting:
                     self._park(_Parked(client, key, compression, resume,
@@ -339,6 +357,44 @@ class Hub:
         if parked is not None:
             self._enter(client, parked.key, parked.compression, parked.position,
                         waiting=False)
+
+    def backfilled(self, client: Subscriber,
+                   messages: Sequence[tuple[int, int, bytes]] | None, until: int) -> None:
+        """What the source read again for a client that waits with an old position: the
+        messages with keys in (its position, ``until``] (None: it could not, within its
+        bounds). The client is let in at once: the messages of its channels and filters, then
+        the history's after ``until`` if it still holds them all, else ``expired``."""
+        parked = self._unpark(client)
+        if parked is None:
+            return  # Gone, or given up on meanwhile.
+        history = self.history
+        assert history is not None and parked.position is not None
+        channels, filter_set, _, encoding = parked.key
+        outcome: int | str = positions.EXPIRED
+        deep = None
+        if messages is not None:
+            outcome = history.resolve(history.position_at(until), channels)
+            if not isinstance(outcome, str):
+                deep = _read_again(messages, channels, filter_set, self._listen_channel)
+        replay = None if deep is None else \
+            _replay(history, history.after(outcome, channels), filter_set)  # type: ignore[arg-type]
+        if deep is None or replay is None:
+            self._admit(client, parked.key, parked.compression, parked.position,
+                        positions.EXPIRED)
+            return
+        self.resumes["resumed"] += 1
+        self.replayed += len(deep) + len(replay)
+        client.offer(encoding.message(positions.resumed_event(
+            history.text(parked.position), len(deep) + len(replay))))
+        for message_key, second, payload in deep:  # Counted against the client's queue bound.
+            client.offer(b"".join(encoding.delivery(history.text_at(message_key, second),
+                                                    payload)))
+        if replay:
+            parts: list[bytes] = []
+            for entry in replay:
+                parts += encoding.delivery(history.position_of(entry), entry.payload)
+            client.replay(parts)
+        self._join(client, parked.key, parked.compression)
 
     def caught_up(self) -> None:
         """The source has read up to where it was when it started: clients enter."""
@@ -693,6 +749,30 @@ class _Batch:
                 message = cache[m] = encoding.compressed(deflate.alone(sources[m]))
             found.append(message)
         return found
+
+
+def _read_again(messages: Sequence[tuple[int, int, bytes]], channels: Collection[str],
+                filter_set: Filters, listen: str) -> list[tuple[int, int, bytes]] | None:
+    """The messages a resume replays from what the source read again: those of ``channels``
+    that pass ``filter_set``; None beyond :data:`BACKFILL_MESSAGES` or :data:`REPLAY_WORK`."""
+    if len(messages) > BACKFILL_MESSAGES:
+        return None
+    per_message = sum(map(filters.cost, filter_set))
+    work = 0
+    found = []
+    for message in messages:
+        payload = message[2]
+        document = envelope.parse(payload)
+        if envelope.channel_of(document, listen) not in channels:
+            continue
+        if filter_set:
+            work += per_message + _parse_units(payload)
+            if work > REPLAY_WORK:
+                return None
+            if not filters.matches(filter_set, filters.Document(payload, document)):
+                continue
+        found.append(message)
+    return found
 
 
 def _join(parts: list[bytes], chosen: list[int] | None) -> bytes:

@@ -54,6 +54,14 @@ _BATCH = 1000
 #: Seconds the Trio side waits for a first message before it looks at the connection again.
 _IDLE_WAIT = 1.0
 
+#: Resumes older than the history read from the stream at once, and waiting, at most: each
+#: holds up to a client's queue bound of messages while it reads.
+_BACKFILLS_AT_ONCE = 2
+_BACKFILLS_WAITING = 64
+
+#: Messages read again for one resume, at most (the hub's own bound).
+_BACKFILL_MESSAGES = 20_000
+
 #: A subject token is these characters; anything else in a channel name is %XX-encoded.
 _TOKEN_SAFE = re.compile(r"[A-Za-z0-9_-]")
 
@@ -256,6 +264,39 @@ class _Reader:
             found.append(_entry(await subscription.next_msg(timeout=_IDLE_WAIT)))
         return found
 
+    async def read_again(self, first: int, last: int, max_bytes: int, max_count: int
+                         ) -> list[tuple[int, int, bytes]] | None:
+        """The stream's messages ``first`` to ``last`` (sequences), with a consumer of their
+        own; None when one is missing (it aged out) or they are more than the bounds."""
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        js = self.connection.jetstream()
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=first)
+        subscription = await js.subscribe(f"{self._settings.stream}.>", ordered_consumer=True,
+                                          config=config, stream=self._settings.stream)
+        found: list[tuple[int, int, bytes]] = []
+        size = 0
+        try:
+            expected = first
+            while expected <= last:
+                try:
+                    entry = _entry(await subscription.next_msg(timeout=_IDLE_WAIT))
+                except NatsTimeout:
+                    return None
+                if entry[0] != expected:
+                    return None  # Aged out, or deleted: the resume cannot be whole.
+                size += len(entry[2])
+                if size > max_bytes or len(found) >= max_count:
+                    return None
+                found.append(entry)
+                expected += 1
+            return found
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
     async def close(self) -> None:
         if self.connection is not None:
             with contextlib.suppress(Exception):
@@ -286,10 +327,20 @@ class NatsSource(Reconnecting):
                  history_seconds: float,
                  on_log: Callable[[int, int], None] | None = None,
                  on_caught_up: Callable[[], None] | None = None,
-                 on_listening: Callable[[], None] | None = None, channel: str = "") -> None:
-        """``channel``: the listen channel the feeder read, for the log line."""
+                 on_listening: Callable[[], None] | None = None, channel: str = "",
+                 on_backfilled: Callable[[Any, Any, int], None] | None = None,
+                 backfill_bytes: int = 1 << 20) -> None:
+        """``channel``: the listen channel the feeder read, for the log line.
+        ``on_backfilled(client, messages, until)``: what :meth:`backfill` read (the hub's
+        :meth:`relay.core.hub.Hub.backfilled`), at most ``backfill_bytes`` (a client's queue
+        bound: they go into its queue)."""
         super().__init__(retries)
         self._channel = channel
+        self._on_backfilled = on_backfilled
+        self._backfill_bytes = backfill_bytes
+        self._backfills: trio.MemorySendChannel[tuple[Any, int, int]]
+        self._backfills_out: trio.MemoryReceiveChannel[tuple[Any, int, int]]
+        self._backfills, self._backfills_out = trio.open_memory_channel(_BACKFILLS_WAITING)
         self._settings = settings
         self._publish = publish
         self._history_seconds = history_seconds
@@ -315,6 +366,39 @@ class NatsSource(Reconnecting):
                                                 "(-1: none yet).", since),
         }
 
+    def backfill(self, client: Any, after: int, until: int) -> None:
+        """Read the stream again for a resume older than the history (the hub's
+        ``backfill``): schedules the read; the answer goes to ``on_backfilled``. At most
+        :data:`_BACKFILLS_AT_ONCE` run at once and :data:`_BACKFILLS_WAITING` wait; beyond,
+        the client is answered at once that its position is too old."""
+        try:
+            self._backfills.send_nowait((client, after, until))
+        except trio.WouldBlock:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._answer, client, None, until)
+
+    def _answer(self, client: Any, messages: Any, until: int) -> None:
+        if self._on_backfilled is not None:
+            self._on_backfilled(client, messages, until)
+
+    async def _serve_backfills(self, loop: AsyncioThread, reader: _Reader) -> None:
+        limiter = trio.CapacityLimiter(_BACKFILLS_AT_ONCE)
+
+        async def one(client: Any, after: int, until: int) -> None:
+            async with limiter:
+                try:
+                    messages = await loop.run(reader.read_again, (after >> LOG_INDEX_BITS) + 1,
+                                              until >> LOG_INDEX_BITS, self._backfill_bytes,
+                                              _BACKFILL_MESSAGES)
+                except Exception as exc:  # NATS away: the position is answered too old.
+                    log.warning("reading the stream again for a resume failed: %s",
+                                first_line(exc))
+                    messages = None
+            self._answer(client, messages, until)
+
+        async with trio.open_nursery() as nursery:
+            async for client, after, until in self._backfills_out:
+                nursery.start_soon(one, client, after, until)
+
     def _state(self, why: str | None) -> None:
         """From the asyncio thread: the connection's state (through the Trio token)."""
         self._connected_state = why
@@ -332,9 +416,12 @@ class NatsSource(Reconnecting):
             reader = _Reader(self._settings, on_state)
             try:
                 await self._open(loop, reader)
-                await self._read(loop, reader)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._serve_backfills, loop, reader)
+                    await self._read(loop, reader)
             finally:
-                await loop.run(reader.close)
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await loop.run(reader.close)
 
     async def _open(self, loop: AsyncioThread, reader: _Reader) -> None:
         started = trio.current_time()

@@ -333,3 +333,36 @@ def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill
         nats_server.kill()
         nats_server.wait(TIMEOUT)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
+        logical: str, nats_url: str) -> None:
+    listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
+    stream, slot = stream.replace("-", "_"), slot.lower()
+    feeder = Feeder(_env(logical, nats_url, listen, stream, PGWS_WAL_SLOT=slot))
+    relay: RelayProcess | None = None
+    try:
+        feeder.wait_for("through the write-ahead log")
+        relay = RelayProcess(_env(logical, nats_url, listen, stream, PGWS_SOURCE="nats",
+                                  PGWS_HISTORY_MESSAGES="5"))
+        relay.wait_ready()
+        with _resume(relay, None) as client:
+            assert _first(client).event == "position"  # type: ignore[union-attr]
+            _emit(logical, listen, range(1, 3))
+            position = [_next(client) for _ in range(2)][-1].position
+        _emit(logical, listen, range(3, 21))  # The relay keeps 16 to 20 of these.
+        with _resume(relay, None) as watcher:
+            assert _first(watcher).event == "position"  # type: ignore[union-attr]
+            _emit(logical, listen, range(21, 22))
+            while _n(_next(watcher)) != 21:
+                pass
+        with _resume(relay, position) as client:
+            resumed = _next(client)
+            assert (resumed.event, resumed.replayed) == ("resumed", 19)  # type: ignore[union-attr]
+            assert _numbers(client, 19) == list(range(3, 22))
+            _emit(logical, listen, range(22, 23))
+            assert _numbers(client, 1) == [22]
+    finally:
+        feeder.stop()
+        if relay is not None:
+            relay.stop()

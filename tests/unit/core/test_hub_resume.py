@@ -485,3 +485,57 @@ def test_a_client_given_up_on_while_catching_up_enters_and_an_unread_position_is
     assert len(waiting.texts()) == 1 and back.ns() == [1]
     hub.caught_up()  # Nobody is left waiting.
     assert len(waiting.texts()) == 1
+
+
+def _stream_hub(messages: int = 3) -> tuple[Hub, list[tuple[object, int, int]]]:
+    history = History(messages, 1 << 24, 3600)
+    history.adopt_log(0xABCD, 0)
+    hub = Hub("listen", history=history, encoding=TEXT_FRAMES)
+    asked: list[tuple[object, int, int]] = []
+    hub.backfill = lambda client, after, until: asked.append((client, after, until))
+    return hub, asked
+
+
+def test_a_resume_older_than_the_history_is_read_again_from_the_source() -> None:
+    hub, asked = _stream_hub()
+    watcher = Recorder()
+    hub.add(watcher, ["c"], positioned=True)
+    for n in range(1, 9):  # Channel c keeps 3: 6, 7, 8.
+        hub.publish([_p(n), _p(100 + n, "d")], places=_at(n, 2))
+    position = watcher.read()[2].position  # After delivery 2.
+    back = Recorder()
+    assert hub.add(back, ["c"], filters.parse_all(["n=neq.4"]), positioned=True,
+                   resume=_resume(position)) is True
+    [(client, after, until)] = asked
+    assert client is back and after == 2 << 32 and until == 5 << 32
+    source = [(n << 32 | i, 1_700_000_000, _p(n) if i == 0 else _p(100 + n, "d"))
+              for n in range(3, 6) for i in range(2)]
+    hub.backfilled(back, source, until)
+    assert back.read()[0] == Control("resumed", position, None, 5)
+    assert back.ns() == [3, 5, 6, 7, 8]  # 4 filtered out, d's not its channel.
+    hub.publish([_p(9)], places=_at(9))
+    assert back.ns() == [3, 5, 6, 7, 8, 9]
+    delivered = [event for event in back.read() if isinstance(event, positions.Delivery)]
+    assert len({event.position for event in delivered}) == 6  # Each its own position.
+
+
+def test_a_resume_the_source_cannot_read_again_is_expired_and_a_late_answer_is_ignored(
+        ) -> None:
+    hub, asked = _stream_hub()
+    for n in range(1, 9):
+        hub.publish([_p(n)], places=_at(n))
+    old = positions.Position(0xABCD, 1, 0, 1_700_000_000)
+    refused, gone = Recorder(), Recorder()
+    assert hub.add(refused, ["c"], positioned=True, resume=old) is True
+    assert hub.add(gone, ["c"], positioned=True, resume=old) is True
+    hub.backfilled(refused, None, asked[0][2])
+    assert refused.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
+    hub.give_up(gone)  # Waited too long: expired, and the answer that comes later is dropped.
+    assert gone.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
+    hub.backfilled(gone, [], asked[1][2])
+    assert len(gone.read()) == 1
+    too_many = [(n << 32, 1, _p(n)) for n in range(2, 3 + hub_module.BACKFILL_MESSAGES)]
+    again = Recorder()
+    assert hub.add(again, ["c"], positioned=True, resume=old) is True
+    hub.backfilled(again, too_many, asked[2][2])
+    assert again.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]

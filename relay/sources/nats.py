@@ -33,6 +33,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -249,6 +250,11 @@ class _Reader:
                                                ordered_consumer=True, config=config,
                                                stream=self._settings.stream)
 
+    async def last_sequence(self) -> int:
+        """The stream's last sequence now."""
+        info = await self.connection.jetstream().stream_info(self._settings.stream)
+        return int(info.state.last_seq)
+
     async def batch(self) -> list[tuple[int, int, bytes]]:
         """The next messages: (sequence, Unix second, payload), at most ``_BATCH``; empty when
         none came within ``_IDLE_WAIT``."""
@@ -350,6 +356,8 @@ class NatsSource(Reconnecting):
         self.identity: int | None = None
         #: The last sequence handed to the hub, and the stream's last when the reader started.
         self.sequence = 0
+        #: The stream's last sequence, as last asked (about once a second).
+        self.last_sequence = 0
         self._catch_up_to: int | None = None
         self.received = 0
         self.gaps = 0
@@ -362,6 +370,9 @@ class NatsSource(Reconnecting):
         return {
             "pgws_nats_sequence": ("The stream sequence last handed to the hub.",
                                    self.sequence),
+            "pgws_nats_lag_messages": ("Messages in the stream not handed to the hub yet (as "
+                                       "of the last look, about once a second).",
+                                       max(0, self.last_sequence - self.sequence)),
             "pgws_nats_seconds_since_message": ("Seconds since the last message was read "
                                                 "(-1: none yet).", since),
         }
@@ -456,7 +467,12 @@ class NatsSource(Reconnecting):
 
     async def _read(self, loop: AsyncioThread, reader: _Reader) -> None:
         down_since: float | None = None
+        looked = -inf
         while True:
+            if trio.current_time() - looked >= 1.0 and self._connected_state is None:
+                looked = trio.current_time()
+                with contextlib.suppress(Exception):  # Only a gauge: the next look may work.
+                    self.last_sequence = await loop.run(reader.last_sequence)
             try:
                 batch = await loop.run(reader.batch)
             except Exception as exc:  # The consumer is gone (the stream, the connection).

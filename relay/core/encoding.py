@@ -9,8 +9,9 @@ transport's wire format in :mod:`relay.wire` and pass it to :meth:`relay.core.hu
 
 What the hub promises an encoding, and what it needs back:
 
-- Messages are given as their text: a notification's payload (UTF-8, unchanged) or a control
-  event of the resume protocol (JSON, :mod:`relay.wire.positions`), never both in one call.
+- Messages are given as their text: a notification's payload (UTF-8, unchanged, to
+  :meth:`Encoding.message` or :meth:`Encoding.delivery`), or a control event of the resume
+  protocol (:meth:`Encoding.event`: its name, position and JSON text).
 - Every method is pure and cheap: it is called on the fan-out path, at most once per message
   and batch (replays: once per replayed entry and client). It must not raise for any text.
 - What it returns is shared: the same bytes object goes to every client of every stream with
@@ -32,6 +33,14 @@ class Encoding(Protocol):
         """One message carrying ``text`` (a payload, or a control event).
 
         Args: ``text``: UTF-8. Returns: the bytes a client receives for it. Raises: nothing.
+        """
+
+    def event(self, name: str, position: str, text: bytes) -> bytes:
+        """One control event of the resume protocol (:mod:`relay.wire.positions`).
+
+        Args: ``name``: ``position``, ``resumed`` or ``lost``; ``position``: the position it
+        names (where the stream is; for ``resumed``, the one resumed from); ``text``: the event
+        as the WebSocket protocol spells it (JSON). Returns: its bytes. Raises: nothing.
         """
 
     def delivery(self, position: bytes, payload: bytes) -> Sequence[bytes]:

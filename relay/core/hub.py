@@ -324,7 +324,8 @@ class Hub:
         if not key[2] or history is None:
             self._join(client, key, compression)
         elif resume is None:
-            client.offer(encoding.message(positions.position_event(history.position)))
+            here = history.position
+            client.offer(encoding.event("position", here, positions.position_event(here)))
             self._join(client, key, compression)
         else:
             outcome = history.resolve(resume, key[0])
@@ -384,8 +385,9 @@ class Hub:
             return
         self.resumes["resumed"] += 1
         self.replayed += len(deep) + len(replay)
-        client.offer(encoding.message(positions.resumed_event(
-            history.text(parked.position), len(deep) + len(replay))))
+        resumed = history.text(parked.position)
+        client.offer(encoding.event("resumed", resumed, positions.resumed_event(
+            resumed, len(deep) + len(replay))))
         for message_key, second, payload in deep:  # Counted against the client's queue bound.
             client.offer(b"".join(encoding.delivery(history.text_at(message_key, second),
                                                     payload)))
@@ -427,8 +429,9 @@ class Hub:
             else:
                 self.resumes["resumed"] += 1
                 self.replayed += len(replay)
-                client.offer(encoding.message(positions.resumed_event(history.text(resume),
-                                                                      len(replay))))
+                resumed = history.text(resume)
+                client.offer(encoding.event("resumed", resumed,
+                                            positions.resumed_event(resumed, len(replay))))
                 if replay:
                     parts: list[bytes] = []
                     for entry in replay:
@@ -436,7 +439,8 @@ class Hub:
                     client.replay(parts)
         if isinstance(outcome, str):
             self.resumes[outcome] += 1
-            client.offer(encoding.message(positions.lost_event(outcome, history.position)))
+            here = history.position
+            client.offer(encoding.event("lost", here, positions.lost_event(outcome, here)))
         self._join(client, key, compression)
 
     def _join(self, client: Subscriber, key: _Key, compression: Compression) -> None:
@@ -567,7 +571,8 @@ class Hub:
         if history is None:
             return
         history.mark_break()
-        self._to_positioned(positions.lost_event(positions.GAP, history.position))
+        here = history.position
+        self._to_positioned("lost", here, positions.lost_event(positions.GAP, here))
 
     def checkpoint(self, now: float | None = None) -> None:
         """Tell positioned clients where the stream is, if it moved since the last time (a
@@ -579,16 +584,18 @@ class Hub:
         if history.seq == self._checkpoint_seq:
             return
         self._checkpoint_seq = history.seq
-        self._to_positioned(positions.position_event(history.position))
+        here = history.position
+        self._to_positioned("position", here, positions.position_event(here))
 
-    def _to_positioned(self, event: bytes) -> None:
+    def _to_positioned(self, name: str, position: str, event: bytes) -> None:
         """Offer a control event to every positioned client, made once per encoding."""
         made: dict[Encoding, bytes] = {}
         for stream in self._streams.values():
             if stream.positioned:
                 message = made.get(stream.encoding)
                 if message is None:
-                    message = made[stream.encoding] = stream.encoding.message(event)
+                    message = made[stream.encoding] = stream.encoding.event(name, position,
+                                                                             event)
                 for client in stream.clients():
                     client.offer(message)
 

@@ -98,6 +98,10 @@ class TextFrames:
     def message(self, text: bytes) -> bytes:
         return _frame(_OP_TEXT, text)
 
+    def event(self, name: str, position: str, text: bytes) -> bytes:
+        """A text frame of the event's JSON (which names it and its position)."""
+        return _frame(_OP_TEXT, text)
+
     def delivery(self, position: bytes, payload: bytes) -> Sequence[bytes]:
         """The frame as four parts: its header, the position, a line feed, the payload; all
         but the line feed are objects a replay shares with the history or other replays."""

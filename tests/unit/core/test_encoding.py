@@ -23,7 +23,8 @@ from relay.wire.frames import TEXT_FRAMES
 
 class Lines:
     """An encoding of another transport: ``M <text>`` lines, ``D <position> <payload>`` for a
-    positioned delivery, ``P <n>`` for a ping; it counts what it is asked to make."""
+    positioned delivery, ``E <name> <position> <json>`` for an event, ``P <n>`` for a ping; it
+    counts the messages it is asked to make."""
 
     def __init__(self) -> None:
         self.made = 0
@@ -31,6 +32,9 @@ class Lines:
     def message(self, text: bytes) -> bytes:
         self.made += 1
         return b"M " + text + b"\n"
+
+    def event(self, name: str, position: str, text: bytes) -> bytes:
+        return b"E %s %s " % (name.encode(), position.encode()) + text + b"\n"
 
     def delivery(self, position: bytes, payload: bytes) -> Sequence[bytes]:
         self.made += 1
@@ -108,14 +112,18 @@ def test_pings_and_control_events_come_in_each_clients_encoding() -> None:
     hub.ping_all()
     assert writer.lines() == [b"P 1"]
     told = reader.lines()
-    assert [line[:2] for line in told] == [b"M ", b"D ", b"M ", b"M ", b"P "]
-    events = [json.loads(line[2:]) for line in told if line.startswith(b"M ")]
+    assert [line[:2] for line in told] == [b"E ", b"D ", b"E ", b"E ", b"P "]
+    named = [line.split(b" ", 3) for line in told if line.startswith(b"E ")]
+    events = [json.loads(text) for _, _, _, text in named]
     assert [e["event"] for e in events] == ["position", "position", "lost"]
+    assert [name.decode() for _, name, _, _ in named] == ["position", "position", "lost"]
+    assert all(position.decode() == e["position"] for (_, _, position, _), e
+               in zip(named, events, strict=True))
     assert events[-1]["reason"] == positions.GAP
     assert told[1].split(b" ", 2)[1].decode() == events[1]["position"]  # Its delivery's.
     assert told[-1] == b"P 1"
     assert framed.offers[-1] == frames.ping(b"1")
-    assert framed.offers[-2] == frames.text(told[3][2:])  # The same event, framed.
+    assert framed.offers[-2] == frames.text(named[2][3])  # The same event, framed.
 
 
 def test_a_replay_shares_the_historys_payloads_and_positions_in_every_encoding() -> None:
@@ -162,7 +170,8 @@ def test_a_parked_client_given_up_on_is_told_unknown_in_its_encoding() -> None:
     hub.give_up(parked)
     hub.publish([_p(1)])
     [event, delivery] = parked.lines()
-    assert json.loads(event[2:])["reason"] == positions.UNKNOWN
+    assert event.startswith(b"E lost ")
+    assert json.loads(event.split(b" ", 3)[3])["reason"] == positions.UNKNOWN
     assert delivery.startswith(b"D ") and delivery.endswith(b" " + _p(1))
 
 

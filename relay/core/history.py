@@ -264,7 +264,8 @@ class History:
             return positions.parse_position(text)
         found = self._sealer.open(text)
         for position in found:
-            if (position.epoch == self.epoch and position.seq <= self.seq) or \
+            seq = self.key_of(position) if self.log else position.seq
+            if (position.epoch == self.epoch and seq <= self.seq) or \
                     position.digest in self._by_digest:
                 return position
         return found[0] if found else None
@@ -306,7 +307,10 @@ class History:
         self.time = when
         position_length = positions.MAX_POSITION_LENGTH if self._sealer is not None else \
             len(self._point(key, 0, when).text())
-        entry = Entry(key, key & _LOG_INDEX_MASK, when, payload, arrived,
+        # Aged by its commit, not by when it was read: what a restarted relay reads back is as
+        # old as it was, so the history (and what the log keeps for it) moves on.
+        entry = Entry(key, key & _LOG_INDEX_MASK, when, payload,
+                      min(arrived, when - self._wall_offset),
                       position_length + len(payload) + ENTRY_OVERHEAD)
         if self.messages:
             self._keep(channel, entry)

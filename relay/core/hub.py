@@ -66,6 +66,7 @@ from relay.core.filters import Filters
 from relay.core.history import WAIT, Entry, History
 from relay.core.stats import LatencyHistogram
 from relay.wire import deflate, positions
+from relay.wire.closecodes import TRY_AGAIN_LATER
 from relay.wire.positions import Position
 
 #: Seconds between two sync points of a stream whose compressed clients depend on its history:
@@ -353,11 +354,15 @@ class Hub:
 
     def give_up(self, client: Subscriber) -> None:
         """A parked client has waited long enough: it enters now, and a position it waited
-        for is ``unknown`` here."""
+        for is ``unknown`` here. One that waits for the source to catch up is closed (1013)
+        instead: let in now, it would receive what is read back from the log as live."""
         parked = self._unpark(client)
-        if parked is not None:
-            self._enter(client, parked.key, parked.compression, parked.position,
-                        waiting=False)
+        if parked is None:
+            return
+        if parked.awaited == _CAUGHT_UP and self.catching_up:
+            client.close(TRY_AGAIN_LATER, "catching up")
+            return
+        self._enter(client, parked.key, parked.compression, parked.position, waiting=False)
 
     def backfilled(self, client: Subscriber,
                    messages: Sequence[tuple[int, int, bytes]] | None, until: int) -> None:
@@ -398,13 +403,17 @@ class Hub:
             client.replay(parts)
         self._join(client, parked.key, parked.compression)
 
-    def caught_up(self) -> None:
-        """The source has read up to where it was when it started: clients enter."""
+    def caught_up(self, limit: int | None = None) -> bool:
+        """The source has read up to where it was when it started: clients enter, at most
+        ``limit`` of them now (None: all); True while some still wait (call again, after
+        letting other work run: each entry may replay a whole history)."""
         self.catching_up = False
-        for parked in list(self._parked.get(_CAUGHT_UP, ())):
+        waiting = self._parked.get(_CAUGHT_UP, ())
+        for parked in list(waiting[:limit] if limit is not None else waiting):
             if self._unpark(parked.client) is not None:
                 self._enter(parked.client, parked.key, parked.compression, parked.position,
                             waiting=True)
+        return bool(self._parked.get(_CAUGHT_UP))
 
     def _unpark(self, client: Subscriber) -> _Parked | None:
         parked = self._parked_clients.pop(client, None)

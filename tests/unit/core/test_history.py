@@ -618,3 +618,13 @@ def test_adopting_a_log_drops_what_the_history_held() -> None:
     history.adopt_log(7, _key(5) - 1, now=0.0)
     assert (history.entries, history.bytes, history.epoch, history.log) == (0, 0, 7, True)
     assert history.position == "00000007.4.00000000ffffffff.00000000"
+
+
+def test_a_log_entry_ages_from_its_commit_not_from_when_it_was_read_back() -> None:
+    history = History(100, 1 << 20, 60, wall_offset=1_000.0)  # Unix = monotonic + 1,000.
+    history.adopt_log(1, 0, now=0.0)
+    history.append("c", _payload("c", 1), 500.0, (_key(1), 1_000 + 400))  # Committed at 400.
+    history.append("c", _payload("c", 2), 500.0, (_key(2), 1_000 + 490))  # At 490.
+    history.expire(470.0)  # 60 s: what was committed before 410 goes.
+    assert [json.loads(e.payload)["n"] for e in history.after(0, ["c"])] == [2]
+    assert history.oldest() == _key(2)

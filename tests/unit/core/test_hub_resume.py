@@ -470,21 +470,49 @@ def test_a_log_position_ahead_of_this_reader_waits_until_it_is_read() -> None:
     assert parked.ns() == [3]
 
 
-def test_a_client_given_up_on_while_catching_up_enters_and_an_unread_position_is_unknown(
+class Closable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: tuple[int, str] | None = None
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def test_a_client_given_up_on_while_catching_up_is_closed_and_later_an_unread_position_is_unknown(
         ) -> None:
     hub = _log_hub()
     hub.catching_up = True
-    waiting, back = Recorder(), Recorder()
+    waiting, back = Closable(), Closable()
     assert hub.add(waiting, ["c"]) is True
+    hub.give_up(waiting)  # Let in now, it would get what is read back as live.
+    assert waiting.closed == (1013, "catching up") and waiting.sent == []
+    hub.publish([_p(1)], places=_at(2))
+    assert waiting.sent == []
+    assert hub.caught_up() is False
     assert hub.add(back, ["c"], positioned=True,
                    resume=positions.Position(0xABCD, 9, 0, 1_700_000_000)) is True
-    hub.give_up(waiting)
-    hub.give_up(back)
+    hub.give_up(back)  # Not read here yet, after waiting: unknown.
     assert back.read()[0].reason == positions.UNKNOWN  # type: ignore[union-attr]
+    hub.publish([_p(2)], places=_at(3))
+    assert back.ns() == [2] and back.closed is None
+
+
+def test_caught_up_lets_waiting_clients_in_a_few_at_a_time_in_order() -> None:
+    hub = _log_hub()
+    hub.catching_up = True
+    clients = [Recorder() for _ in range(5)]
+    for client in clients:
+        assert hub.add(client, ["c"], positioned=True) is True
+    assert hub.caught_up(2) is True and not hub.catching_up
+    assert [bool(c.sent) for c in clients] == [True, True, False, False, False]
+    late = Recorder()
+    assert hub.add(late, ["c"], positioned=True) is False  # Not catching up any more.
     hub.publish([_p(1)], places=_at(2))
-    assert len(waiting.texts()) == 1 and back.ns() == [1]
-    hub.caught_up()  # Nobody is left waiting.
-    assert len(waiting.texts()) == 1
+    assert clients[0].ns() == [1] and clients[2].sent == []
+    assert hub.caught_up(2) is True and hub.caught_up(2) is False
+    hub.publish([_p(2)], places=_at(3))
+    assert [c.ns() for c in clients] == [[1, 2], [1, 2], [2], [2], [2]]
 
 
 def _stream_hub(messages: int = 3) -> tuple[Hub, list[tuple[object, int, int]]]:

@@ -54,7 +54,7 @@ from relay.config import (
     Problem,
     load,
     load_secret,
-    slot_name,
+    read_setting,
 )
 from relay.ops import logs, workers
 from relay.sources import wal
@@ -298,11 +298,12 @@ def _drop_slot(argv: Sequence[str]) -> int:
     if missing:
         return _report(missing)
     try:
-        slot = slot_name(env["PGWS_WAL_SLOT"])
-    except ValueError as exc:
-        return _report([Problem("PGWS_WAL_SLOT", str(exc))])
+        db_uri = read_setting("PGWS_DB_URI", env)  # @file, and a URI that parses.
+        slot = read_setting("PGWS_WAL_SLOT", env)
+    except ConfigError as exc:
+        return _report(exc.problems)
     try:
-        wal.drop_slot(env["PGWS_DB_URI"], slot, app.connect_options(env["PGWS_DB_URI"]))
+        wal.drop_slot(db_uri, slot, app.connect_options(db_uri))
     except wal.SlotNotDropped as exc:
         print(f"pgws-relay drop-slot: {exc}", file=sys.stderr)
         return 1

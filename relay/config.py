@@ -265,11 +265,24 @@ def _servers(value: str) -> tuple[str, ...]:
     for item in (item.strip() for item in value.split(",")):
         if not item:
             continue
+        if "@" in item:  # Said without the item: it would hold a password.
+            raise ValueError("credentials in a server URL are not taken (they would reach the "
+                             "logs): use PGWS_NATS_USER and PGWS_NATS_PASSWORD, PGWS_NATS_TOKEN "
+                             "or PGWS_NATS_CREDS")
         if not re.fullmatch(r"(nats|tls)://[^\s/]+", item):
             raise ValueError(f"{item!r} is not a NATS server URL (nats://host:port or "
                              "tls://host:port)")
         servers.append(item)
     return tuple(servers)
+
+
+def _readable_file(value: str) -> str:
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
+    return value
 
 
 def _stream_name(value: str) -> str:
@@ -387,9 +400,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_NATS_USER", "nats_user", _text, None, "NATS user (with PGWS_NATS_PASSWORD)"),
     Setting("PGWS_NATS_PASSWORD", "nats_password", _text, None, "NATS password"),
     Setting("PGWS_NATS_TOKEN", "nats_token", _text, None, "NATS token"),
-    Setting("PGWS_NATS_CREDS", "nats_creds", _nonempty, None,
+    Setting("PGWS_NATS_CREDS", "nats_creds", _readable_file, None,
             "a NATS credentials file (JWT and NKey seed)"),
-    Setting("PGWS_NATS_TLS_CA", "nats_tls_ca", _nonempty, None,
+    Setting("PGWS_NATS_TLS_CA", "nats_tls_ca", _readable_file, None,
             "CA certificates (PEM) to verify the NATS servers with (tls:// URLs)"),
     Setting("PGWS_NATS_REPLICAS", "nats_replicas", _int_at_least(0, 5), "0",
             "replicas of a stream the feeder makes (0: 1 on a single server, 3 in a cluster)"),
@@ -550,6 +563,12 @@ def _value(setting: Setting, env: Mapping[str, str]) -> Any:
 
 def _setting(variable: str) -> Setting:
     return SETTINGS[_ORDER[variable]]
+
+
+def read_setting(variable: str, env: Mapping[str, str]) -> Any:
+    """One setting's value (None: unset), ``@file`` read and parsed as :func:`load` does;
+    :class:`ConfigError` naming it (never its secret text)."""
+    return _value(_setting(variable), env)
 
 
 def load_secret(env: Mapping[str, str]) -> bytes:

@@ -33,6 +33,7 @@ first one's connection ending. nats-py runs on an asyncio loop of its own thread
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import signal
 import time
@@ -47,13 +48,15 @@ from relay.sources import nats as nats_source
 from relay.sources.base import SourceGaveUp, SourceMisconfigured
 from relay.sources.bridge import AsyncioThread, asyncio_thread
 from relay.sources.nats import NatsSettings
+from relay.sources.outage import first_line, retry_window
 from relay.sources.wal import WalSource
 
 log = logging.getLogger(__name__)
 
-#: Messages read from the log and not yet stored, at most: the WAL reader waits beyond it, so
-#: a NATS outage costs bounded memory (and the slot keeps the rest).
+#: Messages, and their bytes, read from the log and not yet stored, at most: the WAL reader
+#: waits beyond either, so a NATS outage costs bounded memory (and the slot keeps the rest).
 _QUEUE_MESSAGES = 20_000
+_QUEUE_BYTES = 64 << 20
 
 #: Messages published together, their acknowledgements awaited together.
 _BATCH = 500
@@ -76,8 +79,10 @@ class _Publisher:
         self.connection: Any = None
 
     async def open(self) -> int:
-        """Connect and make the stream if missing; the server's ``max_payload``."""
-        self.connection = await nats_source.connect(self._settings, "pgws-relay feed")
+        """Connect (again, if the connection was closed for good) and make the stream if it is
+        missing; the server's ``max_payload``."""
+        if self.connection is None or self.connection.is_closed:
+            self.connection = await nats_source.connect(self._settings, "pgws-relay feed")
         await nats_source.ensure_stream(self.connection, self._settings)
         return int(self.connection.max_payload)
 
@@ -94,17 +99,27 @@ class _Publisher:
         """Publish every (subject, payload, id) at once; return when all are acknowledged."""
         import asyncio
 
+        from nats.js.errors import NoStreamResponseError
+
+        if self.connection is None or self.connection.is_closed:
+            await self.open()  # Closed for good (nats-py gives up on some errors): again.
         js = self.connection.jetstream()
         futures = [await js.publish_async(subject, payload, headers={"Nats-Msg-Id": ident})
                    for subject, payload, ident in batch]
-        await asyncio.wait_for(asyncio.gather(*futures), timeout=10.0)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=10.0)
+        except NoStreamResponseError:
+            # The stream is gone (its store was lost): made again, and the batch sent again.
+            await nats_source.ensure_stream(self.connection, self._settings)
+            raise
 
     async def close(self) -> None:
         if self.connection is not None:
             try:
                 await self.connection.drain()
             except Exception:  # Closing a connection that is already gone.
-                await self.connection.close()
+                with contextlib.suppress(Exception):
+                    await self.connection.close()
 
 
 class Feeder:
@@ -114,12 +129,14 @@ class Feeder:
         assert config.wal_slot is not None  # The command requires it.
         self._config = config
         self._settings = NatsSettings.of(config)
+        self._window = retry_window(config.retries)
         self._prefix = config.listen_channel
         #: (key, Unix second, payload) read and not yet stored, in log order.
         self._queue: collections.deque[tuple[int, int, bytes]] = collections.deque()
         self._queued = trio.Event()
         self._room = trio.Event()
         self._room.set()
+        self._queued_bytes = 0
         #: Places at or before this were stored already (from the stream's last message).
         self._skip_upto = -1
         self.stored = 0
@@ -138,9 +155,13 @@ class Feeder:
         assert places is not None
         self._queue.extend((key, second, payload)
                            for (key, second), payload in zip(places, payloads, strict=True))
+        self._queued_bytes += sum(map(len, payloads))
         self._queued.set()
-        if len(self._queue) >= _QUEUE_MESSAGES:
+        if not self._has_room():
             self._room = trio.Event()
+
+    def _has_room(self) -> bool:
+        return len(self._queue) < _QUEUE_MESSAGES and self._queued_bytes < _QUEUE_BYTES
 
     def holding(self) -> int | None:
         """The oldest message not stored yet: the slot must keep it."""
@@ -178,12 +199,16 @@ class Feeder:
             raise failed[0]
 
     async def _open(self, loop: AsyncioThread, publisher: _Publisher) -> None:
+        started = trio.current_time()
         while True:
             try:
                 max_payload = await loop.run(publisher.open)
                 break
             except Exception as exc:  # nats-py's errors have no common base.
-                log.error("cannot reach NATS (%s): %s", ",".join(self._settings.servers), exc)
+                log.error("cannot reach NATS: %s", first_line(exc))
+                if trio.current_time() - started + _RETRY > self._window:
+                    raise SourceGaveUp(f"no NATS connection for "
+                                       f"{trio.current_time() - started:.0f} s") from None
                 await trio.sleep(_RETRY)
         need = self._config.max_payload_bytes + _HEADROOM
         if max_payload < need:
@@ -196,12 +221,23 @@ class Feeder:
 
     async def _forward(self, loop: AsyncioThread, publisher: _Publisher) -> None:
         ready: trio.Event | None = None
+        refresh = False
         while True:
             if ready is not self.wal.ready:
                 # The slot was (re)taken: what the stream already holds is not sent again.
                 await self.wal.ready.wait()
                 ready = self.wal.ready
-                await self._read_last(loop, publisher)
+                refresh = True
+            if refresh:
+                try:
+                    await loop.run(publisher.open)
+                    await self._read_last(loop, publisher)
+                    refresh = False
+                except Exception as exc:  # NATS away: nothing is sent until it is back.
+                    log.warning("cannot read the stream's last message yet (%s); retrying",
+                                first_line(exc))
+                    await trio.sleep(_RETRY)
+                    continue
             if not self._queue:
                 self._queued = trio.Event()
                 with trio.move_on_after(1.0):  # Also looks at the slot's state now and then.
@@ -214,36 +250,42 @@ class Feeder:
                     await loop.run(publisher.store, [self._message(item) for item in fresh])
                 except Exception as exc:  # A timeout, NATS away: the same ids again later.
                     log.warning("storing %d message(s) in NATS failed (%s); retrying",
-                                len(fresh), exc)
+                                len(fresh), first_line(exc))
+                    # Some may be stored: what the stream holds is read again before the retry
+                    # (the duplicate window alone is 2 minutes).
+                    refresh = True
                     await trio.sleep(_RETRY)
                     continue
             for _ in batch:
-                self._queue.popleft()
+                self._queued_bytes -= len(self._queue.popleft()[2])
             self.stored += len(fresh)
             self.skipped += len(batch) - len(fresh)
-            if len(self._queue) < _QUEUE_MESSAGES:
+            if self._has_room():
                 self._room.set()
 
     async def _read_last(self, loop: AsyncioThread, publisher: _Publisher) -> None:
         last = await loop.run(publisher.last_id)
         found = nats_source.place_of_id(last) if last is not None else None
-        mine = self._origin()
-        if found is not None and found[0] == mine:
-            self._skip_upto = max(self._skip_upto, found[1])
+        # Another origin (another timeline, a new slot's LSNs): nothing of ours to skip.
+        self._skip_upto = found[1] if found is not None and found[0] == self._origin() else -1
+        if self._skip_upto >= 0:
             log.info("the stream holds the log up to %x/%d already", found[1] >> LOG_INDEX_BITS,
                      found[1] & _INDEX_MASK)
 
     def _origin(self) -> str:
-        ident = nats_source.message_id(self.wal.system_identifier, self.wal.database,
-                                       self._prefix, 0, 0)
-        return ident.rsplit(".", 2)[0]
+        return self._id(0).rsplit(".", 2)[0]
+
+    def _id(self, key: int) -> str:
+        """A message's id: the log it comes from (system identifier and timeline, database,
+        prefix) and its place."""
+        wal = self.wal
+        return nats_source.message_id(f"{wal.system_identifier}-{wal.timeline}", wal.database,
+                                      self._prefix, key >> LOG_INDEX_BITS, key & _INDEX_MASK)
 
     def _message(self, item: tuple[int, int, bytes]) -> tuple[str, bytes, str]:
         key, _, payload = item
         channel = envelope.channel_of(envelope.parse(payload), self._prefix)
-        ident = nats_source.message_id(self.wal.system_identifier, self.wal.database,
-                                       self._prefix, key >> LOG_INDEX_BITS, key & _INDEX_MASK)
-        return nats_source.subject_for(self._settings.stream, channel), payload, ident
+        return nats_source.subject_for(self._settings.stream, channel), payload, self._id(key)
 
 
 async def run_feed(config: Config, connect_options: dict[str, Any]) -> int:

@@ -41,7 +41,7 @@ import trio
 from relay.core.history import LOG_INDEX_BITS
 from relay.sources.base import SourceGaveUp
 from relay.sources.bridge import AsyncioThread, asyncio_thread
-from relay.sources.outage import RETRY_SPACING, Reconnecting, first_line
+from relay.sources.outage import REPEAT_LOG_INTERVAL, RETRY_SPACING, Reconnecting, first_line
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -62,6 +62,12 @@ _BACKFILLS_WAITING = 64
 
 #: Messages read again for one resume, at most (the hub's own bound).
 _BACKFILL_MESSAGES = 20_000
+
+#: The longest subject token written as the channel's name (NATS's control line is 4 KiB, and
+#: the subject shares it with the headers' length and the reply subject).
+_TOKEN_MAX = 1000
+
+_NO_STREAM = "the NATS stream does not exist (pgws-relay feed makes it)"
 
 #: A subject token is these characters; anything else in a channel name is %XX-encoded.
 _TOKEN_SAFE = re.compile(r"[A-Za-z0-9_-]")
@@ -96,11 +102,16 @@ def subject_for(stream: str, channel: str) -> str:
     """The subject of a channel's messages: ``STREAM.TOKEN``. A channel name is a subject token
     as it is when made of letters, digits, ``_`` and ``-``; any other character (``.``, ``*``,
     ``>``, spaces, ``%``, anything non-ASCII) is written as ``%XX`` per byte of its UTF-8, and
-    the empty name is ``%``, so every name has one token and the token gives the name back."""
+    the empty name is ``%``, so every name has one token and the token gives the name back.
+    A token longer than :data:`_TOKEN_MAX` is ``%%`` and a digest of the name instead (NATS
+    refuses a long control line and closes the connection; relays route by the payload, not
+    the subject, so only a reader of the subjects loses the name)."""
     if not channel:
         return f"{stream}.%"
     token = "".join(char if _TOKEN_SAFE.fullmatch(char) else
                     "".join(f"%{byte:02X}" for byte in char.encode()) for char in channel)
+    if len(token) > _TOKEN_MAX:
+        token = "%%" + hashlib.blake2b(channel.encode(), digest_size=16).hexdigest()
     return f"{stream}.{token}"
 
 
@@ -109,6 +120,8 @@ def channel_of_subject(stream: str, subject: str) -> str:
     token = subject[len(stream) + 1:]
     if token == "%":
         return ""
+    if token.startswith("%%"):
+        raise ValueError("a long channel name's subject holds its digest, not its name")
     out = bytearray()
     index = 0
     while index < len(token):
@@ -162,8 +175,15 @@ async def connect(settings: NatsSettings, name: str,
         if on_state is not None:
             on_state(None)
 
+    said = {"text": "", "at": 0.0}
+
     async def error(exc: Exception) -> None:
-        log.warning("NATS: %s", first_line(exc))
+        # nats-py reports every failed reconnection attempt (one a second while a server is
+        # away): the same text again is said every REPEAT_LOG_INTERVAL seconds at most.
+        text, now = first_line(exc), time.monotonic()
+        if text != said["text"] or now - said["at"] >= REPEAT_LOG_INTERVAL:
+            log.warning("NATS: %s", text)
+            said["text"], said["at"] = text, now
 
     options: dict[str, Any] = {
         "servers": list(settings.servers), "name": name, "allow_reconnect": True,
@@ -205,6 +225,10 @@ async def ensure_stream(connection: Any, settings: NatsSettings) -> Any:
     return info
 
 
+class StreamMissing(Exception):
+    """The stream does not exist (yet): ``pgws-relay feed`` makes it."""
+
+
 class _Reader:
     """The asyncio side of a relay's stream reader: its connection and consumer."""
 
@@ -215,10 +239,19 @@ class _Reader:
         self.subscription: Any = None
 
     async def open(self) -> tuple[int, int, int, int]:
-        """Connect and look at the stream: its identity, first and last sequence, and its
-        last message's Unix second."""
-        self.connection = await connect(self._settings, "pgws-relay", self._on_state)
-        info = await ensure_stream(self.connection, self._settings)
+        """Connect and look at the stream: its identity, first and last sequence, and now (Unix
+        seconds). The feeder makes the stream; a relay waits for it (:class:`StreamMissing`)."""
+        if self.connection is None or self.connection.is_closed:
+            self.connection = await connect(self._settings, "pgws-relay", self._on_state)
+        return await self.look()
+
+    async def look(self) -> tuple[int, int, int, int]:
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await self.connection.jetstream().stream_info(self._settings.stream)
+        except NotFoundError:
+            raise StreamMissing(self._settings.stream) from None
         return (stream_identity(info.config.name, info.created), info.state.first_seq,
                 info.state.last_seq, int(time.time()))
 
@@ -243,6 +276,10 @@ class _Reader:
     async def subscribe(self, start: int) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
+        if self.subscription is not None:  # The consumer it replaces.
+            with contextlib.suppress(Exception):
+                await self.subscription.unsubscribe()
+            self.subscription = None
         js = self.connection.jetstream()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                 opt_start_seq=max(start, 1))
@@ -435,35 +472,70 @@ class NatsSource(Reconnecting):
                     await loop.run(reader.close)
 
     async def _open(self, loop: AsyncioThread, reader: _Reader) -> None:
+        """Connect, find where the history starts, subscribe; retried within the window (a
+        stream that does not exist yet is waited for as long as it takes: the feeder makes
+        it)."""
         started = trio.current_time()
         attempts = 0
         while True:
             try:
                 identity, first, last, now = await loop.run(reader.open)
+                start = await loop.run(reader.first_since, first, last,
+                                       now - self._history_seconds) if last else 1
+                await loop.run(reader.subscribe, start)
                 break
+            except StreamMissing:
+                if self.status != _NO_STREAM:
+                    log.warning("NATS stream %r does not exist: waiting for pgws-relay feed to "
+                                "make it", self._settings.stream)
+                self.status = _NO_STREAM
+                started = trio.current_time()  # Not an outage: the window starts again.
             except Exception as exc:  # nats-py's errors have no common base.
                 attempts += 1
                 message = first_line(exc)
                 self.status = f"NATS unreachable: {message}"
                 self._log_failure(message, attempts, trio.current_time() - started)
-                await loop.run(reader.close)
                 if trio.current_time() - started + RETRY_SPACING > self._window:
                     raise SourceGaveUp(f"no NATS connection for "
                                        f"{trio.current_time() - started:.0f} s") from None
-                await trio.sleep(RETRY_SPACING)
-        start = await loop.run(reader.first_since, first, last, now - self._history_seconds) \
-            if last else 1
-        self.identity = identity
-        if self._on_log is not None:
-            self._on_log(identity, (start - 1) << LOG_INDEX_BITS)
-        self._catch_up_to = last
-        self.sequence = start - 1
-        await loop.run(reader.subscribe, start)
+            await trio.sleep(RETRY_SPACING)
+        self._adopt(identity, start)
+        self._catch_up_to = max(last, start - 1)  # Caught up once the start's last is read.
         self._connected_state = None
         self._came_up()
         self.ready.set()
         log.info("listening on channel %r through NATS stream %r (from sequence %d of %d)",
                  self._channel, self._settings.stream, start, last)
+
+    def _adopt(self, identity: int, start: int) -> None:
+        """Positions are this stream's from ``start`` on."""
+        if self.identity is not None and identity != self.identity:
+            self.gaps += 1
+            log.error("NATS stream %r was made again: its positions start over, and positions "
+                      "of the old one are unknown here (gap %d)", self._settings.stream,
+                      self.gaps, extra={"event": "listener_gap", "gaps": self.gaps})
+            if self._on_listening is not None:
+                self._on_listening()
+        self.identity = identity
+        if self._on_log is not None:
+            self._on_log(identity, (start - 1) << LOG_INDEX_BITS)
+        self.sequence = start - 1
+
+    async def _subscribe_again(self, loop: AsyncioThread, reader: _Reader) -> None:
+        """After a lost consumer: from the next sequence (nothing lost, nothing twice), or,
+        when the stream was made again, from its start (a gap, told)."""
+        try:
+            identity, first, _, _ = await loop.run(reader.open)
+            if identity != self.identity:
+                self._adopt(identity, first)
+            await loop.run(reader.subscribe, self.sequence + 1)
+            self._connected_state = None
+            log.info("reading stream %r again from sequence %d", self._settings.stream,
+                     self.sequence + 1)
+        except StreamMissing:
+            self._connected_state = _NO_STREAM
+        except Exception as exc:  # Still away: the window decides.
+            self._connected_state = f"NATS unreachable: {first_line(exc)}"
 
     async def _read(self, loop: AsyncioThread, reader: _Reader) -> None:
         down_since: float | None = None
@@ -479,14 +551,7 @@ class NatsSource(Reconnecting):
                 self._connected_state = f"consumer lost: {first_line(exc)}"
                 batch = []
                 await trio.sleep(RETRY_SPACING)
-                try:  # From the next sequence: nothing lost, nothing twice.
-                    await loop.run(reader.subscribe, self.sequence + 1)
-                    self._connected_state = None
-                    log.info("reading stream %r again from sequence %d", self._settings.stream,
-                             self.sequence + 1)
-                except Exception as again:  # Still away: the window decides.
-                    log.warning("cannot read stream %r yet: %s", self._settings.stream,
-                                first_line(again))
+                await self._subscribe_again(loop, reader)
             if batch:
                 batch = [entry for entry in batch if entry[0] > self.sequence]
             if batch:

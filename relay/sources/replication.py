@@ -78,6 +78,9 @@ class Committed:
     end: int
     time: int
     messages: tuple[bytes, ...]
+    #: Each message's index among the transaction's messages with the prefix, those over the
+    #: bound included: the same on every reader, whatever its bound.
+    indices: tuple[int, ...] = ()
 
 
 def read_copy_data(data: bytes) -> XLogData | Keepalive:
@@ -123,8 +126,8 @@ class Transactions:
     delivered already (a reconnection may send them again) and are skipped.
     """
 
-    __slots__ = ("_in_transaction", "_messages", "_prefix", "after", "max_bytes", "oversized",
-                 "skipped")
+    __slots__ = ("_in_transaction", "_indices", "_messages", "_prefix", "_seen", "after",
+                 "max_bytes", "oversized", "skipped")
 
     def __init__(self, prefix: str, max_bytes: int, after: int = 0) -> None:
         self._prefix = prefix.encode()
@@ -132,6 +135,8 @@ class Transactions:
         self.after = after
         self._in_transaction = False
         self._messages: list[bytes] = []
+        self._indices: list[int] = []
+        self._seen = 0  # Messages with the prefix in the transaction so far.
         #: Messages over ``max_bytes`` (dropped), and transactions skipped as seen before.
         self.oversized = 0
         self.skipped = 0
@@ -145,6 +150,8 @@ class Transactions:
         """The connection was lost: a transaction it was reading is sent again whole."""
         self._in_transaction = False
         self._messages = []
+        self._indices = []
+        self._seen = 0
 
     def feed(self, data: bytes) -> Committed | None:
         """One pgoutput message; the transaction's messages when ``data`` commits it."""
@@ -154,6 +161,8 @@ class Transactions:
                 _BEGIN.unpack_from(data)
                 self._in_transaction = True
                 self._messages = []
+                self._indices = []
+                self._seen = 0
                 return None
             if kind == b"M":
                 self._message(data)
@@ -180,16 +189,21 @@ class Transactions:
         content = data[end + 5:end + 5 + length]
         if len(content) != length:
             raise ProtocolError("a logical message shorter than its length")
+        index = self._seen
+        self._seen += 1
         if length > self.max_bytes:
             self.oversized += 1
             return
         self._messages.append(bytes(content))
+        self._indices.append(index)
 
     def _commit(self, lsn: int, end: int, when: int) -> Committed | None:
         messages, self._messages = self._messages, []
+        indices, self._indices = self._indices, []
         self._in_transaction = False
+        self._seen = 0
         if lsn <= self.after:
             self.skipped += 1
             return None
         self.after = lsn
-        return Committed(lsn, end, when + PG_EPOCH_OFFSET_US, tuple(messages))
+        return Committed(lsn, end, when + PG_EPOCH_OFFSET_US, tuple(messages), tuple(indices))

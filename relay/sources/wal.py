@@ -141,8 +141,9 @@ class WalSource(Reconnecting):
         self._holding_is_binding = holding_is_binding
         self._room = room
         self._standby = standby
-        #: The database's system identifier and name, once connected.
+        #: The database's system identifier, timeline and name, once connected.
         self.system_identifier = ""
+        self.timeline = 0
         self.database = ""
         #: The log's identity (:func:`log_identity`) once read; the end of WAL to read up to
         #: before the first start is caught up (None: it is).
@@ -223,14 +224,20 @@ class WalSource(Reconnecting):
                 continue
             attempts = 0
             connection, made = begun.connection, begun.made
-            if self._on_log is not None and begun.identity != self.identity:
+            if begun.fresh:
+                self.delivered = self.confirmed = 0
+                self._transactions.after = 0
+            if begun.identity != self.identity:
                 if self.identity is not None:
-                    log.error("the database behind PGWS_DB_URI is another one now (its log's "
-                              "identity changed): positions of the old one are unknown here")
+                    log.error("the log behind PGWS_DB_URI is another one now (another database, "
+                              "or a promoted standby's timeline): positions of the old one are "
+                              "unknown here")
+                    self.gaps += 1
                 self.identity = begun.identity
-                # What the slot confirmed is not read again: positions before it are expired.
-                self._on_log(begun.identity, (begun.confirmed << LOG_INDEX_BITS) - 1
-                             if begun.confirmed else 0)
+                if self._on_log is not None:
+                    # What the slot confirmed is not read again: positions before it expired.
+                    self._on_log(begun.identity, (begun.confirmed << LOG_INDEX_BITS) - 1
+                                 if begun.confirmed else 0)
                 if not self._started:
                     self._catch_up_to = begun.wal_at_start
             elif made and self._started:
@@ -277,8 +284,10 @@ class WalSource(Reconnecting):
             pgconn = connection.pgconn
             system = _command(pgconn, "IDENTIFY_SYSTEM", pq.ExecStatus.TUPLES_OK)
             self.system_identifier = (system.get_value(0, 0) or b"").decode()
+            self.timeline = int(system.get_value(0, 1) or b"0")
             self.database = database
-            identity = log_identity(system.get_value(0, 0) or b"", database, self._prefix)
+            identity = log_identity(f"{self.system_identifier}/{self.timeline}".encode(),
+                                    database, self._prefix)
             wal_at_start = replication.parse_lsn((system.get_value(0, 2) or b"0/0").decode())
             if made:
                 created = _command(pgconn, f'CREATE_REPLICATION_SLOT "{self._slot}" LOGICAL '
@@ -287,7 +296,11 @@ class WalSource(Reconnecting):
                 log.info("created replication slot %r (kept: drop it with "
                          "`pgws-relay drop-slot` when this relay is retired)", self._slot,
                          extra={"event": "slot_created"})
-            start = replication.format_lsn(max(self.delivered, confirmed))
+            # A new slot, or another log (a promoted standby's timeline): its LSNs owe nothing
+            # to where this process was, which may be ahead of them.
+            fresh = made or identity != self.identity
+            start = replication.format_lsn(confirmed if fresh else
+                                           max(self.delivered, confirmed))
             _command(pgconn, f'START_REPLICATION SLOT "{self._slot}" LOGICAL {start} '
                              f"(proto_version '1', publication_names '\"{self._publication}\"', "
                              "messages 'true')", pq.ExecStatus.COPY_BOTH)
@@ -295,7 +308,7 @@ class WalSource(Reconnecting):
         except BaseException:
             connection.close()
             raise
-        return _Started(connection, made, identity, confirmed, wal_at_start)
+        return _Started(connection, made, identity, confirmed, wal_at_start, fresh)
 
     def _prepare(self) -> tuple[bool, int, str]:
         """Check ``wal_level`` and the slot, make the publication: whether the slot must be
@@ -398,7 +411,7 @@ class WalSource(Reconnecting):
                 if committed is not None:
                     second = committed.time // 1_000_000
                     base = committed.lsn << LOG_INDEX_BITS
-                    places += [(base | index, second) for index in range(len(committed.messages))]
+                    places += [(base | index, second) for index in committed.indices]
                     payloads += committed.messages
                     self.delivered = max(self.delivered, committed.end)
             now = trio.current_time()
@@ -505,10 +518,10 @@ def log_identity(system_identifier: bytes, database: str, prefix: str) -> int:
 class _Started:
     """A replication connection that streams, and what its start said."""
 
-    __slots__ = ("confirmed", "connection", "identity", "made", "wal_at_start")
+    __slots__ = ("confirmed", "connection", "fresh", "identity", "made", "wal_at_start")
 
     def __init__(self, connection: psycopg.Connection[Any], made: bool, identity: int,
-                 confirmed: int, wal_at_start: int) -> None:
+                 confirmed: int, wal_at_start: int, fresh: bool) -> None:
         self.connection = connection
         #: The slot was made now (a gap, unless this is the first start).
         self.made = made
@@ -517,6 +530,8 @@ class _Started:
         self.confirmed = confirmed
         #: The server's end of WAL when streaming began: reading up to it is catching up.
         self.wal_at_start = wal_at_start
+        #: Read from the slot's start, not from where this process was.
+        self.fresh = fresh
 
 
 def _command(pgconn: pq.abc.PGconn, command: str, expected: pq.ExecStatus) -> pq.abc.PGresult:

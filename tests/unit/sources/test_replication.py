@@ -65,7 +65,8 @@ def test_a_committed_transaction_gives_its_messages_with_the_prefix_in_order() -
     found = _feed(transactions, _begin(), _message(b"chan", b"one"),
                   _message(b"other", b"not ours"), _message(b"chan", b"late", False),
                   _message(b"chan", b"two"), b"R" + bytes(20), _commit(200, 210, 1_000_000))
-    assert found == [Committed(200, 210, 1_000_000 + PG_EPOCH_OFFSET_US, (b"one", b"two"))]
+    assert found == [Committed(200, 210, 1_000_000 + PG_EPOCH_OFFSET_US, (b"one", b"two"),
+                               (0, 1))]
     assert not transactions.in_transaction
 
 
@@ -74,6 +75,7 @@ def test_a_message_over_the_bound_is_counted_and_the_rest_of_its_transaction_is_
     found = _feed(transactions, _begin(), _message(b"p", b"1234"), _message(b"p", b"123"),
                   _commit(50, 60))
     assert [c.messages for c in found] == [(b"123",)] and transactions.oversized == 1
+    assert found[0].indices == (1,)  # Its place counts the one left out: alike on every reader.
 
 
 def test_a_transaction_at_or_before_the_last_one_given_is_skipped() -> None:
@@ -99,7 +101,7 @@ def test_a_transaction_cut_by_a_lost_connection_is_forgotten_and_read_whole_agai
 def test_a_message_outside_a_transaction_or_cut_short_is_refused() -> None:
     transactions = Transactions("p", 100)
     assert _feed(transactions, _message(b"p", b"stray"), _commit(1, 2)) == \
-        [Committed(1, 2, PG_EPOCH_OFFSET_US + 5, ())]
+        [Committed(1, 2, PG_EPOCH_OFFSET_US + 5, (), ())]
     for bad in (_message(b"p", b"abc")[:-1], struct.pack("!cBQ", b"M", 1, 1) + b"noprefix",
                 b"B" + bytes(3), b"C" + bytes(4)):
         transactions.feed(_begin())

@@ -148,6 +148,10 @@ def test_channel_names_are_one_subject_token_each_and_come_back() -> None:
         assert channel_of_subject("pgws", subject) == channel
     assert subject_for("pgws", "fill_event") == "pgws.fill_event"
     assert subject_for("s", "a.b") == "s.a%2Eb"
+    long = subject_for("s", "é" * 400)  # 2,400 characters as %XX: over NATS's control line.
+    assert long.startswith("s.%%") and len(long) < 40 and long != subject_for("s", "é" * 401)
+    with pytest.raises(ValueError):
+        channel_of_subject("s", long)
 
 
 def test_message_ids_name_the_database_the_prefix_and_the_place() -> None:

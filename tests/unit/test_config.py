@@ -467,3 +467,20 @@ def test_the_nats_source_needs_servers_and_a_user_needs_a_password() -> None:
     assert config.nats_servers == ("nats://a:4222", "tls://b:4222") and config.workers == 3
     with pytest.raises(ConfigError, match="PGWS_NATS_PASSWORD: PGWS_NATS_USER and"):
         load({**nats, "PGWS_NATS_URL": "nats://a:4222", "PGWS_NATS_USER": "u"})
+
+
+def test_nats_credentials_never_come_through_the_url_and_files_must_be_readable(
+        tmp_path: Path) -> None:
+    nats = {**BASE, "PGWS_SOURCE": "nats"}
+    with pytest.raises(ConfigError) as info:
+        load({**nats, "PGWS_NATS_URL": "nats://bob:s3cret@host:4222"})
+    assert info.value.variable == "PGWS_NATS_URL" and "s3cret" not in str(info.value)
+    with pytest.raises(ConfigError, match="PGWS_NATS_CREDS: cannot read"):
+        load({**nats, "PGWS_NATS_URL": "nats://h:4222", "PGWS_NATS_CREDS": str(tmp_path / "x")})
+    (tmp_path / "ca.pem").write_text("pem")
+    (tmp_path / "password").write_text("from-a-file\n")
+    config = load({**nats, "PGWS_NATS_URL": "nats://h:4222", "PGWS_NATS_TLS_CA":
+                   str(tmp_path / "ca.pem"), "PGWS_NATS_USER": "u",
+                   "PGWS_NATS_PASSWORD": f"@{tmp_path / 'password'}"})
+    assert (config.nats_tls_ca, config.nats_password) == (str(tmp_path / "ca.pem"),
+                                                          "from-a-file")

@@ -382,15 +382,21 @@ class WalSource(Reconnecting):
             places: list[tuple[int, int]] = []
             everything = False  # The server asks for a status now: it may be stopping.
             heard = False
+            # Why the stream ended during this pass: raised only once what the pass read is in
+            # the hub, since ``delivered`` already counts it and the next connection starts
+            # after it (dropping it here lost whole transactions, silently).
+            ended: str | None = None
             while True:
                 try:
                     size, data = pgconn.get_copy_data(1)
                 except psycopg.Error as exc:
-                    raise _Lost(first_line(exc)) from None
+                    ended = first_line(exc)
+                    break
                 if size == 0:
                     break
                 if size == -1:
-                    raise _Lost(_ended(pgconn))
+                    ended = _ended(pgconn)
+                    break
                 heard = True
                 try:
                     message = replication.read_copy_data(bytes(data))
@@ -405,7 +411,8 @@ class WalSource(Reconnecting):
                     oversized = transactions.oversized
                     committed = transactions.feed(message.data)
                 except replication.ProtocolError as exc:
-                    raise _Lost(f"unreadable replication stream: {exc}") from None
+                    ended = f"unreadable replication stream: {exc}"
+                    break
                 if transactions.oversized != oversized:
                     self._lost_oversized(transactions.oversized - oversized, message.start)
                 if committed is not None:
@@ -421,6 +428,8 @@ class WalSource(Reconnecting):
                 self.received += len(payloads)
                 self.last_message_at = time.time()
                 self._publish(payloads, time.monotonic(), places=places)
+            if ended is not None:
+                raise _Lost(ended)
             if self._catch_up_to is not None and self.delivered >= self._catch_up_to:
                 self._catch_up_to = None
                 log.info("caught up with the log at %s", replication.format_lsn(self.delivered))

@@ -102,10 +102,14 @@ class Admission:
         self.shutting_down = False
 
     def admit(self, target: bytes, headers: Sequence[tuple[bytes, bytes]], network: str,
-              held: Held, now: float, monotonic: float) -> Admitted | Refusal:
+              held: Held, now: float, monotonic: float, events: bool = False
+              ) -> Admitted | Refusal:
         """Admit a request for ``target`` with ``headers`` from ``network``; what it takes of
         the shared caps is recorded in ``held`` (also when it is refused after taking them).
-        ``now``: Unix time (token times); ``monotonic``: the rate limits' clock."""
+        ``now``: Unix time (token times); ``monotonic``: the rate limits' clock. ``events``: an
+        event stream, which has positions whenever history is on and resumes from the
+        ``Last-Event-ID`` header (a browser's own reconnect sends it, with the first URL and
+        its ``from``: the header is the newer) or ``from``."""
         config = self._config
         if self.shutting_down:
             return Refusal(503, "Shutting down", "shutting_down")
@@ -139,16 +143,21 @@ class Admission:
             held.channels, held.filters, held.claimed = grant.channels, filter_set, claimed
         history = self._history
         positioned = history is not None and \
-            positions.SUBPROTOCOL in request.subprotocols(headers)
+            (events or positions.SUBPROTOCOL in request.subprotocols(headers))
         resume = None
-        if parsed.position is not None:
-            why = _resume_refusal(parsed.position, positioned, history is not None)
+        asked = parsed.position
+        if events:
+            last_event = request.header(headers, b"last-event-id")
+            if last_event:
+                asked = last_event.decode("latin-1")
+        if asked is not None:
+            why = _resume_refusal(asked, positioned, history is not None)
             if why is not None:
                 return Refusal(400, why, "position")
             if not self._resumes.take(network, monotonic):
                 return Refusal(429, "Too many resumes from this address", "resumes")
             assert history is not None  # _resume_refusal said so.
-            resume = history.open(parsed.position)
+            resume = history.open(asked)
         return Admitted(grant, filter_set, positioned, resume)
 
     def release(self, held: Held, network: str) -> None:

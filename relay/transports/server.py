@@ -60,14 +60,16 @@ from relay import __version__
 from relay.auth import tokens
 from relay.config import Config
 from relay.core import envelope
+from relay.core.encoding import Encoding
 from relay.core.filters import Filters
 from relay.core.hub import Compression, Hub
 from relay.core.limits import AddressCount, WriteBucket, network_of
 from relay.core.stats import counters
 from relay.transports import request, static
 from relay.transports.admission import Admission, Held, Refusal
+from relay.transports.events import EventStreamClient
 from relay.transports.websocket import Client, ClientSettings, close_now
-from relay.wire import deflate, frames, positions, proxy
+from relay.wire import deflate, events, frames, origins, positions, proxy
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +142,17 @@ class _Done(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Accepted:
-    """A WebSocket client after its handshake, with what the hub needs to place it."""
+    """A client after its handshake (a WebSocket's, or an event stream's response head), with
+    what the hub needs to place it."""
 
     client: Client
     filters: Filters
     compression: Compression
-    #: The client offered the resume subprotocol (and history is on); ``resume``: the
-    #: position it comes back with.
+    #: The client has positions (the resume subprotocol, or an event stream, and history is
+    #: on); ``resume``: the position it comes back with.
     positioned: bool = False
     resume: positions.Position | None = None
+    encoding: Encoding = frames.TEXT_FRAMES
 
 
 async def _receive_exactly(stream: trio.abc.Stream, count: int) -> bytes:
@@ -192,6 +196,12 @@ def _reason(status: int) -> bytes:
 def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     value = request.header(headers, b"upgrade")
     return value is not None and value.strip().lower() == b"websocket"
+
+
+def _wants_events(req: h11.Request) -> bool:
+    """A GET that accepts an event stream (``EventSource`` sends exactly that)."""
+    accept = request.header(req.headers, b"accept")
+    return req.method == b"GET" and accept is not None and events.MEDIA_TYPE in accept.lower()
 
 
 class Publishing(Protocol):
@@ -267,7 +277,7 @@ class Server:
             grant = client.grant
             if self._hub.add(client, grant.channels if grant.can_read else (), accepted.filters,
                              accepted.compression, accepted.positioned, accepted.resume,
-                             frames.TEXT_FRAMES):
+                             accepted.encoding):
                 self._background.start_soon(_contained, "a parked resume",
                                             self._give_up_later, client)
             del accepted  # Placed: not kept for the connection's life (100,000 of them).
@@ -416,6 +426,8 @@ class Server:
             return None
         if _is_websocket(req.headers):
             return await self._handshake(stream, http, phase, req, peer, network, held)
+        if _wants_events(req):
+            return await self._event_stream(stream, http, phase, req, peer, network, held)
         await self._serve_http(stream, http, phase, req, peer)
         return None
 
@@ -448,7 +460,8 @@ class Server:
         await self._write(stream, phase, data)
 
     async def _send_error(self, stream: trio.abc.Stream, http: h11.Connection,
-                          phase: trio.CancelScope, status: int, message: str) -> None:
+                          phase: trio.CancelScope, status: int, message: str,
+                          extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         body = message.encode()
         if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -456,7 +469,8 @@ class Server:
                                  h11.LocalProtocolError):
             await self._send(stream, http, phase, status,
                              [(b"content-type", b"text/plain; charset=utf-8"),
-                              (b"content-length", str(len(body)).encode())], body, close=True)
+                              (b"content-length", str(len(body)).encode()), *extra], body,
+                             close=True)
 
     # -- plain HTTP -------------------------------------------------------------------------
 
@@ -529,11 +543,50 @@ class Server:
 
     async def _reject(self, stream: trio.abc.Stream, http: h11.Connection,
                       phase: trio.CancelScope, status: int, message: str, peer: str,
-                      reason: str) -> None:
+                      reason: str, cors: Sequence[tuple[bytes, bytes]] = ()) -> None:
         log.info("rejecting request from %s: %d %s", peer, status, message,
                  extra={"event": "refused", "peer": peer, "status": status, "reason": reason})
         counters.refuse(reason)
-        await self._send_error(stream, http, phase, status, message)
+        await self._send_error(stream, http, phase, status, message, cors)
+
+    async def _event_stream(self, stream: trio.abc.Stream, http: h11.Connection,
+                            phase: trio.CancelScope, req: h11.Request, peer: str, network: str,
+                            held: Held) -> _Accepted | None:
+        """Admit an event stream as a WebSocket is admitted (the same refusals and texts); its
+        response head is the client's first queued bytes."""
+        admitted = self._admission.admit(req.target, req.headers, network, held, time.time(),
+                                         time.monotonic(), events=True)
+        if isinstance(admitted, Refusal):
+            await self._reject(stream, http, phase, admitted.status, admitted.text, peer,
+                               admitted.reason, cors=self._cors(req))
+            return None
+        counters.accepted += 1
+        # Written by hand, not through h11: with no length h11 would chunk the body, and the
+        # hub's bytes are shared by every client. The body ends with the connection.
+        head = b"".join([b"HTTP/1.1 200 OK\r\n",
+                         b"content-type: text/event-stream; charset=utf-8\r\n",
+                         b"cache-control: no-cache\r\n", b"x-accel-buffering: no\r\n",
+                         *(name + b": " + value + b"\r\n" for name, value in self._cors(req)),
+                         b"connection: close\r\n\r\n"])
+        log.debug("client %s connected: event stream, mode %r, channels %s", peer,
+                  admitted.grant.mode, ",".join(admitted.grant.channels),
+                  extra={"event": "connected", "peer": peer, "mode": admitted.grant.mode,
+                         "channels": list(admitted.grant.channels), "transport": "sse"})
+        client = EventStreamClient(stream, admitted.grant, self._settings, peer)
+        client.offer(head)  # Before the hub can offer anything (see _handshake).
+        return _Accepted(client, admitted.filters, Compression.OFF, admitted.positioned,
+                         admitted.resume, events.EVENT_STREAM)
+
+    def _cors(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
+        """CORS headers for a request from an allowed Origin (``PGWS_ALLOWED_ORIGINS``):
+        a page there may read the stream, with its cookies. None otherwise: without the
+        setting no other site's page may read what a browser's cookies would open."""
+        origin = request.header(req.headers, b"origin")
+        if origin is None or not self._config.allowed_origins or \
+                origins.origin_key(origin.decode("latin-1")) not in self._config.allowed_origins:
+            return []
+        return [(b"access-control-allow-origin", origin),
+                (b"access-control-allow-credentials", b"true"), (b"vary", b"origin")]
 
     async def _handshake(self, stream: trio.abc.Stream, http: h11.Connection,
                          phase: trio.CancelScope, req: h11.Request, peer: str, network: str,

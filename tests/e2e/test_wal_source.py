@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -437,3 +438,43 @@ def test_a_write_too_big_for_notify_goes_through_the_log_alone_and_an_oversized_
         relay.wait_for_line(r"over PGWS_MAX_PAYLOAD_BYTES \(15000\) not delivered")
     finally:
         relay.stop()
+
+
+@pytest.mark.fault
+async def test_transactions_read_as_the_walsender_dies_are_delivered_not_dropped(
+        logical: str) -> None:
+    """The stream may end in the middle of a read that already took whole transactions: they
+    must reach the hub before the reconnection, which starts after them."""
+    prefix = unique_channel("wal")
+    reader = Reader(logical, prefix, _slot(), retries=20)
+    sent: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.source.run)
+        await reader.source.ready.wait()
+
+        def produce() -> None:
+            with psycopg.connect(logical, autocommit=True) as conn:
+                for batch in range(300):
+                    with conn.transaction():
+                        for n in range(10):
+                            payload = f"{batch}-{n}"
+                            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)",
+                                         (prefix, payload))
+                            sent.append(payload.encode())
+
+        def terminate() -> None:
+            pace = threading.Event()  # Never set: its wait paces the fault, ~20 a second.
+            with psycopg.connect(logical, autocommit=True) as conn:
+                while len(sent) < 3000:
+                    conn.execute("SELECT pg_terminate_backend(active_pid) FROM "
+                                 "pg_replication_slots WHERE slot_name = %s AND active_pid "
+                                 "IS NOT NULL", (reader.source._slot,))
+                    pace.wait(0.05)
+
+        async with trio.open_nursery() as load:
+            load.start_soon(trio.to_thread.run_sync, produce)
+            load.start_soon(trio.to_thread.run_sync, terminate)
+        await reader.until(lambda: len(reader.received) >= len(sent))
+        nursery.cancel_scope.cancel()
+    assert reader.received == sent
+    assert reader.source.gaps == 0 and reader.listening == 1

@@ -25,6 +25,7 @@ SURFACES = {
     "relay.wire.closecodes": {
         "GOING_AWAY", "INTERNAL_ERROR", "JWT_EXPIRED", "MESSAGE_TOO_BIG", "MessageRefused",
         "NORMAL", "POLICY_VIOLATION", "TRY_AGAIN_LATER"},
+    "relay.wire.events": {"EVENT_STREAM", "EventStream", "MEDIA_TYPE"},
     "relay.wire.frames": {
         "TEXT_FRAMES", "TextFrames", "close", "compressed_text", "payload_of", "ping", "pong",
         "text"},

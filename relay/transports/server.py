@@ -426,10 +426,13 @@ class Server:
             return None
         if _is_websocket(req.headers):
             return await self._handshake(stream, http, phase, req, peer, network, held)
-        if _wants_events(req):
-            return await self._event_stream(stream, http, phase, req, peer, network, held)
-        await self._serve_http(stream, http, phase, req, peer)
-        return None
+        if not _wants_events(req):
+            # Plain requests, kept alive; an event stream may follow on the same connection
+            # (browsers reuse the page's).
+            req = await self._serve_http(stream, http, phase, req, peer)
+            if req is None:
+                return None
+        return await self._event_stream(stream, http, phase, req, peer, network, held)
 
     async def _read_request(self, stream: trio.abc.Stream, http: h11.Connection
                             ) -> h11.Request | None:
@@ -475,7 +478,10 @@ class Server:
     # -- plain HTTP -------------------------------------------------------------------------
 
     async def _serve_http(self, stream: trio.abc.Stream, http: h11.Connection,
-                          phase: trio.CancelScope, req: h11.Request, peer: str) -> None:
+                          phase: trio.CancelScope, req: h11.Request, peer: str
+                          ) -> h11.Request | None:
+        """Answer plain requests on a kept-alive connection; an event stream's request, when
+        one comes, is returned to be served as one (None: the connection is done)."""
         for served in range(1, _MAX_REQUESTS_PER_CONNECTION + 1):
             # The request's deadline, set when it began: its body must come within it too.
             request_deadline = phase.deadline
@@ -497,19 +503,22 @@ class Server:
             phase.deadline = request_deadline
             await self._discard_body(stream, http)
             if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
-                return
+                return None
             http.start_next_cycle()
             # Keep-alive: the next request must begin, and arrive whole, within the timeout.
             self._within(phase, self._config.handshake_timeout)
             next_req = await self._read_request(stream, http)
             if next_req is None:
-                return
+                return None
             if _is_websocket(next_req.headers):
                 # A WebSocket upgrade after plain requests on one connection: rare; refuse it
                 # plainly rather than mixing both lives in one handler.
                 await self._send_error(stream, http, phase, 400, "Upgrade on a reused connection")
-                return
+                return None
+            if _wants_events(next_req):
+                return next_req
             req = next_req
+        return None
 
     async def _send_file(self, stream: trio.abc.Stream, http: h11.Connection,
                          phase: trio.CancelScope, path: str, length: int) -> None:

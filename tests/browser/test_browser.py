@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from typing import Any
+
+import pytest
 
 from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, token
 
@@ -111,3 +114,35 @@ def test_chromium_decodes_shared_compressed_streams_with_filters_and_late_joins(
         assert received[name] == messages, name
     assert browser.execute_script("return window.closes") == {}
     browser.execute_script("for (const s of Object.values(window.sockets)) s.close(1000)")
+
+
+_EVENTS = """
+window.events = [];
+window.lost = [];
+const source = new EventSource(arguments[0]);
+source.onmessage = (event) => window.events.push([event.data, event.lastEventId]);
+source.addEventListener("lost", (event) => window.lost.push(event.data));
+window.source = source;
+"""
+
+
+@pytest.mark.fault
+def test_chromiums_eventsource_resumes_by_itself_after_its_connection_is_reset(
+        browser: Any, relay: RelayProcess) -> None:
+    """The relay's side of the stream is destroyed (``ss -K``); the browser reconnects on its
+    own with ``Last-Event-ID`` and gets what was committed meanwhile, once, in order."""
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    browser.get(relay.url("/", "http"))
+    browser.execute_script(_EVENTS, f"/chat/{token({'mode': 'r', 'channel': 'chat'})}")
+    _wait(browser, "return window.source.readyState === 1", "the stream open")
+    notify(listen, *(json.dumps({"channel": "chat", "n": n}) for n in range(1, 4)))
+    _wait(browser, "return window.events.length === 3", "three events")
+    killed = subprocess.run(["ss", "-K", "src", "127.0.0.1", "sport", "=", str(relay.port)],
+                            capture_output=True, text=True, timeout=30)
+    assert killed.returncode == 0, killed.stderr
+    notify(listen, *(json.dumps({"channel": "chat", "n": n}) for n in range(4, 7)))
+    _wait(browser, "return window.events.length >= 6", "the events committed meanwhile")
+    events = browser.execute_script("return window.events")
+    assert [json.loads(data)["n"] for data, _ in events] == [1, 2, 3, 4, 5, 6]
+    assert len({last_id for _, last_id in events}) == 6
+    assert browser.execute_script("return window.lost") == []

@@ -192,3 +192,26 @@ def test_with_history_off_events_have_no_ids(start_relay, history: str) -> None:
         assert (event.type, event.id, event.text) == ("message", None, _payload(1))
     finally:
         stream.close()
+
+
+def test_an_event_stream_may_follow_a_plain_request_on_the_same_connection(
+        relay: RelayProcess) -> None:
+    """Browsers open EventSource on the page's kept-alive connection."""
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while b"Hello, Web!" not in data:
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        sock.sendall(f"GET /chat/{READ} HTTP/1.1\r\nHost: localhost\r\n"
+                     "Accept: text/event-stream\r\n\r\n".encode())
+        data = b""
+        while b"event: position" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream")
+    finally:
+        sock.close()

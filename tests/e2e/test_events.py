@@ -125,6 +125,7 @@ def test_an_event_stream_gets_each_delivery_with_its_position_as_id(relay: Relay
 def test_last_event_id_resumes_and_is_preferred_to_the_first_urls_from(relay: RelayProcess
                                                                         ) -> None:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    watcher = Stream(relay, f"/chat/{READ}")  # Says when the relay has what was committed.
     stream = Stream(relay, f"/chat/{READ}")
     try:
         start = stream.next()
@@ -133,6 +134,9 @@ def test_last_event_id_resumes_and_is_preferred_to_the_first_urls_from(relay: Re
     finally:
         stream.close()
     notify(listen, _payload(3), _payload(4))
+    while json.loads(watcher.next_delivery().text)["n"] != 4:
+        pass
+    watcher.close()
     # A browser's EventSource reconnects to its first URL (here with an older from=) and sends
     # the last id it saw: the header wins.
     again = Stream(relay, f"/chat/{READ}?from={start.id}", Last_Event_ID=seen[-1].id or "")

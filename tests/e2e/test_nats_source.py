@@ -48,6 +48,18 @@ def logical() -> Iterator[str]:
         yield cluster.uri()
 
 
+def _start_nats(port: int, store: str) -> subprocess.Popen[str]:
+    """A nats-server with JetStream on ``port``, keeping its streams in ``store``; ready."""
+    server = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
+                               "-sd", store], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = Lines()
+    lines.read_from(server.stdout)
+    lines.wait_for(lambda: any("Server is ready" in line for line in lines.items), TIMEOUT,
+                   "nats-server ready")
+    return server
+
+
 @pytest.fixture(scope="module")
 def nats_url() -> Iterator[str]:
     """A nats-server with JetStream of the module's own."""
@@ -57,14 +69,8 @@ def nats_url() -> Iterator[str]:
         pytest.skip(f"{NATS_SERVER} not found")
     port = _free_port()
     store = tempfile.mkdtemp(prefix="pgws-nats-")
-    server = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
-                               "-sd", store], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = Lines()
-    lines.read_from(server.stdout)
+    server = _start_nats(port, store)
     try:
-        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
-                       TIMEOUT, "nats-server ready")
         yield f"nats://127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -253,18 +259,8 @@ def test_a_nats_server_restarted_under_a_relay_loses_nothing(logical: str) -> No
     port, store = _free_port(), tempfile.mkdtemp(prefix="pgws-nats-")
     url = f"nats://127.0.0.1:{port}"
 
-    def server() -> tuple[subprocess.Popen[str], Lines]:
-        proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
-                                 "-sd", store], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = Lines()
-        lines.read_from(proc.stdout)
-        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
-                       TIMEOUT, "nats-server ready")
-        return proc, lines
-
     listen, stream, slot = unique_channel("nats"), "restart", unique_channel("slot").lower()
-    nats_server, _ = server()
+    nats_server = _start_nats(port, store)
     feeder: Feeder | None = None
     relay: RelayProcess | None = None
     try:
@@ -279,7 +275,7 @@ def test_a_nats_server_restarted_under_a_relay_loses_nothing(logical: str) -> No
             nats_server.kill()
             nats_server.wait(TIMEOUT)
             _emit(logical, listen, range(11, 21))  # Into the log while NATS is away.
-            nats_server, _ = server()
+            nats_server = _start_nats(port, store)
             assert _numbers(client, 10) == list(range(11, 21))
     finally:
         for process in (feeder, relay):
@@ -296,19 +292,9 @@ def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill
     port, store = _free_port(), tempfile.mkdtemp(prefix="pgws-nats-")
     url = f"nats://127.0.0.1:{port}"
 
-    def server() -> subprocess.Popen[str]:
-        proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port),
-                                 "-sd", store], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = Lines()
-        lines.read_from(proc.stdout)
-        lines.wait_for(lambda: any("Server is ready" in line for line in lines.items),
-                       TIMEOUT, "nats-server ready")
-        return proc
-
     listen, stream, slot = unique_channel("nats"), "unstored", unique_channel("slot").lower()
     env = _env(logical, url, listen, stream, PGWS_WAL_SLOT=slot)
-    nats_server = server()
+    nats_server = _start_nats(port, store)
     feeder = Feeder(env)
     try:
         feeder.wait_for("through the write-ahead log")
@@ -327,7 +313,7 @@ def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill
             eventually(told_since, what="a status from the feeder")
         feeder.proc.kill()
         feeder.proc.wait(TIMEOUT)
-        nats_server = server()
+        nats_server = _start_nats(port, store)
         feeder = Feeder(env)
         eventually(lambda: [p["n"] for _, p, _ in _stored(url, stream)][-1:] == [20],
                    what="every message stored")

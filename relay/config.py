@@ -141,6 +141,7 @@ class Config:
     max_client_frames_per_second: float
     max_client_bytes_per_second: float
     allowed_origins: tuple[str, ...]
+    token_cookie: str
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     position_key: bytes | None
     position_key_previous: bytes | None
@@ -456,6 +457,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_ALLOWED_ORIGINS", "allowed_origins", _origins, None,
             "comma-separated origins (scheme://host[:port]) allowed to connect, compared as "
             "origins: scheme and host in any case, a default port or none (unset: any)"),
+    Setting("PGWS_TOKEN_COOKIE", "token_cookie", _nonempty, "pgws_token",
+            "the cookie that may carry the token (WebSocket and event streams), taken only "
+            "with PGWS_ALLOWED_ORIGINS and from an allowed Origin"),
     Setting("PGWS_POSITION_KEY", "position_key", _position_key, None,
             "the secret that seals resume positions, the same on every relay of a fleet "
             "(@file reads it from a file; unset: derived from an HMAC PGWS_JWT_SECRET, else a "

@@ -121,7 +121,15 @@ class Admission:
             return Refusal(503, "Too many connections", "capacity")
         self.slots += 1
         held.slot = True
-        parsed = request.parse_target(target, headers)
+        # Cookie authentication is on only with allowed origins: any site's page can make a
+        # browser send its cookies.
+        parsed = request.parse_target(target, headers, config.token_cookie
+                                      if config.allowed_origins else None)
+        if parsed.from_cookie and origin is None and \
+                request.header(headers, b"sec-fetch-site") != b"same-origin":
+            # An allowed Origin was checked above; without one, only the browser's own word
+            # (a header no page can set) that the page is this site's.
+            return Refusal(403, "Origin required with a cookie token", "origin")
         try:
             grant = self._grants.check(parsed.token, parsed.channel, now)
         except tokens.AuthError as refused:

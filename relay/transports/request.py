@@ -16,6 +16,11 @@ This module keeps those rules and adds two ways to pass the token that upstream 
 ``/TOKEN?x=1`` works too. When the token comes from the query or the header, the path's first
 element, if any, is the channel (``/chat?jwt=T``).
 
+A browser's ``WebSocket`` and ``EventSource`` cannot send a header, and a token in the URL
+ends up in logs: the token may also come in a cookie (``cookie``: its name, given only when
+cookie authentication is on; :mod:`relay.transports.admission` decides when a cookie may be
+trusted). The query and the header win over the cookie.
+
 Every ``filter`` query parameter is collected, percent-decoded and in order, for
 :mod:`relay.core.filters` to parse (an empty one too: it is a mistake to report, not to skip). Other
 query parameters are ignored, as upstream ignores them.
@@ -42,6 +47,8 @@ class Target:
     filters: tuple[str, ...] = ()
     #: The ``from`` parameter: the position to resume after (:mod:`relay.wire.positions`).
     position: str | None = None
+    #: The token came from the cookie (a browser sends it whatever page opens the socket).
+    from_cookie: bool = False
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -62,7 +69,21 @@ def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return credentials.strip()
 
 
-def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> Target:
+def cookie(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
+    """The value of cookie ``name`` in the request's ``Cookie`` headers (the first), or None."""
+    wanted = name.encode()
+    for key, value in headers:
+        if key.lower() != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            found, sep, text = pair.strip().partition(b"=")
+            if sep and found == wanted and text:
+                return text.strip().strip(b'"').decode("latin-1")
+    return None
+
+
+def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = (),
+                 cookie_name: str | None = None) -> Target:
     """Split a raw request target (path and query, as sent) into channel and token."""
     text = target.decode("utf-8", "replace")
     path, _, query = text.partition("?")
@@ -76,6 +97,10 @@ def parse_target(target: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> 
         outside = _bearer(headers)
     if outside is not None:
         return Target(elements[0] or None, outside, filters, position)
+    if cookie_name is not None and len(elements) == 1 and \
+            (baked := cookie(headers, cookie_name)) is not None:
+        # Only when the path holds no token: /CHANNEL with the token in the cookie.
+        return Target(elements[0] or None, baked, filters, position, from_cookie=True)
 
     if len(elements) == 1:
         return Target(None, elements[0], filters, position)

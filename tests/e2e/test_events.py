@@ -219,3 +219,27 @@ def test_an_event_stream_may_follow_a_plain_request_on_the_same_connection(
         assert data.startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream")
     finally:
         sock.close()
+
+
+def test_a_token_in_a_cookie_opens_a_stream_and_a_websocket_from_an_allowed_origin(
+        start_relay) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    relay = start_relay(PGWS_ALLOWED_ORIGINS="https://good.example")
+    cookie = f"pgws_token={READ}"
+    same_site = Stream(relay, "/chat", Cookie=cookie, Sec_Fetch_Site="same-origin")
+    try:
+        assert same_site.status == 200 and same_site.next().type == "position"
+    finally:
+        same_site.close()
+    cross_site = Stream(relay, "/chat", Cookie=cookie, Sec_Fetch_Site="cross-site")
+    assert (cross_site.status, cross_site.body()) == (403, "Origin required with a cookie token")
+    with connect(relay.url("/chat"), origin="https://good.example",  # type: ignore[arg-type]
+                 additional_headers={"Cookie": cookie}, open_timeout=10) as client:
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], _payload(1))
+        assert json.loads(client.recv(timeout=10))["n"] == 1
+    with pytest.raises(InvalidStatus) as refused:
+        connect(relay.url("/chat"), origin="https://evil.example",  # type: ignore[arg-type]
+                additional_headers={"Cookie": cookie}, open_timeout=10)
+    assert refused.value.response.status_code == 403

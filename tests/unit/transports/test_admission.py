@@ -199,3 +199,39 @@ def test_a_claim_set_the_url_adds_filters_to_counts_with_the_url_sets_and_per_ad
         503, "Too many distinct filters from this address", "capacity")
     alice, held_alice = _admit(admission, f"/c/{_token(filters=['payload.user=eq.alice'])}")
     assert isinstance(alice, Admitted) and held_alice.claimed  # The claim pool is untouched.
+
+
+def _cookie(token: str, name: str = "pgws_token") -> tuple[bytes, bytes]:
+    return (b"cookie", f"theme=dark; {name}={token}; x=1".encode())
+
+
+def test_a_cookie_token_is_taken_only_with_allowed_origins_and_from_one() -> None:
+    good = [(b"origin", b"https://good.example"), _cookie(_token())]
+    off, _ = _admit(_admission(), "/c", good)
+    # Without PGWS_ALLOWED_ORIGINS the cookie is never read: no token at all.
+    assert isinstance(off, Refusal) and off.status == 400
+    admission = _admission(PGWS_ALLOWED_ORIGINS="https://good.example")
+    admitted, _ = _admit(admission, "/c", good)
+    assert isinstance(admitted, Admitted) and admitted.grant.channels == ("c",)
+    other, _ = _admit(admission, "/c", [(b"origin", b"https://evil.example"), _cookie(_token())])
+    assert other == Refusal(403, "Origin not allowed", "origin")
+    nameless, _ = _admit(admission, "/c", [_cookie(_token())])
+    assert nameless == Refusal(403, "Origin required with a cookie token", "origin")
+    same_site, _ = _admit(admission, "/c", [_cookie(_token()),
+                                             (b"sec-fetch-site", b"same-origin")])
+    assert isinstance(same_site, Admitted)
+    cross_site, _ = _admit(admission, "/c", [_cookie(_token()),
+                                              (b"sec-fetch-site", b"cross-site")])
+    assert cross_site == Refusal(403, "Origin required with a cookie token", "origin")
+
+
+def test_the_url_the_query_and_the_header_win_over_the_cookie() -> None:
+    admission = _admission(PGWS_ALLOWED_ORIGINS="https://good.example",
+                           PGWS_TOKEN_COOKIE="relay")
+    stale = _cookie(_token(exp=NOW - 10), "relay")
+    for target, headers in ((f"/c/{_token()}", [stale]), (f"/c?jwt={_token()}", [stale]),
+                            ("/c", [stale, (b"authorization", f"Bearer {_token()}".encode())])):
+        admitted, _ = _admit(admission, target, headers)  # No Origin: not a cookie token.
+        assert isinstance(admitted, Admitted), target
+    expired, _ = _admit(admission, "/c", [stale, (b"origin", b"https://good.example")])
+    assert isinstance(expired, Refusal) and expired.reason == "token"

@@ -168,6 +168,26 @@ class Admission:
             resume = history.open(asked)
         return Admitted(grant, filter_set, positioned, resume)
 
+    def refresh(self, token: object, old: tokens.Grant, channel: str | None, now: float
+                ) -> tokens.Grant | str:
+        """A connection's new token (sent on the connection: ``{"event":"token"}``): the grant
+        it gives, or why it is refused. It is checked as at connect (``channel``: the one the
+        URL named), and must grant at least the connection's channels and mode, with exactly
+        its filters claim: a different filter is another subscription, not a refresh."""
+        if not isinstance(token, str) or not token:
+            return "the token must be a string"
+        try:
+            grant = self._grants.check(token, channel, now)
+        except tokens.AuthError as refused:
+            return str(refused)
+        if not set(old.mode) <= set(grant.mode):
+            return f"mode {grant.mode!r} does not cover {old.mode!r}"
+        if not set(old.channels) <= set(grant.channels):
+            return "the token does not grant every channel of the connection"
+        if grant.filters != old.filters:
+            return "the filters claim differs: open a new connection for other filters"
+        return grant
+
     def release(self, held: Held, network: str) -> None:
         """Give back what ``held`` holds (when its connection ends, however)."""
         if held.slot:

@@ -24,7 +24,6 @@ the rest of its life:
 from __future__ import annotations
 
 import os
-import time
 from math import inf
 
 import trio
@@ -83,9 +82,7 @@ class EventStreamClient(Client):
                 self._nursery = nursery
                 nursery.cancel_scope.deadline = self._deadline
                 self._start_writer()
-                expires_at = self.grant.expires_at
-                if expires_at is not None:
-                    self._expiry = trio.current_time() + (expires_at - time.time())
+                self.expire_at(self.grant.expires_at)
                 nursery.start_soon(self._watch)
                 while not self._done.is_set():
                     with trio.move_on_at(min(self._expiry, trio.current_time() + KEEP_ALIVE)):

@@ -586,6 +586,23 @@ class Server:
         return _Accepted(client, admitted.filters, Compression.OFF, admitted.positioned,
                          admitted.resume, events.EVENT_STREAM)
 
+    def _refresher(self, channel: str | None) -> Callable[[Client, object], bytes]:
+        """What a connection with positions does with a new token it sends: checked by
+        admission; taken, it replaces the grant (later writes carry its claims) and moves the
+        connection's end to its ``exp``."""
+        def refresh(client: Client, token: object) -> bytes:
+            grant = self._admission.refresh(token, client.grant, channel, time.time())
+            if isinstance(grant, str):
+                log.info("token refresh from %s refused: %s", client.peer, grant,
+                         extra={"event": "token_refused", "peer": client.peer})
+                return positions.token_refused_event(grant)
+            client.grant = grant
+            expires_at = grant.expires_at
+            client.expire_at(expires_at)
+            return positions.token_event(expires_at)
+
+        return refresh
+
     def _cors(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
         """CORS headers for a request from an allowed Origin (``PGWS_ALLOWED_ORIGINS``):
         a page there may read the stream, with its cookies. None otherwise: without the
@@ -663,6 +680,8 @@ class Server:
                         inflate=agreement is not None)
         if config.max_writes_per_second and grant.can_write:
             client.write_bucket = WriteBucket(config.max_writes_per_second, time.monotonic())
+        if positioned:
+            client.refresh = self._refresher(request.parse_target(req.target).channel)
         # The answer is the client's first bytes out, and the caller adds it to the hub before
         # anything awaits: a notification handled in between would be missed by a client that
         # has its 101 (awaiting the answer's write here let the listener run first).

@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from math import inf
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
@@ -132,6 +133,7 @@ class Client:
         "_writing",
         "grant",
         "peer",
+        "refresh",
         "write_bucket",
     )
 
@@ -158,6 +160,9 @@ class Client:
         self.grant = grant
         #: The client's write-rate allowance, when a rate limit is configured.
         self.write_bucket: WriteBucket | None = None
+        #: On connections with positions: takes a new token sent as ``{"event":"token"}`` and
+        #: gives the answer to send (:meth:`_deliver`); None: such messages are published.
+        self.refresh: Callable[[Client, object], bytes] | None = None
         self._settings = settings
         self._on_message = on_message
         self.peer = peer
@@ -280,6 +285,11 @@ class Client:
     def _abort(self) -> None:
         self._closing = True
         self._set_deadline(-inf)
+
+    def expire_at(self, expires_at: float | None) -> None:
+        """The token's ``exp`` (Unix seconds; None: none) ends the connection then (3001)."""
+        self._expiry = inf if expires_at is None else \
+            trio.current_time() + (expires_at - time.time())
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = min(self._deadline, deadline)
@@ -476,6 +486,15 @@ class Client:
         self.close(NORMAL if code in _UNSENDABLE_CLOSE_CODES else code, "")
 
     async def _deliver(self, text: str) -> None:
+        if self.refresh is not None and text.startswith("{"):
+            try:
+                fields = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                fields = None
+            if isinstance(fields, dict) and fields.get("event") == "token":
+                # A token refresh, never published (docs/resume.md).
+                self.offer(frames.text(self.refresh(self, fields.get("token"))))
+                return
         try:
             await self._on_message(self, text)
         except MessageRefused as refused:
@@ -496,9 +515,7 @@ class Client:
                 self._nursery = nursery
                 nursery.cancel_scope.deadline = self._deadline
                 self._start_writer()  # For anything offered before the connection ran.
-                expires_at = self.grant.expires_at
-                if expires_at is not None:
-                    self._expiry = trio.current_time() + (expires_at - time.time())
+                self.expire_at(self.grant.expires_at)
                 await self._reader()
             aborted = nursery.cancel_scope.cancel_called
         finally:

@@ -193,6 +193,18 @@ def resumed_event(position: str, replayed: int) -> bytes:
     return b'{"event":"resumed","position":"%s","replayed":%d}' % (position.encode(), replayed)
 
 
+def token_event(exp: float | None) -> bytes:
+    """The answer to a client's token refresh that was taken: the connection now ends at
+    ``exp`` (Unix seconds; None: never)."""
+    return b'{"event":"token","exp":%s}' % (b"null" if exp is None else
+                                             json.dumps(exp).encode())
+
+
+def token_refused_event(reason: str) -> bytes:
+    """The answer to a client's token refresh that was not taken; the old token holds."""
+    return b'{"event":"token-refused","reason":%s}' % json.dumps(reason).encode()
+
+
 def lost_event(reason: str, position: str) -> bytes:
     """The control event of a stream that is not lossless (``reason``: one of
     :data:`LOST_REASONS`); it goes on after ``position``."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from relay.wire import positions
@@ -309,3 +309,41 @@ def test_a_replay_beyond_the_queue_bound_is_not_a_slow_consumer(start_relay) -> 
         notify(listen, _p(2000))
         assert _n(_read(client)) == 2000
     assert "slow consumer" not in relay.log
+
+
+def test_a_connection_whose_token_is_refreshed_lives_past_each_exp_and_a_refusal_keeps_the_old(
+        relay: RelayProcess) -> None:
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    first_exp = int(time.time()) + 2
+
+    def rw(exp: int, **more: object) -> str:
+        return token({"mode": "rw", "channel": "c", "exp": exp, **more})
+
+    url = relay.url(f"/c/{rw(first_exp)}")
+    with connect(url, subprotocols=SUB, open_timeout=10) as client:  # type: ignore[arg-type]
+        assert _read(client).event == "position"  # type: ignore[union-attr]
+        last = first_exp
+        for _ in range(3):  # Each new token ends later: the connection lives past the first.
+            last += 1
+            client.send(json.dumps({"event": "token", "token": rw(last)}))
+            answer = json.loads(client.recv(timeout=10))
+            while answer.get("event") == "position":  # A checkpoint may come first.
+                answer = json.loads(client.recv(timeout=10))
+            assert answer == {"event": "token", "exp": last}
+        client.send(json.dumps({"event": "token", "token": rw(last + 60, mode="r")}))
+        refused = json.loads(client.recv(timeout=10))
+        while refused.get("event") == "position":
+            refused = json.loads(client.recv(timeout=10))
+        assert refused == {"event": "token-refused", "reason": "mode 'r' does not cover 'rw'"}
+        client.send("hello")  # Not a token event: published, with the newest token's claims.
+        echo = _read(client)
+        while isinstance(echo, Control):
+            echo = _read(client)
+        assert json.loads(echo.payload)["claims"]["exp"] == last
+        notify(listen, _p(1))
+        # The last token taken ends the connection (3001), after the first exp had passed.
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                client.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3001
+        assert time.time() >= last - 1 > first_exp

@@ -33,7 +33,8 @@ SURFACES = {
         "CLOCK_SKEW", "Control", "Delivery", "EXPIRED", "FROM_PARAMETER", "GAP", "LOST_REASONS",
         "MAX_CONTROL_LENGTH", "MAX_POSITION_LENGTH", "MIN_KEY_BYTES", "Position",
         "ProtocolError", "SUBPROTOCOL", "Sealer", "UNKNOWN", "WINDOW", "delivery", "lost_event",
-        "parse_position", "position_event", "read", "resumed_event"},
+        "parse_position", "position_event", "read", "resumed_event", "token_event",
+        "token_refused_event"},
 }
 
 

@@ -235,3 +235,30 @@ def test_the_url_the_query_and_the_header_win_over_the_cookie() -> None:
         assert isinstance(admitted, Admitted), target
     expired, _ = _admit(admission, "/c", [stale, (b"origin", b"https://good.example")])
     assert isinstance(expired, Refusal) and expired.reason == "token"
+
+
+def test_a_refreshed_token_must_cover_the_connection_with_the_same_filters() -> None:
+    admission = _admission()
+    # No channel in the URL: the connection has every channel of the claim.
+    old = admission.admit(f"/{_token(mode='rw', channels=['c', 'd'], filters=['n=eq.1'])}"
+                          .encode(), [], "10.0.0.1", Held(), NOW, 0.0)
+    assert isinstance(old, Admitted) and old.grant.channels == ("c", "d")
+    grant = old.grant
+
+    def refresh(**claims: object) -> object:
+        return admission.refresh(_token(**claims), grant, None, NOW)
+
+    taken = refresh(mode="rw", channels=["c", "d", "e"], filters=["n=eq.1"], exp=NOW + 60)
+    assert isinstance(taken, tokens.Grant) and taken.expires_at == NOW + 60
+    assert refresh(mode="r", channels=["c", "d"], filters=["n=eq.1"]) == \
+        "mode 'r' does not cover 'rw'"
+    assert refresh(mode="rw", channels=["c"], filters=["n=eq.1"]) == \
+        "the token does not grant every channel of the connection"
+    assert refresh(mode="rw", channels=["c", "d"]) == \
+        "the filters claim differs: open a new connection for other filters"
+    assert refresh(mode="rw", channels=["c", "d"], filters=["n=eq.2"]) == \
+        "the filters claim differs: open a new connection for other filters"
+    assert str(refresh(mode="rw", channels=["c", "d"], filters=["n=eq.1"],
+                                        exp=NOW - 1)) == "Token expired"
+    assert admission.refresh(42, grant, None, NOW) == "the token must be a string"
+    assert "JWSError" in str(admission.refresh("garbage", grant, None, NOW))

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from websockets.sync.client import connect
 
 from tests.helpers import TIMEOUT, RelayProcess, notify, token, unique_channel
@@ -216,6 +217,7 @@ def test_checks_before_connecting(browser, start_relay) -> None:
     assert page.rows() == [] and page.find("#status").text == "not connected"
 
 
+@pytest.mark.slow
 def test_expiry_close_3001_is_shown_and_not_retried(browser, start_relay) -> None:
     relay = start_relay(PGWS_ROOT_PATH=str(CONSOLE_DIR))
     channel = unique_channel("console")

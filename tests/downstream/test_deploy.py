@@ -129,6 +129,7 @@ def test_dockerfile_declares_the_image() -> None:
     assert dict(instructions)["ENTRYPOINT"] == '["pgws-relay"]'
 
 
+@pytest.mark.slow
 def test_dockerfile_install_steps_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     """The image's COPY and pip steps, word for word, give the command and the console."""
     venv = tmp_path / "venv"

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.downstream.test_econia import ECONIA_SECRET, econia_db, run_sql  # noqa: F401 (a fixture)
 from tests.helpers import TIMEOUT, Lines, RelayProcess, sigint_as_from_a_terminal, token
 
@@ -24,6 +26,7 @@ def fill(txn_version: int, event_idx: int, market: int = 7, twin: bool = False) 
             f"{txn_version}, '0xbb', 1, 2, 3)")
 
 
+@pytest.mark.slow
 def test_example_applies_every_fill_once_across_a_relay_restart(
         start_relay: Callable[..., RelayProcess], econia_db: str) -> None:  # noqa: F811
     with socket.socket() as probe:

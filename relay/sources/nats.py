@@ -55,6 +55,9 @@ _BATCH = 1000
 #: Seconds the Trio side waits for a first message before it looks at the connection again.
 _IDLE_WAIT = 1.0
 
+#: Seconds between NATS pings (see :func:`connect`).
+_PING_INTERVAL = 2.0
+
 #: Resumes older than the history read from the stream at once, and waiting, at most: each
 #: holds up to a client's queue bound of messages while it reads.
 _BACKFILLS_AT_ONCE = 2
@@ -188,6 +191,11 @@ async def connect(settings: NatsSettings, name: str,
     options: dict[str, Any] = {
         "servers": list(settings.servers), "name": name, "allow_reconnect": True,
         "max_reconnect_attempts": -1, "reconnect_time_wait": 1.0, "connect_timeout": 5.0,
+        # A server cut off (not closed) is noticed by pings: nats-py's defaults (every 120 s,
+        # 2 unanswered) left the feeder and the relays on a dead link for minutes
+        # (bench/scenarios/nats_fleet.py, nats-cut); here within ~3 pings, then it moves to
+        # another server of the list.
+        "ping_interval": _PING_INTERVAL, "max_outstanding_pings": 2,
         "disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error,
     }
     if settings.user is not None:

@@ -23,7 +23,8 @@ received a message. Then it answers each command on stdin with one line:
     that reconnected within :data:`AFFECTED_WINDOW` of it (affected), and for every client
     the time from the fault to the arrival of ``first`` (the first seq committed after it):
     "receives again"; over the whole run, each client's missing and duplicated seqs from its
-    first message to ``L``, and its Lost events. The agent then exits.
+    first message to ``L``, the seqs that arrived after a later one (out of order), and its
+    Lost events. The agent then exits.
 
 It measures and never judges: the driver compares the figures with the goals.
 """
@@ -50,6 +51,8 @@ class Client:
         self.ident = ident
         self.arrivals: dict[int, float] = {}
         self.duplicates = 0
+        #: Messages that arrived after a later one (a duplicate is not counted here).
+        self.out_of_order = 0
         self.lost: list[tuple[float, str]] = []
         self.reconnects: list[float] = []
         self.highest = -1
@@ -59,6 +62,8 @@ class Client:
         if seq in self.arrivals:
             self.duplicates += 1
             return
+        if seq < self.highest:
+            self.out_of_order += 1
         self.arrivals[seq] = now
         if seq > self.highest:
             self.highest = seq
@@ -110,6 +115,7 @@ def report(clients: list[Client], last: int, faults: list[dict[str, Any]]) -> di
     out: dict[str, Any] = {
         "clients": len(clients), "missing": missing, "gaps": gaps[:10],
         "duplicated": sum(client.duplicates for client in clients),
+        "out_of_order": sum(client.out_of_order for client in clients),
         "lost_events": sum(len(client.lost) for client in clients),
         "lost_reasons": sorted({reason for client in clients for _, reason in client.lost}),
         "faults": []}

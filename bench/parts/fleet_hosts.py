@@ -128,8 +128,12 @@ class Fleet:
     """The namespaces, cables and processes of one fleet; see the module's docstring."""
 
     def __init__(self, relays: int = 3, directory: Path | None = None,
-                 relay_env: dict[str, str] | None = None) -> None:
+                 relay_env: dict[str, str] | None = None,
+                 database_settings: dict[str, str] | None = None) -> None:
+        """``database_settings``: PostgreSQL settings of the private cluster on top of
+        :class:`bench.parts.pgcluster.Cluster`'s (``wal_level=logical`` for a feeder)."""
         self.relays = relays
+        self.database_settings = database_settings or {}
         self.pid = os.getpid()
         self.directory = directory
         self._own_directory = directory is None
@@ -159,7 +163,8 @@ class Fleet:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._network()
             self.cluster = pgcluster.Cluster(listen=DATABASE_ADDRESS, netns=self.ns["db"],
-                                             fast=True).open()
+                                             fast=True, settings=self.database_settings).open()
+            self._services()
             for index in range(1, self.relays + 1):
                 self.start(index, wait=False)
             for index in range(1, self.relays + 1):
@@ -197,6 +202,10 @@ class Fleet:
         for host, address in (("cl", CLIENTS_ADDRESS), ("lb", BALANCER_ADDRESS)):
             _run("ip", "-n", self.ns[host], "addr", "add", f"{address}/30", "dev", "edge")
             _run("ip", "-n", self.ns[host], "link", "set", "edge", "up")
+
+    def _services(self) -> None:
+        """What must run before the relays start, once the network and the database are up:
+        nothing here; a subclass's servers (a NATS cluster and its feeder) go here."""
 
     def _log(self, name: str) -> io.BufferedWriter:
         assert self.directory is not None

@@ -40,6 +40,14 @@ not seen yet, parks the client (:meth:`Hub.add` returns True) until the notifica
 here or the caller gives up (:meth:`Hub.give_up`: ``unknown``). Each time LISTEN is
 established the history takes a break, and every positioned client is told ``lost``/``gap``.
 
+With a source that reads a log (the WAL, a stream), positions are places in it
+(:meth:`relay.core.history.History.adopt_log`): the same on every relay, so a position this
+process has not read yet is waited for until it is read (parked by key). A relay that starts
+reads its history back from the log; meanwhile (:attr:`Hub.catching_up`) every client waits,
+and :meth:`Hub.caught_up` lets them in, a few at a time, so nobody receives old messages as
+live. A position older than the history but not than the source is read again from it
+(:attr:`Hub.backfill`, answered by :meth:`Hub.backfilled`), within the replay's bounds.
+
 Rules this module keeps:
 
 - It never awaits a client and never blocks: a slow client is the client's problem, decided

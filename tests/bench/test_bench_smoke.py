@@ -1,7 +1,8 @@
 """The benchmark scripts work (not a speed check): the smallest burst (relay and ceiling), a
 short churn run, the replay part of the resume script, the hub's micro-benchmark at a tiny size,
 and PostgreSQL's bytes per queue entry (bench/scenarios/pglimits.py's cheapest part, on a
-private cluster). The fuzzer runs in tests/e2e/test_fuzz.py."""
+private cluster). The fuzzer runs in tests/e2e/test_fuzz.py. All but the micro-benchmark run in
+CI's second stage (``slow``): each starts the scripts' own processes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
     out = tmp_path / "burst.json"
     result = subprocess.run(
@@ -34,6 +36,7 @@ def test_smallest_burst_runs_and_delivers_everything(tmp_path: Path) -> None:
         assert sample["deliveries_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
     out = tmp_path / "churn.json"
     result = subprocess.run(
@@ -45,6 +48,7 @@ def test_churn_script_runs_and_finds_no_leak(tmp_path: Path) -> None:
     assert data["ok"] and data["tasks"][1] <= data["tasks"][0]
 
 
+@pytest.mark.slow
 def test_resume_script_runs_and_loses_nothing(tmp_path: Path) -> None:
     """The replay part, small (``--quick``): exact, then live. (The other parts are left to
     ``python -m bench.scenarios.resume --quick``; what they check is tested end to end in
@@ -96,6 +100,7 @@ def _no_private_cluster() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_pglimits_script_measures_queue_entries_and_leaves_no_cluster(tmp_path: Path) -> None:
     """``--quick --parts entries``: a private cluster, a pinned queue, a few hundred
     notifications per payload size (seconds). Under CI=true a missing cluster fails it."""

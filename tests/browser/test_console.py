@@ -154,6 +154,7 @@ def test_notify_shows_live_and_a_message_sent_from_the_page_reaches_another_clie
         assert page.driver.save_screenshot(screenshot)
 
 
+@pytest.mark.slow
 def test_token_channels_several_connections_and_the_bounded_list(browser, start_relay) -> None:
     relay = start_relay(PGWS_ROOT_PATH=str(CONSOLE_DIR))
     listen = relay.env["PGWS_LISTEN_CHANNEL"]

@@ -177,7 +177,7 @@ def test_without_allowed_origins_no_other_site_may_read_the_stream(relay: RelayP
 
 
 def test_the_tokens_exp_ends_the_stream(relay: RelayProcess) -> None:
-    short = token({"mode": "r", "channel": "chat", "exp": int(time.time()) + 2})
+    short = token({"mode": "r", "channel": "chat", "exp": int(time.time()) + 1})
     stream = Stream(relay, f"/chat/{short}")
     try:
         events = list(stream.events())  # Returns when the relay ends the response.

@@ -314,7 +314,7 @@ def test_a_replay_beyond_the_queue_bound_is_not_a_slow_consumer(start_relay) -> 
 def test_a_connection_whose_token_is_refreshed_lives_past_each_exp_and_a_refusal_keeps_the_old(
         relay: RelayProcess) -> None:
     listen = relay.env["PGWS_LISTEN_CHANNEL"]
-    first_exp = int(time.time()) + 2
+    first_exp = int(time.time()) + 1
 
     def rw(exp: int, **more: object) -> str:
         return token({"mode": "rw", "channel": "c", "exp": exp, **more})
@@ -323,7 +323,7 @@ def test_a_connection_whose_token_is_refreshed_lives_past_each_exp_and_a_refusal
     with connect(url, subprotocols=SUB, open_timeout=10) as client:  # type: ignore[arg-type]
         assert _read(client).event == "position"  # type: ignore[union-attr]
         last = first_exp
-        for _ in range(3):  # Each new token ends later: the connection lives past the first.
+        for _ in range(2):  # Each new token ends later: the connection lives past the first.
             last += 1
             client.send(json.dumps({"event": "token", "token": rw(last)}))
             answer = json.loads(client.recv(timeout=10))

@@ -186,7 +186,9 @@ class Admission:
             return "the token does not grant every channel of the connection"
         if grant.filters != old.filters:
             return "the filters claim differs: open a new connection for other filters"
-        return grant
+        # The connection keeps the mode it was admitted with (and its write budget): a wider
+        # token refreshes it, never widens it.
+        return dataclasses.replace(grant, mode=old.mode) if grant.mode != old.mode else grant
 
     def release(self, held: Held, network: str) -> None:
         """Give back what ``held`` holds (when its connection ends, however)."""

@@ -367,7 +367,9 @@ class Client:
         parts: list[Any] = []  # The frames of a message so far: str (text) or bytes (binary).
         size = 0
         fragments = 0
-        keep = self.grant.can_write  # Read-only clients' messages are read and thrown away.
+        # Read-only clients' messages are read and thrown away, except on connections that
+        # may refresh their token (_deliver takes the token event and drops the rest).
+        keep = self.grant.can_write or self.refresh is not None
         limit = self._settings.max_message_size
         decoder = self._frames
         # Made at the first bytes the client sends, so that an idle connection carries none.
@@ -495,6 +497,8 @@ class Client:
                 # A token refresh, never published (docs/resume.md).
                 self.offer(frames.text(self.refresh(self, fields.get("token"))))
                 return
+        if not self.grant.can_write:
+            return  # A read-only client's message: read, and thrown away.
         try:
             await self._on_message(self, text)
         except MessageRefused as refused:

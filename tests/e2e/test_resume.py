@@ -347,3 +347,24 @@ def test_a_connection_whose_token_is_refreshed_lives_past_each_exp_and_a_refusal
                 client.recv(timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 3001
         assert time.time() >= last - 1 > first_exp
+
+
+def test_a_read_only_connection_refreshes_its_token_and_a_wider_one_does_not_widen_it(
+        relay: RelayProcess) -> None:
+    soon = int(time.time()) + 60
+    read = token({"mode": "r", "channel": "c", "exp": soon})
+    with connect(relay.url(f"/c/{read}"), subprotocols=SUB,  # type: ignore[arg-type]
+                 open_timeout=10) as client:
+        assert _read(client).event == "position"  # type: ignore[union-attr]
+        wider = token({"mode": "rw", "channel": "c", "exp": soon + 60})
+        client.send(json.dumps({"event": "token", "token": wider}))
+        answer = json.loads(client.recv(timeout=10))
+        while answer.get("event") == "position":
+            answer = json.loads(client.recv(timeout=10))
+        assert answer == {"event": "token", "exp": soon + 60}
+        client.send("not published: the connection is still read-only")
+        notify(relay.env["PGWS_LISTEN_CHANNEL"], _p(7))
+        delivered = _read(client)
+        while isinstance(delivered, Control):
+            delivered = _read(client)
+        assert json.loads(delivered.payload)["n"] == 7  # The first thing after: no echo.

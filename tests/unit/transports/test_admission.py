@@ -262,3 +262,12 @@ def test_a_refreshed_token_must_cover_the_connection_with_the_same_filters() -> 
                                         exp=NOW - 1)) == "Token expired"
     assert admission.refresh(42, grant, None, NOW) == "the token must be a string"
     assert "JWSError" in str(admission.refresh("garbage", grant, None, NOW))
+
+
+def test_a_wider_token_refreshes_a_read_only_connection_without_widening_it() -> None:
+    admission = _admission()
+    old = admission.admit(f"/c/{_token()}".encode(), [], "10.0.0.1", Held(), NOW, 0.0)
+    assert isinstance(old, Admitted) and old.grant.mode == "r"
+    taken = admission.refresh(_token(mode="rw", exp=NOW + 60), old.grant, "c", NOW)
+    assert isinstance(taken, tokens.Grant)
+    assert (taken.mode, taken.expires_at, taken.can_write) == ("r", NOW + 60, False)

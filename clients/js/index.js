@@ -35,7 +35,7 @@
  * and resumed once the caller has caught up; the duplicate filter remembers a bounded number of
  * positions; every wait has a timeout.
  *
- * Plain ES2020 module, no dependencies, no build step: works as checked in, in browsers and
+ * Plain ES2022 module (private fields), no dependencies, no build step: works as checked in, in browsers and
  * Node 20+.
  */
 

@@ -25,8 +25,8 @@ for room); they go out in batches of :data:`_BATCH`, all in flight at once
 batch (NATS away, a timeout) is sent again after a second: same ids, so no duplicate.
 
 Two feeders on one slot: PostgreSQL lets one process read a slot at a time. The second stands by
-(``/ready`` would say so; the log says it once) and takes over within about a second of the
-first one's connection ending. nats-py runs on an asyncio loop of its own thread
+(its log says so once) and takes over within about a second of the first one's connection
+ending. nats-py runs on an asyncio loop of its own thread
 (:mod:`relay.sources.bridge`).
 """
 

@@ -198,6 +198,10 @@ def _is_websocket(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return value is not None and value.strip().lower() == b"websocket"
 
 
+#: The request headers a cross-origin page may send with an event stream's ``fetch``.
+_PREFLIGHT_HEADERS = b"authorization, last-event-id, accept, cache-control"
+
+
 def _wants_events(req: h11.Request) -> bool:
     """A GET that accepts an event stream (``EventSource`` sends exactly that)."""
     accept = request.header(req.headers, b"accept")
@@ -485,8 +489,9 @@ class Server:
         for served in range(1, _MAX_REQUESTS_PER_CONNECTION + 1):
             # The request's deadline, set when it began: its body must come within it too.
             request_deadline = phase.deadline
-            reply = static.answer(self._config.root_path, req.method, req.target,
-                                  request.header(req.headers, b"if-none-match"))
+            reply = self._preflight(req) or static.answer(
+                self._config.root_path, req.method, req.target,
+                request.header(req.headers, b"if-none-match"))
             headers = [*reply.headers, (b"content-length", str(reply.length).encode())]
             last = served == _MAX_REQUESTS_PER_CONNECTION
             if req.method == b"HEAD" or reply.file is None:
@@ -602,6 +607,21 @@ class Server:
             return positions.token_event(expires_at)
 
         return refresh
+
+    def _preflight(self, req: h11.Request) -> static.Reply | None:
+        """The answer to a CORS preflight (an ``OPTIONS`` with ``Access-Control-Request-Method``
+        before a cross-origin ``fetch`` of an event stream with ``Authorization`` or
+        ``Last-Event-ID``): allowed for an allowed origin, 403 for any other; None: not one."""
+        if req.method != b"OPTIONS" or \
+                request.header(req.headers, b"access-control-request-method") is None:
+            return None
+        allowed = self._cors(req)
+        if not allowed:
+            return static.Reply(403, [(b"content-type", b"text/plain; charset=utf-8")],
+                                b"Origin not allowed", length=len(b"Origin not allowed"))
+        return static.Reply(204, [*allowed, (b"access-control-allow-methods", b"GET"),
+                                  (b"access-control-allow-headers", _PREFLIGHT_HEADERS),
+                                  (b"access-control-max-age", b"600")])
 
     def _cors(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
         """CORS headers for a request from an allowed Origin (``PGWS_ALLOWED_ORIGINS``):

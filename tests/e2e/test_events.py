@@ -243,3 +243,33 @@ def test_a_token_in_a_cookie_opens_a_stream_and_a_websocket_from_an_allowed_orig
         connect(relay.url("/chat"), origin="https://evil.example",  # type: ignore[arg-type]
                 additional_headers={"Cookie": cookie}, open_timeout=10)
     assert refused.value.response.status_code == 403
+
+
+def test_a_cors_preflight_is_answered_for_allowed_origins_only(start_relay) -> None:
+    relay = start_relay(PGWS_ALLOWED_ORIGINS="https://good.example")
+
+    def preflight(origin: str) -> tuple[int, dict[str, str]]:
+        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        try:
+            sock.sendall(f"OPTIONS /chat HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\n"
+                         "Access-Control-Request-Method: GET\r\n"
+                         "Access-Control-Request-Headers: authorization, last-event-id\r\n"
+                         "\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk
+                data += chunk
+        finally:
+            sock.close()
+        status, *fields = data.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        return int(status.split()[1]), {name.lower(): value.strip() for name, value in
+                                        (line.split(":", 1) for line in fields)}
+
+    status, headers = preflight("https://good.example")
+    assert status == 204
+    assert headers["access-control-allow-origin"] == "https://good.example"
+    assert "authorization" in headers["access-control-allow-headers"]
+    assert "last-event-id" in headers["access-control-allow-headers"]
+    assert headers["access-control-allow-credentials"] == "true"
+    assert preflight("https://evil.example")[0] == 403

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -37,6 +40,10 @@ class AsyncioThread:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
+        # What a coroutine cancelled from the Trio side raises afterwards (a connection closed
+        # under it) is nobody's business: logged for debugging, never printed as a traceback.
+        self._loop.set_exception_handler(
+            lambda loop, context: log.debug("asyncio: %s", context.get("message")))
         try:
             self._loop.run_forever()
         finally:

@@ -25,6 +25,7 @@ consumer (the server buffers, with flow control), never the other relays.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -311,8 +312,23 @@ class _Reader:
         except NatsTimeout:
             return []
         found = [_entry(first)]
-        while subscription.pending_msgs and len(found) < _BATCH:
-            found.append(_entry(await subscription.next_msg(timeout=_IDLE_WAIT)))
+        queue = getattr(subscription, "_pending_queue", None)
+        if queue is None or not hasattr(subscription, "_pending_size"):
+            # Another nats-py: its public way, a task and a timer per message.
+            while subscription.pending_msgs and len(found) < _BATCH:
+                found.append(_entry(await subscription.next_msg(timeout=_IDLE_WAIT)))
+            return found
+        # What is already here is taken as next_msg takes it, without its task, timer and
+        # uuid per message: 59.8 → 14.2 µs of the relay's CPU per message read
+        # (bench/micro/nats_reader.py, 30,000 messages from a local stream).
+        while len(found) < _BATCH:
+            try:
+                message = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            subscription._pending_size -= len(message.data)
+            queue.task_done()
+            found.append(_entry(message))
         return found
 
     async def read_again(self, first: int, last: int, max_bytes: int, max_count: int

@@ -56,7 +56,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from relay.auth.tokens import Grant
 from relay.core.limits import InboundBudget, WriteBucket, within_queue_bound
 from relay.core.stats import counters
-from relay.wire import frames
+from relay.wire import frames, positions
 from relay.wire.closecodes import (
     JWT_EXPIRED,
     MESSAGE_TOO_BIG,
@@ -88,6 +88,9 @@ _FRAMES_PER_CHECKPOINT = 16
 #: Bytes joined into one write when the backlog is long (a replay): large enough that a replay
 #: is a few system calls, small enough that the copy stays cheap and bounded.
 _REPLAY_CHUNK = 262144
+
+#: Seconds between two token refreshes a connection may ask for (a signature check each).
+_REFRESH_SPACING = 1.0
 
 #: Fragments one message may have (1009 beyond). Browsers never fragment and libraries cut at
 #: a few KiB, so real messages have a handful; a cap keeps empty fragments, which add nothing
@@ -127,6 +130,7 @@ class Client:
         "_on_message",
         "_partial_head",
         "_queued",
+        "_refreshed_at",
         "_settings",
         "_stream",
         "_tracked",
@@ -163,6 +167,7 @@ class Client:
         #: On connections with positions: takes a new token sent as ``{"event":"token"}`` and
         #: gives the answer to send (:meth:`_deliver`); None: such messages are published.
         self.refresh: Callable[[Client, object], bytes] | None = None
+        self._refreshed_at = -inf
         self._settings = settings
         self._on_message = on_message
         self.peer = peer
@@ -494,8 +499,16 @@ class Client:
             except orjson.JSONDecodeError:
                 fields = None
             if isinstance(fields, dict) and fields.get("event") == "token":
-                # A token refresh, never published (docs/resume.md).
-                self.offer(frames.text(self.refresh(self, fields.get("token"))))
+                # A token refresh, never published (docs/resume.md). Each costs a signature
+                # check: one a second at most, so a client cannot make the relay verify
+                # tokens at its frame rate.
+                now = trio.current_time()
+                if now - self._refreshed_at < _REFRESH_SPACING:
+                    answer = positions.token_refused_event("one token refresh a second at most")
+                else:
+                    self._refreshed_at = now
+                    answer = self.refresh(self, fields.get("token"))
+                self.offer(frames.text(answer))
                 return
         if not self.grant.can_write:
             return  # A read-only client's message: read, and thrown away.

@@ -368,3 +368,34 @@ def test_a_read_only_connection_refreshes_its_token_and_a_wider_one_does_not_wid
         while isinstance(delivered, Control):
             delivered = _read(client)
         assert json.loads(delivered.payload)["n"] == 7  # The first thing after: no echo.
+
+
+@pytest.mark.slow
+def test_one_connection_refreshed_ten_times_lives_past_every_tokens_exp(
+        relay: RelayProcess) -> None:
+    """Each token ends 3–4 seconds after it is sent, and a new one comes every second or so
+    (the relay takes one a second): the connection outlives all ten, then ends at the last."""
+    start = time.time()
+
+    def rw(exp: float) -> str:
+        return token({"mode": "rw", "channel": "c", "exp": int(exp)})
+
+    with connect(relay.url(f"/c/{rw(start + 4)}"), subprotocols=SUB,  # type: ignore[arg-type]
+                 open_timeout=10) as client:
+        assert _read(client).event == "position"  # type: ignore[union-attr]
+        taken = 0
+        spacing = threading.Event()  # Never set: its wait paces the refreshes, as a client would.
+        while taken < 10:
+            spacing.wait(1.1)
+            exp = int(time.time()) + 4  # At least 3 s ahead: a loaded machine is slow.
+            client.send(json.dumps({"event": "token", "token": rw(exp)}))
+            answer = json.loads(client.recv(timeout=10))
+            while answer.get("event") == "position":
+                answer = json.loads(client.recv(timeout=10))
+            assert answer == {"event": "token", "exp": exp}, answer
+            taken += 1
+        assert time.time() > start + 4 + 5  # Well past the first token's end, still open.
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                client.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3001

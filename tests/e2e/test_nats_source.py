@@ -325,6 +325,7 @@ def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill
         shutil.rmtree(store, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
         logical: str, nats_url: str) -> None:
     listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")

@@ -352,6 +352,7 @@ def _n(event: positions.Delivery | positions.Control) -> int:
     return int(json.loads(event.payload)["n"])
 
 
+@pytest.mark.fault
 def test_a_position_resumes_after_the_relay_was_killed_and_on_another_relay(
         logical: str) -> None:
     listen, first_slot, second_slot = unique_channel("wal"), _slot(), _slot()

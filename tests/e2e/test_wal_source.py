@@ -78,6 +78,7 @@ class Reader:
 
     def __init__(self, uri: str, prefix: str, slot: str, **options: Any) -> None:
         self.batches: list[list[bytes]] = []
+        self._changed = trio.Event()  # Set at every batch: what until() waits on.
         self.listening = 0
         self.losses = 0
         self.source = WalSource(
@@ -89,6 +90,7 @@ class Reader:
     def _publish(self, payloads: list[bytes], arrived: float,
                  places: list[tuple[int, int]] | None = None) -> None:
         self.batches.append(list(payloads))
+        self._changed.set()
 
     def _listening(self) -> None:
         self.listening += 1
@@ -101,9 +103,15 @@ class Reader:
         return [payload for batch in self.batches for payload in batch]
 
     async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait for ``condition``, woken by every batch (and at least once a second, for what
+        no batch announces: a status the slot was told)."""
         with trio.fail_after(30):
-            while not condition():
-                await trio.sleep(0.02)
+            while True:
+                self._changed = trio.Event()  # Before the check: no batch slips between.
+                if condition():
+                    return
+                with trio.move_on_after(1.0):
+                    await self._changed.wait()
 
 
 def _slot() -> str:

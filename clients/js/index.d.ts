@@ -83,6 +83,9 @@ export class Subscription implements AsyncIterableIterator<SubscriptionEvent> {
   [Symbol.asyncIterator](): Subscription;
   next(): Promise<IteratorResult<SubscriptionEvent, undefined>>;
   return(): Promise<IteratorResult<SubscriptionEvent, undefined>>;
+  /** Send text on the open WebSocket connection (a token of mode w or rw publishes it); false
+   * when nothing was sent: no connection open, or transport "sse". */
+  send(text: string): boolean;
   /** Close the connection; pending and later next() calls return done. */
   close(): void;
   /** Resolves once the `count`-th (or a later) connection is up. */

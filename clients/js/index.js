@@ -291,6 +291,7 @@ export class Subscription {
   #done = false;
   #failure = null;
   #connectedWaiters = [];
+  #socket = null; // the open WebSocket, for send()
 
   /** A connection is up and has said where its stream starts. */
   connected = false;
@@ -348,6 +349,22 @@ export class Subscription {
     for (const waiter of this.#waiters.splice(0)) waiter.resolve({ value: undefined, done: true });
     for (const wake of this.#roomWaiters.splice(0)) wake();
     for (const waiter of this.#connectedWaiters.splice(0)) waiter.reject(new SubscriptionError("closed"));
+  }
+
+  /** Send `text` on the open WebSocket connection: with a token of mode w or rw the relay
+   * publishes it to the connection's channels. Returns false when nothing was sent (no
+   * connection is open, or the transport is "sse", which cannot send). On pgws.resume.v1 a
+   * JSON object with "event":"token" is a token refresh, never published. */
+  send(text) {
+    if (typeof text !== "string") throw new TypeError("send: text must be a string");
+    const ws = this.#socket;
+    if (this.#done || ws === null || ws.readyState !== 1) return false;
+    try {
+      ws.send(text);
+    } catch {
+      return false; // The connection is ending; the caller may send again once reconnected.
+    }
+    return true;
   }
 
   /** Resolves once a connection (the `count`-th or a later one) is up; rejects if the
@@ -687,6 +704,7 @@ export class Subscription {
       const finish = (result, isError = false) => {
         if (settled) return;
         settled = true;
+        if (this.#socket === ws) this.#socket = null;
         for (const t of timers) clearTimeout(t);
         refresher?.stop();
         this.#abort.signal.removeEventListener("abort", onAbort);
@@ -750,6 +768,7 @@ export class Subscription {
       ws.addEventListener("open", () => {
         if (settled) return;
         opened = true;
+        this.#socket = ws;
         this.#skipFrom = false;
         this.connections += 1;
         const positioned = ws.protocol === SUBPROTOCOL;

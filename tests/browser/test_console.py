@@ -55,10 +55,13 @@ class Page:
     def until(self, condition: Callable[[], object], what: str) -> object:
         return self.wait.until(lambda _: condition(), message=f"waiting for {what}")
 
-    def connect(self, jwt: str, channels: str = "") -> None:
+    def connect(self, jwt: str, channels: str = "", transport: str = "websocket") -> None:
+        from selenium.webdriver.support.ui import Select
+
         self.find("#token").send_keys(jwt)
         if channels:
             self.find("#channels").send_keys(channels)
+        Select(self.find("#transport")).select_by_value(transport)
         self.find("#connect").click()
 
     def rows(self) -> list[dict[str, str]]:
@@ -83,6 +86,12 @@ class Page:
                               li => [li.dataset.channel, li.querySelector("pre").textContent]);
             """, kind)]
 
+    def positions(self) -> list[str]:
+        """The positions shown beside the data messages, top to bottom."""
+        return self.driver.execute_script("""
+            return Array.from(document.querySelectorAll("#messages li.msg.data"),
+                              li => li.querySelector(".position")?.textContent ?? "");""")
+
     def wait_message(self, text: str, kind: str = "data") -> None:
         self.until(lambda: any(text == shown for _, shown in self.messages(kind)),
                    f"{kind} message {text!r} on the page")
@@ -101,6 +110,16 @@ def test_console_directory_is_what_the_module_prints() -> None:
                              text=True, check=True, timeout=TIMEOUT).stdout.strip()
     assert Path(printed).is_absolute() and Path(printed) == CONSOLE_DIR
     assert {"index.html", "console.js", "console.css"} <= {p.name for p in CONSOLE_DIR.iterdir()}
+
+
+def test_the_console_carries_the_javascript_client_library_unchanged() -> None:
+    # The page imports the library from its own directory (package data, served by the relay);
+    # clients/js/index.js is the library's one source, and this copy must not drift from it.
+    library = CONSOLE_DIR.parents[1] / "clients" / "js" / "index.js"
+    copy = CONSOLE_DIR / "pgws-relay-client.js"
+    assert copy.read_bytes() == library.read_bytes(), \
+        "cp clients/js/index.js relay/console/pgws-relay-client.js"
+    assert 'from "./pgws-relay-client.js"' in (CONSOLE_DIR / "console.js").read_text()
 
 
 def test_notify_shows_live_and_a_message_sent_from_the_page_reaches_another_client(
@@ -152,6 +171,73 @@ def test_notify_shows_live_and_a_message_sent_from_the_page_reaches_another_clie
         page.wait_message(econia_fill(channel, 11))
         page.driver.execute_script("document.querySelector('.controls').scrollTop = 0")
         assert page.driver.save_screenshot(screenshot)
+
+
+def test_over_server_sent_events_messages_show_with_positions_and_nothing_can_be_sent(
+        browser, start_relay) -> None:
+    relay = start_relay(PGWS_ROOT_PATH=str(CONSOLE_DIR))
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    channel = unique_channel("console")
+    page = Page(browser, relay)
+    page.connect(token({"mode": "rw"}), channel, transport="sse")
+    page.wait_open()
+    page.wait_message("connected (Server-Sent Events)", kind="event")
+    # An event stream cannot carry a write, so the send form stays hidden even for mode rw.
+    assert not page.find("#send-form").is_displayed()
+    fills = [econia_fill(channel, n) for n in range(3)]
+    notify(listen, *fills)
+    page.wait_message(fills[-1])
+    assert [text for _, text in page.messages()] == fills[::-1]
+    positions = page.positions()
+    assert len(set(positions)) == 3 and all(p.count(".") == 3 for p in positions), positions
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_after_a_reset_the_page_resumes_with_every_message_once_and_in_order(
+        browser, start_relay, transport: str) -> None:
+    """The relay's side of the connection is destroyed (``ss -K``) between two batches: the
+    library reconnects from the last position shown and the page lists all six, no line lost."""
+    relay = start_relay(PGWS_ROOT_PATH=str(CONSOLE_DIR))
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    channel = unique_channel("console")
+    page = Page(browser, relay)
+    page.connect(token({"mode": "r"}), channel, transport=transport)
+    page.wait_open()
+    sent = [json.dumps({"channel": channel, "n": n}) for n in range(6)]
+    notify(listen, *sent[:3])
+    page.wait_message(sent[2])
+    killed = subprocess.run(["ss", "-K", "src", "127.0.0.1", "sport", "=", str(relay.port)],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert killed.returncode == 0, killed.stderr
+    notify(listen, *sent[3:])
+    page.until(lambda: page.rows()[0]["reconnects"] == "1", "one reconnect")
+    page.wait_message(sent[5])
+    assert [text for _, text in page.messages()] == sent[::-1]
+    assert len(set(page.positions())) == 6
+    assert not any(text.startswith("lost") for _, text in page.messages("event"))
+
+
+@pytest.mark.slow
+def test_a_token_pasted_while_connected_replaces_the_old_one_before_it_expires(
+        browser, start_relay) -> None:
+    relay = start_relay(PGWS_ROOT_PATH=str(CONSOLE_DIR))
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    channel = unique_channel("console")
+    page = Page(browser, relay)
+    expires = int(time.time()) + 6
+    page.connect(token({"mode": "r", "channel": channel, "exp": expires}), channel)
+    page.wait_open()
+    page.find("#token").clear()
+    page.find("#token").send_keys(token({"mode": "r", "channel": channel,
+                                         "exp": int(time.time()) + 600}))
+    page.until(lambda: any(text.startswith("token refreshed in place")
+                           for _, text in page.messages("event")), "the refresh")
+    page.until(lambda: time.time() > expires + 1, "the first token's exp behind us")
+    message = json.dumps({"channel": channel, "payload": "after the first exp"})
+    notify(listen, message)
+    page.wait_message(message)
+    assert page.rows()[0]["state"] == "open" and page.rows()[0]["reconnects"] == "0"
 
 
 @pytest.mark.slow

@@ -101,6 +101,33 @@ describe("against the relay", { concurrency: true }, () => {
     });
   }
 
+  test("send publishes on a WebSocket and is refused where nothing can carry it", async () => {
+    const channel = unique("chat");
+    const token = await mint({ mode: "rw", channel });
+    const feed = subscribe(relay.url(`/${channel}`), { token, WebSocket });
+    const sse = subscribe(relay.url(`/${channel}`), { token, transport: "sse" });
+    try {
+      assert.equal(feed.send("too early"), false, "no connection is open yet");
+      await feed.waitConnected();
+      await sse.waitConnected();
+      assert.equal(sse.send("over SSE"), false, "an event stream cannot send");
+      assert.equal(feed.send("hello from js"), true);
+      // Both readers get the relay's envelope of it (mode rw reads its own write back).
+      for (const reader of [feed, sse]) {
+        const [event] = await take(reader, 1);
+        const envelope = JSON.parse(event.payload);
+        assert.equal(envelope.event, "WebsocketMessage");
+        assert.equal(envelope.payload, "hello from js");
+        assert.equal(envelope.channel, channel);
+      }
+      assert.throws(() => feed.send(42), TypeError);
+    } finally {
+      feed.close();
+      sse.close();
+    }
+    assert.equal(feed.send("after close"), false);
+  });
+
   test("a 503 (too many connections) is retried until there is room", async () => {
     const capped = await Relay.start({ PGWS_MAX_CONNECTIONS: "1" });
     const channel = unique("chat");

@@ -55,11 +55,17 @@ its durability defaults (as :mod:`bench.scenarios.pglimits`: every commit waits 
 flush) and ``wal_level=logical``, one local nats-server (JetStream, one replica: three servers
 on the same 2 cores would measure NATS's replication, not the database). ``pgbench`` commits
 transactions of k ``pg_logical_emit_message`` (k = 1 and 100, the 100-byte payloads of
-pglimits, pipeline mode, pglimits' best client counts) for :data:`PGBENCH_S` seconds while the
+pglimits, pipeline mode, :data:`PGBENCH_CLIENTS` clients) for :data:`PGBENCH_S` seconds while the
 feeder reads the log into a fresh stream and 0, 10 or 30 relay processes (``PGWS_SOURCE=nats``,
 one worker each, no clients) read the stream; then the same pgbench with one ``pg_notify`` per
 transaction (and 100) against 30 relay processes with ``PGWS_SOURCE=notify`` (each a LISTEN
-backend). Each configuration gets fresh relays, a fresh stream and slot. The feeder and the
+backend). Each configuration gets fresh relays, a fresh stream and slot. With ``--cores split``
+(the default on a machine of 2 cores or more) the database's side runs on CPU 0 (the cluster
+with every backend it forks, pgbench, the feeder and the nats-server) and the relay processes
+on the others (``sched_setaffinity``): the goal is what the database can take, and in a fleet the
+relays are other hosts; on 2 shared cores 30 relays' own CPU would be measured instead (it was,
+at 3f2993f: 0.66x from 10 to 30 relays, and 0.72x NOTIFY's commits/s). ``--cores shared`` runs
+everything everywhere, as then. The feeder and the
 relays may fall behind pgbench (the slot keeps the log): after pgbench ends they are given up to
 :data:`DRAIN_S` to catch up, and the figures say how far they got. Figures per row: commits/s
 and messages/s (pgbench's), the feeder's stored messages/s and one relay's receptions/s (from
@@ -76,6 +82,7 @@ leaves nothing behind (namespaces, processes, clusters, stores), even when stopp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -158,7 +165,11 @@ PGBENCH_S = 10.0
 DRAIN_S = 30.0
 QUICK_PGBENCH_S = 3.0
 QUICK_DRAIN_S = 10.0
-PGBENCH_CLIENTS = {1: 4, 100: 2}
+#: pgbench clients per k: more clients make larger group commits (every commit waits for a WAL
+#: flush). At k = 1, with the cores split, 4 clients left the emitting path waiting on flushes
+#: (3,182-3,672 commits/s, the database's core not full), 16 gave 6,895 and 32 gave 8,267;
+#: NOTIFY with 30 listeners is bound by its CPU either way (1,875 / 2,220 / 2,694).
+PGBENCH_CLIENTS = {1: 32, 100: 4}
 #: The ceiling's channel (the prefix of the messages, the relays' listen channel).
 CEILING_CHANNEL = "pglimits"
 #: A relay process starting, 30 at once on 2 cores: time to be ready.
@@ -194,6 +205,41 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> fl
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.1)
     return time.monotonic() - start
+
+
+#: ``--cores split``: CPUs of the database's side and of the relays (see the opening); None:
+#: shared.
+CORES: tuple[set[int], set[int]] | None = None
+
+
+def _pin(pid: int, cpus: set[int] | None) -> None:
+    """Every thread of ``pid`` on ``cpus`` (threads and processes it starts later inherit)."""
+    if cpus is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task), cpus)
+
+
+def _pin_cluster(pg: Cluster, cpus: set[int] | None) -> None:
+    """The postmaster and every process it forked so far: later backends inherit."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    _pin(postmaster, cpus)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == postmaster:
+                    _pin(int(entry), cpus)
+
+
+def _database_cpus() -> set[int] | None:
+    return None if CORES is None else CORES[0]
+
+
+def _relay_cpus() -> set[int] | None:
+    return None if CORES is None else CORES[1]
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -735,6 +781,7 @@ class LocalNats:
                 [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-m",
                  str(self.monitor_port), "-sd", str(self.store)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT)
+        _pin(self.proc.pid, _database_cpus())
         _wait(lambda: "Server is ready" in self.log.read_text(), "nats-server ready")
         return self
 
@@ -798,6 +845,7 @@ class Relays:
                             "PGWS_JWT_SECRET": SECRET, "PGWS_HOST": "127.0.0.1",
                             "PGWS_PORT": str(free_port()), "PGWS_ADMIN_PORT": str(admin),
                             "PGWS_WORKERS": "1", "PGWS_LOG_LEVEL": "INFO", **env}))
+                _pin(self.procs[-1].pid, _relay_cpus())
                 self.admin_ports.append(admin)
             _wait(self.ready, f"{count} relays ready", START_WAIT)
         except BaseException:
@@ -856,6 +904,7 @@ def nats_row(pg: Cluster, nats: LocalNats, k: int, count: int, script: str, seco
             stderr=subprocess.STDOUT, env={
                 **{k_: v for k_, v in os.environ.items() if not k_.startswith("PGWS_")},
                 **env, "PGWS_WAL_SLOT": slot, "PGWS_NATS_REPLICAS": "1", "PGWS_LOG_LEVEL": "INFO"})
+    _pin(feeder.pid, _database_cpus())
     relays: Relays | None = None
     try:
         _wait(lambda: feeder.poll() is None and "through the write-ahead log"
@@ -871,7 +920,9 @@ def nats_row(pg: Cluster, nats: LocalNats, k: int, count: int, script: str, seco
         groups: dict[str, list[int]] = {"feeder": [feeder.pid],
                                         "relay processes": relays.pids if relays else []}
         start = time.monotonic()
+        _pin_cluster(pg, _database_cpus())  # The walsender forked since.
         bench = Pgbench(pg, script, PGBENCH_CLIENTS[k], seconds)
+        _pin(bench.proc.pid, _database_cpus())
         groups["pgbench"] = [bench.proc.pid]
         try:
             with CpuSplit(pg, groups) as split:
@@ -972,7 +1023,9 @@ def notify_row(pg: Cluster, k: int, count: int, script: str, seconds: float, dra
         before = received()
         cpu0 = relays.cpu()
         start = time.monotonic()
+        _pin_cluster(pg, _database_cpus())  # The LISTEN backends forked since.
         bench = Pgbench(pg, script, PGBENCH_CLIENTS[k], seconds)
+        _pin(bench.proc.pid, _database_cpus())
         try:
             with CpuSplit(pg, {"relay processes": relays.pids,
                                "pgbench": [bench.proc.pid]}) as split:
@@ -1016,7 +1069,9 @@ def ceiling_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                     "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
                     (["fsync", "synchronous_commit", "wal_level", "server_version",
                       "full_page_writes"],)).fetchall())
-            log(f"private cluster: {settings}; nats-server {nats.url}")
+            _pin_cluster(pg, _database_cpus())
+            log(f"private cluster: {settings}; nats-server {nats.url}; cores: "
+                f"{'shared' if CORES is None else f'database {CORES[0]}, relays {CORES[1]}'}")
             emit = {k: _emit_script(k, str(directory)) for k in CEILING_KS}
             notify = {k: write_script(k, str(directory)) for k in CEILING_KS}
             for run in range(runs):
@@ -1063,6 +1118,8 @@ def ceiling_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                             ignore=shutil.ignore_patterns("nats-store"))
         shutil.rmtree(directory, ignore_errors=True)
     return {"postgres": settings, "pgbench_seconds": seconds, "drain_seconds": drain,
+            "cores": "shared" if CORES is None else {"database": sorted(CORES[0]),
+                                                     "relays": sorted(CORES[1])},
             "runs": runs, "pgbench_clients": PGBENCH_CLIENTS, "payload_bytes": len(payload(0)),
             "rows": rows, "summary": summarise_ceiling(rows)}
 
@@ -1122,7 +1179,22 @@ def main(argv: list[str] | None = None) -> int:
                         "NATS server and HAProxy) in this directory (default: removed)")
     parser.add_argument("--ceiling-relays", default=",".join(map(str, CEILING_RELAYS)),
                         help="relay processes reading the stream in the ceiling's rows")
+    parser.add_argument("--pgbench-clients", default="",
+                        help="pgbench clients per k, as k:clients,... (default "
+                        + ",".join(f"{k}:{c}" for k, c in PGBENCH_CLIENTS.items()) + ")")
+    parser.add_argument("--cores", choices=("split", "shared"), default=None,
+                        help="the ceiling's CPUs: the database's side on CPU 0 and the relays "
+                        "on the others (split: the default with 2 cores or more), or all shared")
     args = parser.parse_args(argv)
+    global CORES
+    for item in filter(None, args.pgbench_clients.split(",")):
+        k, _, clients = item.partition(":")
+        PGBENCH_CLIENTS[int(k)] = int(clients)
+    available = sorted(os.sched_getaffinity(0))
+    if (args.cores or ("split" if len(available) >= 2 else "shared")) == "split":
+        if len(available) < 2:
+            parser.error("--cores split needs 2 CPUs")
+        CORES = ({available[0]}, set(available[1:]))
     parts = [part for part in args.parts.split(",") if part]
     unknown = (set(parts) - set(PARTS)) | ({f for f in args.faults.split(",") if f} - set(FAULTS))
     if unknown:

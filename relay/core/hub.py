@@ -46,7 +46,10 @@ process has not read yet is waited for until it is read (parked by key). A relay
 reads its history back from the log; meanwhile (:attr:`Hub.catching_up`) every client waits,
 and :meth:`Hub.caught_up` lets them in, a few at a time, so nobody receives old messages as
 live. A position older than the history but not than the source is read again from it
-(:attr:`Hub.backfill`, answered by :meth:`Hub.backfilled`), within the replay's bounds.
+(:attr:`Hub.backfill`, answered by :meth:`Hub.backfilled`) in steps, each within the replay's
+bounds: the source reads the next step once the client has written the last (so what it misses
+is never more than its queue at a time), until the history holds the rest, which is replayed as
+any resume before the client joins its stream.
 
 Rules this module keeps:
 
@@ -202,9 +205,11 @@ BACKFILL_MESSAGES = 20_000
 
 class _Parked:
     """A client waiting: for another relay process's position to arrive here (``awaited``:
-    what :meth:`relay.core.history.History.awaited` says), or for the source to catch up."""
+    what :meth:`relay.core.history.History.awaited` says), for the source to catch up, or for
+    the source to read again what the history no longer holds (``started``: some of it was sent).
+    """
 
-    __slots__ = ("awaited", "client", "compression", "key", "position")
+    __slots__ = ("awaited", "client", "compression", "key", "position", "started")
 
     def __init__(self, client: Subscriber, key: _Key, compression: Compression,
                  position: Position | None, awaited: int) -> None:
@@ -213,6 +218,20 @@ class _Parked:
         self.compression = compression
         self.position = position
         self.awaited = awaited
+        self.started = False
+
+
+class _Drained:
+    """What :meth:`Subscriber.track` is given for a step read again: ``then()`` once the
+    client wrote it (or dropped it)."""
+
+    __slots__ = ("then",)
+
+    def __init__(self, then: Callable[[], None]) -> None:
+        self.then = then
+
+    def done(self) -> None:
+        self.then()
 
 
 class _Channel:
@@ -364,52 +383,81 @@ class Hub:
         """A parked client has waited long enough: it enters now, and a position it waited
         for is ``unknown`` here. One that waits for the source to catch up is closed (1013)
         instead: let in now, it would receive what is read back from the log as live."""
-        parked = self._unpark(client)
-        if parked is None:
-            return
+        parked = self._parked_clients.get(client)
+        if parked is None or parked.started:
+            return  # Gone, or reading again from the source: that has bounds of its own.
+        self._unpark(client)
         if parked.awaited == _CAUGHT_UP and self.catching_up:
             client.close(TRY_AGAIN_LATER, "catching up")
             return
         self._enter(client, parked.key, parked.compression, parked.position, waiting=False)
 
-    def backfilled(self, client: Subscriber,
-                   messages: Sequence[tuple[int, int, bytes]] | None, until: int) -> None:
-        """What the source read again for a client that waits with an old position: the
-        messages with keys in (its position, ``until``] (None: it could not, within its
-        bounds). The client is let in at once: the messages of its channels and filters, then
-        the history's after ``until`` if it still holds them all, else ``expired``."""
-        parked = self._unpark(client)
-        if parked is None:
-            return  # Gone, or given up on meanwhile.
+    def backfilled(self, client: Subscriber, messages: Sequence[tuple[int, int, bytes]] | None,
+                   through: int, drained: Callable[[], None] = lambda: None) -> int | None:
+        """A step of what the source read again for a client that waits with an old position:
+        the messages with keys in (where the last step ended, or its position; ``through``]
+        (None: the source could not, within its bounds). The messages of the client's channels
+        and filters are offered to it; then, if the history still holds all that follows
+        ``through``, that is replayed and the client joins its stream: None. Otherwise it
+        waits for the next step: the key to read up to is returned, and ``drained()`` is
+        called once the client has written this one (read the next step then, not before:
+        each step is at most a share of the client's queue).
+
+        The client is told ``resumed`` before the first step; with the count of what follows
+        when everything came in one step, without one when more steps followed. When a step
+        cannot be served the client is told ``lost``/``expired`` and joins from here: None.
+        """
+        parked = self._parked_clients.get(client)
+        if parked is None or parked.awaited != _BACKFILL:
+            return None  # Gone, or given up on meanwhile.
         history = self.history
         assert history is not None and parked.position is not None
         channels, filter_set, _, encoding = parked.key
+        deep = None if messages is None else \
+            _read_again(messages, channels, filter_set, self._listen_channel)
         outcome: int | str = positions.EXPIRED
-        deep = None
-        if messages is not None:
-            outcome = history.resolve(history.position_at(until), channels)
+        replay = None
+        if deep is not None:
+            outcome = history.resolve(history.position_at(through), channels)
             if not isinstance(outcome, str):
-                deep = _read_again(messages, channels, filter_set, self._listen_channel)
-        replay = None if deep is None else \
-            _replay(history, history.after(outcome, channels), filter_set)  # type: ignore[arg-type]
-        if deep is None or replay is None:
+                replay = _replay(history, history.after(outcome, channels), filter_set)
+                if replay is None:
+                    deep = None  # The rest is over the replay's bounds: expired.
+            elif outcome != positions.EXPIRED:
+                deep = None  # The source started over meanwhile (a gap): told as it is.
+        if deep is None:
+            self._unpark(client)
             self._admit(client, parked.key, parked.compression, parked.position,
-                        positions.EXPIRED)
-            return
-        self.resumes["resumed"] += 1
-        self.replayed += len(deep) + len(replay)
-        resumed = history.text(parked.position)
-        client.offer(encoding.event("resumed", resumed, positions.resumed_event(
-            resumed, len(deep) + len(replay))))
+                        outcome if isinstance(outcome, str) else positions.EXPIRED)
+            return None
+        self.replayed += len(deep)
+        if not parked.started:
+            self.resumes["resumed"] += 1
+            resumed = history.text(parked.position)
+            count = None if replay is None else len(deep) + len(replay)
+            client.offer(encoding.event("resumed", resumed,
+                                        positions.resumed_event(resumed, count)))
+        parked.started = True
+        queued = False
         for message_key, second, payload in deep:  # Counted against the client's queue bound.
-            client.offer(b"".join(encoding.delivery(history.text_at(message_key, second),
-                                                    payload)))
+            queued |= client.offer(b"".join(encoding.delivery(
+                history.text_at(message_key, second), payload)))
+        if replay is None:
+            # The history moved on past ``through`` meanwhile: another step, from there.
+            if queued:
+                client.track(_Drained(drained))  # type: ignore[arg-type]
+            else:
+                drained()
+            return history.complete_after(channels)
+        self._unpark(client)
+        self.replayed += len(replay)
         if replay:
             parts: list[bytes] = []
             for entry in replay:
                 parts += encoding.delivery(history.position_of(entry), entry.payload)
             client.replay(parts)
         self._join(client, parked.key, parked.compression)
+        return None
 
     def caught_up(self, limit: int | None = None) -> bool:
         """The source has read up to where it was when it started: clients enter, at most

@@ -59,13 +59,29 @@ _IDLE_WAIT = 1.0
 #: Seconds between NATS pings (see :func:`connect`).
 _PING_INTERVAL = 2.0
 
-#: Resumes older than the history read from the stream at once, and waiting, at most: each
-#: holds up to a client's queue bound of messages while it reads.
+#: Steps of resumes older than the history read from the stream at once, and resumes waiting
+#: for their first step, at most: each step holds up to half a client's queue bound of
+#: messages while it is read.
 _BACKFILLS_AT_ONCE = 2
 _BACKFILLS_WAITING = 64
 
-#: Messages read again for one resume, at most (the hub's own bound).
+#: Messages read again for one step of a resume, at most (the hub's own bound).
 _BACKFILL_MESSAGES = 20_000
+
+#: Messages read again for one resume in all, at most (beyond: ``expired``): what one read
+#: token can make a relay read, about 3 s of the reader's thread at the 14 µs a message of
+#: bench/micro/nats_reader.py. At 300 messages a second it is 11 minutes of a stream.
+_BACKFILL_TOTAL = 200_000
+
+#: Bytes a message read again is counted for beyond its payload: its frame, position and line
+#: feed (WebSocket: ``relay.config.DELIVERY_OVERHEAD``, 62) or its ``id:`` and ``data:`` lines
+#: (an event stream: 64 and 6 a line more), so that a step of small messages fits the client's
+#: queue bound too.
+_DELIVERY_OVERHEAD = 80
+
+#: Seconds a client may take to write one step before the resume is given up (``expired``):
+#: the send timeout closes a client that stops reading sooner.
+_STEP_WRITE_WAIT = 60.0
 
 #: The longest subject token written as the channel's name (NATS's control line is 4 KiB, and
 #: the subject shares it with the headers' length and the reply subject).
@@ -333,11 +349,14 @@ class _Reader:
 
     async def read_again(self, first: int, last: int, max_bytes: int, max_count: int
                          ) -> list[tuple[int, int, bytes]] | None:
-        """The stream's messages ``first`` to ``last`` (sequences), with a consumer of their
-        own; None when one is missing (it aged out) or they are more than the bounds."""
+        """The stream's messages from ``first`` on, up to ``last`` (sequences) or to the bounds
+        (``max_bytes`` of payloads and their delivery overhead, ``max_count``), whichever
+        comes first, with a consumer of their own; None when one is missing (it aged out)."""
         from nats.errors import TimeoutError as NatsTimeout
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
+        if first > last:
+            return []
         js = self.connection.jetstream()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                 opt_start_seq=first)
@@ -347,16 +366,16 @@ class _Reader:
         size = 0
         try:
             expected = first
-            while expected <= last:
+            while expected <= last and len(found) < max_count:
                 try:
                     entry = _entry(await subscription.next_msg(timeout=_IDLE_WAIT))
                 except NatsTimeout:
                     return None
                 if entry[0] != expected:
                     return None  # Aged out, or deleted: the resume cannot be whole.
-                size += len(entry[2])
-                if size > max_bytes or len(found) >= max_count:
-                    return None
+                size += len(entry[2]) + _DELIVERY_OVERHEAD
+                if size > max_bytes and found:
+                    break  # The next step starts with it.
                 found.append(entry)
                 expected += 1
             return found
@@ -395,12 +414,14 @@ class NatsSource(Reconnecting):
                  on_log: Callable[[int, int], None] | None = None,
                  on_caught_up: Callable[[], None] | None = None,
                  on_listening: Callable[[], None] | None = None, channel: str = "",
-                 on_backfilled: Callable[[Any, Any, int], None] | None = None,
+                 on_backfilled: Callable[[Any, Any, int, Callable[[], None]], int | None]
+                 | None = None,
                  backfill_bytes: int = 1 << 20) -> None:
         """``channel``: the listen channel the feeder read, for the log line.
-        ``on_backfilled(client, messages, until)``: what :meth:`backfill` read (the hub's
-        :meth:`relay.core.hub.Hub.backfilled`), at most ``backfill_bytes`` (a client's queue
-        bound: they go into its queue)."""
+        ``on_backfilled(client, messages, through, drained)``: a step of what :meth:`backfill`
+        read (the hub's :meth:`relay.core.hub.Hub.backfilled`: the key to read on to, or None
+        when done), at most ``backfill_bytes`` (half a client's queue bound: they go into its
+        queue)."""
         super().__init__(retries)
         self._channel = channel
         self._on_backfilled = on_backfilled
@@ -440,32 +461,54 @@ class NatsSource(Reconnecting):
 
     def backfill(self, client: Any, after: int, until: int) -> None:
         """Read the stream again for a resume older than the history (the hub's
-        ``backfill``): schedules the read; the answer goes to ``on_backfilled``. At most
-        :data:`_BACKFILLS_AT_ONCE` run at once and :data:`_BACKFILLS_WAITING` wait; beyond,
-        the client is answered at once that its position is too old."""
+        ``backfill``): schedules the read, in steps handed to ``on_backfilled``. At most
+        :data:`_BACKFILLS_AT_ONCE` steps are read at once and :data:`_BACKFILLS_WAITING`
+        resumes wait for their first; beyond, the client is answered at once that its position
+        is too old."""
         try:
             self._backfills.send_nowait((client, after, until))
         except trio.WouldBlock:
             trio.lowlevel.current_trio_token().run_sync_soon(self._answer, client, None, until)
 
-    def _answer(self, client: Any, messages: Any, until: int) -> None:
-        if self._on_backfilled is not None:
-            self._on_backfilled(client, messages, until)
+    def _answer(self, client: Any, messages: Any, through: int,
+                drained: Callable[[], None] = lambda: None) -> int | None:
+        if self._on_backfilled is None:
+            return None
+        return self._on_backfilled(client, messages, through, drained)
 
     async def _serve_backfills(self, loop: AsyncioThread, reader: _Reader) -> None:
         limiter = trio.CapacityLimiter(_BACKFILLS_AT_ONCE)
 
         async def one(client: Any, after: int, until: int) -> None:
-            async with limiter:
-                try:
-                    messages = await loop.run(reader.read_again, (after >> LOG_INDEX_BITS) + 1,
-                                              until >> LOG_INDEX_BITS, self._backfill_bytes,
-                                              _BACKFILL_MESSAGES)
-                except Exception as exc:  # NATS away: the position is answered too old.
-                    log.warning("reading the stream again for a resume failed: %s",
-                                first_line(exc))
-                    messages = None
-            self._answer(client, messages, until)
+            """Steps of at most half the client's queue, each read once it wrote the last,
+            until the hub's history holds the rest; at most :data:`_BACKFILL_TOTAL` messages."""
+            read = 0
+            while True:
+                first, last = (after >> LOG_INDEX_BITS) + 1, until >> LOG_INDEX_BITS
+                async with limiter:
+                    try:
+                        messages = await loop.run(reader.read_again, first, last,
+                                                  self._backfill_bytes, _BACKFILL_MESSAGES)
+                    except Exception as exc:  # NATS away: the position is answered too old.
+                        log.warning("reading the stream again for a resume failed: %s",
+                                    first_line(exc))
+                        messages = None
+                if messages is not None:
+                    read += len(messages)
+                    if read > _BACKFILL_TOTAL:
+                        messages = None
+                through = (messages[-1][0] << LOG_INDEX_BITS if messages and
+                           messages[-1][0] < last else until)
+                written = trio.Event()
+                more = self._answer(client, messages, through, written.set)
+                if more is None:
+                    return
+                with trio.move_on_after(_STEP_WRITE_WAIT) as waited:
+                    await written.wait()
+                if waited.cancelled_caught:
+                    self._answer(client, None, through)
+                    return
+                after, until = through, more
 
         async with trio.open_nursery() as nursery:
             async for client, after, until in self._backfills_out:

@@ -32,6 +32,8 @@ Messages from the relay, under the subprotocol (all text):
 
     {"event":"position","position":P}            where you are (at connect, and now and then)
     {"event":"resumed","position":P,"replayed":N} resume from P: N missed deliveries follow
+                                                 (no "replayed" when the relay reads them
+                                                 from its source in steps: a NATS stream)
     {"event":"lost","reason":R,"position":P}     not lossless: re-read your state; the stream
                                                  goes on after P
 
@@ -187,9 +189,11 @@ def position_event(position: str) -> bytes:
     return b'{"event":"position","position":"%s"}' % position.encode()
 
 
-def resumed_event(position: str, replayed: int) -> bytes:
+def resumed_event(position: str, replayed: int | None) -> bytes:
     """The control event of a lossless resume from ``position``: ``replayed`` deliveries
-    follow."""
+    follow (None: not known yet, when the relay reads them from its source in steps)."""
+    if replayed is None:
+        return b'{"event":"resumed","position":"%s"}' % position.encode()
     return b'{"event":"resumed","position":"%s","replayed":%d}' % (position.encode(), replayed)
 
 

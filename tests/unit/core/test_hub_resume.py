@@ -567,3 +567,81 @@ def test_a_resume_the_source_cannot_read_again_is_expired_and_a_late_answer_is_i
     assert hub.add(again, ["c"], positioned=True, resume=old) is True
     hub.backfilled(again, too_many, asked[2][2])
     assert again.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
+
+
+class Queueing(Recorder):
+    """A client whose socket takes nothing at once: what it is offered waits to be written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracked: list[object] = []
+
+    def offer(self, frame: bytes) -> bool:
+        self.sent.append(frame)
+        return True
+
+    def track(self, pending: object) -> None:
+        self.tracked.append(pending)
+
+    def write(self) -> None:
+        for pending in self.tracked:
+            pending.done()  # type: ignore[attr-defined]
+        self.tracked = []
+
+
+def _source(first: int, last: int) -> list[tuple[int, int, bytes]]:
+    """What a stream holds from sequence ``first`` to ``last``: one message of c each."""
+    return [(n << 32, 1_700_000_000, _p(n)) for n in range(first, last + 1)]
+
+
+def test_a_resume_read_again_in_steps_reads_each_after_the_last_was_written_then_joins(
+        ) -> None:
+    hub, asked = _stream_hub()
+    watcher = Recorder()
+    hub.add(watcher, ["c"], positioned=True)
+    for n in range(1, 11):  # Channel c keeps 3: 8, 9, 10.
+        hub.publish([_p(n)], places=_at(n))
+    position = watcher.read()[0].position  # Before delivery 1.
+    back = Queueing()
+    assert hub.add(back, ["c"], positioned=True, resume=_resume(position)) is True
+    [(_, after, until)] = asked
+    assert after == 0 and until == 7 << 32
+    written: list[int] = []
+    # A first step, short of what is missing: resumed (count not known yet), then the step.
+    assert hub.backfilled(back, _source(1, 4), 4 << 32, lambda: written.append(1)) == 7 << 32
+    assert back.read()[0] == Control("resumed", position, None, None)
+    assert back.ns() == [1, 2, 3, 4]
+    assert written == [] and len(back.tracked) == 1
+    hub.give_up(back)  # Waiting for the source in steps: not given up on.
+    assert back.ns() == [1, 2, 3, 4]
+    hub.publish([_p(11)], places=_at(11))  # Not joined yet: nothing live in between.
+    assert back.ns() == [1, 2, 3, 4]
+    back.write()
+    assert written == [1]
+    # The history moved on meanwhile (it keeps 9, 10, 11): the next step reads up to 8.
+    assert hub.backfilled(back, _source(5, 7), 7 << 32) == 8 << 32
+    assert hub.backfilled(back, _source(8, 8), 8 << 32) is None
+    assert back.ns() == list(range(1, 12))
+    hub.publish([_p(12)], places=_at(12))
+    assert back.ns() == list(range(1, 13))
+    assert sum(isinstance(m, Control) for m in back.read()) == 1
+    assert len({m.position for m in back.read()}) == 13
+    assert hub.backfilled(back, _source(9, 9), 9 << 32) is None  # Late: ignored.
+    assert back.ns() == list(range(1, 13))
+
+
+def test_a_step_that_cannot_be_read_after_resumed_is_told_lost_expired_and_the_client_goes_on(
+        ) -> None:
+    hub, asked = _stream_hub()
+    for n in range(1, 11):
+        hub.publish([_p(n)], places=_at(n))
+    back = Recorder()
+    old = positions.Position(0xABCD, 0, 0, 1_700_000_000)
+    assert hub.add(back, ["c"], positioned=True, resume=old) is True
+    assert hub.backfilled(back, _source(1, 2), 2 << 32) == asked[0][2]
+    assert hub.backfilled(back, None, asked[0][2]) is None
+    events = back.read()
+    assert [type(e).__name__ for e in events] == ["Control", "Delivery", "Delivery", "Control"]
+    assert events[0].event == "resumed" and events[-1].reason == positions.EXPIRED  # type: ignore[union-attr]
+    hub.publish([_p(11)], places=_at(11))
+    assert back.ns() == [1, 2, 11]

@@ -56,8 +56,14 @@ _BATCH = 1000
 #: Seconds the Trio side waits for a first message before it looks at the connection again.
 _IDLE_WAIT = 1.0
 
-#: Seconds between NATS pings (see :func:`connect`).
-_PING_INTERVAL = 2.0
+#: Seconds between NATS pings (see :func:`connect`): a server cut off is left after 3 of them.
+_PING_INTERVAL = 1.0
+
+#: Seconds without a message, while the stream holds more, after which a relay's consumer is
+#: taken for lost and made again from the next sequence: a healthy one delivers in
+#: milliseconds. nats-py finds a lost ordered consumer itself only after missed heartbeats and
+#: API timeouts: 35 s when the server holding it was killed (bench/scenarios/nats_fleet.py).
+_STALLED = 2.0
 
 #: Steps of resumes older than the history read from the stream at once, and resumes waiting
 #: for their first step, at most: each step holds up to half a client's queue bound of
@@ -210,8 +216,8 @@ async def connect(settings: NatsSettings, name: str,
         "max_reconnect_attempts": -1, "reconnect_time_wait": 1.0, "connect_timeout": 5.0,
         # A server cut off (not closed) is noticed by pings: nats-py's defaults (every 120 s,
         # 2 unanswered) left the feeder and the relays on a dead link for minutes
-        # (bench/scenarios/nats_fleet.py, nats-cut); here within ~3 pings, then it moves to
-        # another server of the list.
+        # (bench/scenarios/nats_fleet.py, nats-cut); here within ~3 pings (3 s), then it moves
+        # to another server of the list.
         "ping_interval": _PING_INTERVAL, "max_outstanding_pings": 2,
         "disconnected_cb": disconnected, "reconnected_cb": reconnected, "error_cb": error,
     }
@@ -311,6 +317,13 @@ class _Reader:
         self.subscription = await js.subscribe(f"{self._settings.stream}.>",
                                                ordered_consumer=True, config=config,
                                                stream=self._settings.stream)
+
+    async def drop(self) -> None:
+        """Forget the consumer: :meth:`batch` fails until :meth:`subscribe` makes one."""
+        subscription, self.subscription = self.subscription, None
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def last_sequence(self) -> int:
         """The stream's last sequence now."""
@@ -441,6 +454,8 @@ class NatsSource(Reconnecting):
         #: The stream's last sequence, as last asked (about once a second).
         self.last_sequence = 0
         self._catch_up_to: int | None = None
+        #: When the consumer last delivered, or was made (trio time).
+        self._progress_at = 0.0
         self.received = 0
         self.gaps = 0
         self.last_message_at = 0.0
@@ -596,22 +611,33 @@ class NatsSource(Reconnecting):
             if identity != self.identity:
                 self._adopt(identity, first)
             await loop.run(reader.subscribe, self.sequence + 1)
+            self._progress_at = trio.current_time()
             self._connected_state = None
             log.info("reading stream %r again from sequence %d", self._settings.stream,
                      self.sequence + 1)
         except StreamMissing:
             self._connected_state = _NO_STREAM
+            await loop.run(reader.drop)  # Tried again after a pause (_read).
         except Exception as exc:  # Still away: the window decides.
             self._connected_state = f"NATS unreachable: {first_line(exc)}"
+            await loop.run(reader.drop)
 
     async def _read(self, loop: AsyncioThread, reader: _Reader) -> None:
         down_since: float | None = None
         looked = -inf
+        self._progress_at = trio.current_time()
         while True:
             if trio.current_time() - looked >= 1.0 and self._connected_state is None:
                 looked = trio.current_time()
                 with contextlib.suppress(Exception):  # Only a gauge: the next look may work.
                     self.last_sequence = await loop.run(reader.last_sequence)
+                stalled = trio.current_time() - self._progress_at
+                if self.last_sequence > self.sequence and stalled >= _STALLED:
+                    log.warning("stream %r: nothing read for %.0f s while it holds %d more "
+                                "message(s): making the consumer again",
+                                self._settings.stream, stalled,
+                                self.last_sequence - self.sequence)
+                    await self._subscribe_again(loop, reader)
             try:
                 batch = await loop.run(reader.batch)
             except Exception as exc:  # The consumer is gone (the stream, the connection).
@@ -622,6 +648,7 @@ class NatsSource(Reconnecting):
             if batch:
                 batch = [entry for entry in batch if entry[0] > self.sequence]
             if batch:
+                self._progress_at = trio.current_time()
                 self.sequence = batch[-1][0]
                 self.received += len(batch)
                 self.last_message_at = time.time()

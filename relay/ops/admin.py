@@ -190,6 +190,9 @@ _METRICS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str,
      "lost).", lambda s: s.listener.gaps),
     ("pgws_listener_down_seconds", CounterMetricFamily,
      "Seconds since start-up without LISTEN in place.", lambda s: s.listener.down_seconds()),
+    ("pgws_listener_late_deadlines", CounterMetricFamily,
+     "Heartbeat deadlines the relay noticed too late to count (its process was starved of "
+     "CPU; the connection was kept).", lambda s: getattr(s.listener, "late_deadlines", 0)),
 )
 
 

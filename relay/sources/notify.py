@@ -11,9 +11,20 @@ connection: a query would move pending notifications into a buffer this loop doe
 Liveness: every ``heartbeat_interval`` seconds a heartbeat NOTIFY goes out through the notifier
 pool; if it has not come back over this connection within the timeout, and nothing else came
 either, the connection is declared lost, even if its socket looks fine (a half-open TCP
-connection, a stopped server). Notifications arriving meanwhile prove it alive: a relay whose
-fan-out lags drains a backlog, with its heartbeat queued behind it, and must not drop the
-connection (and everything still queued on it) for being busy.
+connection, a stopped server). Declaring a healthy connection lost loses what is committed
+until LISTEN is back, so only this connection's silence counts, never the relay's own
+lateness:
+
+- The timeout runs from the heartbeat's commit, not from when it was due: a worker starved of
+  CPU (the NOTIFY waits for a thread, the GIL, the pool) sends it late, and a database slow to
+  commit it is given as long again to deliver it.
+- Notifications arriving meanwhile prove it alive: a relay whose fan-out lags drains a
+  backlog, with its heartbeat queued behind it, and must not drop the connection (and
+  everything still queued on it) for being busy.
+- A deadline noticed late (the loop woke more than :data:`_LATE_LOOP` of a timeout after it)
+  proves nothing: the process was not running, the connection was not looked at; what it
+  received meanwhile is read, and the deadline starts again. A connection that is really
+  dead is then noticed one timeout later, as soon as the loop runs on time.
 
 Recovery (:mod:`relay.sources.outage`, shared by the sources): a lost connection is closed and
 a new one opened at once, retried every second within ``PGWS_RETRIES``'s window; past it the
@@ -54,6 +65,10 @@ log = logging.getLogger(__name__)
 #: busy database is not mistaken for a dead connection.
 _HEARTBEAT_MIN_TIMEOUT = 1.0
 
+#: A heartbeat's deadline noticed later than this share of the timeout after it passed means
+#: the loop was not running (a starved worker), so the silence is not evidence.
+_LATE_LOOP = 0.25
+
 class _Lost(Exception):
     """The LISTEN connection stopped working; the message says how."""
 
@@ -90,6 +105,8 @@ class NotifySource(Reconnecting):
         self._heartbeat_sent = 0
         self._heartbeat_seen = 0
         self._heartbeat_due: float | None = None
+        #: Heartbeat deadlines noticed too late to count (:data:`_LATE_LOOP`): a starved process.
+        self.late_deadlines = 0
         # The pump's current wait, so that a newly due heartbeat can shorten it.
         self._wait: trio.CancelScope | None = None
         #: Times LISTEN was re-established after a loss, or after a failed start (each one a
@@ -211,19 +228,37 @@ class NotifySource(Reconnecting):
                     # dropping a busy connection would lose everything still queued on it.
                     self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
             due = self._heartbeat_due
-            if due is not None and trio.current_time() >= due:
-                return f"heartbeat not back within {self._heartbeat_timeout:g} s"
+            now = trio.current_time()
+            if due is not None and now >= due:
+                if now - due <= _LATE_LOOP * self._heartbeat_timeout:
+                    return f"heartbeat not back within {self._heartbeat_timeout:g} s"
+                # Noticed late: this process was not running, so nobody looked. What came
+                # meanwhile was read above; the connection gets a timeout of our attention.
+                self.late_deadlines += 1
+                log.debug("the listener's heartbeat deadline was noticed %.2f s late: the "
+                          "process was starved, not the connection", now - due)
+                self._arm(now + self._heartbeat_timeout)
+
+    def _arm(self, due: float) -> None:
+        """The heartbeat must be back by ``due`` (trio time)."""
+        self._heartbeat_due = due
+        if self._wait is not None:
+            self._wait.deadline = min(self._wait.deadline, due)
 
     async def _send_heartbeats(self) -> None:
         while True:
             await trio.sleep(self._heartbeat_interval)
             self._heartbeat_sent += 1
-            if self._heartbeat_due is None:
-                self._heartbeat_due = trio.current_time() + self._heartbeat_timeout
-                if self._wait is not None:
-                    self._wait.deadline = min(self._wait.deadline, self._heartbeat_due)
+            sent = self._heartbeat_sent
+            started = trio.current_time()
+            slow = 0.0
             try:
-                await self._notifier.notify(self._heartbeat_channel, str(self._heartbeat_sent))
+                await self._notifier.notify(self._heartbeat_channel, str(sent))
+                slow = trio.current_time() - started
             except NotifyFailed as exc:
                 # The pump decides: if the heartbeat cannot come back, the deadline expires.
                 log.warning("heartbeat NOTIFY failed: %s", exc)
+            # From its commit: how late the relay was to send it is not the connection's
+            # fault, and a database slow to commit it may be as slow to deliver it.
+            if self._heartbeat_due is None and self._heartbeat_seen < sent:
+                self._arm(trio.current_time() + max(self._heartbeat_timeout, slow))

@@ -84,7 +84,8 @@ def test_health_ready_and_metrics_answer_on_the_admin_port(admin_relay) -> None:
                  "pgws_notify_pool_busy", "pgws_notify_pool_idle", "pgws_streams",
                  "pgws_compressors", "pgws_compression_joins_total",
                  "pgws_compression_restarts_total",
-                 "pgws_listener_down_seconds_total", "pgws_delivery_seconds_bucket",
+                 "pgws_listener_down_seconds_total", "pgws_listener_late_deadlines_total",
+                 "pgws_delivery_seconds_bucket",
                  "process_resident_memory_bytes", "process_open_fds"):
         assert name in names, name
     assert get(port, "/nothing")[0] == 404

@@ -339,13 +339,13 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
         if admin_listeners:
             root.start_soon(admin.AdminServer(probe).serve, admin_listeners)
         async with trio.open_nursery() as connections:
+            await connections.start(server.idle.run)
             accepting = trio.CancelScope()
 
             async def accept() -> None:
                 with accepting:
-                    await trio.serve_listeners(server.handle, listeners,
-                                               handler_nursery=connections)
-                # serve_listeners has closed the listening sockets on its way out: a
+                    await server.serve(listeners, connections)
+                # serve has closed the listening sockets on its way out: a
                 # connection arriving now is refused at once (a balancer retries it on another
                 # relay) instead of waiting in the kernel's queue until the process exits.
 

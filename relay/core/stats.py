@@ -64,6 +64,10 @@ class Counters:
     protocol_errors: int = 0
     #: Clients closed with 1008 for sending frames or bytes faster than their inbound budget.
     inbound_limited: int = 0
+    #: Times an idle client was woken from its rest to a task (relay.transports.idle).
+    woken: int = 0
+    #: Idle clients resting without a task now (a level, not an event count).
+    resting: int = 0
     #: Refusals by reason (:data:`REFUSAL_REASONS`); their sum is :attr:`rejected`.
     refused: dict[str, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))

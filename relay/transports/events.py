@@ -75,8 +75,9 @@ class EventStreamClient(Client):
         if self._closing and not self._backlog:
             self._done.set()
 
-    async def run(self) -> None:
-        """Serve the stream until it ends; always returns with the socket finished."""
+    async def run(self) -> bool:
+        """Serve the stream until it ends; always returns (False: it never parks) with the
+        socket finished."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -97,6 +98,7 @@ class EventStreamClient(Client):
         finally:
             self._nursery = None
             await self._finish(not self._ended)
+        return False
 
     async def _watch(self) -> None:
         """Until the client's end: read and drop, within the inbound byte budget."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import socket
@@ -68,10 +69,15 @@ from relay.core.stats import counters
 from relay.transports import request, static
 from relay.transports.admission import Admission, Held, Refusal
 from relay.transports.events import EventStreamClient
+from relay.transports.idle import IdleConnections
 from relay.transports.websocket import Client, ClientSettings, close_now
 from relay.wire import deflate, events, frames, origins, positions, proxy
 
 log = logging.getLogger(__name__)
+
+#: accept() errors that a full process or host causes: retried after _ACCEPT_RETRY seconds.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY = 0.1
 
 #: Largest request head accepted; browsers send well under 8 KiB, and h11 answers 431 beyond.
 _MAX_REQUEST_HEAD = 16384
@@ -248,13 +254,45 @@ class Server:
         self._refused_logging = False
         #: Cancel scopes of connections that are not WebSocket clients (yet).
         self._pending: set[trio.CancelScope] = set()
+        #: Where idle WebSocket clients on plain sockets wait without a task (run it with
+        #: :meth:`relay.transports.idle.IdleConnections.run` in the connections' nursery).
+        self.idle = IdleConnections(self._woken, self._abandon)
 
     def shut_down(self) -> None:
-        """Refuse new WebSocket clients (503) and end connections that are not clients yet."""
+        """Refuse new WebSocket clients (503) and end connections that are not clients yet;
+        idle clients take no rest any more (the caller closes them all)."""
         self._shutting_down = True
         self._admission.shutting_down = True
+        self.idle.stop()
         for scope in self._pending:
             scope.cancel()
+
+    async def serve(self, listeners: Sequence[trio.abc.Listener[Any]],
+                    nursery: trio.Nursery) -> None:
+        """Accept on every listener until cancelled, starting :meth:`handle` in ``nursery``
+        for each connection; the listeners are closed on the way out. As
+        ``trio.serve_listeners`` does, with one difference: a handler that returns does not
+        close its stream, because an idle client's connection lives on without its task
+        (:mod:`relay.transports.idle`); :meth:`handle` closes every other one itself."""
+        async with trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(self._accept_from, listener, nursery)
+
+    async def _accept_from(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery
+                           ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # Out of descriptors or memory: the connections that hold them end, so
+                    # try again soon (what trio.serve_listeners does, said in one line).
+                    log.error("accept failed: %s; retrying in %g s", exc, _ACCEPT_RETRY)
+                    await trio.sleep(_ACCEPT_RETRY)
+                else:
+                    nursery.start_soon(self.handle, stream)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection. Never raises for anything the peer does; closes the stream."""
@@ -272,6 +310,7 @@ class Server:
             await self._refuse_address(stream, network)
             return
         held = Held()
+        resting = False
         try:
             accepted = await self._accept(stream, peer, network, held)
             if accepted is None:
@@ -291,25 +330,70 @@ class Server:
             if meta:
                 self._background.start_soon(_contained, "a meta event", self._publisher.meta,
                                             envelope.CONNECTION_OPEN, grant)
+            if type(client) is Client and client.fileno() >= 0 and self.idle.open:
+                client.idle = self.idle
+                client.ticket = (held, network, meta)
             try:
-                await client.run()
+                resting = await self._serve(client)
             finally:
-                self._hub.remove(client)
-                log.debug("client %s disconnected", peer, extra={"event": "disconnected",
-                                                                 "peer": peer})
-                if meta:
-                    self._background.start_soon(_contained, "a meta event",
-                                                self._publisher.meta, envelope.CONNECTION_CLOSE,
-                                                grant)
+                if not resting:
+                    self._left(client, meta)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Done):
             pass
         except Exception:
             # A bug must cost one connection, never the relay; the peer sees the socket close.
             log.exception("internal error on the connection from %s", peer)
         finally:
-            self._admission.release(held, network)
-            self._addresses.leave(network)
-            await close_now(stream)
+            if not resting:  # Else the idle set holds it, and its ticket what it holds.
+                self._admission.release(held, network)
+                self._addresses.leave(network)
+                await close_now(stream)
+
+    async def _serve(self, client: Client) -> bool:
+        """Run ``client`` until it ends (False) or rests in :attr:`idle` (True)."""
+        while await client.run():
+            if client.can_rest():
+                self.idle.rest(client)
+                return True
+        return False
+
+    def _left(self, client: Client, meta: bool) -> None:
+        """A client's connection ended: out of the hub, and told on the meta channel."""
+        self.idle.forget(client)
+        self._hub.remove(client)
+        log.debug("client %s disconnected", client.peer, extra={"event": "disconnected",
+                                                                "peer": client.peer})
+        if meta:
+            self._background.start_soon(_contained, "a meta event", self._publisher.meta,
+                                        envelope.CONNECTION_CLOSE, client.grant)
+
+    async def _woken(self, client: Client) -> None:
+        """The task of a client woken in :attr:`idle`, until it rests again or ends (then what
+        :meth:`handle` would have done at its end)."""
+        held, network, meta = client.ticket
+        resting = False
+        try:
+            resting = await self._serve(client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("internal error on the connection from %s", client.peer)
+        finally:
+            if not resting:
+                self._end(client, held, network, meta)
+
+    def _abandon(self, client: Client) -> None:
+        """A resting client when the relay stops without closing it: reset and ended."""
+        held, network, meta = client.ticket
+        with contextlib.suppress(OSError):
+            client.reset()
+        self._end(client, held, network, meta)
+
+    def _end(self, client: Client, held: Held, network: str, meta: bool) -> None:
+        self._left(client, meta)
+        self._admission.release(held, network)
+        self._addresses.leave(network)
+        client.ticket = None
 
     async def _proxied(self, stream: trio.abc.Stream, peer: str) -> str | None:
         """The client ``host:port`` a balancer's PROXY v2 header names (``peer`` itself for its

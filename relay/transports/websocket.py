@@ -14,14 +14,21 @@ may not refuse every byte for ``send_timeout`` seconds; a client that breaks eit
 with 1013 ``slow consumer``, its queue dropped (a half-sent frame is finished first, so the close
 frame stays well-formed).
 
-Reading. The reader (the connection's own task, and its only one while idle) feeds wsproto's
-frame parser and acts on the frames: pongs for pings, a close reply for a close, a 1002/1007
+Reading. The reader (the connection's own task) feeds wsproto's frame parser and acts on the
+frames: pongs for pings, a close reply for a close, a 1002/1007
 close for a protocol violation, client messages assembled under ``max_message_size`` and
 ``MAX_FRAGMENTS`` (1009 beyond either) and handed to ``on_message`` for ``w``/``rw`` clients
 (awaited, so a client's writes are back-pressured by the database); read-only clients' messages
 are read the same way and discarded. The ``exp`` claim is a deadline on the reader's wait and
 is checked on every pass, busy or not; then the reader sends close 3001 and keeps reading for
 the reply.
+
+Resting. On a plain socket with :attr:`Client.idle` set, a reader that finds nothing to read,
+nothing queued to write and nothing half done (a partial message, a close, a deadline) returns
+instead of waiting: :meth:`run` returns True and its caller lets the connection rest in the worker's
+:class:`relay.transports.idle.IdleConnections`, so an idle connection costs no task. Whatever
+needs a task again (bytes queued for a writer, a close, an abort) wakes it from there, as its
+socket's readability and its token's ``exp`` do; its caller then runs it again.
 
 A client's traffic must never starve the others, whatever it sends. Parsing costs ~15 µs of
 this thread per frame, so the reader yields to Trio after every read that did not wait and
@@ -71,6 +78,7 @@ if TYPE_CHECKING:
     from relay.core.hub import (
         Pending,  # Only a type: the hub calls into clients, never the reverse.
     )
+    from relay.transports.idle import IdleConnections
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +128,29 @@ class Client:
 
     __slots__ = (
         "_backlog",
+        "_budget",
         "_closing",
         "_deadline",
         "_exempt",
         "_expiry",
         "_fd",
         "_frames",
+        "_inflate",
         "_nursery",
         "_on_message",
         "_partial_head",
         "_queued",
+        "_reading",
         "_refreshed_at",
         "_settings",
         "_stream",
         "_tracked",
         "_writing",
         "grant",
+        "idle",
         "peer",
         "refresh",
+        "ticket",
         "write_bucket",
     )
 
@@ -152,13 +165,16 @@ class Client:
         inflate: bool = False,
     ) -> None:
         self._stream = stream
+        self._settings = settings
         # wsproto's frame parser, without its Connection wrapper: the wrapper's only additions
         # are an event queue (a deque, ~0.8 KiB per connection) and a close state this class
         # keeps itself. ``received``: bytes the client sent right after its handshake.
         # ``inflate``: permessage-deflate was agreed, so the client may compress its messages;
         # they are inflated within max_message_size (a bomb is 1009 before it is inflated).
-        extensions = [InboundDeflate(settings.max_message_size)] if inflate else []
-        self._frames = FrameProtocol(client=False, extensions=extensions)
+        self._inflate = inflate
+        # None while the connection rests with nothing half parsed: made again at its next
+        # bytes (0.8 KiB of an idle connection's 2 KiB, bench/micro/connection_memory.py).
+        self._frames: FrameProtocol | None = self._new_decoder()
         if received:
             self._frames.receive_bytes(received)
         self.grant = grant
@@ -168,7 +184,6 @@ class Client:
         #: gives the answer to send (:meth:`_deliver`); None: such messages are published.
         self.refresh: Callable[[Client, object], bytes] | None = None
         self._refreshed_at = -inf
-        self._settings = settings
         self._on_message = on_message
         self.peer = peer
         # The fast path writes to the file descriptor directly; under TLS bytes must go
@@ -193,6 +208,17 @@ class Client:
         self._deadline = inf
         #: When the token's ``exp`` closes the connection (Trio clock); inf: never, or done.
         self._expiry = inf
+        self.expire_at(grant.expires_at)
+        # The inbound budget, made at the first bytes the client sends, so that an idle
+        # connection carries none; kept while it rests, so that pausing does not refill it.
+        self._budget: InboundBudget | None = None
+        #: Where this connection rests when idle (plain sockets; None: it keeps its task).
+        self.idle: IdleConnections | None = None
+        #: What the server needs to end a connection that has no task of its own.
+        self.ticket: Any = None
+        #: The reader's wait while only a writer keeps the connection from resting: the
+        #: writer cuts it when it is done, so the connection rests then, not at its next bytes.
+        self._reading: trio.CancelScope | None = None
 
     # -- the write side ---------------------------------------------------------------------
 
@@ -251,9 +277,12 @@ class Client:
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if not self._writing and self._backlog and self._nursery is not None:
-            self._writing = True
-            self._nursery.start_soon(self._writer)
+        if not self._writing and self._backlog:
+            if self._nursery is not None:
+                self._writing = True
+                self._nursery.start_soon(self._writer)
+            elif self.idle is not None:
+                self.idle.wake(self)  # Resting: a task to write it (run() starts the writer).
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame after what is queued; the connection ends within close_timeout."""
@@ -300,6 +329,27 @@ class Client:
         self._deadline = min(self._deadline, deadline)
         if self._nursery is not None:
             self._nursery.cancel_scope.deadline = self._deadline
+        elif self.idle is not None:
+            self.idle.wake(self)  # Resting: run() applies the deadline.
+
+    # -- resting (relay.transports.idle) ------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def expiry(self) -> float:
+        return self._expiry
+
+    def can_rest(self) -> bool:
+        """Its task may end and it may rest: nothing queued, closing or due (see the
+        opening)."""
+        return self._nursery is None and self._fd >= 0 and self._idle_now()
+
+    def _idle_now(self) -> bool:
+        idle = self.idle
+        return (idle is not None and idle.open and not self._backlog and not self._writing
+                and not self._closing and self._deadline == inf
+                and self._expiry > trio.current_time())
 
     async def _writer(self) -> None:
         """Send everything queued, one buffer at a time, then end (until more is queued)."""
@@ -317,6 +367,8 @@ class Client:
             # Cancelled or aborted: what is left will never be written.
             self._release(tracked)
             self._release(self._tracked)
+            if self._reading is not None:
+                self._reading.cancel()  # The reader may let the connection rest now.
 
     def _written(self, size: int) -> None:
         """``size`` queued bytes went out; a replay's go first."""
@@ -368,7 +420,8 @@ class Client:
 
     # -- the read side ----------------------------------------------------------------------
 
-    async def _reader(self) -> None:
+    async def _reader(self) -> bool:
+        """Read and act until the connection ends (False) or may rest (True)."""
         parts: list[Any] = []  # The frames of a message so far: str (text) or bytes (binary).
         size = 0
         fragments = 0
@@ -377,8 +430,9 @@ class Client:
         keep = self.grant.can_write or self.refresh is not None
         limit = self._settings.max_message_size
         decoder = self._frames
-        # Made at the first bytes the client sends, so that an idle connection carries none.
-        budget: InboundBudget | None = None
+        if decoder is None:
+            decoder = self._frames = self._new_decoder()
+        budget = self._budget
         parsed = 0  # Frames since the last yield to Trio.
         while True:
             # Frames first: the handshake may have carried some (trailing data).
@@ -389,10 +443,10 @@ class Client:
                         parsed = 0
                         await trio.lowlevel.checkpoint()
                     if budget is None:
-                        budget = self._new_budget()
+                        budget = self._budget = self._new_budget()
                     if not budget.take_frame(trio.current_time()):
                         self._over_budget("frames")
-                        return
+                        return False
                     opcode = frame.opcode
                     if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                         if self._closing:
@@ -418,7 +472,7 @@ class Client:
                         self.offer(frames.pong(bytes(frame.payload)))
                     elif opcode is Opcode.CLOSE:
                         self._on_close(frame.payload[0])
-                        return
+                        return False
             except ParseFailed as exc:
                 # wsproto says only "error in extension" for what the inflater refused.
                 why = _INFLATE_FAILURES.get(exc.code, str(exc)) \
@@ -427,7 +481,7 @@ class Client:
                          extra={"event": "protocol_error", "peer": self.peer})
                 counters.protocol_errors += 1
                 self.close(exc.code, why)
-                return
+                return False
             # The wait below is the only place an idle connection sits, so it is kept lean:
             # no cancel scope unless the token expires, and on a plain socket a bare
             # wait_readable + os.read rather than the stream's layers (~1 KiB per connection).
@@ -448,7 +502,15 @@ class Client:
                     except OSError:
                         data = b""
                     if data is None:
-                        await trio.lowlevel.wait_readable(self._fd)
+                        if not parts and not fragments and self._idle_now():
+                            self._drop_idle_decoder()
+                            return True  # Nothing to do: rest (run() returns True).
+                        if self.idle is None or parts or fragments:
+                            await trio.lowlevel.wait_readable(self._fd)
+                            continue
+                        with trio.CancelScope() as self._reading:
+                            await trio.lowlevel.wait_readable(self._fd)
+                        self._reading = None
                         continue
             # Checked on every pass, not only when the wait was cut: a client whose bytes never
             # let the reader wait must not outlive its token.
@@ -459,18 +521,33 @@ class Client:
                 continue
             if not data:
                 self._abort()
-                return
+                return False
             if budget is None:
-                budget = self._new_budget()
+                budget = self._budget = self._new_budget()
             if not budget.take_bytes(trio.current_time(), len(data)):
                 self._over_budget("bytes")
-                return
+                return False
             decoder.receive_bytes(data)
             if not waited:
                 # The bytes were there without a wait, which is no yield: yield now, so that a
                 # client that keeps its socket full cannot keep every other task from running.
                 parsed = 0
                 await trio.lowlevel.checkpoint()
+
+    def _new_decoder(self) -> FrameProtocol:
+        extensions = [InboundDeflate(self._settings.max_message_size)] if self._inflate else []
+        return FrameProtocol(client=False, extensions=extensions)
+
+    def _drop_idle_decoder(self) -> None:
+        """Forget the frame parser when it holds nothing: no bytes of a frame, no fragmented
+        message, no compression context (the client's inflater keeps one across messages)."""
+        frames = self._frames
+        if frames is None or self._inflate:
+            return
+        pending = frames._frame_decoder  # wsproto's own parts: nothing else says it is empty.
+        if pending.header is None and not len(pending.buffer) \
+                and frames._message_decoder.opcode is None:
+            self._frames = None
 
     def _new_budget(self) -> InboundBudget:
         settings = self._settings
@@ -519,25 +596,36 @@ class Client:
 
     # -- the whole life ---------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the connection until it closes; always returns with the socket finished.
+    async def run(self) -> bool:
+        """Serve the connection until it closes (False) or has nothing to do and may rest
+        (True: the caller lets it rest if :meth:`can_rest` still says so, else runs it again).
 
-        Resource handling: the stream is closed on return, gracefully after a completed close
-        handshake, with a TCP reset otherwise. Errors: socket errors end the connection and are
-        not raised; cancellation from outside is re-raised after the socket is closed.
+        Resource handling: the stream is closed when it returns False, gracefully after a
+        completed close handshake, with a TCP reset otherwise. Errors: socket errors end the
+        connection and are not raised; cancellation from outside is re-raised after the socket
+        is closed.
         """
         aborted = True
+        rest = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.cancel_scope.deadline = self._deadline
                 self._start_writer()  # For anything offered before the connection ran.
-                self.expire_at(self.grant.expires_at)
-                await self._reader()
+                rest = await self._reader()
             aborted = nursery.cancel_scope.cancel_called
+            rest = rest and not aborted
         finally:
             self._nursery = None
-            await self._finish(aborted)
+            if not rest:
+                await self._finish(aborted)
+        return rest
+
+    def reset(self) -> None:
+        """Close a plain socket at once with a reset (the relay stops while it rests)."""
+        sock = self._stream.socket  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
 
     async def _finish(self, aborted: bool) -> None:
         if aborted and self._fd >= 0:

@@ -123,7 +123,10 @@ FEEDERS = 2
 STREAM = "pgws_fleet"
 SLOT = "pgws_feeder"
 #: Replication slots and senders: the feeder's one, and room for a standby's attempts.
-LOGICAL = {"wal_level": "logical", "max_replication_slots": "10", "max_wal_senders": "10"}
+#: max_connections: 30 relays each with a LISTEN or a pool connection and its heartbeat's,
+#: and 32 pgbench clients, exceed the default 100 (one of 30 NOTIFY relays gave up in a run).
+LOGICAL = {"wal_level": "logical", "max_replication_slots": "10", "max_wal_senders": "10",
+           "max_connections": "400"}
 #: Messages per second while faults happen (200-500 asked), and the clients: one agent
 #: process reads rate x clients messages/s, 300 x 20 = 6,000 as in the notify fleet
 #: (bench/scenarios/fleet.py). At 300 x 40 it could not keep up on these 2 cores beside

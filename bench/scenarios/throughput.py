@@ -94,6 +94,27 @@ def idle(server: Server, clients: int, procs: int) -> dict[str, Any]:
             "kib_per_connection": (after - before) / clients}
 
 
+def idle_growth(server: Server, low: int, high: int, procs: int) -> dict[str, Any]:
+    """RSS at ``low`` and at ``high`` idle connections (one channel, one shared token): what
+    one more connection costs, without what the first ones cost (imports, arenas, the hub's
+    first allocations)."""
+    conns = connections_for(["idle"], high, lambda i: "count", None)
+    first = Clients(server.port, conns[:low], PAYLOAD, procs=procs)
+    try:
+        time.sleep(1.0)  # Let the relay finish the handshakes' last writes; then read.
+        at_low = server.memory_kib()
+        rest = Clients(server.port, conns[low:], PAYLOAD, procs=procs)
+        try:
+            time.sleep(1.0)
+            at_high = server.memory_kib()
+        finally:
+            rest.close()
+    finally:
+        first.close()
+    return {"rss_low_kib": at_low, "rss_high_kib": at_high,
+            "kib_per_connection": (at_high - at_low) / (high - low)}
+
+
 def slow(server: Server, clients: int, messages: int, batch: int, stalled_share: float,
          procs: int) -> dict[str, Any]:
     every = round(1 / stalled_share) if stalled_share else 0
@@ -143,6 +164,8 @@ def _cases(scenario: str, quick: bool, procs: int) -> list[tuple[str, dict[str, 
         # 20,000 connections exceed one process's file descriptors here (limit 20,000), so
         # that case runs pgws-relay with two workers (and only pgws-relay).
         return [("10000 idle", {"clients": 10000, "procs": procs}, idle),
+                ("1000 to 18000 idle", {"low": 1000, "high": 18000, "procs": max(procs, 2)},
+                 idle_growth),
                 ("20000 idle, 2 workers", {"clients": 20000, "procs": max(procs, 2),
                                            "workers": 2}, idle)]
     if scenario == "slow":

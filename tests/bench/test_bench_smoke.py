@@ -87,6 +87,19 @@ def test_hub_micro_benchmark_runs_and_reports_every_case(tmp_path: Path) -> None
     assert cases["filtered"]["deliveries_per_batch"] == 20
 
 
+@pytest.mark.slow
+def test_connection_memory_micro_benchmark_says_where_each_connection_goes() -> None:
+    """``python -m bench.micro.connection_memory`` at a tiny size: the per-connection line and
+    a table of source lines that includes the connection's own object."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.micro.connection_memory", "--low", "20", "--high", "120",
+         "--top", "40"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "100 connections added (20 -> 120): RSS" in result.stdout, result.stdout
+    assert "relay/transports/server.py" in result.stdout, result.stdout
+
+
 def _no_private_cluster() -> str | None:
     """Why bench/parts/pgcluster.py cannot make a cluster here, or None."""
     if os.geteuid() != 0:

@@ -9,3 +9,5 @@ if ! command -v node >/dev/null 2>&1; then
   exit 1
 fi
 (cd bench/parts/peers/node && npm ci --no-audit --no-fund --loglevel=error)
+# Bun from the npm registry (its package fetches the platform's binary): the Bun peer.
+(cd bench/parts/peers/bun && npm ci --no-audit --no-fund --loglevel=error)

@@ -107,6 +107,7 @@ SERVERS: dict[str, str] = {
     "relay": "pgws-relay",
     "websockets": "websockets asyncio server + broadcast() (Python)",
     "node": "Node.js ws + pg",
+    "bun": "Bun.serve's WebSocket server (uWebSockets) with its topic pub/sub + pg",
     "ceiling": "plain Trio sockets, pre-framed bytes (design ceiling)",
 }
 
@@ -132,6 +133,13 @@ class Server:
             if not os.path.isdir(os.path.join(node_dir, "node_modules")):
                 raise RuntimeError("the Node peer is not installed: run bash bench/setup.sh")
             command, env = ["node", os.path.join(node_dir, "relay.js")], _peer_env(port)
+            ready = "READY"
+        elif name == "bun":
+            bun_dir = os.path.join(HERE, "peers", "bun")
+            binary = os.path.join(bun_dir, "node_modules", ".bin", "bun")
+            if not os.path.exists(binary):
+                raise RuntimeError("the Bun peer is not installed: run bash bench/setup.sh")
+            command, env = [binary, os.path.join(bun_dir, "relay.js")], _peer_env(port)
             ready = "READY"
         elif name == "ceiling":
             command, env = module_command("bench.parts.peers.trio_ceiling"), \

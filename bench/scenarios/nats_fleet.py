@@ -103,7 +103,7 @@ import psycopg
 
 from bench.parts import fleet_hosts
 from bench.parts.fleet_hosts import CHANNEL, LISTEN_CHANNEL, SECRET, WAIT, Fleet
-from bench.parts.harness import commit, free_port, machine
+from bench.parts.harness import commit, free_port, free_ports, machine
 from bench.parts.netns import exit_on_signals
 from bench.parts.pgcluster import Cluster
 from bench.parts.pgcluster import remove_stale as remove_stale_clusters
@@ -837,16 +837,17 @@ class Relays:
     def __init__(self, count: int, env: dict[str, str], directory: Path) -> None:
         self.admin_ports: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        ports = free_ports(2 * count)
         try:
             for index in range(count):
-                admin = free_port()
+                admin, port = ports[2 * index], ports[2 * index + 1]
                 with open(directory / f"relay-{index}.log", "ab") as log:
                     self.procs.append(subprocess.Popen(
                         [sys.executable, "-m", "relay"], stdin=subprocess.DEVNULL, stdout=log,
                         stderr=subprocess.STDOUT, env={
                             **{k: v for k, v in os.environ.items() if not k.startswith("PGWS_")},
                             "PGWS_JWT_SECRET": SECRET, "PGWS_HOST": "127.0.0.1",
-                            "PGWS_PORT": str(free_port()), "PGWS_ADMIN_PORT": str(admin),
+                            "PGWS_PORT": str(port), "PGWS_ADMIN_PORT": str(admin),
                             "PGWS_WORKERS": "1", "PGWS_LOG_LEVEL": "INFO", **env}))
                 _pin(self.procs[-1].pid, _relay_cpus())
                 self.admin_ports.append(admin)

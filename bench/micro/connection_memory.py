@@ -30,29 +30,18 @@ import trio
 
 from bench.parts.harness import DB_URI, SECRET, token
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 #: The child that holds the connections: reads a count per line on stdin, opens connections up
-#: to it (answering nothing, reading only the 101), prints the count it holds.
+#: to it (bench.parts.harness.handshake: only the 101 is read), prints the count it holds.
 _HOLDER = textwrap.dedent("""
-    import socket, sys
+    import sys
+    from bench.parts.harness import handshake
     port, path = int(sys.argv[1]), sys.argv[2]
-    request = ("GET " + path + " HTTP/1.1\\r\\nHost: localhost\\r\\nUpgrade: websocket\\r\\n"
-               "Connection: Upgrade\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n"
-               "Sec-WebSocket-Version: 13\\r\\n\\r\\n").encode()
     held = []
     for line in sys.stdin:
-        want = int(line)
-        while len(held) < want:
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(request)
-            answer = b""
-            while b"\\r\\n\\r\\n" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise SystemExit("closed during the handshake")
-                answer += chunk
-            if not answer.startswith(b"HTTP/1.1 101"):
-                raise SystemExit(answer.decode(errors="replace"))
-            held.append(sock)
+        while len(held) < int(line):
+            held.append(handshake(port, path))
         print(len(held), flush=True)
 """)
 
@@ -74,7 +63,8 @@ def _free_port() -> int:
 async def _measure(args: argparse.Namespace, port: int, out: dict[str, Any]) -> None:
     path = f"/idle/{token({'mode': 'r'})}"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(port), path],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=_ROOT)
     assert holder.stdin is not None and holder.stdout is not None
     try:
         for name, count in (("low", args.low), ("high", args.high)):

@@ -4,6 +4,7 @@ PostgreSQL cluster with ``wal_level = logical``, through the real ``pgws-relay``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -325,9 +326,11 @@ def test_what_nats_has_not_stored_is_not_confirmed_and_survives_the_feeders_kill
         shutil.rmtree(store, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
-        logical: str, nats_url: str) -> None:
+@contextlib.contextmanager
+def _fed_relay(logical: str, nats_url: str, **settings: str
+               ) -> Iterator[tuple[str, RelayProcess]]:
+    """A feeder on a stream of its own and a relay reading it (with ``settings``): the listen
+    channel and the relay; both stopped afterwards."""
     listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
     stream, slot = stream.replace("-", "_"), slot.lower()
     feeder = Feeder(_env(logical, nats_url, listen, stream, PGWS_WAL_SLOT=slot))
@@ -335,8 +338,19 @@ def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
     try:
         feeder.wait_for("through the write-ahead log")
         relay = RelayProcess(_env(logical, nats_url, listen, stream, PGWS_SOURCE="nats",
-                                  PGWS_HISTORY_MESSAGES="5"))
+                                  **settings))
         relay.wait_ready()
+        yield listen, relay
+    finally:
+        feeder.stop()
+        if relay is not None:
+            relay.stop()
+
+
+@pytest.mark.slow
+def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
+        logical: str, nats_url: str) -> None:
+    with _fed_relay(logical, nats_url, PGWS_HISTORY_MESSAGES="5") as (listen, relay):
         with _resume(relay, None) as client:
             assert _first(client).event == "position"  # type: ignore[union-attr]
             _emit(logical, listen, range(1, 3))
@@ -353,26 +367,15 @@ def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
             assert _numbers(client, 19) == list(range(3, 22))
             _emit(logical, listen, range(22, 23))
             assert _numbers(client, 1) == [22]
-    finally:
-        feeder.stop()
-        if relay is not None:
-            relay.stop()
 
 
 @pytest.mark.slow
 def test_a_resume_larger_than_the_clients_queue_is_read_again_in_steps_and_loses_nothing(
         logical: str, nats_url: str) -> None:
-    listen, stream, slot = unique_channel("nats"), unique_channel("s"), unique_channel("slot")
-    stream, slot = stream.replace("-", "_"), slot.lower()
-    feeder = Feeder(_env(logical, nats_url, listen, stream, PGWS_WAL_SLOT=slot))
-    relay: RelayProcess | None = None
-    try:
-        feeder.wait_for("through the write-ahead log")
-        # Half a 4 KiB queue holds about 18 of these deliveries: 300 take many steps.
-        relay = RelayProcess(_env(logical, nats_url, listen, stream, PGWS_SOURCE="nats",
-                                  PGWS_HISTORY_MESSAGES="5", PGWS_MAX_QUEUE_BYTES="4096",
-                                  PGWS_MAX_PAYLOAD_BYTES="1000", PGWS_SEND_BUFFER="4096"))
-        relay.wait_ready()
+    # Half a 4 KiB queue holds about 18 of these deliveries: 300 take many steps.
+    with _fed_relay(logical, nats_url, PGWS_HISTORY_MESSAGES="5", PGWS_MAX_QUEUE_BYTES="4096",
+                    PGWS_MAX_PAYLOAD_BYTES="1000",
+                    PGWS_SEND_BUFFER="4096") as (listen, relay):
         with _resume(relay, None) as client:
             position = _first(client).position  # type: ignore[union-attr]
         _emit(logical, listen, range(1, 301))
@@ -388,7 +391,3 @@ def test_a_resume_larger_than_the_clients_queue_is_read_again_in_steps_and_loses
             assert _numbers(client, 301) == list(range(1, 302))
             _emit(logical, listen, range(302, 303))
             assert _numbers(client, 1) == [302]
-    finally:
-        feeder.stop()
-        if relay is not None:
-            relay.stop()

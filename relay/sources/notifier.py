@@ -14,6 +14,7 @@ This module never LISTENs: the listener's connection is its own (:mod:`relay.sou
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -55,8 +56,11 @@ class Notifier:
         """NOTIFYs in flight, each on a connection that is open but not counted as idle."""
         return self._limiter.borrowed_tokens
 
-    async def notify(self, channel: str, payload: str) -> None:
+    async def notify(self, channel: str, payload: str,
+                     on_sent: Callable[[], None] | None = None) -> None:
         """Run ``SELECT pg_notify(channel, payload)``; raise :class:`NotifyFailed` on failure.
+        ``on_sent()`` is called in the worker thread as the statement goes to the database (the
+        heartbeat's clock starts then, not while the thread waits to run).
 
         On the log prefix's channel, the payload goes to the write-ahead log too, in the same
         statement (one transaction), so that every WAL relay reads it; a payload too large for
@@ -69,7 +73,7 @@ class Notifier:
             try:
                 with trio.fail_after(NOTIFY_TIMEOUT):
                     connection = await trio.to_thread.run_sync(
-                        self._notify_in_thread, connection, channel, payload,
+                        self._notify_in_thread, connection, channel, payload, on_sent,
                         abandon_on_cancel=True,
                     )
             except psycopg.Error as exc:
@@ -82,8 +86,11 @@ class Notifier:
         return psycopg.connect(self._db_uri, autocommit=True, **self._connect_options)
 
     def _notify_in_thread(
-        self, connection: psycopg.Connection[Any] | None, channel: str, payload: str
+        self, connection: psycopg.Connection[Any] | None, channel: str, payload: str,
+        on_sent: Callable[[], None] | None = None,
     ) -> psycopg.Connection[Any]:
+        if on_sent is not None:
+            on_sent()
         if connection is None or connection.closed:
             connection = self._connect()
         statement, parameters = self._statement(channel, payload)

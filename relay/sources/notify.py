@@ -15,9 +15,10 @@ connection, a stopped server). Declaring a healthy connection lost loses what is
 until LISTEN is back, so only this connection's silence counts, never the relay's own
 lateness:
 
-- The timeout runs from the heartbeat's commit, not from when it was due: a worker starved of
-  CPU (the NOTIFY waits for a thread, the GIL, the pool) sends it late, and a database slow to
-  commit it is given as long again to deliver it.
+- The timeout runs from when the heartbeat's NOTIFY goes to the database (its worker thread
+  says so), not from when it was due: a worker starved of CPU (the NOTIFY waits for a thread,
+  the GIL, the pool) sends it late, which is not the connection's fault. A database that does
+  not answer it, or a link that is cut, is still noticed one timeout after it was sent.
 - Notifications arriving meanwhile prove it alive: a relay whose fan-out lags drains a
   backlog, with its heartbeat queued behind it, and must not drop the connection (and
   everything still queued on it) for being busy.
@@ -246,19 +247,25 @@ class NotifySource(Reconnecting):
             self._wait.deadline = min(self._wait.deadline, due)
 
     async def _send_heartbeats(self) -> None:
+        token = trio.lowlevel.current_trio_token()
         while True:
             await trio.sleep(self._heartbeat_interval)
             self._heartbeat_sent += 1
             sent = self._heartbeat_sent
-            started = trio.current_time()
-            slow = 0.0
+
+            def on_sent(sent: int = sent, token: Any = token) -> None:  # In the worker thread.
+                token.run_sync_soon(self._sent, sent, time.monotonic())
+
             try:
-                await self._notifier.notify(self._heartbeat_channel, str(sent))
-                slow = trio.current_time() - started
+                await self._notifier.notify(self._heartbeat_channel, str(sent), on_sent)
             except NotifyFailed as exc:
                 # The pump decides: if the heartbeat cannot come back, the deadline expires.
                 log.warning("heartbeat NOTIFY failed: %s", exc)
-            # From its commit: how late the relay was to send it is not the connection's
-            # fault, and a database slow to commit it may be as slow to deliver it.
             if self._heartbeat_due is None and self._heartbeat_seen < sent:
-                self._arm(trio.current_time() + max(self._heartbeat_timeout, slow))
+                self._arm(trio.current_time() + self._heartbeat_timeout)  # Never sent.
+
+    def _sent(self, sent: int, at: float) -> None:
+        """Heartbeat ``sent`` went to the database at ``at`` (``time.monotonic``): it must be
+        back one timeout later, unless a deadline is running already."""
+        if self._heartbeat_due is None and self._heartbeat_seen < sent:
+            self._arm(trio.current_time() - (time.monotonic() - at) + self._heartbeat_timeout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from relay.app import connect_options
@@ -59,8 +61,8 @@ class CountingNotifier(Notifier):
         self.enough = enough
         self.done = trio.Event()
 
-    async def notify(self, channel: str, payload: str) -> None:
-        await super().notify(channel, payload)
+    async def notify(self, channel: str, payload: str, on_sent: Any = None) -> None:
+        await super().notify(channel, payload, on_sent)
         self.sent += 1
         if self.sent >= self.enough:
             self.done.set()

@@ -613,6 +613,11 @@ class Client:
                 nursery.cancel_scope.deadline = self._deadline
                 self._start_writer()  # For anything offered before the connection ran.
                 rest = await self._reader()
+                if rest:
+                    # The nursery takes no task from here (its exit may yield to the hub):
+                    # what is offered meanwhile stays queued, and the caller runs the
+                    # connection again instead of letting it rest.
+                    self._nursery = None
             aborted = nursery.cancel_scope.cancel_called
             rest = rest and not aborted
         finally:

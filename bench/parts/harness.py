@@ -967,25 +967,31 @@ long walk(const unsigned char *buf, long n, long *counts) {
 """
 
 
-def build_walker() -> str | None:
-    """Compile :data:`_WALK_C` (once per source text) and return the library's path, or None
-    when there is no C compiler."""
-    digest = hashlib.sha256(_WALK_C.encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"pgws-bench-walk-{digest}.so")
+def compile_library(source: str, name: str) -> str | None:
+    """Compile C ``source`` into a shared library named after ``name`` and the source's digest
+    (once per source text, kept in the temporary directory); its path, or None when there is no
+    C compiler."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"pgws-bench-{name}-{digest}.so")
     if os.path.exists(path):
         return path
     with tempfile.TemporaryDirectory() as scratch:
-        source = os.path.join(scratch, "walk.c")
-        with open(source, "w") as handle:
-            handle.write(_WALK_C)
-        built = os.path.join(scratch, "walk.so")
+        written = os.path.join(scratch, f"{name}.c")
+        with open(written, "w") as handle:
+            handle.write(source)
+        built = os.path.join(scratch, f"{name}.so")
         try:
-            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", built, source], check=True,
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", built, written], check=True,
                            capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError):
             return None
         os.replace(built, path)
     return path
+
+
+def build_walker() -> str | None:
+    """Compile :data:`_WALK_C` and return the library's path, or None (no C compiler)."""
+    return compile_library(_WALK_C, "walk")
 
 
 def _load_walker(path: str | None) -> Any:

@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import queue
@@ -96,6 +95,7 @@ from bench.parts.harness import (
     OwnedServer,
     Producer,
     busy_seconds,
+    compile_library,
     free_port,
     git_head,
     machine,
@@ -272,22 +272,7 @@ void walk(const unsigned char *buf, long n, long *state, long *counts) {
 
 def build_event_walker() -> str | None:
     """Compile :data:`_EVENTS_C` (once per source text); the library's path, or None."""
-    digest = hashlib.sha256(_EVENTS_C.encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"pgws-bench-events-{digest}.so")
-    if os.path.exists(path):
-        return path
-    with tempfile.TemporaryDirectory() as scratch:
-        source = os.path.join(scratch, "events.c")
-        with open(source, "w") as handle:
-            handle.write(_EVENTS_C)
-        built = os.path.join(scratch, "events.so")
-        try:
-            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", built, source], check=True,
-                           capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        os.replace(built, path)
-    return path
+    return compile_library(_EVENTS_C, "events")
 
 
 def _load_event_walker(path: str | None) -> Any:

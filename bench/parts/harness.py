@@ -126,7 +126,8 @@ SERVERS: dict[str, str] = {
 class Server:
     """One server under test, on ``port``, LISTENing on :data:`LISTEN`."""
 
-    def __init__(self, name: str, port: int, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, port: int, extra_env: dict[str, str] | None = None,
+                 ready_timeout: float = 30.0) -> None:
         self.name = name
         self.port = port
         extra = extra_env or {}
@@ -165,7 +166,7 @@ class Server:
         self._ready = threading.Event()
         self._ready_seen = 0
         threading.Thread(target=self._read, args=(ready,), daemon=True).start()
-        if not self._ready.wait(30):
+        if not self._ready.wait(ready_timeout):
             self.stop()
             raise RuntimeError(f"{name} did not become ready:\n" + "\n".join(self.lines[-20:]))
 

@@ -26,12 +26,26 @@ Commands arrive one per line on stdin; reports leave as ``KIND JSON`` lines on s
   after the request was sent) and 10-second slot after ``AT``.
 - ``target BYTES``: from now on, record the wall-clock time (``time.time()``, comparable
   across processes) at which each open connection's received bytes reach ``BYTES`` (frames of
-  one fixed length, so bytes count frames); ``done`` when all have, with the last time.
+  one fixed length, so bytes count frames); ``armed`` at once, and ``done`` when all have,
+  with the last time.
 - ``report``: ``times`` with every connection's recorded time (None: missing) and counts.
 - ``stop`` (or EOF): close everything and exit.
 
-It never parses frames (the server sends only text frames of the one length the run uses, and
-no pings within a run), never writes after the request, and never retries a connection.
+By default it never parses frames (the server sends only text frames of the one length the run
+uses, and no pings within a run), never writes after the request, and never retries a
+connection. Two options of the spec serve runs that hold connections for minutes (the million
+scenario):
+
+- ``inflight``: at most this many handshakes under way at once in this process, so that a
+  million connections arrive as a steady ramp the server keeps up with, not as a storm that
+  times out (an outcome still comes within ``timeout`` of each connection's own start).
+- ``pong``: read the server's frames and answer each ping with a pong, as browsers and every
+  WebSocket library do, so the server's pings cost what they cost in production (the pong
+  wakes the connection on the server). Only data frames (text, binary, continuation) count
+  towards ``target``'s bytes, so pings do not disturb the count.
+
+``progress`` (a command) reports the outcomes so far (``progress`` line), for a ramp that lasts
+minutes.
 """
 
 from __future__ import annotations
@@ -61,6 +75,11 @@ READ_SIZE = 1 << 16
 #: Small receive buffer per client: the kernel's default (128 KiB, autotuned up) times 100,000
 #: connections is more memory than the loopback needs to keep pace.
 RCVBUF = 65536
+#: A pong's header with a zero masking key (RFC 6455 5.3: every client frame is masked; the key
+#: protects intermediaries from chosen bytes, which a load client's pong of the server's own
+#: payload does not need): the payload is sent as it came.
+PONG_HEADER = bytes([0x8A])
+ZERO_MASK = b"\0\0\0\0"
 
 CONNECTING, SENT, OPEN, FAILED = 0, 1, 2, 3
 
@@ -78,6 +97,9 @@ def main(spec_path: str) -> int:
     timeout: float = spec["timeout"]
     key = base64.b64encode(os.urandom(16)).decode()
     paths: list[str] | None = spec.get("paths")  # One per connection, or one for all.
+    inflight: int = spec.get("inflight") or count or 1
+    pong: bool = bool(spec.get("pong"))
+    pongs = 0
 
     def request(slot: int) -> bytes:
         path = paths[slot] if paths is not None else spec["path"]
@@ -185,6 +207,9 @@ def main(spec_path: str) -> int:
             else:
                 _close_open(slot)
             return
+        if state == OPEN and pong:
+            frames(slot, sock, head[slot] + data if head[slot] else data, now)
+            return
         if state == SENT:
             buffer = head[slot] + data
             end = buffer.find(b"\r\n\r\n")
@@ -202,10 +227,41 @@ def main(spec_path: str) -> int:
             bins[int((now - at) / BIN)] = bins.get(int((now - at) / BIN), 0) + 1
             handshake_ms.append(round(1000 * (now - started[slot]), 2))
             rest = len(buffer) - end - 4
-            if rest:
+            if rest and pong:
+                frames(slot, sock, buffer[end + 4:], now)
+            elif rest:
                 received(slot, rest, now)
             return
         received(slot, len(data), now)
+
+    def frames(slot: int, sock: socket.socket, buffer: bytes, now: float) -> None:
+        """Count the data frames' bytes in ``buffer``, answer its pings, keep a partial frame."""
+        nonlocal pongs
+        at_byte, counted, size = 0, 0, len(buffer)
+        while size - at_byte >= 2:
+            length, header = buffer[at_byte + 1] & 0x7F, 2
+            if length == 126:
+                if size - at_byte < 4:
+                    break
+                length, header = int.from_bytes(buffer[at_byte + 2:at_byte + 4], "big"), 4
+            elif length == 127:
+                if size - at_byte < 10:
+                    break
+                length, header = int.from_bytes(buffer[at_byte + 2:at_byte + 10], "big"), 10
+            if size - at_byte < header + length:
+                break
+            opcode = buffer[at_byte] & 0x0F
+            if opcode == 0x9:  # A ping (≤ 125 bytes): the pong carries its payload back.
+                body = buffer[at_byte + header:at_byte + header + length]
+                with contextlib.suppress(OSError):
+                    sock.send(PONG_HEADER + bytes([0x80 | length]) + ZERO_MASK + body)
+                    pongs += 1
+            elif opcode in (0x0, 0x1, 0x2):
+                counted += header + length
+            at_byte += header + length
+        head[slot] = buffer[at_byte:]
+        if counted:
+            received(slot, counted, now)
 
     def _close_open(slot: int) -> None:
         """The server closed an open connection: it stays counted, but receives nothing."""
@@ -247,12 +303,12 @@ def main(spec_path: str) -> int:
 
     last_sweep = 0.0
     while not stopping:
-        if at and issued < count and time.time() >= at:
-            for _ in range(min(CONNECTS_PER_PASS, count - issued)):
+        if at and issued < count and time.time() >= at and pending < inflight:
+            for _ in range(min(CONNECTS_PER_PASS, count - issued, inflight - pending)):
                 connect(issued)
                 issued += 1
             wait = 0.0
-        elif at and issued < count:
+        elif at and issued < count and time.time() < at:
             wait = max(0.0, min(0.2, at - time.time()))
         else:
             wait = 0.2
@@ -279,6 +335,7 @@ def main(spec_path: str) -> int:
                                 else:
                                     reached[slot] = None
                                     waiting += 1
+                        _emit("armed", {"waiting": waiting})
                         if waiting == 0:
                             _emit("done", {"at": now})
                     elif word == "report":
@@ -288,6 +345,10 @@ def main(spec_path: str) -> int:
                                         "open": open_now,
                                         "closed_by_server": outcomes["ok"] - open_now,
                                         "bytes": sum(got)})
+                    elif word == "progress":
+                        _emit("progress", {"outcomes": outcomes, "pending": pending,
+                                           "issued": issued, "pongs": pongs,
+                                           "open": sum(1 for s in socks if s is not None)})
                     elif word == "stop":
                         stopping = True
                 continue

@@ -220,17 +220,21 @@ class LoadClients:
     the source address 127.<net>.0.(i + 2)."""
 
     def __init__(self, port: int, count: int, procs: int, timeout: float, net: int,
-                 distinct: bool = False) -> None:
+                 distinct: bool = False, path: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        """``options``: more of :mod:`bench.parts.loadclient`'s spec (``inflight``, ``pong``)."""
         self._reports: queue.Queue[tuple[int, str, Any]] = queue.Queue()
+        # Reports of another kind than the one being gathered, kept for their own gather.
+        self._stash: dict[str, dict[int, Any]] = {}
         self._procs: list[subprocess.Popen[str]] = []
         self._specs: list[str] = []
         self.count = count
-        path = f"/{CHANNEL}/{token({'mode': 'r'})}"
+        path = path or f"/{CHANNEL}/{token({'mode': 'r'})}"
         self.shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
         try:
             for number, share in enumerate(self.shares):
                 spec = {"host": "127.0.0.1", "port": port, "source": f"127.{net}.0.{number + 2}",
-                        "count": share, "path": path, "timeout": timeout}
+                        "count": share, "path": path, "timeout": timeout, **(options or {})}
                 if distinct:  # One token per connection: no grant is shared.
                     spec["paths"] = [f"/{CHANNEL}/{token({'mode': 'r', 'n': [number, i]})}"
                                      for i in range(share)]
@@ -258,7 +262,7 @@ class LoadClients:
 
     def gather(self, kind: str, timeout: float) -> list[Any]:
         """One ``kind`` report per process, None for those that sent none in time."""
-        got: dict[int, Any] = {}
+        got: dict[int, Any] = self._stash.pop(kind, {})
         deadline = time.monotonic() + timeout
         while len(got) < len(self._procs) and time.monotonic() < deadline:
             try:
@@ -267,6 +271,8 @@ class LoadClients:
                 continue
             if got_kind == kind:
                 got[number] = body
+            elif got_kind != "exit":
+                self._stash.setdefault(got_kind, {})[number] = body
             elif got_kind == "exit" and number not in got:
                 proc = self._procs[number]
                 assert proc.stderr is not None

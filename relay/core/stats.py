@@ -66,6 +66,8 @@ class Counters:
     inbound_limited: int = 0
     #: Times an idle client was woken from its rest to a task (relay.transports.idle).
     woken: int = 0
+    #: Pongs read from resting clients without waking them (relay.transports.websocket).
+    pongs_at_rest: int = 0
     #: Idle clients resting without a task now (a level, not an event count).
     resting: int = 0
     #: Refusals by reason (:data:`REFUSAL_REASONS`); their sum is :attr:`rejected`.

@@ -28,7 +28,11 @@ nothing queued to write and nothing half done (a partial message, a close, a dea
 instead of waiting: :meth:`run` returns True and its caller lets the connection rest in the worker's
 :class:`relay.transports.idle.IdleConnections`, so an idle connection costs no task. Whatever
 needs a task again (bytes queued for a writer, a close, an abort) wakes it from there, as its
-socket's readability and its token's ``exp`` do; its caller then runs it again.
+socket's readability and its token's ``exp`` do; its caller then runs it again. Readability
+is first offered to :meth:`Client.settle`, which reads the bytes without a task: when they are
+nothing but pongs (every client answers every ping), they are counted against the inbound
+budget and dropped, and the connection rests on; anything else is handed to the reader, which
+parses it first when the task starts.
 
 A client's traffic must never starve the others, whatever it sends. Parsing costs ~15 µs of
 this thread per frame, so the reader yields to Trio after every read that did not wait and
@@ -88,6 +92,10 @@ _NO_DEADLINE = contextlib.nullcontext()
 #: Bytes asked of the socket per read; client traffic is small (pongs, short messages).
 _RECEIVE_BYTES = 16384
 
+#: Bytes a resting connection's readability is read in, without a task (:meth:`Client.settle`):
+#: a pong of the server's ping is 7 to 13 bytes; a larger read is handed to the reader.
+_SETTLE_BYTES = 512
+
 #: Frames parsed between two yields to Trio: ~0.25 ms of parsing, so a flooding client delays
 #: no other task by more than that per turn (bench/reliability/flood.py: 32 frames doubled the delay
 #: of a `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
@@ -145,6 +153,7 @@ class Client:
         "_settings",
         "_stream",
         "_tracked",
+        "_unread",
         "_writing",
         "grant",
         "idle",
@@ -219,6 +228,8 @@ class Client:
         #: The reader's wait while only a writer keeps the connection from resting: the
         #: writer cuts it when it is done, so the connection rests then, not at its next bytes.
         self._reading: trio.CancelScope | None = None
+        #: Bytes :meth:`settle` read that the reader must parse first (not only pongs).
+        self._unread = b""
 
     # -- the write side ---------------------------------------------------------------------
 
@@ -345,6 +356,34 @@ class Client:
         opening)."""
         return self._nursery is None and self._fd >= 0 and self._idle_now()
 
+    def settle(self) -> bool:
+        """The socket of this resting connection is readable: read it without a task. True
+        when what came was only pongs, within the inbound budget (it rests on); False when a
+        task must take over (end of stream, an error, anything else, which waits in
+        ``_unread`` for the reader, or a budget overrun, which the reader then closes)."""
+        if self._frames is not None and not self._decoder_empty():
+            return False  # A frame or message is half parsed: the reader owns what follows.
+        try:
+            data = os.read(self._fd, _SETTLE_BYTES)
+        except BlockingIOError:
+            return True  # Nothing after all; the epoll says so again when there is.
+        except OSError:
+            return False  # The reader's own read meets the end.
+        pongs = frames.client_pongs(data)
+        if pongs:
+            budget = self._budget
+            if budget is None:
+                budget = self._budget = self._new_budget()
+            now = trio.current_time()
+            if budget.take_bytes(now, len(data)) and all(
+                    budget.take_frame(now) for _ in range(pongs)):
+                counters.pongs_at_rest += pongs
+                return True
+            self._unread = data  # The reader finds the budget spent and closes (1008).
+            return False
+        self._unread = data
+        return False
+
     def _idle_now(self) -> bool:
         idle = self.idle
         return (idle is not None and idle.open and not self._backlog and not self._writing
@@ -434,6 +473,14 @@ class Client:
             decoder = self._frames = self._new_decoder()
         budget = self._budget
         parsed = 0  # Frames since the last yield to Trio.
+        if self._unread:  # What settle() read while the connection rested.
+            unread, self._unread = self._unread, b""
+            if budget is None:
+                budget = self._budget = self._new_budget()
+            if not budget.take_bytes(trio.current_time(), len(unread)):
+                self._over_budget("bytes")
+                return False
+            decoder.receive_bytes(unread)
         while True:
             # Frames first: the handshake may have carried some (trailing data).
             try:
@@ -541,13 +588,17 @@ class Client:
     def _drop_idle_decoder(self) -> None:
         """Forget the frame parser when it holds nothing: no bytes of a frame, no fragmented
         message, no compression context (the client's inflater keeps one across messages)."""
-        frames = self._frames
-        if frames is None or self._inflate:
-            return
-        pending = frames._frame_decoder  # wsproto's own parts: nothing else says it is empty.
-        if pending.header is None and not len(pending.buffer) \
-                and frames._message_decoder.opcode is None:
+        if self._frames is not None and not self._inflate and self._decoder_empty():
             self._frames = None
+
+    def _decoder_empty(self) -> bool:
+        """The frame parser holds no bytes of a frame and no fragmented message (a compression
+        context it may hold is not touched by control frames)."""
+        decoder = self._frames
+        assert decoder is not None
+        pending = decoder._frame_decoder  # wsproto's own parts: nothing else says it is empty.
+        return pending.header is None and not len(pending.buffer) \
+            and decoder._message_decoder.opcode is None
 
     def _new_budget(self) -> InboundBudget:
         settings = self._settings

@@ -1,4 +1,5 @@
-"""WebSocket frames the server sends, built as bytes once (RFC 6455 section 5.2).
+"""WebSocket frames the server sends, built as bytes once (RFC 6455 section 5.2), and the one
+client frame the server recognises without a parser: pongs.
 
 Theory of operation
 -------------------
@@ -14,6 +15,11 @@ connections.
 :class:`TextFrames` is the hub's :class:`relay.core.encoding.Encoding` for WebSocket clients
 (:data:`TEXT_FRAMES`): a message is one text frame, a positioned delivery the resume
 protocol's text (:func:`relay.wire.positions.delivery`) in one.
+
+:func:`client_pongs` answers one question for a resting connection
+(:mod:`relay.transports.idle`): are these bytes nothing but whole pongs? Every client answers
+every server ping, so at a million connections and one ping each 30 s that is 33,000 pongs a
+second, which a parser per connection (and a task to run it) would spend most of two cores on.
 
 Pure functions; no sockets.
 """
@@ -82,6 +88,23 @@ def close(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit a control frame, on a character boundary."""
     encoded = reason.encode()[: _CONTROL_MAX - 2].decode("utf-8", "ignore").encode()
     return _frame(_OP_CLOSE, struct.pack("!H", code) + encoded)
+
+
+def client_pongs(data: bytes) -> int:
+    """How many pongs ``data`` is, if it is nothing but whole, well-formed client pongs
+    (FIN, no RSV bits, masked, at most 125 bytes of payload); else 0. Nothing is unmasked: a
+    pong's payload is not read."""
+    count, at, size = 0, 0, len(data)
+    while at < size:
+        if size - at < 2 or data[at] != _FIN | _OP_PONG:
+            return 0
+        second = data[at + 1]
+        length = second & 0x7F
+        if not second & 0x80 or length > _CONTROL_MAX:
+            return 0
+        at += 6 + length  # Header and masking key, then the payload.
+        count += 1
+    return count if at == size else 0
 
 
 def payload_of(frame: bytes) -> bytes:

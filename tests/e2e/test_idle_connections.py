@@ -17,8 +17,9 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
-from wsproto.events import CloseConnection, Message, TextMessage
+from wsproto.events import CloseConnection, Message, Pong, TextMessage
 
+from bench.parts.harness import frame
 from tests.e2e.test_admin import admin_port, metric
 from tests.helpers import TIMEOUT, RelayProcess, eventually, notify, raw_client, token
 
@@ -129,3 +130,59 @@ def test_a_frame_cut_by_a_rest_and_a_message_cut_into_fragments_arrive_whole(sta
         eventually(lambda: _resting(admin) == 1, what="the writer awake between fragments")
         writer.sendall(conn.send(Message("a message")))
         assert json.loads(reader.recv(timeout=TIMEOUT))["payload"] == "cut in a message"
+
+
+def test_resting_clients_answer_the_servers_pings_without_being_woken(start_relay) -> None:
+    relay: RelayProcess = start_relay(PGWS_ADMIN_PORT="0", PGWS_PING_INTERVAL="0.5")
+    admin = admin_port(relay)
+    listen = relay.env["PGWS_LISTEN_CHANNEL"]
+    with contextlib.ExitStack() as stack:
+        # The websockets client answers every ping with a pong, as browsers do.
+        clients = [stack.enter_context(connect(relay.url(f"/c/{token({'mode': 'r'})}"),
+                                               open_timeout=10)) for _ in range(10)]
+        eventually(lambda: _resting(admin) == 10, what="10 clients resting")
+        woken = metric(admin, "pgws_clients_woken_total")
+        pongs = metric(admin, "pgws_clients_pongs_at_rest_total")
+        eventually(lambda: metric(admin, "pgws_clients_pongs_at_rest_total") >= pongs + 30,
+                   what="three rounds of pongs read at rest")
+        assert metric(admin, "pgws_clients_woken_total") == woken
+        assert _resting(admin) == 10
+        notify(listen, '{"channel":"c","n":1}')
+        assert [c.recv(timeout=TIMEOUT) for c in clients] == ['{"channel":"c","n":1}'] * 10
+
+
+def test_a_pong_and_a_message_in_one_write_wake_the_client_and_the_message_arrives(
+        start_relay) -> None:
+    relay: RelayProcess = start_relay(PGWS_ADMIN_PORT="0")
+    admin = admin_port(relay)
+    writer, conn = raw_client(relay.port, f"/c/{token({'mode': 'w'})}")
+    with contextlib.closing(writer), connect(relay.url(f"/c/{token({'mode': 'r'})}"),
+                                             open_timeout=10) as reader:
+        eventually(lambda: _resting(admin) == 2, what="both resting")
+        pongs = metric(admin, "pgws_clients_pongs_at_rest_total")
+        writer.sendall(conn.send(Pong(b"1")) + conn.send(Message("behind a pong")))
+        assert json.loads(reader.recv(timeout=TIMEOUT))["payload"] == "behind a pong"
+        writer.sendall(conn.send(Pong(b"2")))  # A pong alone is read where it rests.
+        eventually(lambda: metric(admin, "pgws_clients_pongs_at_rest_total") == pongs + 1,
+                   what="the lone pong read at rest")
+
+
+def test_a_client_flooding_pongs_while_it_rests_is_closed_for_its_frame_budget(
+        start_relay) -> None:
+    relay: RelayProcess = start_relay(PGWS_ADMIN_PORT="0",
+                                      PGWS_MAX_CLIENT_FRAMES_PER_SECOND="100")
+    admin = admin_port(relay)
+    sock, conn = raw_client(relay.port, f"/c/{token({'mode': 'r'})}")
+    with contextlib.closing(sock):
+        eventually(lambda: _resting(admin) == 1, what="the client resting")
+        with contextlib.suppress(OSError):
+            # Four times the budget, pongs alone, of 8 bytes: the relay's reads of a resting
+            # socket (512 bytes) take whole pongs.
+            sock.sendall(frame(0xA, b"ab") * 400)
+        closes = []
+        while not closes:
+            data = sock.recv(65536)
+            assert data, "closed without a close frame"
+            conn.receive_data(data)
+            closes = [e for e in conn.events() if isinstance(e, CloseConnection)]
+        assert (closes[0].code, closes[0].reason) == (1008, "too many frames")

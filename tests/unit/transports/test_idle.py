@@ -21,6 +21,16 @@ class Connection:
         self._expiry = expiry
         self.woken = 0
         self.abandoned = False
+        self.settled = trio.Event()
+
+    def settle(self) -> bool:
+        """Takes b"pong" where it rests (as the relay's clients take pongs); anything else
+        is left for a task."""
+        if self.ours.recv(64, socket.MSG_PEEK) != b"pong":
+            return False
+        self.ours.recv(64)
+        self.settled.set()
+        return True
 
     def fileno(self) -> int:
         return self.ours.fileno()
@@ -54,6 +64,27 @@ async def test_bytes_from_the_peer_wake_only_that_connection() -> None:
         idle.wake(talking)  # Not resting: nothing happens.
         nursery.cancel_scope.cancel()
     assert talking.woken == 1
+
+
+async def test_bytes_a_connection_settles_where_it_rests_wake_nothing() -> None:
+    woke = trio.Event()
+
+    async def serve(connection: Connection) -> None:
+        connection.woken += 1
+        woke.set()
+
+    idle = IdleConnections(serve, lambda connection: None)
+    async with trio.open_nursery() as nursery:
+        await _running(idle, nursery)
+        connection = Connection()
+        idle.rest(connection)
+        connection.peer.send(b"pong")
+        await connection.settled.wait()
+        assert idle.resting(connection) and connection.woken == 0
+        connection.peer.send(b"message")  # Not settled: this one needs a task.
+        await woke.wait()
+        assert not idle.resting(connection) and connection.woken == 1
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_connection_is_woken_at_its_expiry_and_not_before() -> None:

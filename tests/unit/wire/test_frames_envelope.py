@@ -231,3 +231,25 @@ def test_no_string_channel_at_the_top_level_routes_to_the_listen_channel(size: i
 ])
 def test_route_edge_cases(payload: bytes, channel: str) -> None:
     assert envelope.route(payload, "listen") == channel
+
+
+def _client_pong(payload: bytes) -> bytes:
+    return Connection(ConnectionType.CLIENT).send(Pong(payload))
+
+
+def test_whole_client_pongs_are_counted() -> None:
+    pongs = [_client_pong(b""), _client_pong(b"7"), _client_pong(b"x" * 125)]
+    assert [frames.client_pongs(pong) for pong in pongs] == [1, 1, 1]
+    assert frames.client_pongs(b"".join(pongs)) == 3
+
+
+def test_anything_but_whole_client_pongs_is_not_pongs() -> None:
+    pong = _client_pong(b"12")
+    text = Connection(ConnectionType.CLIENT).send(TextMessage("hello"))
+    ping = Connection(ConnectionType.CLIENT).send(Ping(b"12"))
+    for data in (b"", pong[:1], pong[:-1], pong + pong[:3], pong + text, text + pong, ping,
+                 frames.pong(b"12"),  # A server's pong: unmasked.
+                 bytes([pong[0] | 0x40]) + pong[1:],  # RSV1 set.
+                 bytes([pong[0] & 0x7F]) + pong[1:],  # Not final.
+                 bytes([pong[0], 0x80 | 126, 0, 126]) + bytes(4 + 126)):  # 126 bytes.
+        assert frames.client_pongs(data) == 0, data

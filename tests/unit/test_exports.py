@@ -27,7 +27,8 @@ SURFACES = {
         "NORMAL", "POLICY_VIOLATION", "TRY_AGAIN_LATER"},
     "relay.wire.events": {"EVENT_STREAM", "EventStream", "MEDIA_TYPE"},
     "relay.wire.frames": {
-        "TEXT_FRAMES", "TextFrames", "close", "compressed_text", "payload_of", "ping", "pong",
+        "TEXT_FRAMES", "TextFrames", "client_pongs", "close", "compressed_text", "payload_of",
+        "ping", "pong",
         "text"},
     "relay.wire.positions": {
         "CLOCK_SKEW", "Control", "Delivery", "EXPIRED", "FROM_PARAMETER", "GAP", "LOST_REASONS",

@@ -217,11 +217,12 @@ def percentile(values: list[float], q: float) -> float:
 
 class LoadClients:
     """``count`` connections over ``procs`` :mod:`bench.parts.loadclient` processes, process i on
-    the source address 127.<net>.0.(i + 2)."""
+    the source address 127.<net>.0.(i + 2); with ``per_address``, on as many addresses
+    127.<net>.i.(k + 2) as hold its share at that many connections each."""
 
     def __init__(self, port: int, count: int, procs: int, timeout: float, net: int,
                  distinct: bool = False, path: str | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, per_address: int = 0) -> None:
         """``options``: more of :mod:`bench.parts.loadclient`'s spec (``inflight``, ``pong``)."""
         self._reports: queue.Queue[tuple[int, str, Any]] = queue.Queue()
         # Reports of another kind than the one being gathered, kept for their own gather.
@@ -235,6 +236,9 @@ class LoadClients:
             for number, share in enumerate(self.shares):
                 spec = {"host": "127.0.0.1", "port": port, "source": f"127.{net}.0.{number + 2}",
                         "count": share, "path": path, "timeout": timeout, **(options or {})}
+                if per_address:
+                    spec["sources"] = [f"127.{net}.{number}.{k + 2}"
+                                       for k in range(-(-share // per_address))]
                 if distinct:  # One token per connection: no grant is shared.
                     spec["paths"] = [f"/{CHANNEL}/{token({'mode': 'r', 'n': [number, i]})}"
                                      for i in range(share)]

@@ -19,8 +19,9 @@ The c100k scenario (:mod:`bench.scenarios.c100k`) generalised, with what a milli
   (:class:`bench.parts.pgcluster.Cluster`) allowing ``workers × (1 + PGWS_POOL_SIZE) + 20``;
   the database connections actually held are read from ``pg_stat_activity``.
 - **Clients.** ``--procs`` (56) load-client processes (:mod:`bench.parts.loadclient`, under
-  20,000 descriptors each), each on a source address of its own (127.<net>.0.x: 28,232
-  ephemeral ports per address and destination, so no address runs out). They connect as a
+  20,000 descriptors each), each on source addresses of its own (127.<net>.<process>.x),
+  ``--per-address`` (5,000) connections on each: Linux's connect() takes ports of one parity
+  first, 14,116 per address, and slows down sharply as an address nears that. They connect as a
   *ramp*: at most ``--inflight`` handshakes under way per process, so the server is never sent
   more than it answers (a storm of a million times out, which measures the listen queue, not
   what a host holds). They answer every ping with a pong, as browsers do.
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"{base['db_connections']} database connections", flush=True)
             clients = LoadClients(port, args.connections, args.procs, args.timeout, net=77,
                                   path=f"/{CHANNEL}/{token({'mode': 'r'})}",
-                                  options={"inflight": args.inflight, "pong": True})
+                                  options={"inflight": args.inflight, "pong": True},
+                                  per_address=args.per_address)
             at = time.time() + 1.0
             cpu_server, cpu_clients = cpu_seconds(every), cpu_seconds(clients.pids)
             clients.tell(f"go {at}")
@@ -363,6 +365,9 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=56, help="load-client processes")
     parser.add_argument("--inflight", type=int, default=32,
                         help="handshakes under way at once per client process")
+    parser.add_argument("--per-address", type=int, default=5000,
+                        help="connections per source address (each client process uses as many "
+                        "addresses as its share needs)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds a client gives its connect + handshake")
     parser.add_argument("--pool-size", type=int, default=10, help="PGWS_POOL_SIZE")

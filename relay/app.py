@@ -267,6 +267,7 @@ async def run(config: Config, keys: Sequence[tokens.Key], sealer: positions.Seal
                             on_log=None if history is None else history.adopt_log,
                             on_caught_up=caught_up.set, on_listening=hub.listening,
                             channel=config.listen_channel, on_backfilled=hub.backfilled,
+                            on_unavailable=hub.backfill_unavailable,
                             backfill_bytes=config.max_queue_bytes // 2)
         if history is not None:
             hub.backfill = source.backfill  # Resumes older than the history read the stream.

@@ -382,7 +382,10 @@ class Hub:
     def give_up(self, client: Subscriber) -> None:
         """A parked client has waited long enough: it enters now, and a position it waited
         for is ``unknown`` here. One that waits for the source to catch up is closed (1013)
-        instead: let in now, it would receive what is read back from the log as live."""
+        instead: let in now, it would receive what is read back from the log as live. So is
+        one whose first step the source has not read yet (its store is slow or away): what
+        it missed is not lost, only not readable now, and it resumes later from the same
+        position."""
         parked = self._parked_clients.get(client)
         if parked is None or parked.started:
             return  # Gone, or reading again from the source: that has bounds of its own.
@@ -390,7 +393,21 @@ class Hub:
         if parked.awaited == _CAUGHT_UP and self.catching_up:
             client.close(TRY_AGAIN_LATER, "catching up")
             return
+        if parked.awaited == _BACKFILL:
+            client.close(TRY_AGAIN_LATER, "stream unavailable")
+            return
         self._enter(client, parked.key, parked.compression, parked.position, waiting=False)
+
+    def backfill_unavailable(self, client: Subscriber) -> None:
+        """The source cannot read now what a client waiting with an old position needs (its
+        store is away, after its retries): the client is closed with 1013, to resume later
+        from where it is (the last step it received, or its position). Nothing is told
+        ``lost``: nothing is."""
+        parked = self._parked_clients.get(client)
+        if parked is None or parked.awaited != _BACKFILL:
+            return  # Gone, or given up on meanwhile.
+        self._unpark(client)
+        client.close(TRY_AGAIN_LATER, "stream unavailable")
 
     def backfilled(self, client: Subscriber, messages: Sequence[tuple[int, int, bytes]] | None,
                    through: int, drained: Callable[[], None] = lambda: None) -> int | None:

@@ -369,6 +369,47 @@ def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
             assert _numbers(client, 1) == [22]
 
 
+@pytest.mark.fault
+def test_a_resume_read_again_while_nats_answers_nothing_waits_for_it_and_loses_nothing(
+        logical: str) -> None:
+    """NATS stopped (SIGSTOP: connections open, nothing answered) while a client resumes from
+    before the relay's history: the read is tried again, not answered ``lost``, and once NATS
+    answers again the client gets every message once."""
+    port, store = _free_port(), tempfile.mkdtemp(prefix="pgws-nats-")
+    nats_server = _start_nats(port, store)
+    try:
+        with _fed_relay(logical, f"nats://127.0.0.1:{port}", PGWS_HISTORY_MESSAGES="5") as (
+                listen, relay):
+            with _resume(relay, None) as client:
+                assert _first(client).event == "position"  # type: ignore[union-attr]
+                _emit(logical, listen, range(1, 21))
+                position = _numbers_and_last_position(client, 20)
+            nats_server.send_signal(signal.SIGSTOP)
+            try:
+                start = len(relay.lines)
+                with _resume(relay, position) as client:
+                    relay.wait_for_line("reading the stream again for a resume failed: .*; "
+                                        "retrying", start=start)
+                    nats_server.send_signal(signal.SIGCONT)
+                    resumed = _next(client)
+                    assert resumed.event == "resumed"  # type: ignore[union-attr]
+                    assert _numbers(client, 18) == list(range(3, 21))
+            finally:
+                nats_server.send_signal(signal.SIGCONT)
+    finally:
+        nats_server.kill()
+        nats_server.wait(TIMEOUT)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _numbers_and_last_position(client: Any, count: int) -> str:
+    """Read ``count`` deliveries; the position of the second (what a client that read only two
+    of them would resume from)."""
+    events = [_next(client) for _ in range(count)]
+    assert [_n(event) for event in events] == list(range(1, count + 1))
+    return events[1].position  # type: ignore[union-attr]
+
+
 @pytest.mark.slow
 def test_a_resume_larger_than_the_clients_queue_is_read_again_in_steps_and_loses_nothing(
         logical: str, nats_url: str) -> None:

@@ -553,20 +553,33 @@ def test_a_resume_the_source_cannot_read_again_is_expired_and_a_late_answer_is_i
     for n in range(1, 9):
         hub.publish([_p(n)], places=_at(n))
     old = positions.Position(0xABCD, 1, 0, 1_700_000_000)
-    refused, gone = Recorder(), Recorder()
+    refused = Recorder()
     assert hub.add(refused, ["c"], positioned=True, resume=old) is True
-    assert hub.add(gone, ["c"], positioned=True, resume=old) is True
-    hub.backfilled(refused, None, asked[0][2])
+    hub.backfilled(refused, None, asked[0][2])  # Aged out of the source meanwhile.
     assert refused.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
-    hub.give_up(gone)  # Waited too long: expired, and the answer that comes later is dropped.
-    assert gone.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
-    hub.backfilled(gone, [], asked[1][2])
-    assert len(gone.read()) == 1
     too_many = [(n << 32, 1, _p(n)) for n in range(2, 3 + hub_module.BACKFILL_MESSAGES)]
     again = Recorder()
     assert hub.add(again, ["c"], positioned=True, resume=old) is True
-    hub.backfilled(again, too_many, asked[2][2])
+    hub.backfilled(again, too_many, asked[1][2])
     assert again.read()[0].reason == positions.EXPIRED  # type: ignore[union-attr]
+
+
+def test_a_resume_the_source_cannot_read_now_is_asked_to_come_back_and_told_nothing_lost(
+        ) -> None:
+    hub, asked = _stream_hub()
+    for n in range(1, 9):
+        hub.publish([_p(n)], places=_at(n))
+    old = positions.Position(0xABCD, 1, 0, 1_700_000_000)
+    away, slow = Closable(), Closable()
+    assert hub.add(away, ["c"], positioned=True, resume=old) is True
+    assert hub.add(slow, ["c"], positioned=True, resume=old) is True
+    hub.backfill_unavailable(away)  # The source tried again and could not.
+    assert away.closed == (1013, "stream unavailable") and away.read() == []
+    hub.give_up(slow)  # Waited for a first step too long: the same, not "lost".
+    assert slow.closed == (1013, "stream unavailable") and slow.read() == []
+    assert hub.backfilled(slow, [], asked[1][2]) is None  # A late answer is dropped.
+    hub.backfill_unavailable(slow)
+    assert slow.read() == []
 
 
 class Queueing(Recorder):

@@ -1521,6 +1521,17 @@ def write_json(path: str, document: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def merge_json(path: str, key: str, value: Any) -> None:
+    """Set ``key`` of the JSON object in ``path`` (made when missing) to ``value``, keeping
+    its other keys: each part of a scenario keeps its own results in one file."""
+    document: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as handle:
+            document = json.load(handle)
+    document[key] = value
+    write_json(path, document)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "frame-client":
         sys.exit(frame_client_main(sys.argv[2]))

@@ -83,10 +83,10 @@ from bench.parts.harness import (
     free_port,
     git_head,
     machine,
+    merge_json,
     payload,
     relay_source,
     token,
-    write_json,
 )
 from bench.parts.paths import RESULTS, module_command, module_env
 
@@ -206,6 +206,16 @@ def fd_count(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return 0
+
+
+def receipts(got: list[float]) -> dict[str, Any]:
+    """Commit → receipt times (seconds) as the results give them, in ms: the last, p50, p99
+    and the CDF by percent."""
+    return {"last_ms": round(1000 * max(got), 1) if got else None,
+            "p50_ms": round(1000 * percentile(got, 0.5), 1) if got else None,
+            "p99_ms": round(1000 * percentile(got, 0.99), 1) if got else None,
+            "cdf_ms": [round(1000 * percentile(got, q / 100), 2) for q in range(101)]
+            if got else []}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -434,11 +444,7 @@ def one_run(name: str, count: int, procs: int, workers: int, burst: int, timeout
                 "commit_s": round(committed - before_commit, 4),
                 "receivers": len(times), "missing": missing,
                 "closed_by_server": sum(r["closed_by_server"] for r in reports if r),
-                "last_ms": round(1000 * max(got), 1) if got else None,
-                "p50_ms": round(1000 * percentile(got, 0.5), 1) if got else None,
-                "p99_ms": round(1000 * percentile(got, 0.99), 1) if got else None,
-                "cdf_ms": [round(1000 * percentile(got, q / 100), 2) for q in range(101)]
-                if got else []})
+                **receipts(got)})
             print(f"  broadcast: last {result['broadcast']['last_ms']} ms, p50 "
                   f"{result['broadcast']['p50_ms']} ms, missing {missing}", flush=True)
             # (d) the burst, batches of 100.
@@ -936,12 +942,7 @@ def main() -> None:
             body = {"servers": body}
     header["load_average_end"] = load()
     if args.json:
-        document: dict[str, Any] = {}
-        if os.path.exists(args.json):
-            with open(args.json) as handle:
-                document = json.load(handle)
-        document[args.key or args.part] = {**header, **body}
-        write_json(args.json, document)
+        merge_json(args.json, args.key or args.part, {**header, **body})
 
 
 if __name__ == "__main__":

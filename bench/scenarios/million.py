@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -64,10 +63,10 @@ from bench.parts.harness import (
     free_port,
     git_head,
     machine,
+    merge_json,
     payload,
     relay_source,
     token,
-    write_json,
 )
 from bench.parts.harness import (
     commit as head_commit,
@@ -84,9 +83,9 @@ from bench.scenarios.c100k import (
     host_settings,
     load,
     nstat,
-    percentile,
     proc_status,
     pss_kib,
+    receipts,
     sysctls,
 )
 
@@ -332,11 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "receivers": len(times), "received": len(got), "missing": len(times) - len(got),
                 "processes_done": sum(1 for d in done if d),
                 "closed_by_server": sum(r["closed_by_server"] for r in reports if r),
-                "last_ms": round(1000 * max(got), 1) if got else None,
-                "p50_ms": round(1000 * percentile(got, 0.5), 1) if got else None,
-                "p99_ms": round(1000 * percentile(got, 0.99), 1) if got else None,
-                "cdf_ms": [round(1000 * percentile(got, q / 100), 1) for q in range(101)]
-                if got else []}
+                **receipts(got)}
             print(f"  broadcast: {len(got):,} of {len(times):,} in "
                   f"{result['broadcast']['last_ms']} ms (p50 {result['broadcast']['p50_ms']} "
                   f"ms)", flush=True)
@@ -398,12 +393,7 @@ def main() -> None:
     header["load_average_end"] = load()
     print(json.dumps({key: body.get(key) for key in ("ramp", "pings", "broadcast")}, indent=1))
     if args.json:
-        document: dict[str, Any] = {}
-        if os.path.exists(args.json):
-            with open(args.json) as handle:
-                document = json.load(handle)
-        document[args.key] = {**header, **body}
-        write_json(args.json, document)
+        merge_json(args.json, args.key, {**header, **body})
 
 
 if __name__ == "__main__":

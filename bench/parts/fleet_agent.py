@@ -57,18 +57,30 @@ class Client:
         self.reconnects: list[float] = []
         self.highest = -1
         self.changed = trio.Event()
+        #: The first few duplicates and late arrivals: (kind, seq, highest so far, time,
+        #: the connection it came on, the position it came with).
+        self.anomalies: list[tuple[str, int, int, float, int, str | None]] = []
+        self.connection = 1
+        self.position: str | None = None
 
     def record(self, seq: int, now: float) -> None:
         if seq in self.arrivals:
             self.duplicates += 1
+            self._note("duplicate", seq, now)
             return
         if seq < self.highest:
             self.out_of_order += 1
+            self._note("late", seq, now)
         self.arrivals[seq] = now
         if seq > self.highest:
             self.highest = seq
             self.changed.set()
             self.changed = trio.Event()
+
+    def _note(self, kind: str, seq: int, now: float) -> None:
+        if len(self.anomalies) < 3:
+            self.anomalies.append((kind, seq, self.highest, now, self.connection,
+                                   self.position))
 
 
 async def _run_client(client: Client, url: str, token: str) -> None:
@@ -84,6 +96,8 @@ async def _run_client(client: Client, url: str, token: str) -> None:
             nursery.start_soon(watch)
             async for event in subscription:
                 if isinstance(event, Message):
+                    client.connection = subscription.connections
+                    client.position = event.position
                     client.record(orjson.loads(event.payload)["seq"], time.time())
                 elif isinstance(event, Lost):
                     client.lost.append((time.time(), event.reason))
@@ -118,6 +132,8 @@ def report(clients: list[Client], last: int, faults: list[dict[str, Any]]) -> di
         "out_of_order": sum(client.out_of_order for client in clients),
         "lost_events": sum(len(client.lost) for client in clients),
         "lost_reasons": sorted({reason for client in clients for _, reason in client.lost}),
+        "anomalies": [(client.ident, *anomaly) for client in clients
+                      for anomaly in client.anomalies][:30],
         "faults": []}
     for fault in faults:
         start, first = fault["time"], fault["first"]

@@ -362,6 +362,33 @@ class NatsFleet(Fleet):
                     found = found or view
         return found
 
+    def replica_states(self) -> dict[str, dict[str, Any]]:
+        """Each NATS server's own copy of the stream (its /jsz): first and last sequence,
+        messages and bytes. Replicas that agree on the last sequence but not on the bytes hold
+        different messages."""
+        states: dict[str, dict[str, Any]] = {}
+        for node in self.nodes:
+            answer = self.monitor(node, "/jsz?accounts=true&streams=true") or {}
+            for account in answer.get("account_details") or []:
+                for stream in account.get("stream_detail") or []:
+                    if stream.get("name") == STREAM:
+                        state = stream.get("state") or {}
+                        states[node] = {key: state.get(key) for key in
+                                        ("first_seq", "last_seq", "messages", "bytes")}
+        return states
+
+    def audit_stream(self) -> dict[str, Any]:
+        """The stream as a reader sees it (from the first feeder's host): messages, and how
+        many carry a ``Nats-Msg-Id`` seen before (stored twice) or a log place before the one
+        before them (stored out of the log's order)."""
+        result = _run(*self.exec_prefix(self.feeders[0]), sys.executable, "-c", _AUDIT_STREAM,
+                      nats_urls(), STREAM, check=False, timeout=120.0)
+        try:
+            answer: dict[str, Any] = json.loads(result.stdout)
+        except ValueError:
+            return {"error": (result.stderr or result.stdout)[-500:]}
+        return answer
+
     def connections(self) -> dict[str, list[str]]:
         """Per NATS server, the names and addresses of its client connections."""
         found = {}
@@ -706,7 +733,8 @@ def run_fault(hosts: NatsFleet, producer: Producer, fault: str, clients: int,
             "late_at_end": len(result.get("late_at_end", [])),
             "missing": result["missing"], "duplicated": result["duplicated"],
             "out_of_order": result["out_of_order"], "lost_events": result["lost_events"],
-            "lost_reasons": result["lost_reasons"], "gaps": result["gaps"], "operator": seen}
+            "lost_reasons": result["lost_reasons"], "gaps": result["gaps"],
+            "anomalies": result.get("anomalies", []), "operator": seen}
 
 
 def faults_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -722,10 +750,16 @@ def faults_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         log(f"fleet up: {hosts.relays} relays, NATS {hosts.stream_cluster()}, "
             f"feeder {hosts.active_feeder()}")
         producer = Producer(hosts.database_uri(), rate).start()
+        cluster_lost = False
         try:
             for run in range(args.runs):
                 for fault in faults:
-                    row = run_fault(hosts, producer, fault, clients, hold, cut)
+                    try:
+                        row = run_fault(hosts, producer, fault, clients, hold, cut)
+                    except TimeoutError as exc:  # The cluster did not come back: a result.
+                        log(f"{fault:<12} run {run}: {exc}; the runs end here")
+                        cluster_lost = True
+                        break
                     row["run"] = run
                     runs.append(row)
                     worst = row["receives_again_s"]["all"]["max"]
@@ -733,14 +767,32 @@ def faults_part(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
                         f"again within {worst if worst is None else round(worst, 2)} s; lost "
                         f"{row['missing']}, duplicated {row['duplicated']}, out of order "
                         f"{row['out_of_order']}, Lost events {row['lost_events']}, affected "
-                        f"{row['affected']}")
+                        f"{row['affected']}" + (f"; first anomalies {row['anomalies'][:4]}"
+                                                if row["anomalies"] else ""))
+                if cluster_lost:
+                    break
         finally:
             producer.stop()
+        # Once the feeder stored the last commits, do the replicas hold the same stream, and
+        # does the stream hold each message once and in the log's order?
+        states: list[dict[str, Any]] = []
+
+        def settled() -> bool:
+            states.append(hosts.replica_states())
+            return len(states) > 1 and states[-1] == states[-2] and len(
+                {(s["last_seq"], s["bytes"]) for s in states[-1].values()}) == 1
+
+        with contextlib.suppress(TimeoutError):
+            _wait(settled, "the replicas to agree", timeout=30.0)
+        replicas = states[-1] if states else {}
+        audit = hosts.audit_stream()
+        log(f"replicas at the end: {replicas}; stream: {audit}")
         producer_info = {"rate": rate, "committed": len(producer.committed),
                          "reconnects": producer.reconnects, "in_doubt": producer.in_doubt,
                          "error": repr(producer.error) if producer.error else None}
     return {"rate": rate, "clients": clients, "relays": args.relays, "nats_nodes": NATS_NODES,
             "hold_s": hold, "cut_s": cut, "producer": producer_info,
+            "replicas_at_end": replicas, "stream_audit": audit,
             "summary": summarise(runs, faults), "runs": runs}
 
 
@@ -1001,6 +1053,37 @@ def nats_row(pg: Cluster, nats: LocalNats, k: int, count: int, script: str, seco
 
 
 #: Deletes a stream (frees the store between configurations), run as a child: nats-py is asyncio.
+_AUDIT_STREAM = """
+import asyncio, json, sys, nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+async def main():
+    connection = await nats.connect(sys.argv[1].split(","))
+    try:
+        js = connection.jetstream()
+        info = await js.stream_info(sys.argv[2])
+        last = info.state.last_seq
+        subscription = await js.subscribe(sys.argv[2] + ".>", ordered_consumer=True,
+                                          config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+                                          stream=sys.argv[2])
+        seen, twice, backwards, count, previous, sequence = set(), 0, 0, 0, None, 0
+        while sequence < last:
+            message = await subscription.next_msg(timeout=10)
+            sequence = message.metadata.sequence.stream
+            ident = (message.headers or {}).get("Nats-Msg-Id", "")
+            parts = ident.split(".")
+            place = (int(parts[2], 16), int(parts[3], 16)) if len(parts) == 4 else None
+            count += 1
+            twice += ident in seen
+            seen.add(ident)
+            backwards += place is not None and previous is not None and place < previous
+            previous = place or previous
+        print(json.dumps({"messages": count, "last_seq": last, "stored_twice": twice,
+                          "out_of_log_order": backwards}))
+    finally:
+        await connection.close()
+asyncio.run(main())
+"""
+
 _DELETE_STREAM = """
 import asyncio, sys, nats
 async def main():

@@ -499,6 +499,8 @@ class NatsSource(Reconnecting):
         :data:`_BACKFILLS_AT_ONCE` steps are read at once and :data:`_BACKFILLS_WAITING`
         resumes wait for their first; beyond, the client is answered at once that its position
         is too old."""
+        log.info("a resume after sequence %d reads the stream again up to %d",
+                 after >> LOG_INDEX_BITS, until >> LOG_INDEX_BITS)
         try:
             self._backfills.send_nowait((client, after, until))
         except trio.WouldBlock:
@@ -546,6 +548,13 @@ class NatsSource(Reconnecting):
                         messages = None
                 through = (messages[-1][0] << LOG_INDEX_BITS if messages and
                            messages[-1][0] < last else until)
+                if messages is not None:
+                    # The hub takes keys, as the live path gives them (``places``), not stream
+                    # sequences: a position made of a bare sequence read back as sequence 0,
+                    # and the client's next resume replayed the whole stream (the fleet bench's
+                    # duplicates and late arrivals after NATS cuts).
+                    messages = [(sequence << LOG_INDEX_BITS, second, payload)
+                                for sequence, second, payload in messages]
                 written = trio.Event()
                 more = self._answer(client, messages, through, written.set)
                 if more is None:

@@ -364,9 +364,14 @@ def test_a_resume_older_than_the_relays_history_is_read_again_from_the_stream(
         with _resume(relay, position) as client:
             resumed = _next(client)
             assert (resumed.event, resumed.replayed) == ("resumed", 19)  # type: ignore[union-attr]
-            assert _numbers(client, 19) == list(range(3, 22))
+            replayed = [_next(client) for _ in range(19)]
+            assert [_n(event) for event in replayed] == list(range(3, 22))
             _emit(logical, listen, range(22, 23))
             assert _numbers(client, 1) == [22]
+        # A position given with a message read back from the stream resumes after it.
+        with _resume(relay, replayed[2].position) as client:  # type: ignore[union-attr]
+            assert _next(client).event == "resumed"  # type: ignore[union-attr]
+            assert _numbers(client, 17) == list(range(6, 23))
 
 
 @pytest.mark.fault

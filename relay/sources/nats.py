@@ -65,9 +65,9 @@ _PING_INTERVAL = 1.0
 #: API timeouts: 35 s when the server holding it was killed (bench/scenarios/nats_fleet.py).
 _STALLED = 2.0
 
-#: Steps of resumes older than the history read from the stream at once, and resumes waiting
-#: for their first step, at most: each step holds up to half a client's queue bound of
-#: messages while it is read.
+#: Steps of resumes older than the history read from the stream at once, and resumes in
+#: progress (and as many again waiting to start), at most: each step holds up to half a
+#: client's queue bound of messages while it is read.
 _BACKFILLS_AT_ONCE = 2
 _BACKFILLS_WAITING = 64
 
@@ -375,7 +375,8 @@ class _Reader:
         (``max_bytes`` of payloads and their delivery overhead, ``max_count``), whichever
         comes first, with a consumer of their own; None when one is missing (it aged out).
         Raises when the stream cannot be read now (nats-py's errors; a message that does not
-        come within :data:`_IDLE_WAIT`: the stream holds it, or a later one would come)."""
+        come within :data:`_IDLE_WAIT` while the stream holds it)."""
+        from nats.errors import TimeoutError as NatsTimeout
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
         if first > last:
@@ -383,14 +384,27 @@ class _Reader:
         js = self.connection.jetstream()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                 opt_start_seq=first)
-        subscription = await js.subscribe(f"{self._settings.stream}.>", ordered_consumer=True,
-                                          config=config, stream=self._settings.stream)
         found: list[tuple[int, int, bytes]] = []
         size = 0
+        subscription = None
         try:
+            subscription = await js.subscribe(f"{self._settings.stream}.>",
+                                              ordered_consumer=True, config=config,
+                                              stream=self._settings.stream)
             expected = first
             while expected <= last and len(found) < max_count:
-                entry = _entry(await subscription.next_msg(timeout=_IDLE_WAIT))
+                try:
+                    entry = _entry(await subscription.next_msg(timeout=_IDLE_WAIT))
+                except NatsTimeout:
+                    # Nothing came: the stream is slow (try again), or holds nothing from
+                    # ``expected`` on (purged, or aged out on a quiet stream: expired).
+                    state = (await js.stream_info(self._settings.stream)).state
+                    if state.first_seq > expected or state.last_seq < expected:
+                        log.info("a resume needs sequence %d of stream %r, which holds %d to "
+                                 "%d: told expired", expected, self._settings.stream,
+                                 state.first_seq, state.last_seq)
+                        return None
+                    raise
                 if entry[0] < expected:
                     # Not what was asked for: seen once in the fleet bench, in the third of
                     # four NATS cuts in a row (from the sequence the relay's own consumer had
@@ -408,8 +422,9 @@ class _Reader:
                 expected += 1
             return found
         finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -496,15 +511,16 @@ class NatsSource(Reconnecting):
     def backfill(self, client: Any, after: int, until: int) -> None:
         """Read the stream again for a resume older than the history (the hub's
         ``backfill``): schedules the read, in steps handed to ``on_backfilled``. At most
-        :data:`_BACKFILLS_AT_ONCE` steps are read at once and :data:`_BACKFILLS_WAITING`
-        resumes wait for their first; beyond, the client is answered at once that its position
-        is too old."""
+        :data:`_BACKFILLS_AT_ONCE` steps are read at once, :data:`_BACKFILLS_WAITING` resumes
+        are in progress and as many wait to start; beyond, the client is asked at once to come
+        back later (1013)."""
         log.info("a resume after sequence %d reads the stream again up to %d",
                  after >> LOG_INDEX_BITS, until >> LOG_INDEX_BITS)
         try:
             self._backfills.send_nowait((client, after, until))
-        except trio.WouldBlock:
-            trio.lowlevel.current_trio_token().run_sync_soon(self._answer, client, None, until)
+        except trio.WouldBlock:  # Too many at once: come back later (the stream holds it).
+            if self._on_unavailable is not None:
+                trio.lowlevel.current_trio_token().run_sync_soon(self._on_unavailable, client)
 
     def _answer(self, client: Any, messages: Any, through: int,
                 drained: Callable[[], None] = lambda: None) -> int | None:
@@ -521,7 +537,8 @@ class NatsSource(Reconnecting):
             read = 0
             while True:
                 first, last = (after >> LOG_INDEX_BITS) + 1, until >> LOG_INDEX_BITS
-                failed_at = None
+                step_started = trio.current_time()  # Waiting for a read slot counts too.
+                attempts = 0
                 while True:
                     async with limiter:
                         try:
@@ -529,12 +546,13 @@ class NatsSource(Reconnecting):
                                                       self._backfill_bytes, _BACKFILL_MESSAGES)
                             break
                         except Exception as exc:  # NATS away: tried again, then 1013.
-                            now = trio.current_time()
-                            failed_at = now if failed_at is None else failed_at
-                            retrying = now - failed_at < _BACKFILL_RETRY_WINDOW
-                            log.warning("reading the stream again for a resume failed: %s; %s",
-                                        first_line(exc), "retrying" if retrying else
-                                        "the client is asked to resume later (1013)")
+                            attempts += 1
+                            retrying = (trio.current_time() - step_started
+                                        < _BACKFILL_RETRY_WINDOW)
+                            if attempts == 1 or not retrying:  # Not a line per attempt.
+                                log.warning("reading the stream again for a resume failed: "
+                                            "%s; %s", first_line(exc), "retrying" if retrying
+                                            else "the client is asked to resume later (1013)")
                     if not retrying:
                         if self._on_unavailable is not None:
                             self._on_unavailable(client)
@@ -566,9 +584,21 @@ class NatsSource(Reconnecting):
                     return
                 after, until = through, more
 
+        # At most _BACKFILLS_WAITING resumes in progress, and as many waiting in the channel:
+        # beyond, backfill() answers at once (1013), so one read token cannot queue more.
+        live = trio.Semaphore(_BACKFILLS_WAITING)
+
+        async def bounded(client: Any, after: int, until: int) -> None:
+            try:
+                await one(client, after, until)
+            finally:
+                live.release()
+
         async with trio.open_nursery() as nursery:
-            async for client, after, until in self._backfills_out:
-                nursery.start_soon(one, client, after, until)
+            while True:
+                await live.acquire()
+                client, after, until = await self._backfills_out.receive()
+                nursery.start_soon(bounded, client, after, until)
 
     def _state(self, why: str | None) -> None:
         """From the asyncio thread: the connection's state (through the Trio token)."""

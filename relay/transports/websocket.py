@@ -96,6 +96,11 @@ _RECEIVE_BYTES = 16384
 #: a pong of the server's ping is 7 to 13 bytes; a larger read is handed to the reader.
 _SETTLE_BYTES = 512
 
+#: Pongs one read may hold and still be taken where the connection rests: a client sends one
+#: per ping. More are handed to the reader, which yields as it parses: 85 pongs a read over
+#: 1,024 sockets held one pass of the idle loop for 42 ms (an attacker's review of 5f72efc).
+_PONGS_AT_REST = 4
+
 #: Frames parsed between two yields to Trio: ~0.25 ms of parsing, so a flooding client delays
 #: no other task by more than that per turn (bench/reliability/flood.py: 32 frames doubled the delay
 #: of a `GET /` under four flooders), while a checkpoint (a few µs) stays a small share.
@@ -370,7 +375,7 @@ class Client:
         except OSError:
             return False  # The reader's own read meets the end.
         pongs = frames.client_pongs(data)
-        if pongs:
+        if 0 < pongs <= _PONGS_AT_REST:
             budget = self._budget
             if budget is None:
                 budget = self._budget = self._new_budget()

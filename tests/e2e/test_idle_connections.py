@@ -170,19 +170,42 @@ def test_a_pong_and_a_message_in_one_write_wake_the_client_and_the_message_arriv
 def test_a_client_flooding_pongs_while_it_rests_is_closed_for_its_frame_budget(
         start_relay) -> None:
     relay: RelayProcess = start_relay(PGWS_ADMIN_PORT="0",
-                                      PGWS_MAX_CLIENT_FRAMES_PER_SECOND="100")
+                                      PGWS_MAX_CLIENT_FRAMES_PER_SECOND="10")
     admin = admin_port(relay)
     sock, conn = raw_client(relay.port, f"/c/{token({'mode': 'r'})}")
     with contextlib.closing(sock):
         eventually(lambda: _resting(admin) == 1, what="the client resting")
+        # Pongs two at a time, each pair read where the connection rests before the next is
+        # sent, faster than the budget's 10 frames a second (a pair takes a few ms).
+        closes: list[CloseConnection] = []
         with contextlib.suppress(OSError):
-            # Four times the budget, pongs alone, of 8 bytes: the relay's reads of a resting
-            # socket (512 bytes) take whole pongs.
-            sock.sendall(frame(0xA, b"ab") * 400)
-        closes = []
+            for _ in range(500):
+                read = metric(admin, "pgws_clients_pongs_at_rest_total")
+                sock.sendall(frame(0xA, b"ab") * 2)
+                eventually(lambda before=read: metric(  # type: ignore[misc]
+                    admin, "pgws_clients_pongs_at_rest_total") > before
+                    or metric(admin, "pgws_clients_inbound_limited_total") > 0,
+                    what="the pongs read")
+                if metric(admin, "pgws_clients_inbound_limited_total") > 0:
+                    break
+        assert metric(admin, "pgws_clients_inbound_limited_total") == 1
         while not closes:
             data = sock.recv(65536)
             assert data, "closed without a close frame"
             conn.receive_data(data)
             closes = [e for e in conn.events() if isinstance(e, CloseConnection)]
         assert (closes[0].code, closes[0].reason) == (1008, "too many frames")
+
+
+def test_many_pongs_in_one_read_are_handed_to_the_connections_task(start_relay) -> None:
+    relay: RelayProcess = start_relay(PGWS_ADMIN_PORT="0")
+    admin = admin_port(relay)
+    sock, _ = raw_client(relay.port, f"/c/{token({'mode': 'r'})}")
+    with contextlib.closing(sock):
+        eventually(lambda: _resting(admin) == 1, what="the client resting")
+        woken = metric(admin, "pgws_clients_woken_total")
+        sock.sendall(frame(0xA, b"ab") * 40)  # More than a resting read takes.
+        eventually(lambda: metric(admin, "pgws_clients_woken_total") > woken,
+                   what="the client woken for them")
+        eventually(lambda: _resting(admin) == 1, what="resting again")
+        assert metric(admin, "pgws_clients_pongs_at_rest_total") == 0

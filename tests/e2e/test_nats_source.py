@@ -416,6 +416,33 @@ def _numbers_and_last_position(client: Any, count: int) -> str:
 
 
 @pytest.mark.slow
+def test_a_resume_from_before_a_purged_stream_is_told_expired_not_asked_to_come_back(
+        logical: str, nats_url: str) -> None:
+    with _fed_relay(logical, nats_url, PGWS_HISTORY_MESSAGES="5") as (listen, relay):
+        with _resume(relay, None) as client:
+            assert _first(client).event == "position"  # type: ignore[union-attr]
+            _emit(logical, listen, range(1, 21))
+            position = _numbers_and_last_position(client, 20)
+        stream = relay.env["PGWS_NATS_STREAM"]
+
+        async def purge() -> None:
+            import nats
+
+            connection = await nats.connect(nats_url)
+            try:
+                await connection.jetstream().purge_stream(stream)
+            finally:
+                await connection.close()
+
+        asyncio.run(purge())  # The stream holds nothing now; the relay still holds 16 to 20.
+        with _resume(relay, position) as client:
+            lost = _next(client)
+            assert (lost.event, lost.reason) == ("lost", positions.EXPIRED)  # type: ignore[union-attr]
+            _emit(logical, listen, range(21, 22))  # And it is live from there.
+            assert _numbers(client, 1) == [21]
+
+
+@pytest.mark.slow
 def test_a_resume_larger_than_the_clients_queue_is_read_again_in_steps_and_loses_nothing(
         logical: str, nats_url: str) -> None:
     # Half a 4 KiB queue holds about 18 of these deliveries: 300 take many steps.

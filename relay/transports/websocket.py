@@ -376,9 +376,7 @@ class Client:
             return False  # The reader's own read meets the end.
         pongs = frames.client_pongs(data)
         if 0 < pongs <= _PONGS_AT_REST:
-            budget = self._budget
-            if budget is None:
-                budget = self._budget = self._new_budget()
+            budget = self._inbound()
             now = trio.current_time()
             if budget.take_bytes(now, len(data)) and all(
                     budget.take_frame(now) for _ in range(pongs)):
@@ -480,12 +478,8 @@ class Client:
         parsed = 0  # Frames since the last yield to Trio.
         if self._unread:  # What settle() read while the connection rested.
             unread, self._unread = self._unread, b""
-            if budget is None:
-                budget = self._budget = self._new_budget()
-            if not budget.take_bytes(trio.current_time(), len(unread)):
-                self._over_budget("bytes")
+            if not self._received(decoder, unread):
                 return False
-            decoder.receive_bytes(unread)
         while True:
             # Frames first: the handshake may have carried some (trailing data).
             try:
@@ -495,7 +489,7 @@ class Client:
                         parsed = 0
                         await trio.lowlevel.checkpoint()
                     if budget is None:
-                        budget = self._budget = self._new_budget()
+                        budget = self._inbound()
                     if not budget.take_frame(trio.current_time()):
                         self._over_budget("frames")
                         return False
@@ -574,12 +568,8 @@ class Client:
             if not data:
                 self._abort()
                 return False
-            if budget is None:
-                budget = self._budget = self._new_budget()
-            if not budget.take_bytes(trio.current_time(), len(data)):
-                self._over_budget("bytes")
+            if not self._received(decoder, data):
                 return False
-            decoder.receive_bytes(data)
             if not waited:
                 # The bytes were there without a wait, which is no yield: yield now, so that a
                 # client that keeps its socket full cannot keep every other task from running.
@@ -604,6 +594,22 @@ class Client:
         pending = decoder._frame_decoder  # wsproto's own parts: nothing else says it is empty.
         return pending.header is None and not len(pending.buffer) \
             and decoder._message_decoder.opcode is None
+
+    def _received(self, decoder: FrameProtocol, data: bytes) -> bool:
+        """Charge ``data`` to the inbound budget and hand it to the frame parser; False (the
+        client closed with 1008) beyond the budget."""
+        if not self._inbound().take_bytes(trio.current_time(), len(data)):
+            self._over_budget("bytes")
+            return False
+        decoder.receive_bytes(data)
+        return True
+
+    def _inbound(self) -> InboundBudget:
+        """The client's inbound budget, made at its first bytes (an idle connection has none)."""
+        budget = self._budget
+        if budget is None:
+            budget = self._budget = self._new_budget()
+        return budget
 
     def _new_budget(self) -> InboundBudget:
         settings = self._settings
